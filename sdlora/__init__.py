@@ -1,0 +1,3 @@
+"""sdlora: a Stable Diffusion LoRA trainer."""
+
+__version__ = "0.1.0"

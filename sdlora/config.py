@@ -1,0 +1,342 @@
+"""The config schema, loading (YAML / TOML), `--set` overrides and validation.
+
+Every key is declared here, with its type, range and default; the field descriptions are the reference
+documentation (`sdlora config-help` prints them). A config is validated before any model loads: an
+unknown key, a wrong type or an out-of-range value is a `UserError` naming the full key path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    path: str = Field(..., description="Base model: a diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
+    vae_path: Optional[str] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
+    config_dir: Optional[str] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
+    allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
+
+
+# ----------------------------------------------------------------------------------------------- data
+class CaptionOptions(Section):
+    caption_extension: str = Field(".txt", description="Caption file extension beside each image (.txt or .caption).")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each time a caption is used.")
+    keep_tokens: int = Field(0, ge=0, description="Number of leading tags kept in place when shuffling or dropping tags.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of replacing the whole caption by the empty string.")
+    tag_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of dropping each tag (after keep_tokens).")
+    prefix: str = Field("", description="Text put before every caption.")
+    suffix: str = Field("", description="Text put after every caption.")
+
+
+class SubsetConfig(CaptionOptions):
+    path: str = Field(..., description="Folder of images (with captions), a kohya-style parent folder, or a folder with metadata.jsonl.")
+    repeats: int = Field(1, ge=1, description="How many times each image appears per epoch (kohya folder prefixes override this).")
+    is_regularization: bool = Field(False, description="Prior-preservation images; their loss is weighted by data.prior_loss_weight.")
+    class_caption: Optional[str] = Field(None, description="Caption for images without one (default: the kohya folder name).")
+
+
+class DataConfig(CaptionOptions):
+    path: Optional[str] = Field(None, description="A single image folder; shorthand for one entry in data.subsets.")
+    subsets: list[SubsetConfig] = Field(default_factory=list, description="Several data sources, each with its own repeats and caption options.")
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="Training resolution; the bucket area budget is resolution².")
+    bucketing: bool = Field(True, description="Aspect-ratio bucketing; when false every image is resized and cropped to resolution².")
+    bucket_step: int = Field(64, ge=8, multiple_of=8, description="Bucket sides are multiples of this.")
+    min_side: int = Field(256, ge=64, description="Smallest bucket side.")
+    max_side: int = Field(1024, ge=64, description="Largest bucket side.")
+    no_upscale: bool = Field(False, description="Never upscale: an image goes to a bucket no larger than itself.")
+    crop: Literal["center", "random"] = Field("center", description="How an image is cropped to its bucket.")
+    flip: bool = Field(False, description="Random horizontal flip.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation-subset images.")
+    cache_latents: Literal["none", "memory", "disk"] = Field("none", description="Cache VAE latents: not at all, in memory, or on disk (safetensors, keyed by content hash).")
+    cache_dir: Optional[str] = Field(None, description="Disk latent cache folder (default: <output.dir>/../.sdlora-cache).")
+    cache_text_encoder_outputs: bool = Field(True, description="Cache text-encoder outputs when the text encoder is frozen.")
+    on_error: Literal["skip", "fail"] = Field("skip", description="A broken image or caption: skip it (reported) or stop before training.")
+    min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
+    max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.path is None and not self.subsets:
+            raise ValueError("data.path or data.subsets is required")
+        if self.min_side > self.max_side:
+            raise ValueError(f"data.min_side ({self.min_side}) must be <= data.max_side ({self.max_side})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- output
+class OutputConfig(Section):
+    dir: str = Field(..., description="Run folder: adapter, checkpoints, samples, logs and the resolved config go here.")
+    name: str = Field("sdlora", description="Name written into the adapter metadata (ss_output_name).")
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="Optimiser steps to train.")
+    batch_size: int = Field(1, ge=1, description="Images per step per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    seed: int = Field(0, ge=0, description="Seed for init, data order, noise and timesteps.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision; frozen weights are stored in this dtype, LoRA weights and alphas in fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    channels_last: bool = Field(False, description="channels_last memory format for the UNet.")
+    compile: bool = Field(False, description="torch.compile the UNet.")
+    max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a non-finite loss (each is skipped).")
+    log_every: int = Field(1, ge=1, description="Log scalars every N steps.")
+
+
+# ---------------------------------------------------------------------------------------------- optim
+class LrRule(Section):
+    match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up) or a regular expression searched in the module name.")
+    lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
+    lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the component's base rate (optim.lr or optim.text_encoder_lr).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LrRule":
+        if (self.lr is None) == (self.lr_scale is None):
+            raise ValueError(f"rule {self.match!r} needs exactly one of lr or lr_scale")
+        return self
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
+    lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters.")
+    text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
+    alpha_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of learnable alphas (default: the module's rate).")
+    b_lr_ratio: float = Field(1.0, gt=0.0, description="B's rate = ratio x A's rate (LoRA+).")
+    lr_rules: list[LrRule] = Field(default_factory=list, description="Ordered per-layer rate rules; first match wins; a rule matching nothing is an error.")
+    scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to alphas).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Clip the global gradient norm (null = off).")
+
+
+# ----------------------------------------------------------------------------------------------- lora
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DEFAULT_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, description="Rank r of Linear adapters.")
+    alpha: float = Field(16.0, description="Initial alpha; scale = alpha / r (standard) or alpha / sqrt(r) (rank_stabilized).")
+    unet_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_UNET_TARGETS), description="UNet Linear modules to adapt: a name ending (to_q) or a regular expression (re:...).")
+    text_encoder_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS), description="Text-encoder Linear modules to adapt, same syntax.")
+    conv: bool = Field(False, description="Also adapt UNet convolutions (and 1x1 proj_in/proj_out).")
+    conv_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_CONV_TARGETS), description="UNet Conv2d modules to adapt when lora.conv is on.")
+    conv_rank: Optional[int] = Field(None, ge=1, description="Rank of conv adapters (default: lora.rank).")
+    conv_alpha: Optional[float] = Field(None, description="Alpha of conv adapters (default: lora.alpha).")
+    learnable_alpha: bool = Field(False, description="Train each module's alpha (fp32, rate optim.alpha_lr).")
+    init_alphas_from: Optional[str] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
+    scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
+    init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
+    train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA).")
+
+
+class TextEncoderConfig(Section):
+    train: bool = Field(True, description="Train LoRA on the text encoder.")
+    clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm.")
+
+
+# ----------------------------------------------------------------------------------------------- loss
+class LossConfig(Section):
+    type: Literal["mse", "huber"] = Field("mse", description="Diffusion loss.")
+    huber_delta: float = Field(0.1, gt=0.0, description="Huber loss delta.")
+    min_snr_gamma: Optional[float] = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (null = off; 5 is common).")
+    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
+    min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
+    max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
+
+
+# ------------------------------------------------------------------------------------------------ reg
+class EmbeddingNormConfig(Section):
+    weight: float = Field(0.0, ge=0.0, description="Penalty weight (0 = off).")
+    norm: Literal["l2", "l1"] = Field("l2", description="Vector norm of each token embedding.")
+    tokens: Literal["all", "content"] = Field("all", description="All positions, or up to and including the end-of-text token.")
+    reduce: Literal["per_token", "mean"] = Field("per_token", description="mean_t |‖E_t‖-‖E0_t‖| (per_token) or |mean_t ‖E_t‖ - mean_t ‖E0_t‖| (mean).")
+    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms are kept in memory (LRU).")
+
+
+class RegConfig(Section):
+    embedding_norm: EmbeddingNormConfig = Field(default_factory=EmbeddingNormConfig)
+    probe_prompts: Optional[list[str]] = Field(None, description="Prompts of the drift probe (default: a built-in list of everyday prompts).")
+    probe_every: int = Field(0, ge=0, description="Run the drift probe every N steps (0 = only at the end).")
+
+
+# --------------------------------------------------------------------------------------------- sample
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training.")
+    every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
+    num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
+    guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
+    seed: int = Field(0, ge=0, description="Sampling seed (the same for every sample step).")
+    negative_prompt: str = Field("", description="Negative prompt.")
+    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
+    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
+
+
+# ----------------------------------------------------------------------------------------- checkpoint
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are removed.")
+
+
+class ExportConfig(Section):
+    reduce_rank: bool = Field(False, description="Truncate rank-2r exports of offset inits back to rank r by SVD (reports the error).")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported adapter.")
+
+
+class LogConfig(Section):
+    tracker: Literal["tensorboard", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate).")
+
+
+class Config(Section):
+    model: ModelConfig
+    data: DataConfig
+    output: OutputConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    reg: RegConfig = Field(default_factory=RegConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @property
+    def text_encoder_lr(self) -> float:
+        return self.optim.lr if self.optim.text_encoder_lr is None else self.optim.text_encoder_lr
+
+    def data_subsets(self) -> list[SubsetConfig]:
+        """data.path as a one-entry subset list, else data.subsets; caption options inherit from data.*."""
+        if self.data.subsets:
+            return list(self.data.subsets)
+        shared = {k: getattr(self.data, k) for k in CaptionOptions.model_fields}
+        return [SubsetConfig(path=self.data.path, **shared)]
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------- loading & errors
+def _read_file(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text.decode("utf-8"))
+        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"config file {p}: unknown extension {p.suffix!r} (allowed: .yaml, .yml, .toml, .json)")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"config file {p} does not parse: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 1e-4, true, [a, b] work)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {item!r}: bad key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys allowed at `loc`'s parent, for the unknown-key message."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        cands = [ann, *args] + [a for x in args for a in (getattr(x, "__args__", ()) or ())]
+        nxt = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return sorted(cls.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(Config, err["loc"])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{loc}: unknown key{hint}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"{loc}: {msg}" if loc else msg
+    value = err.get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return f"{loc}: got {shown}, {msg[0].lower() + msg[1:]}"
+
+
+def validate(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _describe(errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"config error: {first}{more}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    data = _read_file(path) if path is not None else {}
+    return validate(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
