@@ -340,3 +340,18 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> str:
+    """Every key with its type default and description (the reference `sdlora config-help` prints)."""
+    lines = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None:
+            lines.append(describe_keys(sub, path + "."))
+            continue
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        lines.append(f"{path} = {default}\n    {f.description or ''}")
+    return "\n".join(lines)

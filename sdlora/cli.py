@@ -1,0 +1,87 @@
+"""`sdlora train | demo | make-tiny-model | export | inspect`.
+
+Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a LoRA from a config file")
+    p.add_argument("--config", required=True, help="YAML or TOML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.rank=8 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the adapted modules and rates, then exit")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or running run in output.dir")
+    _common(p)
+
+    p = sub.add_parser("demo", help="build a tiny model and dataset, train ~100 steps on CPU, sample")
+    p.add_argument("--out", default="sdlora-demo", help="output folder (default: ./sdlora-demo)")
+    p.add_argument("--steps", type=int, default=100)
+    _common(p)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v"])
+    _common(p)
+
+    p = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _dispatch(args) -> int:
+    if args.command == "train":
+        from .config import load_config
+        from .trainer import train
+
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, overwrite=args.overwrite, dry_run=args.dry_run)
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, steps=args.steps)
+        return 0
+    if args.command == "make-tiny-model":
+        from .models import make_tiny_model
+
+        path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
+        print(f"tiny {args.variant} model written to {path}")
+        return 0
+    if args.command == "config-help":
+        from .config import describe_keys
+
+        print(describe_keys())
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Optimiser parameter groups: per-layer learning rates from ordered rules, LoRA+ B ratio, alpha rate.
+
+A rule's `match` is a named group or a regular expression searched in the canonical module name:
+  text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up (and unet.down.N / unet.up.N)
+The first matching rule wins. One optimiser group per distinct (rate, weight decay); each group's name
+says which rates it carries, so logs read `lr/unet.up:B`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import UserError
+from .layers import LoRALayer
+
+_NAMED = [
+    (re.compile(r"^text_encoder\.layers\.(\d+)$"), lambda m: rf"^text_encoder\.encoder\.layers\.{m.group(1)}\."),
+    (re.compile(r"^text_encoder$"), lambda m: r"^text_encoder\."),
+    (re.compile(r"^unet$"), lambda m: r"^unet\."),
+    (re.compile(r"^unet\.down$"), lambda m: r"^unet\.(down_blocks\.|conv_in)"),
+    (re.compile(r"^unet\.down\.(\d+)$"), lambda m: rf"^unet\.down_blocks\.{m.group(1)}\."),
+    (re.compile(r"^unet\.mid$"), lambda m: r"^unet\.mid_block\."),
+    (re.compile(r"^unet\.up$"), lambda m: r"^unet\.(up_blocks\.|conv_out)"),
+    (re.compile(r"^unet\.up\.(\d+)$"), lambda m: rf"^unet\.up_blocks\.{m.group(1)}\."),
+]
+
+
+def rule_pattern(match: str) -> re.Pattern:
+    for named, to_regex in _NAMED:
+        m = named.match(match)
+        if m:
+            return re.compile(to_regex(m))
+    try:
+        return re.compile(match)
+    except re.error as e:
+        raise UserError(f"optim.lr_rules: {match!r} is neither a named group nor a valid regular expression ({e})") from None
+
+
+@dataclass
+class Assignment:
+    """Which rule (index or None) and rate each module got."""
+
+    rule: int | None
+    lr: float
+
+
+@dataclass
+class ParamGroups:
+    groups: list[dict]  # torch optimiser param groups, each with a 'name'
+    assignment: dict[str, Assignment] = field(default_factory=dict)
+
+    def rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.groups}
+
+
+def component_lr(name: str, cfg) -> float:
+    return cfg.text_encoder_lr if name.startswith("text_encoder.") else cfg.optim.lr
+
+
+def assign_rates(layers: dict[str, LoRALayer], cfg) -> dict[str, Assignment]:
+    rules = [(rule_pattern(r.match), r) for r in cfg.optim.lr_rules]
+    used = set()
+    out = {}
+    for name in layers:
+        base = component_lr(name, cfg)
+        out[name] = Assignment(None, base)
+        for i, (pattern, rule) in enumerate(rules):
+            if pattern.search(name):
+                out[name] = Assignment(i, rule.lr if rule.lr is not None else base * rule.lr_scale)
+                used.add(i)
+                break
+    for i, (_, rule) in enumerate(rules):
+        if i not in used:
+            raise UserError(f"optim.lr_rules.{i}: rule {rule.match!r} matches no adapted module")
+    return out
+
+
+def _label(name: str, rule: int | None, cfg) -> str:
+    if rule is not None:
+        return f"rule{rule}:{cfg.optim.lr_rules[rule].match}"
+    return "text_encoder" if name.startswith("text_encoder.") else "unet"
+
+
+def build_param_groups(layers: dict[str, LoRALayer], cfg) -> ParamGroups:
+    """Group every trainable LoRA parameter by its rate; A at the module's rate, B at ratio x, alpha at alpha_lr."""
+    assignment = assign_rates(layers, cfg)
+    buckets: "OrderedDict[tuple, dict]" = OrderedDict()
+    for name, layer in layers.items():
+        a = assignment[name]
+        label = _label(name, a.rule, cfg)
+        for pname, p in layer.trainable_parameters().items():
+            if pname == "lora_A":
+                lr, wd, part = a.lr, cfg.optim.weight_decay, "A"
+            elif pname == "lora_B":
+                lr, wd, part = a.lr * cfg.optim.b_lr_ratio, cfg.optim.weight_decay, "B"
+            else:
+                lr, wd, part = (a.lr if cfg.optim.alpha_lr is None else cfg.optim.alpha_lr), 0.0, "alpha"
+            key = (lr, wd, part == "alpha")
+            g = buckets.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "labels": OrderedDict()})
+            g["params"].append(p)
+            g["labels"][f"{label}:{part}"] = None
+    groups = []
+    for g in buckets.values():
+        labels = list(g.pop("labels"))
+        groups.append({**g, "name": labels[0] if len(labels) == 1 else "+".join(labels)})
+    return ParamGroups(groups, assignment)
+
+
+def trainable_count(layers: dict[str, LoRALayer]) -> int:
+    return sum(p.numel() for layer in layers.values() for p in layer.trainable_parameters().values())
+
+
+def freeze_check(*models: nn.Module) -> list[str]:
+    """Names of parameters that require grad but are not LoRA parameters (should be empty)."""
+    bad = []
+    for model in models:
+        for n, p in model.named_parameters():
+            if p.requires_grad and not any(k in n for k in ("lora_A", "lora_B", "alpha")):
+                bad.append(n)
+    return bad

@@ -1,0 +1,179 @@
+"""LoRA layers. Every kind answers the same questions: `forward`, `delta_weight`, `export_factors`, `merge`.
+
+    y = W' x + s · B (A x),   s = alpha / r  (standard)  or  alpha / sqrt(r)  (rank-stabilised)
+
+W' is the frozen base weight, offset by `s0·B0·A0` for the compensated and principal inits (so the
+output at step 0 is the base model's). The offset factors are kept (frozen) for two reasons: export
+writes the exact update `s·B·A - s0·B0·A0`, and `adapters_disabled()` restores the original W0.
+
+Alpha may be learnable (an fp32 parameter). It may go negative: its sign is absorbed by B (the function
+class is the same), a clamp would create a dead zone where alpha stops learning, and every export folds
+the signed scale into B, so no loader ever sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .init import initialise
+
+
+class LoRALayer(nn.Module):
+    """Wraps a frozen base module; subclasses define how A and B are applied."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, *, scaling: str = "standard", init: str = "zero",
+                 learnable_alpha: bool = False, train_a: bool = True, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = scaling
+        self.init_scheme = init
+        self.enabled = True
+        alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
+        if learnable_alpha:
+            self.alpha = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        w = self.base.weight.detach()
+        a, b, offset = initialise(init, w.flatten(1), rank, float(self.scale_value()), gen)
+        self.lora_A = nn.Parameter(self._shape_a(a.float()), requires_grad=train_a)
+        self.lora_B = nn.Parameter(self._shape_b(b.float()))
+        if offset is not None:
+            with torch.no_grad():
+                w64 = w.to(torch.float64) - offset.reshape(w.shape)
+                self.base.weight.copy_(w64.to(w.dtype))
+            s0 = float(self.scale_value())
+            self.register_buffer("offset_A", self._shape_a(a.float()))
+            self.register_buffer("offset_B", self._shape_b((s0 * b).float()))  # s0 folded in
+        else:
+            self.offset_A = None
+            self.offset_B = None
+
+    # -- what every kind answers -------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        denom = self.rank if self.scaling == "standard" else math.sqrt(self.rank)
+        return self.alpha / denom
+
+    def scale_value(self) -> float:
+        return float(self.scale().detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.enabled:
+            return y + self._lowrank(x, self.lora_A, self.lora_B) * self.scale().to(y.dtype)
+        if self.offset_A is not None:  # adapters off: restore W0 = W' + s0·B0·A0
+            return y + self._lowrank(x, self.offset_A, self.offset_B)
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        """W_effective - W0 as a dense tensor in the base weight's shape (fp32)."""
+        down, up = self.export_factors()
+        return self._dense(down, up)
+
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) with every scale folded into up; rank 2r `[s·B | -s0·B0]·[A ; A0]` where the base was offset."""
+        s = self.scale().detach().float()
+        down = self.lora_A.detach().float()
+        up = self.lora_B.detach().float() * s
+        if self.offset_A is not None:
+            down = torch.cat([down, self.offset_A.float()], 0)
+            up = torch.cat([up, -self.offset_B.float()], 1)
+        return down.clone(), up.clone()
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Return the base module with the effective weight W0 + ΔW written into it."""
+        w = self.base.weight
+        if self.offset_A is not None:
+            w += self._dense(self.offset_A.float(), self.offset_B.float()).to(w.dtype)
+        w += self.delta_weight().to(w.dtype)
+        return self.base
+
+    @property
+    def weight(self) -> torch.Tensor:  # some library code reads .weight of the modules it calls
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B), ("alpha", self.alpha))
+                if isinstance(p, nn.Parameter) and p.requires_grad}
+
+    # -- per kind ------------------------------------------------------------------------------------
+    kind = "abstract"
+
+    def _shape_a(self, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _shape_b(self, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _lowrank(self, x, a, b):
+        raise NotImplementedError
+
+    def _dense(self, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+
+class LoRALinear(LoRALayer):
+    kind = "linear"
+
+    def _shape_a(self, a):
+        return a
+
+    def _shape_b(self, b):
+        return b
+
+    def _lowrank(self, x, a, b):
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+class LoRAConv2d(LoRALayer):
+    """A: conv with the base kernel, stride, padding and dilation (r x in x kh x kw); B: 1x1 conv (out x r)."""
+
+    kind = "conv"
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, **kw):
+        if base.groups != 1:
+            raise ValueError("grouped convolutions are not supported")
+        super().__init__(base, rank, alpha, **kw)
+
+    def _shape_a(self, a):
+        return a.reshape(self.rank, *self.base.weight.shape[1:])
+
+    def _shape_b(self, b):
+        return b.reshape(b.shape[0], b.shape[1], 1, 1)
+
+    def _lowrank(self, x, a, b):
+        c = self.base
+        h = F.conv2d(x, a.to(x.dtype), None, c.stride, c.padding, c.dilation)
+        return F.conv2d(h, b.to(x.dtype))
+
+
+def lora_layers(model: nn.Module):
+    """(qualified name of the wrapped module, layer) for every LoRA layer in `model`."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer):
+            yield name, m
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: nn.Module):
+    """Run the original base model (W0) inside the block, whatever the init scheme."""
+    layers = [m for model in models for _, m in lora_layers(model)]
+    saved = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(layers, saved):
+            m.enabled = e

@@ -1,0 +1,37 @@
+"""Fixed probe inputs and the UNet / text-encoder outputs compared across models in the tests."""
+
+import torch
+
+from sdlora.text import encode, tokenize
+
+PROMPTS = ["a photo of a red circle", "sks person on a blue background"]
+
+
+@torch.no_grad()
+def model_outputs(unet, text_encoder, tokenizer, clip_skip: int = 1, seed: int = 123) -> dict[str, torch.Tensor]:
+    """Text-encoder output for fixed prompts, and the UNet's prediction on fixed latents conditioned on it."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = tokenize(tokenizer, PROMPTS)
+    emb = encode(text_encoder, ids, clip_skip).float()
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    pred = unet(latents, t, emb).sample.float()
+    return {"text_encoder": emb, "unet": pred}
+
+
+def max_abs_diff(a: dict, b: dict) -> dict[str, float]:
+    return {k: float((a[k] - b[k]).abs().max()) for k in a}
+
+
+def load_pipeline(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_outputs(pipe, **kw):
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return model_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer, **kw)
