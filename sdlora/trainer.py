@@ -19,6 +19,7 @@ from .lora import build_param_groups, inject_all, trainable_count
 from .lora.layers import LoRALayer
 from .models import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
+from .probe import DriftProbe
 from .text import encode, tokenize
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -87,6 +88,8 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
     scheduler = comps.noise_scheduler
     t_max = cfg.loss.max_timestep or scheduler.config.num_train_timesteps
     params = [p for g in groups.groups for p in g["params"]]
+    regulariser = make_regulariser(cfg, text_encoder, comps.tokenizer, say)
+    probe = DriftProbe(text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
 
     # ---- loop
     step, losses = 0, []
@@ -108,7 +111,11 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
             with accelerator.autocast():
                 pred = unet(noisy, timesteps, embeddings).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
-            loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"])
+            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"])
+            loss = diff_loss
+            if regulariser is not None:
+                reg = regulariser(input_ids, embeddings)
+                loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -119,14 +126,23 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
         lr_scheduler.step()
         step += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()  # the only host sync per step
+            scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
+            if regulariser is not None:
+                scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm,
+                                "embedding_norm/mean_base_norm": reg.mean_base_norm,
+                                "embedding_norm/relative_drift": reg.relative_drift})
+            metrics = dict(zip(scalars, accelerator.gather(torch.stack(list(scalars.values()))[None]).mean(0).tolist()))
+            loss_value = metrics["loss"]  # the .tolist() above is the only host sync, and only at logging steps
             losses.append(loss_value)
-            rates = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
-            metrics = {"loss": loss_value, "diffusion_loss": loss_value, **rates}
+            metrics.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+            if regulariser is not None:
+                metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
             accelerator.log(metrics, step=step)
             if main:
                 append_metrics(out, step, metrics)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
+            run_probe(probe, accelerator, out, step)
         progress.update(1)
     progress.close()
     accelerator.wait_for_everyone()
@@ -183,6 +199,25 @@ def make_data(cfg: Config, comps: Components, say):
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
                                          collate_fn=collate, num_workers=cfg.data.num_workers, generator=gen)
     return dataset, loader
+
+
+def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
+    from .embedding_norm import EmbeddingNormRegulariser
+
+    if cfg.reg.embedding_norm.weight == 0:
+        return None  # no extra text-encoder pass at all
+    if not cfg.text_encoder.train:
+        say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
+        return None
+    return EmbeddingNormRegulariser(text_encoder, tokenizer, cfg)
+
+
+def run_probe(probe: DriftProbe, accelerator, out: Path, step: int) -> dict:
+    stats = probe.measure()
+    accelerator.log(stats, step=step)
+    with open(out / "probe.jsonl", "a", encoding="utf-8") as f:  # append-only, like metrics.jsonl
+        f.write(json.dumps({"step": step, **stats}) + "\n")
+    return stats
 
 
 def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
