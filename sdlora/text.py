@@ -12,8 +12,9 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def final_layer_norm(text_encoder) -> torch.nn.Module:
-    # transformers 5 flattened CLIPTextModel (no .text_model); transformers 4 has it.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    # A data-parallel wrapper holds the model in .module; transformers 5 flattened CLIPTextModel (no .text_model).
+    model = getattr(text_encoder, "module", text_encoder)
+    return getattr(model, "text_model", model).final_layer_norm
 
 
 def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
