@@ -67,7 +67,7 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
     place_models(comps, layers, accelerator.device, weight_dtype, cfg)
 
     # ---- data
-    dataset, loader = make_data(cfg, comps, say)
+    data = make_data(cfg, comps, accelerator, say)
 
     # ---- optimiser and schedule
     optimizer = make_optimizer(groups.groups, cfg)
@@ -75,10 +75,10 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
     trained = [comps.unet] + ([comps.text_encoder] if cfg.text_encoder.train else [])
     # The LR schedule is stepped here once per optimiser step (Accelerate's wrapper would step it once
     # per process under data parallelism).
-    prepared = accelerator.prepare(*trained, optimizer, loader)
+    prepared = accelerator.prepare(*trained, optimizer)  # the data is sharded by sdlora.data, not by Accelerate
     unet = prepared[0]
     text_encoder = prepared[1] if cfg.text_encoder.train else comps.text_encoder
-    optimizer, loader = prepared[-2:]
+    optimizer = prepared[-1]
 
     if main:
         atomic.write_text(out / "config.yaml", dump_yaml(cfg))
@@ -94,13 +94,15 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
     # ---- loop
     step, losses = 0, []
     progress = progress_bar(cfg.train.max_steps, disable=not main)
-    batches = endless(loader)
+    batches = data.batches()
     t0 = time.perf_counter()
     while step < cfg.train.max_steps:
         batch = next(batches)
         with accelerator.accumulate(*trained):
             with torch.no_grad():
-                latents = encode_latents(comps.vae, batch["pixel_values"].to(accelerator.device, weight_dtype), noise_gen)
+                mean, std = data.latent_distribution(batch, comps.vae)
+                latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=mean.device,
+                                                    dtype=mean.dtype)) * comps.vae.config.scaling_factor
             noise = sample_noise(latents, cfg.loss.noise_offset, noise_gen)
             timesteps = torch.randint(cfg.loss.min_timestep, t_max, (latents.shape[0],), generator=noise_gen,
                                       device=latents.device)
@@ -190,15 +192,11 @@ def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight
         comps.text_encoder.eval()
 
 
-def make_data(cfg: Config, comps: Components, say):
-    from .data.simple_folder import FolderDataset, collate
+def make_data(cfg: Config, comps: Components, accelerator, say):
+    from .data import build_training_data
 
-    dataset = FolderDataset(cfg.data_subsets()[0].path, cfg.data.resolution)
-    say(f"sdlora: {len(dataset)} images")
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
-                                         collate_fn=collate, num_workers=cfg.data.num_workers, generator=gen)
-    return dataset, loader
+    return build_training_data(cfg, comps, num_processes=accelerator.num_processes,
+                               process_index=accelerator.process_index, say=say)
 
 
 def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
@@ -218,20 +216,6 @@ def run_probe(probe: DriftProbe, accelerator, out: Path, step: int) -> dict:
     with open(out / "probe.jsonl", "a", encoding="utf-8") as f:  # append-only, like metrics.jsonl
         f.write(json.dumps({"step": step, **stats}) + "\n")
     return stats
-
-
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    dist = vae.encode(pixel_values).latent_dist
-    return dist.sample(generator=generator) * vae.config.scaling_factor
-
-
-def endless(loader):
-    epoch = 0
-    while True:
-        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def progress_bar(total: int, disable: bool):

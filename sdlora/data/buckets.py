@@ -1,0 +1,88 @@
+"""Aspect-ratio buckets: the table of (width, height) sizes, which bucket each image goes to, and how an
+image is resized and cropped to it.
+
+Buckets have sides that are multiples of data.bucket_step, between data.min_side and data.max_side
+(min_side is lowered to the resolution where it would exclude the square bucket), and an area of at most
+resolution². For each width the tallest height within the area budget is taken, and the transposes,
+so every aspect ratio is represented at the largest area that fits. An image goes to the bucket whose
+aspect ratio is nearest its own (in log scale). With data.no_upscale only buckets no larger than the
+image on both sides qualify; if none does, the image gets its own bucket: its sides rounded down to
+the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import DataConfig
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one image becomes one bucket-sized picture: resize to (resized_w, resized_h), then crop."""
+
+    bucket: tuple[int, int]  # (width, height)
+    resized: tuple[int, int]
+
+
+def bucket_sizes(data: DataConfig) -> list[tuple[int, int]]:
+    step, res = data.bucket_step, data.resolution
+    if not data.bucketing:
+        side = res // step * step
+        if side < step:
+            raise UserError(f"data.resolution {res} is smaller than data.bucket_step {step}")
+        return [(side, side)]
+    area = res * res
+    lo = min(data.min_side, res) // step * step or step
+    hi = data.max_side // step * step
+    sizes = set()
+    for w in range(lo, hi + 1, step):
+        h = min(hi, area // w // step * step)
+        if h >= lo:
+            sizes.add((w, h))
+            sizes.add((h, w))
+    if not sizes:
+        raise UserError(f"no bucket fits: data.min_side {data.min_side}, data.max_side {data.max_side}, "
+                        f"data.resolution {res}, data.bucket_step {step}")
+    return sorted(sizes)
+
+
+def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], data: DataConfig) -> tuple[int, int]:
+    w, h = size
+    candidates = buckets
+    if data.no_upscale:
+        candidates = [b for b in buckets if b[0] <= w and b[1] <= h]
+        if not candidates:
+            step = data.bucket_step
+            own = (w // step * step, h // step * step)
+            if min(own) == 0:
+                raise ValueError(f"{w}x{h} is smaller than data.bucket_step ({step}) with data.no_upscale")
+            return own
+    log_ar = math.log(w / h)
+    # Nearest aspect ratio; among equals, the larger area (fewer pixels thrown away by the resize).
+    return min(candidates, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ar), -b[0] * b[1]))
+
+
+def geometry(size: tuple[int, int], bucket: tuple[int, int]) -> Geometry:
+    """Scale so the image covers the bucket on both sides (the smallest such scale), then crop the rest."""
+    w, h = size
+    bw, bh = bucket
+    scale = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    return Geometry(bucket, (rw, rh))
+
+
+def crop_offset(geo: Geometry, mode: str, rng) -> tuple[int, int]:
+    """(left, top) of the crop; `rng` is drawn from in both modes so the other draws do not shift."""
+    (bw, bh), (rw, rh) = geo.bucket, geo.resized
+    u, v = rng.random(2)
+    if mode == "random":
+        return int(u * (rw - bw + 1)), int(v * (rh - bh + 1))
+    return (rw - bw) // 2, (rh - bh) // 2
+
+
+def bucket_table(counts: dict[tuple[int, int], int]) -> str:
+    rows = [f"  {w:>4} x {h:<4} {n:>6} images" for (w, h), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "sdlora: buckets (width x height, images incl. repeats):\n" + "\n".join(rows)

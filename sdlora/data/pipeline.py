@@ -1,0 +1,243 @@
+"""The training data the loop consumes: scan the sources, apply data.on_error, bucket, cache latents,
+and hand out deterministic, resumable batches (see sampler.py for the order and the sharding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .buckets import Geometry, assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
+from .captions import base_caption, count_truncated, transform_caption
+from .images import BadImage, open_checked
+from .latent_cache import DiskLatentStore, entry_key, file_sha256, vae_fingerprint
+from .sampler import SAMPLE, epoch_batches, rng_for
+from .sources import Item, Rejected, discover
+
+MAX_LISTED = 50  # skipped files printed at start; the rest are counted
+ENCODE_CHUNK = 8  # images per VAE call while filling the cache
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An image that passed the scan: where it goes and how it is cut."""
+
+    item: Item
+    size: tuple[int, int]  # upright (after EXIF), in pixels
+    geo: Geometry
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One image of one batch: which sample, and the random choices made for it at this position."""
+
+    sample: int
+    offset: tuple[int, int]
+    flip: bool
+    caption: str
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: int = 0, say=print) -> "TrainingData":
+    data = cfg.data
+    subsets = cfg.data_subsets()
+    if data.crop == "random" and data.cache_latents != "none":
+        raise UserError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
+                        "crop); use data.crop=center or data.cache_latents=none")
+    samples, skipped = scan(discover(subsets, data.prior_loss_weight), data, bucket_sizes(data))
+    say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
+    for path, reason in skipped[:MAX_LISTED]:
+        say(f"  skipped {path}: {reason}")
+    if len(skipped) > MAX_LISTED:
+        say(f"  ... and {len(skipped) - MAX_LISTED} more skipped")
+    if not samples:
+        raise UserError(f"no usable images in {', '.join(s.path for s in subsets)}"
+                        + (f" ({len(skipped)} skipped; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    counts: dict[tuple[int, int], int] = {}
+    for s in samples:
+        counts[s.geo.bucket] = counts.get(s.geo.bucket, 0) + s.item.repeats
+    say(bucket_table(counts))
+    truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples], comps.tokenizer)
+    if truncated:
+        say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's "
+            f"{comps.tokenizer.model_max_length - 2} tokens and will be truncated")
+    result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index)
+    if data.cache_latents != "none":
+        result.fill_cache(comps.vae, say)
+    return result
+
+
+def scan(entries: list[Item | Rejected], data, buckets) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Open every image once; on_error=fail stops at the first bad one, skip collects them."""
+    samples, skipped = [], []
+    for entry in entries:
+        if isinstance(entry, Rejected):
+            bad = (entry.path, entry.reason)
+        else:
+            try:
+                img = open_checked(entry.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels)
+                size = img.size
+                samples.append(Sample(entry, size, geometry(size, assign_bucket(size, buckets, data))))
+                continue
+            except (BadImage, ValueError) as e:
+                bad = (entry.path, str(e))
+        if data.on_error == "fail":
+            raise UserError(f"bad data: {bad[0]}: {bad[1]} (data.on_error=fail; set data.on_error=skip to skip "
+                            "bad files)")
+        skipped.append(bad)
+    return samples, skipped
+
+
+# ------------------------------------------------------------------------------------------- the data
+class TrainingData:
+    def __init__(self, cfg, samples: list[Sample], skipped, *, num_processes: int = 1, process_index: int = 0):
+        self.cfg = cfg
+        self.samples = samples
+        self.skipped = skipped
+        self.num_images = len(samples)
+        self.num_processes, self.process_index = num_processes, process_index
+        self.batch_size = cfg.train.batch_size
+        self.subsets = cfg.data_subsets()
+        self.vae_encodes = 0  # images passed through the VAE encoder by this object (cache fill + on the fly)
+        self.cache_hits = 0  # cache entries read from disk
+        self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._epoch, self._index = 0, 0
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    # ---- position (what the trainer has consumed)
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "index": self._index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch, self._index = int(state["epoch"]), int(state["index"])
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.plan(epoch))
+
+    # ---- the order
+    def plan(self, epoch: int) -> list[list[int]]:
+        if self._plan is None or self._plan[0] != epoch:
+            global_batch = self.batch_size * self.num_processes
+            self._plan = (epoch, epoch_batches([s.geo.bucket for s in self.samples],
+                                               [s.item.repeats for s in self.samples],
+                                               global_batch, self.cfg.train.seed, epoch))
+        return self._plan[1]
+
+    def slots(self, epoch: int, index: int) -> list[Slot]:
+        """This process's share of global batch `index` of `epoch`, with every random choice made."""
+        global_batch = self.plan(epoch)[index]
+        start = self.process_index * self.batch_size
+        out = []
+        for position in range(start, start + self.batch_size):
+            sample_index = global_batch[position]
+            sample = self.samples[sample_index]
+            rng = rng_for(self.cfg.train.seed, epoch, SAMPLE, index, position)
+            offset = crop_offset(sample.geo, self.cfg.data.crop, rng)
+            flip = bool(rng.random() < 0.5) and self.cfg.data.flip
+            caption = transform_caption(sample.item.caption, self.subsets[sample.item.subset], rng)
+            out.append(Slot(sample_index, offset, flip, caption))
+        return out
+
+    def batches(self) -> Iterator[dict]:
+        """Endless; starts at the position set by load_state_dict and advances as each batch is taken."""
+        workers = self.cfg.data.num_workers
+        while True:
+            epoch, start = self._epoch, self._index
+            count = len(self.plan(epoch))
+            if start >= count:
+                self._epoch, self._index = epoch + 1, 0
+                continue
+            if workers and self.latents is None:
+                lazy = _EpochBatches(self, epoch, start, count)
+                made = iter(torch.utils.data.DataLoader(lazy, batch_size=None, num_workers=workers))
+            else:
+                made = (self.make_batch(self.slots(epoch, i)) for i in range(start, count))
+            for i, batch in enumerate(made, start):
+                # Advance before handing the batch over: state_dict() then names the NEXT batch, and
+                # batches a worker prefetched but the trainer never took are not counted.
+                after = (epoch, i + 1) if i + 1 < count else (epoch + 1, 0)
+                self._epoch, self._index = after
+                yield batch
+                if (self._epoch, self._index) != after:
+                    break  # load_state_dict() moved the position while we were paused: restart there
+
+    def make_batch(self, slots: list[Slot]) -> dict:
+        if self.latents is None:
+            return self._pixels_batch(slots)
+        means, stds = zip(*(self.latents[(s.sample, s.flip)] for s in slots))
+        return {**self._common(slots), "latent_mean": torch.stack(means), "latent_std": torch.stack(stds)}
+
+    def _common(self, slots: list[Slot]) -> dict:
+        return {"captions": [s.caption for s in slots],
+                "loss_weight": torch.tensor([self.samples[s.sample].item.loss_weight for s in slots], dtype=torch.float32),
+                "image_paths": [str(self.samples[s.sample].item.path) for s in slots]}
+
+    def _pixels_batch(self, slots: list[Slot]) -> dict:
+        pixels = torch.stack([self.pixels(self.samples[s.sample], s.offset, s.flip) for s in slots])
+        return {**self._common(slots), "pixel_values": pixels}
+
+    def pixels(self, sample: Sample, offset: tuple[int, int], flip: bool) -> torch.Tensor:
+        return load_pixels(sample, offset, flip, self.cfg.data)
+
+    # ---- latents
+    def latent_distribution(self, batch: dict, vae) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE latent distribution, unscaled, on the VAE's device and dtype."""
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        if "latent_mean" in batch:
+            return batch["latent_mean"].to(device, dtype), batch["latent_std"].to(device, dtype)
+        with torch.no_grad():
+            dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
+        self.vae_encodes += batch["pixel_values"].shape[0]
+        return dist.mean, dist.std
+
+    def fill_cache(self, vae, say=print) -> None:
+        from .cache_fill import fill_latent_cache
+
+        self.latents = fill_latent_cache(self, vae, say)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Batches start..count-1 of one epoch for DataLoader workers: item k is the whole batch start+k."""
+
+    def __init__(self, data: "TrainingData", epoch: int, start: int, count: int):
+        self.data, self.epoch, self.start, self.count = data, epoch, start, count
+
+    def __len__(self):
+        return self.count - self.start
+
+    def __getitem__(self, k):
+        return self.data.make_batch(self.data.slots(self.epoch, self.start + k))
+
+
+def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> torch.Tensor:
+    """The image as the VAE sees it: upright RGB, resized to cover its bucket, cropped, maybe flipped, in [-1, 1]."""
+    try:
+        img = open_checked(sample.item.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels)
+    except BadImage as e:
+        raise UserError(f"{sample.item.path} changed since the data scan: {e}") from None
+    if img.size != sample.size:
+        raise UserError(f"{sample.item.path} changed since the data scan: {img.size} != {sample.size}")
+    (bw, bh), resized = sample.geo.bucket, sample.geo.resized
+    if img.size != resized:
+        img = img.resize(resized, Image.LANCZOS)
+    left, top = offset
+    img = img.crop((left, top, left + bw, top + bh))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def cache_key(sample: Sample, flip: bool, content_sha256: str, vae_id: str, data) -> str:
+    offset = crop_offset(sample.geo, "center", np.random.default_rng(0))
+    return entry_key(content_sha256, sample.geo.bucket, sample.geo.resized, offset, flip, vae_id)
+
+
+__all__ = ["build_training_data", "TrainingData", "Sample", "Slot", "load_pixels", "DiskLatentStore",
+           "file_sha256", "vae_fingerprint", "cache_key"]
