@@ -1,7 +1,6 @@
 """The data pipeline: sources, buckets, caption transforms, deterministic batches, latent caches."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest

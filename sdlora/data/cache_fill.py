@@ -38,7 +38,7 @@ def fill_latent_cache(data, vae, say) -> dict[Key, tuple[torch.Tensor, torch.Ten
     store = DiskLatentStore(folder)
     vae_id = vae_fingerprint(vae)
     hashes = [file_sha256(s.item.path) for s in data.samples]
-    keys = {n: cache_key(data.samples[n[0]], n[1], hashes[n[0]], vae_id, data.cfg.data) for n in needed}
+    keys = {n: cache_key(data.samples[n[0]], n[1], hashes[n[0]], vae_id) for n in needed}
     missing = [n for n in needed if not store.path(keys[n]).is_file()]
     mine = missing[data.process_index::data.num_processes]
     for n, (mean, std) in encode_entries(data, vae, mine).items():

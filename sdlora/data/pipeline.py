@@ -4,6 +4,8 @@ and hand out deterministic, resumable batches (see sampler.py for the order and 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +18,7 @@ from ..errors import UserError
 from .buckets import Geometry, assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
 from .captions import base_caption, count_truncated, transform_caption
 from .images import BadImage, open_checked
-from .latent_cache import DiskLatentStore, entry_key, file_sha256, vae_fingerprint
+from .latent_cache import entry_key
 from .sampler import SAMPLE, epoch_batches, rng_for
 from .sources import Item, Rejected, discover
 
@@ -74,23 +76,29 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
 
 
 def scan(entries: list[Item | Rejected], data, buckets) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Open every image once; on_error=fail stops at the first bad one, skip collects them."""
-    samples, skipped = [], []
-    for entry in entries:
+    """Decode every image once (in threads: PIL decodes without the GIL); on_error=fail stops at the
+    first bad entry in discovery order, skip collects them all."""
+
+    def check(entry):
         if isinstance(entry, Rejected):
-            bad = (entry.path, entry.reason)
-        else:
-            try:
-                img = open_checked(entry.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels)
-                size = img.size
-                samples.append(Sample(entry, size, geometry(size, assign_bucket(size, buckets, data))))
-                continue
-            except (BadImage, ValueError) as e:
-                bad = (entry.path, str(e))
-        if data.on_error == "fail":
-            raise UserError(f"bad data: {bad[0]}: {bad[1]} (data.on_error=fail; set data.on_error=skip to skip "
-                            "bad files)")
-        skipped.append(bad)
+            return entry.path, entry.reason
+        try:
+            size = open_checked(entry.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels).size
+            return Sample(entry, size, geometry(size, assign_bucket(size, buckets, data)))
+        except (BadImage, ValueError) as e:
+            return entry.path, str(e)
+
+    samples, skipped = [], []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for result in pool.map(check, entries):
+            if isinstance(result, Sample):
+                samples.append(result)
+            elif data.on_error == "fail":
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise UserError(f"bad data: {result[0]}: {result[1]} (data.on_error=fail; set data.on_error=skip "
+                                "to train without the bad files)")
+            else:
+                skipped.append(result)
     return samples, skipped
 
 
@@ -234,10 +242,6 @@ def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> to
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def cache_key(sample: Sample, flip: bool, content_sha256: str, vae_id: str, data) -> str:
+def cache_key(sample: Sample, flip: bool, content_sha256: str, vae_id: str) -> str:
     offset = crop_offset(sample.geo, "center", np.random.default_rng(0))
     return entry_key(content_sha256, sample.geo.bucket, sample.geo.resized, offset, flip, vae_id)
-
-
-__all__ = ["build_training_data", "TrainingData", "Sample", "Slot", "load_pixels", "DiskLatentStore",
-           "file_sha256", "vae_fingerprint", "cache_key"]
