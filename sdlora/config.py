@@ -225,10 +225,11 @@ class Config(Section):
         return self.optim.lr if self.optim.text_encoder_lr is None else self.optim.text_encoder_lr
 
     def data_subsets(self) -> list[SubsetConfig]:
-        """data.path as a one-entry subset list, else data.subsets; caption options inherit from data.*."""
-        if self.data.subsets:
-            return list(self.data.subsets)
+        """data.path as a one-entry subset list, else data.subsets; a caption option a subset does not set
+        is taken from data.*."""
         shared = {k: getattr(self.data, k) for k in CaptionOptions.model_fields}
+        if self.data.subsets:
+            return [SubsetConfig(**{**shared, **s.model_dump(exclude_unset=True)}) for s in self.data.subsets]
         return [SubsetConfig(path=self.data.path, **shared)]
 
     def to_dict(self) -> dict:

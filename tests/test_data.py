@@ -107,6 +107,14 @@ def test_kohya_and_metadata_trees_train(tmp_path, tiny_model):
         assert result.step == 2 and result.adapter_path.is_file() and all(np.isfinite(result.losses))
 
 
+def test_subsets_take_caption_options_they_do_not_set_from_data(tmp_path):
+    cfg = config("m", tmp_path, {"prefix": "p, ", "shuffle_tags": True,
+                                 "subsets": [{"path": "a"}, {"path": "b", "prefix": "", "caption_extension": ".caption"}]})
+    a, b = cfg.data_subsets()
+    assert (a.prefix, a.shuffle_tags, a.caption_extension) == ("p, ", True, ".txt")
+    assert (b.prefix, b.shuffle_tags, b.caption_extension) == ("", True, ".caption")
+
+
 # ------------------------------------------------------------------------------------------- buckets
 SIZES = [(200, 100), (100, 200), (150, 150), (300, 90), (96, 130), (128, 128), (400, 200), (90, 300)]
 
