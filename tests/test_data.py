@@ -116,7 +116,7 @@ def test_subsets_take_caption_options_they_do_not_set_from_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- buckets
-SIZES = [(200, 100), (100, 200), (150, 150), (300, 90), (96, 130), (128, 128), (400, 200), (90, 300)]
+SIZES = [(200, 100), (100, 200), (150, 150), (300, 90), (96, 130), (128, 128), (400, 200), (90, 300), (1000, 100), (700, 50)]
 
 
 def varied_folder(root):
@@ -148,11 +148,13 @@ def test_every_batch_shares_one_bucket_within_the_area_budget(tmp_path, tiny_mod
 
 def test_no_upscale_puts_each_image_in_a_bucket_no_larger_than_itself(tmp_path, tiny_model, comps):
     cfg = config(tiny_model, tmp_path, {"path": str(varied_folder(tmp_path / "v")), "resolution": 256,
-                                        "bucket_step": 32, "min_side": 64, "no_upscale": True})
+                                        "bucket_step": 32, "min_side": 64, "max_side": 512, "no_upscale": True,
+                                        "min_image_side": 32})
     data = build_training_data(cfg, comps, say=quiet)
     for s in data.samples:
         (bw, bh), (w, h) = s.geo.bucket, s.size
-        assert bw <= w and bh <= h and bw * bh <= 256 * 256, (s.size, s.geo)
+        assert bw <= w and bh <= h and bw * bh <= 256 * 256 and max(bw, bh) <= 512, (s.size, s.geo)
+    assert (700, 50) in {s.size for s in data.samples}  # smaller than every bucket: its own, shrunk to max_side
     cfg = config(tiny_model, tmp_path, {"path": str(tmp_path / "v"), "resolution": 256, "bucket_step": 32, "min_side": 64})
     upscaled = [s for s in build_training_data(cfg, comps, say=quiet).samples if s.geo.bucket[0] > s.size[0]]
     assert upscaled  # without the option the same images do get enlarged: the check above can fail

@@ -6,8 +6,8 @@ Buckets have sides that are multiples of data.bucket_step, between data.min_side
 resolution². For each width the tallest height within the area budget is taken, and the transposes,
 so every aspect ratio is represented at the largest area that fits. An image goes to the bucket whose
 aspect ratio is nearest its own (in log scale). With data.no_upscale only buckets no larger than the
-image on both sides qualify; if none does, the image gets its own bucket: its sides rounded down to
-the step.
+image on both sides qualify; if none does, the image gets its own bucket: its own shape, shrunk into
+the area budget and max_side if needed, sides rounded down to the step.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], data: D
     if data.no_upscale:
         candidates = [b for b in buckets if b[0] <= w and b[1] <= h]
         if not candidates:
+            # Its own bucket: the image's shape, shrunk (never enlarged) into the area budget and max_side.
             step = data.bucket_step
-            own = (w // step * step, h // step * step)
+            s = min(1.0, math.sqrt(data.resolution ** 2 / (w * h)), data.max_side / max(w, h))
+            own = (int(w * s) // step * step, int(h * s) // step * step)
             if min(own) == 0:
                 raise ValueError(f"{w}x{h} is smaller than data.bucket_step ({step}) with data.no_upscale")
             return own
