@@ -1,6 +1,10 @@
 """The data pipeline: sources, buckets, caption transforms, deterministic batches, latent caches."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -282,3 +286,32 @@ def test_random_crop_with_a_latent_cache_is_a_user_error(tmp_path, tiny_model, c
     cfg = config(tiny_model, tmp_path, {"path": str(shapes_data), "crop": "random", "cache_latents": "memory"})
     with pytest.raises(UserError, match="data.crop=random cannot be combined with data.cache_latents"):
         build_training_data(cfg, comps, say=quiet)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch.distributed as dist
+from sdlora.config import validate
+from sdlora.data import build_training_data
+from sdlora.models import load_components
+dist.init_process_group("gloo")
+model, images, cache = sys.argv[1:4]
+cfg = validate({"model": {"path": model}, "output": {"dir": cache + "/run"}, "train": {"batch_size": 1},
+                "data": {"path": images, "resolution": 64, "cache_latents": "disk", "flip": True, "cache_dir": cache}})
+data = build_training_data(cfg, load_components(model), num_processes=2, process_index=dist.get_rank(), say=lambda *a: None)
+print(f"rank {dist.get_rank()} encoded {data.vae_encodes} hits {data.cache_hits}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_share_the_disk_cache_fill(tmp_path, tiny_model, shapes_data):
+    script = tmp_path / "fill.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tiny_model),
+           str(shapes_data), str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for encoded in (8, 0):  # 16 entries (8 images x 2 flips) split 8/8, then all found; each reads all 16
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        # the two processes share stdout: lines may run together
+        got = sorted(re.findall(r"rank (\d) encoded (\d+) hits (\d+)", proc.stdout))
+        assert got == [("0", str(encoded), "16"), ("1", str(encoded), "16")], proc.stdout

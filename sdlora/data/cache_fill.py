@@ -1,7 +1,7 @@
 """The pass over the data, before training, that fills the latent cache.
 
 memory: every process encodes every image (any process may be handed any image later).
-disk: process r encodes the missing entries k with k % num_processes == r and writes them; all processes
+disk: process r encodes entries k with k % num_processes == r that are not on disk yet and writes them; all processes
 then meet at a barrier (torch.distributed, when initialised) and read every entry from disk.
 """
 
@@ -39,8 +39,8 @@ def fill_latent_cache(data, vae, say) -> dict[Key, tuple[torch.Tensor, torch.Ten
     vae_id = vae_fingerprint(vae)
     hashes = [file_sha256(s.item.path) for s in data.samples]
     keys = {n: cache_key(data.samples[n[0]], n[1], hashes[n[0]], vae_id) for n in needed}
-    missing = [n for n in needed if not store.path(keys[n]).is_file()]
-    mine = missing[data.process_index::data.num_processes]
+    # Shares are cut from `needed`, not from what is missing: another process may already be writing.
+    mine = [n for n in needed[data.process_index::data.num_processes] if not store.path(keys[n]).is_file()]
     for n, (mean, std) in encode_entries(data, vae, mine).items():
         store.put(keys[n], mean, std)
     barrier()
@@ -53,8 +53,8 @@ def fill_latent_cache(data, vae, say) -> dict[Key, tuple[torch.Tensor, torch.Ten
         else:
             data.cache_hits += 1
         latents[n] = got
-    say(f"sdlora: latent cache (disk, {folder}): {data.vae_encodes} encoded here, "
-        f"{len(needed) - len(missing)} found")
+    say(f"sdlora: latent cache (disk, {folder}): {data.vae_encodes} encoded by this process, "
+        f"{len(needed)} entries")
     return latents
 
 
