@@ -39,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v"])
     _common(p)
 
+    p = sub.add_parser("inspect", help="what an adapter did to the model: per-module norms, effective rank, intruders")
+    p.add_argument("adapter", help="adapter .safetensors (sdlora native or kohya layout)")
+    p.add_argument("--base", help="base model (diffusers folder or single file): needed for |dW|/|W0|, intruders, drift")
+    p.add_argument("--compare", metavar="OTHER", help="a second adapter, shown side by side")
+    p.add_argument("--out", help="folder for PNG plots and inspect.json; with --mitigate-intruders: the new adapter file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on standard output")
+    p.add_argument("--top-k", type=int, default=10, help="top singular vectors of W0+dW checked for intruders (default 10)")
+    p.add_argument("--epsilon", type=float, default=0.5, help="intruder if max |cos| with W0's singular vectors < this (0.5)")
+    p.add_argument("--mitigate-intruders", type=float, metavar="LAMBDA",
+                   help="write --out with every intruder direction scaled by LAMBDA (needs --base)")
+    p.add_argument("--overwrite", action="store_true", help="with --mitigate-intruders: replace an existing --out file")
+    _common(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -75,6 +88,10 @@ def _dispatch(args) -> int:
         path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
+    if args.command == "inspect":
+        from .inspect_cli import run_inspect
+
+        return run_inspect(args)
     if args.command == "config-help":
         from .config import describe_keys
 
