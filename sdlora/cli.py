@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set lora.rank=8 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the adapted modules and rates, then exit")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or running run in output.dir")
+    p.add_argument("--resume", metavar="latest|PATH", default=None,
+                   help="continue the run from its newest intact checkpoint (latest) or from a checkpoint folder")
     _common(p)
 
     p = sub.add_parser("demo", help="build a tiny model and dataset, train ~100 steps on CPU, sample")
@@ -52,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with --mitigate-intruders: replace an existing --out file")
     _common(p)
 
+    p = sub.add_parser("export", help="write a trained adapter as diffusers / kohya files or a merged model")
+    p.add_argument("source", help="adapter .safetensors, run folder, or checkpoint folder (checkpoints/step_NNNNNN)")
+    p.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged-diffusers", "merged-single-file"])
+    p.add_argument("--out", required=True, help="file (.safetensors) or, for merged-diffusers, a folder")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--base", default=None, help="base model for merged formats (default: the run's model.path)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -72,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "train":
         from .config import load_config
+        from .interrupt import TrainingInterrupted
         from .trainer import train
 
         cfg = load_config(args.config, args.overrides)
-        train(cfg, overwrite=args.overwrite, dry_run=args.dry_run)
+        try:
+            train(cfg, overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
+        except TrainingInterrupted as e:  # not an error: the state is saved and the message says how to resume
+            print(f"sdlora: {e}", file=sys.stderr)
+            return e.exit_code
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -92,6 +108,11 @@ def _dispatch(args) -> int:
         from .inspect_cli import run_inspect
 
         return run_inspect(args)
+    if args.command == "export":
+        from .export_cli import run_export
+
+        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base)
+        return 0
     if args.command == "config-help":
         from .config import describe_keys
 

@@ -162,6 +162,12 @@ class LossConfig(Section):
     min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
     max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
 
+    @model_validator(mode="after")
+    def _range(self) -> "LossConfig":
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"loss.min_timestep ({self.min_timestep}) must be < loss.max_timestep ({self.max_timestep})")
+        return self
+
 
 # ------------------------------------------------------------------------------------------------ reg
 class EmbeddingNormConfig(Section):
@@ -188,6 +194,12 @@ class SampleConfig(Section):
     negative_prompt: str = Field("", description="Negative prompt.")
     width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
     height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
+
+    @model_validator(mode="after")
+    def _prompts_when_on(self) -> "SampleConfig":
+        if self.every_steps and not self.prompts:
+            raise ValueError("sample.every_steps is set but sample.prompts is empty (give prompts, or every_steps: 0)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- checkpoint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,12 @@ from .models import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
 from .probe import DriftProbe
 from .text import encode, tokenize
+from .text_cache import make_text_cache
+from .checkpoint import Checkpointer, checkpoints_dir, find_checkpoint
+from .interrupt import GracefulStop, TrainingInterrupted, signal_name
+from .jsonl_log import JsonlLog
+from .nonfinite import NonFiniteCounter, NonFiniteLoss, agree
+from .sampling import sample_during_training, sample_due
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,13 +40,14 @@ class TrainResult:
     step: int = 0
 
 
-def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=print) -> TrainResult:
+def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dry_run: bool = False, log=print,
+          fault_hook=None) -> TrainResult:
+    """Train; `resume` is 'latest' or a checkpoint folder. `fault_hook(step, loss) -> loss` exists for the
+    reliability tests (they poison chosen steps' losses with NaN); leave it None."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out = Path(cfg.output.dir)
-    if not dry_run:
-        claim_output_dir(out, overwrite=overwrite)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -50,6 +56,13 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
+    if not dry_run:
+        check_output_dir(out, overwrite=overwrite, resume=resume is not None)  # every process alike, before writes
+        accelerator.wait_for_everyone()
+        if main:
+            if overwrite and resume is None:
+                clear_previous_run(out)  # a replaced run's checkpoints must never be resumed by mistake
+            mark_running(out)
     set_seed(cfg.train.seed)
 
     # ---- model and adapters
@@ -84,32 +97,52 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
         atomic.write_text(out / "config.yaml", dump_yaml(cfg))
         if accelerator.trackers:
             accelerator.init_trackers("sdlora", config=tracker_hparams(cfg))
-    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
+    # One stream for all processes: each draws the whole global batch and keeps its slice (see GlobalBatchDraws).
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
     scheduler = comps.noise_scheduler
     t_max = cfg.loss.max_timestep or scheduler.config.num_train_timesteps
     params = [p for g in groups.groups for p in g["params"]]
     regulariser = make_regulariser(cfg, text_encoder, comps.tokenizer, say)
+    text_cache = make_text_cache(cfg, text_encoder)
     probe = DriftProbe(text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
 
+    # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
+    def export(path, at_step):
+        export_adapter(layers, path, cfg, steps=at_step, base_model=comps.source,
+                       base_model_version=comps.base_model_version)
+
+    checkpointer = Checkpointer(out, accelerator, layers, optimizer, lr_scheduler, noise_gen, export,
+                                keep_last=cfg.checkpoint.keep_last, data=data)
+    nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    step = 0
+    if resume is not None:
+        step = resume_from(checkpointer, find_checkpoint(out, resume, say), nonfinite, say)
+    metrics_log = JsonlLog(out / "metrics.jsonl", resume_step=step if resume else None)
+    probe_log = JsonlLog(out / "probe.jsonl", resume_step=step if resume else None)
+
     # ---- loop
-    step, losses = 0, []
-    progress = progress_bar(cfg.train.max_steps, disable=not main)
+    losses = []
+    progress = progress_bar(cfg.train.max_steps, disable=not main, initial=step)
     batches = data.batches()
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    stop = GracefulStop().install()  # SIGINT/SIGTERM: finish the step, checkpoint, exit (see _stop_on_signal)
     t0 = time.perf_counter()
     while step < cfg.train.max_steps:
         batch = next(batches)
         with accelerator.accumulate(*trained):
             with torch.no_grad():
                 mean, std = data.latent_distribution(batch, comps.vae)
-                latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=mean.device,
-                                                    dtype=mean.dtype)) * comps.vae.config.scaling_factor
-            noise = sample_noise(latents, cfg.loss.noise_offset, noise_gen)
-            timesteps = torch.randint(cfg.loss.min_timestep, t_max, (latents.shape[0],), generator=noise_gen,
-                                      device=latents.device)
+                draws = GlobalBatchDraws(noise_gen, mean, cfg.train.batch_size, accelerator)
+                latents = (mean + std * draws.randn()) * comps.vae.config.scaling_factor
+            noise = draws.noise(cfg.loss.noise_offset)
+            timesteps = draws.timesteps(cfg.loss.min_timestep, t_max)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             input_ids = tokenize(comps.tokenizer, batch["captions"]).to(accelerator.device)
-            with torch.set_grad_enabled(cfg.text_encoder.train):
-                embeddings = encode(text_encoder, input_ids, cfg.text_encoder.clip_skip)
+            if text_cache is not None:
+                embeddings = text_cache(input_ids)
+            else:
+                with torch.set_grad_enabled(cfg.text_encoder.train):
+                    embeddings = encode(text_encoder, input_ids, cfg.text_encoder.clip_skip)
             with accelerator.autocast():
                 pred = unet(noisy, timesteps, embeddings).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
@@ -118,15 +151,26 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
             if regulariser is not None:
                 reg = regulariser(input_ids, embeddings)
                 loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
+            if fault_hook is not None:
+                loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
+            if accelerator.sync_gradients:
+                verdict = agree(accelerator, finite, stop.requested)  # the one host sync per step
+                if verdict.finite:  # a non-finite step makes no update at all (moments, weights, decay)
+                    if cfg.optim.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                finite = torch.ones_like(finite)
         if not accelerator.sync_gradients:
             continue
-        lr_scheduler.step()
+        lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
+        nonfinite.record(verdict.finite)
+        if not verdict.finite:
+            say(f"sdlora: step {step}: non-finite loss, step skipped ({nonfinite.consecutive} in a row, "
+                f"{nonfinite.total} in all)")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
             if regulariser is not None:
@@ -140,14 +184,30 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
             if regulariser is not None:
                 metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
             accelerator.log(metrics, step=step)
+            metrics["nonfinite_steps"] = nonfinite.total
             if main:
-                append_metrics(out, step, metrics)
+                metrics_log.append(step, metrics)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
-            run_probe(probe, accelerator, out, step)
+            run_probe(probe, accelerator, probe_log, step)
+        must_stop = nonfinite.exhausted or verdict.stop_signal
+        if must_stop or checkpoint_due(step, cfg):
+            checkpoint = checkpointer.save(step, nonfinite.state_dict())
+            if main:
+                metrics_log.flush()
+                probe_log.flush()
+        if main and sample_due(step, cfg.train.max_steps, cfg.sample):
+            sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
+        if must_stop:
+            stop.uninstall()
+            stop_early(out, step, checkpoint, export, main, nonfinite, verdict.stop_signal, say)
         progress.update(1)
+    stop.uninstall()
     progress.close()
     accelerator.wait_for_everyone()
+    if main:
+        metrics_log.flush()
+        probe_log.flush()
 
     # ---- export
     adapter_path = out / "adapter.safetensors"
@@ -161,14 +221,56 @@ def train(cfg: Config, *, overwrite: bool = False, dry_run: bool = False, log=pr
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def claim_output_dir(out: Path, *, overwrite: bool) -> None:
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> None:
     """Refuse to write into a folder that holds a finished or running run unless told to."""
     marker = out / "run.json"
-    if marker.is_file() and not overwrite:
+    if marker.is_file() and not (overwrite or resume):
         status = json.loads(marker.read_text() or "{}").get("status", "unknown")
         raise UserError(f"output.dir {out} already holds a {status} run; pass --overwrite to replace it"
                         " (or --resume to continue it)")
-    atomic.write_json(marker, {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def clear_previous_run(out: Path) -> None:
+    """--overwrite without --resume: the old run's checkpoints and logs go, so nothing resumes or extends them."""
+    import shutil
+
+    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    for name in ("metrics.jsonl", "probe.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def checkpoint_due(step: int, cfg: Config) -> bool:
+    every = cfg.checkpoint.every_steps
+    return step == cfg.train.max_steps or bool(every and step % every == 0)
+
+
+def resume_from(checkpointer: Checkpointer, folder: Path, nonfinite: NonFiniteCounter, say) -> int:
+    state = checkpointer.restore(folder)
+    nonfinite.load_state_dict(state.get("counters", {}))
+    say(f"sdlora: resumed from {folder} at step {state['step']}")
+    return int(state["step"])
+
+
+def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfinite: NonFiniteCounter,
+               signum: int | None, say) -> None:
+    """After the stop checkpoint: write the adapter, mark the run, and raise what the CLI turns into an exit code."""
+    if main:
+        export(out / "adapter.safetensors", step)
+    resume_cmd = f"sdlora train --config {out / 'config.yaml'} --resume latest"
+    if nonfinite.exhausted:
+        if main:
+            atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
+        raise NonFiniteLoss(f"training stopped at step {step}: {nonfinite.consecutive} consecutive non-finite losses "
+                            f"(train.max_nonfinite_steps); the last good state is in {checkpoint} and "
+                            f"{out / 'adapter.safetensors'} (lower optim.lr, or try mixed_precision bf16 / no)")
+    if main:
+        atomic.write_json(out / "run.json", {"status": "interrupted", "steps": step})
+    raise TrainingInterrupted(f"interrupted by {signal_name(signum)} after step {step}; checkpoint {checkpoint} and "
+                              f"adapter {out / 'adapter.safetensors'} saved; resume with: {resume_cmd}", signum)
+
+
+def mark_running(out: Path) -> None:
+    atomic.write_json(out / "run.json", {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def finish_run(out: Path, step: int, seconds: float) -> None:
@@ -190,6 +292,43 @@ def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight
     comps.unet.train()
     if not cfg.text_encoder.train:
         comps.text_encoder.eval()
+    if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
+        comps.unet.enable_gradient_checkpointing()
+        if cfg.text_encoder.train:
+            comps.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.channels_last:
+        comps.unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        comps.unet.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+
+
+class GlobalBatchDraws:
+    """Noise, latent-sampling eps and timesteps drawn for the whole global batch, then this process's slice.
+
+    Every process draws the same numbers from the same generator, so process r's samples get exactly the
+    draws they would get in a one-process run with batch_size x num_processes: the result does not depend
+    on the process count.
+    """
+
+    def __init__(self, generator: torch.Generator, local: torch.Tensor, batch_size: int, accelerator):
+        self.gen, self.like = generator, local
+        self.start = accelerator.process_index * batch_size
+        self.n, self.total = local.shape[0], batch_size * accelerator.num_processes
+        self.total = max(self.total, self.start + self.n)
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.start:self.start + self.n]
+
+    def randn(self) -> torch.Tensor:
+        t = self.like
+        return self._mine(torch.randn((self.total, *t.shape[1:]), generator=self.gen, device=t.device, dtype=t.dtype))
+
+    def noise(self, noise_offset: float) -> torch.Tensor:
+        t = self.like
+        return self._mine(sample_noise(t.new_empty((self.total, *t.shape[1:])), noise_offset, self.gen))
+
+    def timesteps(self, low: int, high: int) -> torch.Tensor:
+        return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))
 
 
 def make_data(cfg: Config, comps: Components, accelerator, say):
@@ -210,24 +349,17 @@ def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
     return EmbeddingNormRegulariser(text_encoder, tokenizer, cfg)
 
 
-def run_probe(probe: DriftProbe, accelerator, out: Path, step: int) -> dict:
+def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) -> dict:
     stats = probe.measure()
     accelerator.log(stats, step=step)
-    with open(out / "probe.jsonl", "a", encoding="utf-8") as f:  # append-only, like metrics.jsonl
-        f.write(json.dumps({"step": step, **stats}) + "\n")
+    probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl
     return stats
 
 
-def progress_bar(total: int, disable: bool):
+def progress_bar(total: int, disable: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=disable, dynamic_ncols=True)
-
-
-def append_metrics(out: Path, step: int, metrics: dict) -> None:
-    """metrics.jsonl is append-only (an append never loses earlier lines); everything else is atomic."""
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}) + "\n")
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
 
 
 def tracker_hparams(cfg: Config) -> dict:
