@@ -200,6 +200,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
             sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
         if must_stop:
             stop.uninstall()
+            progress.close()
             stop_early(out, step, checkpoint, export, main, nonfinite, verdict.stop_signal, say)
         progress.update(1)
     stop.uninstall()
