@@ -1,0 +1,98 @@
+"""`sdlora export SOURCE --format F --out PATH`: a trained adapter in every format other tools read.
+
+SOURCE is an adapter .safetensors file, a run folder (output.dir, holding adapter.safetensors) or a
+checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors). The base model
+(needed by the merged formats) is the run's `model.path`, from the adapter's `sdlora.config`
+metadata, unless --base names another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapter import AdapterWeights, load_adapter, save_native
+from .errors import UserError
+from .export import DTYPES
+
+FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
+
+
+def resolve_adapter_file(source: str | Path) -> Path:
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "adapter.safetensors").is_file():
+            return p / "adapter.safetensors"
+        hint = " (its checkpoints/step_NNNNNN/ folders hold one each)" if (p / "checkpoints").is_dir() else ""
+        raise UserError(f"export: {p} holds no adapter.safetensors{hint}")
+    raise UserError(f"export: no such file or folder: {p}")
+
+
+def _run_config(adapter: AdapterWeights) -> dict:
+    try:
+        return json.loads(adapter.metadata.get("sdlora.config", "{}") or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def _tag_frequencies(cfg: dict) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency from the run's caption files, where they are still on disk."""
+    from .formats.kohya import tag_frequency
+
+    data = cfg.get("data") or {}
+    ext = data.get("caption_extension", ".txt")
+    folders = [data.get("path")] + [s.get("path") for s in data.get("subsets") or []]
+    captions = {}
+    for folder in filter(None, folders):
+        f = Path(folder)
+        if f.is_dir():
+            captions[f.name] = [c.read_text(encoding="utf-8", errors="replace").strip() for c in sorted(f.rglob(f"*{ext}"))]
+    return tag_frequency(captions)
+
+
+def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = False, base: str | None = None,
+               report=print) -> Path:
+    if fmt not in FORMATS:
+        raise UserError(f"export --format {fmt!r}: allowed {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"export --dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise UserError(f"export: {out} exists; pass --force to replace it")
+    adapter = load_adapter(resolve_adapter_file(source))
+    cfg = _run_config(adapter)
+    model_cfg = cfg.get("model") or {}
+    version = adapter.metadata.get("sdlora.base_model_version", "sd_v1")
+    torch_dtype = DTYPES[dtype]
+
+    if fmt == "diffusers":
+        save_native(adapter.to(torch_dtype), out)
+    elif fmt == "kohya":
+        from .formats.kohya import save_kohya
+
+        save_kohya(adapter.to(torch_dtype), out, base_model_version=version, output_name=out.stem,
+                   tag_frequencies=_tag_frequencies(cfg))
+    else:
+        _export_merged(adapter, fmt, out, torch_dtype, base or model_cfg.get("path"), model_cfg)
+    report(f"export: {fmt} written to {out}")
+    return out
+
+
+def _export_merged(adapter: AdapterWeights, fmt: str, out: Path, dtype, base: str | None, model_cfg: dict) -> None:
+    from .formats.merge import merge_adapter, pipeline_scheduler, save_merged_diffusers, single_file_carry
+    from .formats.single_file import save_single_file
+    from .models import load_components
+
+    if not base:
+        raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")
+    config_dir, allow_pickle = model_cfg.get("config_dir"), bool(model_cfg.get("allow_pickle", False))
+    comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle)
+    merge_adapter(adapter, comps.unet, comps.text_encoder)
+    if fmt == "merged-diffusers":
+        save_merged_diffusers(out, comps, pipeline_scheduler(base, comps.base_model_version, config_dir), dtype)
+    else:
+        save_single_file(out, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version, dtype=dtype,
+                         carry=single_file_carry(base, allow_pickle),
+                         metadata={k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")})
