@@ -233,6 +233,8 @@ def write_plots(reports: list[dict], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     names = list(dict.fromkeys(e["name"] for r in reports for e in r["modules"]))
     labels = [Path(r["adapter"]).name for r in reports]
+    if len(set(labels)) < len(labels):  # run_a/adapter.safetensors vs run_b/adapter.safetensors
+        labels = ["/".join(Path(r["adapter"]).parts[-2:]) for r in reports]
 
     def series(key):
         return [[{e["name"]: e[key] for e in r["modules"]}.get(n) for n in names] for r in reports]

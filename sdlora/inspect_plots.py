@@ -33,7 +33,7 @@ def bar_chart(path: Path, names: list[str], series: list[list], labels: list[str
     """One bar per module and series (None = the module is absent from that adapter), written atomically."""
     plt = _pyplot()
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) * len(series) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(30.0, max(6.0, 0.12 * len(names) * len(series) + 2)), 5.0))
     for i, (values, label) in enumerate(zip(series, labels)):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
         ax.bar(xs, [0 if v is None else v for v in values], width=width, label=label)
