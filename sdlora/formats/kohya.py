@@ -15,7 +15,6 @@ is split into diffusers' / transformers' identifiers, some of which contain unde
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import time
