@@ -102,9 +102,11 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     scheduler = comps.noise_scheduler
     t_max = cfg.loss.max_timestep or scheduler.config.num_train_timesteps
     params = [p for g in groups.groups for p in g["params"]]
-    regulariser = make_regulariser(cfg, text_encoder, comps.tokenizer, say)
+    # The regulariser's base-norm misses and the probe run on some processes only: they use the unwrapped
+    # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
+    regulariser = make_regulariser(cfg, comps.text_encoder, comps.tokenizer, say)
     text_cache = make_text_cache(cfg, text_encoder)
-    probe = DriftProbe(text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
+    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
     def export(path, at_step):

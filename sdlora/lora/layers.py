@@ -65,8 +65,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.enabled:
-            return y + self._lowrank(x, self.lora_A, self.lora_B) * self.scale().to(y.dtype)
+        if self.enabled:  # the scale goes into B (out x r), far smaller than the activations it would otherwise scale
+            return y + self._lowrank(x, self.lora_A, self.lora_B * self.scale())
         if self.offset_A is not None:  # adapters off: restore W0 = W' + s0·B0·A0
             return y + self._lowrank(x, self.offset_A, self.offset_B)
         return y

@@ -1,0 +1,92 @@
+"""Speed options change how the step is computed, never what it computes.
+
+Gradient checkpointing and channels_last give the same loss and LoRA gradients as the plain step; the
+text-encoder output cache gives the frozen encoder's exact outputs, stays bounded, and a run with it
+ends with the same adapter as a run without it.
+"""
+
+import torch
+from safetensors.torch import load_file
+
+from outputs import PROMPTS
+from sdlora.lora import inject_all
+from sdlora.models import load_components
+from sdlora.text import encode, tokenize
+from sdlora.text_cache import TextEncoderOutputCache, make_text_cache
+from sdlora.trainer import place_models, train
+
+REL_TOL = 1e-4  # fp32; recomputation and memory layout only reorder float sums
+
+
+def loss_and_grads(make_config, **train_opts):
+    cfg = make_config({"train": train_opts, "lora": {"init": "orthogonal"}})  # A and B both get gradient
+    comps = load_components(cfg.model.path)
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    place_models(comps, layers, torch.device("cpu"), torch.float32, cfg)
+    gen = torch.Generator().manual_seed(0)
+    emb = encode(comps.text_encoder, tokenize(comps.tokenizer, PROMPTS))
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=gen)
+    loss = comps.unet(latents, torch.tensor([10, 700]), emb).sample.pow(2).mean()
+    loss.backward()
+    grads = {f"{n}.{p}": getattr(layer, p).grad.clone() for n, layer in layers.items() for p in ("lora_A", "lora_B")}
+    return loss.detach(), grads
+
+
+def assert_same(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert abs(float(loss_a - loss_b)) <= REL_TOL * abs(float(loss_a))
+    assert grads_a.keys() == grads_b.keys() and any(name.startswith("text_encoder") for name in grads_a)
+    for name in grads_a:
+        scale = float(grads_a[name].abs().max()) + 1e-12
+        assert float((grads_a[name] - grads_b[name]).abs().max()) <= REL_TOL * scale, name
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(make_config):
+    plain = loss_and_grads(make_config)
+    checkpointed = loss_and_grads(make_config, gradient_checkpointing=True)
+    assert_same(plain, checkpointed)
+
+
+def test_channels_last_gives_the_same_loss_and_lora_gradients(make_config):
+    assert_same(loss_and_grads(make_config), loss_and_grads(make_config, channels_last=True))
+
+
+def test_gradient_checkpointing_is_switched_on_in_both_models(make_config):
+    cfg = make_config({"train": {"gradient_checkpointing": True}})
+    comps = load_components(cfg.model.path)
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    place_models(comps, layers, torch.device("cpu"), torch.float32, cfg)
+    assert comps.unet.is_gradient_checkpointing and comps.text_encoder.is_gradient_checkpointing
+
+
+def test_text_cache_returns_the_encoders_outputs_and_stays_bounded(tiny_model):
+    comps = load_components(str(tiny_model))
+    comps.text_encoder.eval()
+    ids = tokenize(comps.tokenizer, PROMPTS + [PROMPTS[0], "a green square"])  # a repeat inside the batch
+    cache = TextEncoderOutputCache(comps.text_encoder, clip_skip=2, capacity=2)
+    with torch.no_grad():
+        expected = encode(comps.text_encoder, ids, clip_skip=2)
+    got = cache(ids)
+    assert float((got - expected).abs().max()) <= 1e-5
+    assert (cache.misses, cache.hits) == (3, 1)
+    assert len(cache.entries) == 2  # capacity: least recently used dropped
+    again = cache(ids[3:])  # "a green square" is still held
+    assert (cache.misses, cache.hits) == (3, 2) and torch.equal(again, got[3:])
+
+
+def test_text_cache_is_used_only_for_a_frozen_encoder_with_the_option_on(make_config):
+    assert make_text_cache(make_config(), None) is None  # text encoder trained by default
+    assert make_text_cache(make_config({"text_encoder": {"train": False}, "data": {"cache_text_encoder_outputs": False}}), None) is None
+    assert make_text_cache(make_config({"text_encoder": {"train": False}}), object()) is not None
+
+
+def test_training_with_the_text_cache_ends_with_the_same_adapter(make_config, tmp_path):
+    adapters = []
+    for cached in (True, False):
+        cfg = make_config({"text_encoder": {"train": False}, "data": {"cache_text_encoder_outputs": cached},
+                           "train": {"max_steps": 3}, "output": {"dir": str(tmp_path / f"run-{cached}")}})
+        adapters.append(load_file(train(cfg, log=lambda *a: None).adapter_path))
+    with_cache, without = adapters
+    assert with_cache.keys() == without.keys()
+    for k in with_cache:
+        assert float((with_cache[k] - without[k]).abs().max()) <= 1e-5 * (1 + float(without[k].abs().max())), k
