@@ -45,9 +45,12 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     """Train; `resume` is 'latest' or a checkpoint folder. `fault_hook(step, loss) -> loss` exists for the
     reliability tests (they poison chosen steps' losses with NaN); leave it None."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     out = Path(cfg.output.dir)
+    # train() may run several times in one process (demo, tests, benchmarks): let each call choose its precision.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
