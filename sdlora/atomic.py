@@ -6,6 +6,7 @@ A crash or a kill at any point leaves either the old file or the new one, never 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -67,3 +68,12 @@ def save_torch(path: str | os.PathLike, obj) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoint manifests, latent-cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

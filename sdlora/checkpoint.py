@@ -18,7 +18,6 @@ leaves either no new checkpoint folder, or a complete one; a folder without a va
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .atomic import file_sha256
 from .errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -62,18 +62,10 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, step: int) -> dict:
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
     manifest = {"format": FORMAT_VERSION, "step": step,
-                "files": {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in files}}
+                "files": {n: {"bytes": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in files}}
     atomic.write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -98,7 +90,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> str | None:
             return f"corrupt: {name} is missing"
         if p.stat().st_size != meta["bytes"]:
             return f"corrupt: {name} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"corrupt: {name} does not match its SHA-256 in the manifest"
     return None
 

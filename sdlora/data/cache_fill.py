@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .buckets import crop_offset
-from .latent_cache import DiskLatentStore, file_sha256, vae_fingerprint
+from ..atomic import file_sha256
+from .latent_cache import DiskLatentStore, vae_fingerprint
 from .pipeline import ENCODE_CHUNK, cache_key, load_pixels
 
 Key = tuple[int, bool]  # (sample index, flipped)

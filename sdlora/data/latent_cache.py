@@ -23,14 +23,6 @@ from .. import atomic
 PIXEL_RECIPE = "exif+rgb-white+lanczos+crop+[-1,1]/v1"  # bump when image preparation changes
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def vae_fingerprint(vae) -> str:
     """Hash of the VAE's config, dtype and weights (about a second for an SD VAE; done once per run)."""
     h = hashlib.sha256()
