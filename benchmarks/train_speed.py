@@ -8,23 +8,33 @@ every frozen tensor to itself), and run interleaved, round by round, so machine 
     python3 benchmarks/train_speed.py --quick          # smoke: 1 warm-up + 2 timed steps at 128 px
     python3 benchmarks/train_speed.py --device cuda --resolution 512 --dtype bf16
 
-Peak memory per variant is the high-water mark during its step above the memory held just before the step
-(CPU: VmHWM after resetting it through /proc/self/clear_refs, minus RSS before; GPU: max_memory_allocated
-minus memory_allocated), plus the variant's persistent adapter state (LoRA factors, their gradients and the
-optimiser state, counted exactly). The frozen weights are shared and not counted. On CPU the script
-re-executes itself with a fixed glibc mmap threshold so that freed activations return to the OS and RSS is
-a true measure (the same for every variant).
+Timing: warm-up rounds first (the default 4 show each of the four captions once, so the penalty's base
+norms are cached, as they are from the second epoch on), then timed rounds; each round runs every variant
+once on the same batch, starting from a different variant each round, with Python's garbage collector run
+before and held off during each step. On CPU the allocator keeps freed memory, as the trainer does
+(sdlora/allocator.py). Ratios are paired: each round's time is divided by the reference's time in the same
+round, and the table gives the median of those ratios, so a slow round slows the reference too.
+
+Peak memory per variant: the peak of memory allocated during one step above what was allocated before it
+(on GPU torch.cuda.max_memory_allocated; on CPU the profiler's allocation record, the same quantity:
+torch.profiler with profile_memory=True, measured in one extra round after the timed ones), plus the
+variant's persistent adapter state (LoRA factors and the optimiser's state; the gradients are allocated and
+freed within the step, so they are in its peak). The frozen weights are shared and not counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
+import gc
+import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sdlora import atomic  # noqa: E402
+from sdlora.allocator import keep_freed_cpu_memory  # noqa: E402
 from sdlora.config import validate  # noqa: E402
 from sdlora.embedding_norm import EmbeddingNormRegulariser  # noqa: E402
 from sdlora.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
@@ -84,9 +95,10 @@ class Variant:
         self.adapter_params = list(adapter_params)
         self.seconds: list[float] = []
         self.peak_bytes = 0
+        self.own_cost = None  # the penalty variant: times the penalty's own work alone (penalty_seconds)
 
     def persistent_bytes(self) -> int:
-        n = sum(p.numel() * p.element_size() * 2 for p in self.adapter_params)  # factor + its gradient
+        n = sum(p.numel() * p.element_size() for p in self.adapter_params)  # gradients: in the step's peak
         if self.optimizer is not None:
             n += sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
                      if torch.is_tensor(t))
@@ -119,6 +131,20 @@ def lora_step(unet, text_encoder, optimizer, params, scheduler, cfg, batch, gen,
     optimizer.zero_grad(set_to_none=True)
 
 
+def penalty_seconds(regulariser, text_encoder, batch, repeats: int = 20) -> float:
+    """The penalty's own work in a step, timed alone: cached base norms, the penalty, its backward to the
+    embeddings (median of `repeats`). The step's other work is the same with the penalty on or off."""
+    with torch.no_grad():
+        emb = encode(text_encoder, batch.ids)
+    times = []
+    for _ in range(repeats):
+        leaf = emb.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        regulariser(batch.ids, leaf).penalty.backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def floor_step(unet, text_encoder, scheduler, cfg, batch, gen, autocast, *, text_backward=False):
     """The frozen model's own work: text-encoder forward, UNet forward and backward to its input."""
     latents = batch.latents
@@ -148,7 +174,10 @@ def build_variants(base, device, dtype, autocast, only):
         params = [p for g in groups.groups for p in g["params"]]
         reg = EmbeddingNormRegulariser(te, tokenizer, cfg) if kw.pop("penalty", False) else None
         step = lambda b: lora_step(unet, te, opt, params, scheduler, cfg, b, gen, autocast, regulariser=reg, **kw)  # noqa: E731
-        return Variant(name, step, params, opt)
+        variant = Variant(name, step, params, opt)
+        if reg is not None:
+            variant.own_cost = lambda b: penalty_seconds(reg, te, b)
+        return variant
 
     cfg = make_cfg()
     wanted = lambda n: only is None or n in only  # noqa: E731
@@ -196,22 +225,18 @@ def peer_variant(unet0, te0, scheduler, cfg, gen, device, dtype, autocast):
 
 
 # ----------------------------------------------------------------------------------------- measurement
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_peak_bytes(step, batch) -> int:
+    """Peak bytes allocated during step(batch) above what was allocated before it, from the profiler's record."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    return max([0] + [e["args"]["Total Allocated"] for e in memory])  # the running total starts at 0
 
 
 def timed(variant, batch, device) -> None:
@@ -220,16 +245,49 @@ def timed(variant, batch, device) -> None:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        before = rss_bytes()
-        reset_hwm()
-    t0 = time.perf_counter()
-    variant.step(batch)
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        variant.step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        variant.seconds.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     if cuda:
-        torch.cuda.synchronize()
-    variant.seconds.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else hwm_bytes()) - before
-    variant.peak_bytes = max(variant.peak_bytes, peak)
+        variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated() - before)
+
+
+def run_rounds(variants, args, device, dtype, say) -> None:
+    for i in range(args.warmup + args.steps):
+        batch = make_batch(args.resolution, device, dtype, i)
+        for v in variants[i % len(variants):] + variants[:i % len(variants)]:  # each round starts elsewhere
+            timed(v, batch, device)
+            if i < args.warmup:
+                v.seconds.clear()
+                v.peak_bytes = 0
+        say(f"round {i}: " + ", ".join(f"{v.name} {v.seconds[-1]:.2f}s" for v in variants if v.seconds))
+    if device.type == "cpu":
+        batch = make_batch(args.resolution, device, dtype, args.warmup + args.steps)
+        for v in variants:
+            v.peak_bytes = cpu_peak_bytes(v.step, batch)
+        say("memory round: " + ", ".join(f"{v.name} {v.peak_bytes / 2**20:.0f} MiB" for v in variants))
+
+
+def isolated_costs(variants, args, device, dtype) -> str:
+    """A line per variant that can time its own extra work alone (the penalty), against the sdlora step."""
+    by = {v.name: v for v in variants}
+    lines = []
+    for v in variants:
+        if v.own_cost is None:
+            continue
+        seconds = v.own_cost(make_batch(args.resolution, device, dtype, 0))  # a caption seen in the warm-up
+        ref = by.get("sdlora")
+        share = f" = {seconds / statistics.median(ref.seconds):.4f} of the sdlora step" if ref else ""
+        lines.append(f"- {v.name}: the penalty's own work (cached base norms, penalty, backward to the embeddings), "
+                     f"timed alone: {seconds * 1e3:.2f} ms{share}")
+    return "\n".join(lines)
 
 
 def make_batch(resolution, device, dtype, i):
@@ -245,16 +303,30 @@ def make_batch(resolution, device, dtype, i):
 
 
 # ---------------------------------------------------------------------------------------------- report
+@dataclasses.dataclass(frozen=True)
+class Result:
+    name: str
+    seconds: list[float]
+    peak_bytes: int  # during the step, above what the process held before it
+    persistent: int  # adapter factors and the optimiser state
+
+
+def paired_ratio(v, ref) -> float:
+    """Median over rounds of v's time over ref's time in the same round."""
+    return statistics.median(a / b for a, b in zip(v.seconds, ref.seconds))
+
+
 def table(variants) -> str:
     by = {v.name: v for v in variants}
-    med = {v.name: statistics.median(v.seconds) for v in variants}
-    mib = {v.name: (v.peak_bytes + v.persistent_bytes()) / 2**20 for v in variants}
-    rows = ["| variant | s/step (median) | x floor | x peer | peak MiB | MiB x peer |", "|---|---|---|---|---|---|"]
-    for name in by:
-        xf = f"{med[name] / med['floor']:.3f}" if "floor" in med else "-"
-        xp = f"{med[name] / med['peer']:.3f}" if "peer" in med else "-"
+    mib = {v.name: (v.peak_bytes + v.persistent) / 2**20 for v in variants}
+    rows = ["| variant | s/step median (best) | x floor | x floor+te_bwd | x peer | x peer, best rounds | peak MiB "
+            "| MiB x peer |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in by.items():
+        cells = [f"{paired_ratio(v, by[ref]):.3f}" if ref in by else "-" for ref in ("floor", "floor+te_bwd", "peer")]
+        best = f"{min(v.seconds) / min(by['peer'].seconds):.3f}" if "peer" in by else "-"
         mp = f"{mib[name] / mib['peer']:.3f}" if "peer" in mib else "-"
-        rows.append(f"| {name} | {med[name]:.3f} | {xf} | {xp} | {mib[name]:.0f} | {mp} |")
+        rows.append(f"| {name} | {statistics.median(v.seconds):.3f} ({min(v.seconds):.3f}) | {' | '.join(cells)} | {best} "
+                    f"| {mib[name]:.0f} | {mp} |")
     return "\n".join(rows)
 
 
@@ -269,7 +341,7 @@ def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
                f"Command: `python3 benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  \n"
                f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
                f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
-               f" timed rounds; run took {steps_s:.0f} s\n\n{tbl}\n")
+               f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")
     marker = f"<!-- table:{device.type} -->"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if marker in old:  # replace this device's table, keep the rest of the page
@@ -286,8 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--only", nargs="*", help="variants to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: 128 px, 1 warm-up, 2 timed rounds")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="page to write the table into ('' = none)")
@@ -295,17 +367,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.resolution, args.warmup, args.steps = 128, 1, 2
     device = torch.device(args.device)
-    if device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     dtype = DTYPES[args.dtype]
-    if device.type == "cpu" and dtype != torch.float32:
-        autocast = lambda: torch.autocast("cpu", dtype=dtype)  # noqa: E731
-    elif device.type == "cuda" and dtype != torch.float32:
-        autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    if device.type in ("cpu", "cuda") and dtype != torch.float32:
+        autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
     else:
         import contextlib
 
         autocast = contextlib.nullcontext
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as the trainer does on CPU (sdlora/allocator.py); the same for every variant
     t_start = time.perf_counter()
     base = build_base(device, dtype)
     variants = build_variants(base, device, dtype, autocast, args.only)  # LoRA is injected on the CPU, as in the trainer
@@ -313,15 +383,11 @@ def main(argv=None) -> int:
         model.to(device, dtype)
     print(f"built {len(variants)} variants in {time.perf_counter() - t_start:.0f} s; "
           f"attention processor: {type(next(iter(base[0].attn_processors.values()))).__name__}", flush=True)
-    for i in range(args.warmup + args.steps):
-        batch = make_batch(args.resolution, device, dtype, i)
-        for v in variants:
-            timed(v, batch, device)
-            if i < args.warmup:
-                v.seconds.clear()
-                v.peak_bytes = 0
-        print(f"round {i}: " + ", ".join(f"{v.name} {v.seconds[-1]:.2f}s" for v in variants if v.seconds), flush=True)
-    tbl = table(variants)
+    run_rounds(variants, args, device, dtype, say=lambda line: print(line, flush=True))
+    tbl = table([Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants])
+    extra = isolated_costs(variants, args, device, dtype)
+    if extra:
+        tbl += "\n\n" + extra
     print(tbl)
     if args.doc:
         write_doc(Path(args.doc), tbl, args, device, time.perf_counter() - t_start)

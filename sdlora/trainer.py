@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .allocator import keep_freed_cpu_memory
 from .config import Config, dump_yaml
 from .errors import UserError
 from .export import export_adapter
@@ -46,7 +47,6 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     reliability tests (they poison chosen steps' losses with NaN); leave it None."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
     out = Path(cfg.output.dir)
     # train() may run several times in one process (demo, tests, benchmarks): let each call choose its precision.
@@ -59,13 +59,26 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
+    if accelerator.device.type == "cpu":
+        keep_freed_cpu_memory()  # a quarter of a CPU step was the kernel zero-filling freed activations again
     if not dry_run:
-        check_output_dir(out, overwrite=overwrite, resume=resume is not None)  # every process alike, before writes
+        replace = check_output_dir(out, overwrite=overwrite, resume=resume is not None)  # every process, before writes
         accelerator.wait_for_everyone()
         if main:
-            if overwrite and resume is None:
+            if replace:
                 clear_previous_run(out)  # a replaced run's checkpoints must never be resumed by mistake
             mark_running(out)
+    try:
+        return _train(cfg, accelerator, out, main, say, resume=resume, dry_run=dry_run, fault_hook=fault_hook)
+    except Exception as e:
+        if main and not dry_run:
+            mark_failed(out, e)  # a run that stops on an error is not left marked "running"
+        raise
+
+
+def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_run, fault_hook) -> TrainResult:
+    from accelerate.utils import set_seed
+
     set_seed(cfg.train.seed)
 
     # ---- model and adapters
@@ -227,13 +240,29 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to write into a folder that holds a finished or running run unless told to."""
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> bool:
+    """Refuse to write into a folder that holds a run unless told to; True if the old run is to be cleared.
+
+    A run that failed before saving anything (a config, model or data error) holds nothing to lose, so the
+    corrected command may reuse its folder without --overwrite.
+    """
     marker = out / "run.json"
-    if marker.is_file() and not (overwrite or resume):
-        status = json.loads(marker.read_text() or "{}").get("status", "unknown")
-        raise UserError(f"output.dir {out} already holds a {status} run; pass --overwrite to replace it"
-                        " (or --resume to continue it)")
+    if resume:
+        return False
+    if overwrite:
+        return True
+    if not marker.is_file():
+        return False
+    status = json.loads(marker.read_text() or "{}").get("status", "unknown")
+    if status == "failed" and not saved_anything(out):
+        return True
+    hint = "--resume to continue it" if status != "failed" else "--resume to continue from its last checkpoint"
+    raise UserError(f"output.dir {out} already holds a {status} run; pass --overwrite to replace it (or {hint})")
+
+
+def saved_anything(out: Path) -> bool:
+    ckpts = checkpoints_dir(out)
+    return (out / "adapter.safetensors").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
 
 
 def clear_previous_run(out: Path) -> None:
@@ -277,6 +306,18 @@ def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfi
 
 def mark_running(out: Path) -> None:
     atomic.write_json(out / "run.json", {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def mark_failed(out: Path, error: BaseException) -> None:
+    """Only a run still marked running: interrupted and non-finite stops have written their own status."""
+    marker = out / "run.json"
+    try:
+        status = json.loads(marker.read_text()).get("status")
+    except (OSError, ValueError):
+        return
+    if status == "running":
+        atomic.write_json(marker, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
+                                   "failed": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def finish_run(out: Path, step: int, seconds: float) -> None:

@@ -1,6 +1,7 @@
 """Bad data: every kind has a defined outcome under data.on_error (skip lists it, fail stops before training)."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -144,6 +145,11 @@ def test_fail_stops_before_training_and_the_cli_exits_2_naming_the_first_bad_fil
         train(cfg, log=lambda *a: None)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    marker = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert marker["status"] == "failed" and "bomb.png" in marker["error"]
+    # it saved nothing, so the corrected command reuses the folder without --overwrite
+    result = train(config(tiny_model, tmp_path, broken), log=lambda *a: None)
+    assert result.step == 2 and json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
     path = tmp_path / "c.yaml"
     path.write_text(f"model:\n  path: {tiny_model}\ndata:\n  path: {broken}\n  on_error: fail\n  resolution: 64\n"
                     f"  max_image_pixels: {MAX_PIXELS}\n  min_image_side: {MIN_SIDE}\noutput:\n  dir: {tmp_path / 'cli'}\n"

@@ -97,6 +97,45 @@ def test_learnable_alpha_gradient_matches_finite_difference():
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_gradients_match_the_dense_reference(bias):
+    """The one-node linear forward/backward against autograd on y = x (W + s·B·A)ᵀ + b, in float64 (1e-10)."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias).double()
+    layer = LoRALinear(base, 4, 3.0, init="orthogonal", learnable_alpha=True,
+                       generator=torch.Generator().manual_seed(1)).double()
+    base.weight.requires_grad_(True)  # the trainer freezes it; the layer must still get its gradient right
+    with torch.no_grad():
+        layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)  # (batch, tokens, features)
+    g = torch.randn(3, 7, 20, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    got = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.alpha, base.weight)]
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B, layer.alpha,
+                                                                 base.weight)]
+    xr, a, b, alpha, w = leaves
+    dense = w + (alpha / layer.rank) * (b @ a)
+    ref = xr @ dense.t() + (base.bias.detach() if bias else 0)
+    (ref * g).sum().backward()
+    assert float((layer(x) - ref).abs().max()) <= 1e-10
+    for mine, theirs in zip(got, leaves):
+        assert float((mine - theirs.grad).abs().max()) <= 1e-10 * max(1.0, float(theirs.grad.abs().max()))
+
+
+def test_fused_linear_under_autocast_computes_in_bf16_and_keeps_fp32_gradients():
+    layer, ref, _ = _layer("linear", "orthogonal")
+    x = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_ref = ref(x)
+    assert y.dtype == torch.bfloat16 == y_ref.dtype
+    assert float((y.float() - y_ref.float()).abs().max()) <= 2e-2 * float(y_ref.float().abs().max())  # bf16 rounding
+    y.float().pow(2).sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+    assert layer.lora_A.grad.abs().max() > 0
+
+
 def test_alpha_changes_in_training_and_init_alphas_from_reproduces_it(make_config, tmp_path):
     cfg = make_config(lora={"learnable_alpha": True, "alpha": 4, "init": "orthogonal"}, optim={"alpha_lr": 0.05})
     first = train(cfg)

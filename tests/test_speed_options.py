@@ -2,13 +2,19 @@
 
 Gradient checkpointing and channels_last give the same loss and LoRA gradients as the plain step; the
 text-encoder output cache gives the frozen encoder's exact outputs, stays bounded, and a run with it
-ends with the same adapter as a run without it.
+ends with the same adapter as a run without it. On CPU the trainer keeps freed activation memory in the
+process (sdlora/allocator.py) instead of faulting it in again every step.
 """
 
+import os
+import sys
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from outputs import PROMPTS
+from sdlora.allocator import keep_freed_cpu_memory
 from sdlora.lora import inject_all
 from sdlora.models import load_components
 from sdlora.text import encode, tokenize
@@ -90,3 +96,22 @@ def test_training_with_the_text_cache_ends_with_the_same_adapter(make_config, tm
     assert with_cache.keys() == without.keys()
     for k in with_cache:
         assert float((with_cache[k] - without[k]).abs().max()) <= 1e-5 * (1 + float(without[k].abs().max())), k
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_cpu_training_keeps_freed_activation_memory_for_the_next_step():
+    """After keep_freed_cpu_memory() a freed 256 MiB block stays resident (reused, not faulted in again)."""
+    assert keep_freed_cpu_memory()
+    block = torch.ones(64 << 20)  # 256 MiB, every page touched
+    holding = rss_bytes()
+    del block
+    assert holding - rss_bytes() <= 16 << 20  # glibc's defaults hand all 256 MiB back here
+    again = rss_bytes()
+    block = torch.ones(64 << 20)  # served from the kept heap: no growth
+    del block
+    assert rss_bytes() - again <= 16 << 20

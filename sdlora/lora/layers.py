@@ -123,6 +123,52 @@ class LoRALayer(nn.Module):
         return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
 
+class _FusedLinearLoRA(torch.autograd.Function):
+    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ as one autograd node; s = alpha / r (or / sqrt r) is a 0-dim tensor.
+
+    The low-rank product is accumulated into the base output in place (`addmm_`), and in the backward x's
+    two gradients, g W and s·(g B) A, are summed the same way; so neither pass allocates an activation-sized
+    tensor beyond what the frozen layer alone needs, the graph has one node per layer instead of six, and the
+    scale multiplies N x r tensors, never a copy of B. Saved: x (A's gradient needs it, as for any LoRA) and
+    h = x Aᵀ (N x r). All inputs arrive in one dtype (the caller casts them); autocast is off inside.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        y = F.linear(x2, weight, bias)
+        y.addmm_(h * s.to(h.dtype), b.t())
+        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2 if need_x else None, weight, a, b, h, s)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, a, b, h, s = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        need = ctx.needs_input_grad
+        gh = (g @ b) * s.to(g.dtype)  # N x r: the gradient reaching h
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_s = None
+        if need[0]:
+            grad_x = (gh @ a).addmm_(g, weight).view(ctx.x_shape)
+        if need[1]:
+            grad_w = g.t() @ x2
+        if need[2]:
+            grad_bias = g.sum(0)
+        if need[3]:
+            grad_a = gh.t() @ x2
+        if need[4] or need[5]:
+            gb = g.t() @ h  # out x r: the gradient reaching the product s·B
+            if need[4]:
+                grad_b = gb * s.to(gb.dtype)
+            if need[5]:
+                acc = torch.promote_types(gb.dtype, torch.float32)  # bf16/fp16 products summed in fp32
+                grad_s = (gb.to(acc) * b.to(acc)).sum().to(s.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_s
+
+
 class LoRALinear(LoRALayer):
     kind = "linear"
 
@@ -131,6 +177,17 @@ class LoRALinear(LoRALayer):
 
     def _shape_b(self, b):
         return b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return super().forward(x)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        base = self.base
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        with torch.autocast(device, enabled=False):  # s stays fp32 (autograd carries its gradient on to alpha)
+            return _FusedLinearLoRA.apply(x.to(dtype), base.weight.to(dtype), bias, self.lora_A.to(dtype),
+                                          self.lora_B.to(dtype), self.scale())
 
     def _lowrank(self, x, a, b):
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
