@@ -29,6 +29,7 @@ class ModelConfig(Section):
     vae_path: Optional[str] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
     config_dir: Optional[str] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata, or the SD 2.x heuristic.")
 
 
 # ----------------------------------------------------------------------------------------------- data

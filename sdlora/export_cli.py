@@ -88,11 +88,16 @@ def _export_merged(adapter: AdapterWeights, fmt: str, out: Path, dtype, base: st
     if not base:
         raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")
     config_dir, allow_pickle = model_cfg.get("config_dir"), bool(model_cfg.get("allow_pickle", False))
-    comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle)
+    comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle,
+                            prediction_type=model_cfg.get("prediction_type"))
     merge_adapter(adapter, comps.unet, comps.text_encoder)
     if fmt == "merged-diffusers":
-        save_merged_diffusers(out, comps, pipeline_scheduler(base, comps.base_model_version, config_dir), dtype)
+        scheduler = pipeline_scheduler(base, comps.base_model_version, config_dir)
+        if scheduler.config.prediction_type != comps.prediction_type:  # model.prediction_type overrode the base's
+            scheduler = type(scheduler).from_config(scheduler.config, prediction_type=comps.prediction_type)
+        save_merged_diffusers(out, comps, scheduler, dtype)
     else:
+        meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")}
+        meta["modelspec.prediction_type"] = "v" if comps.prediction_type == "v_prediction" else "epsilon"  # read back on load
         save_single_file(out, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version, dtype=dtype,
-                         carry=single_file_carry(base, allow_pickle),
-                         metadata={k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")})
+                         carry=single_file_carry(base, allow_pickle), metadata=meta)

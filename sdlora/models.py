@@ -51,8 +51,10 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def load_components(model_path: str, *, vae_path: str | None = None, config_dir: str | None = None,
-                    allow_pickle: bool = False) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, offline, in fp32."""
+                    allow_pickle: bool = False, prediction_type: str | None = None) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, offline, in fp32.
+
+    `prediction_type` (model.prediction_type) overrides what the model's configs or metadata say."""
     _quiet_loaders()
     path = Path(os.path.expanduser(model_path))
     if not path.exists():
@@ -65,7 +67,17 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
         comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
     if vae_path:
         comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle)
+    if prediction_type and prediction_type != comps.prediction_type:
+        set_prediction_type(comps, prediction_type)
     return comps
+
+
+def set_prediction_type(comps: Components, prediction_type: str) -> None:
+    """The noise scheduler (so the training target), and for SD 2.x the version exports record, follow it."""
+    sched = comps.noise_scheduler
+    comps.noise_scheduler = type(sched).from_config(sched.config, prediction_type=prediction_type)
+    if comps.base_model_version != "sd_v1":
+        comps.base_model_version = "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
 
 
 def _load_diffusers_folder(path: Path) -> Components:

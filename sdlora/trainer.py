@@ -83,7 +83,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 
     # ---- model and adapters
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
-                            allow_pickle=cfg.model.allow_pickle)
+                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
     layers = inject_all(comps.unet, comps.text_encoder, cfg)
     groups = build_param_groups(layers, cfg)
     if dry_run:

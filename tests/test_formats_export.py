@@ -174,3 +174,36 @@ def test_export_from_a_checkpoint_folder_and_with_base_override(merged_case, tin
     assert max_abs_diff(ours, model_outputs(loaded.unet, loaded.text_encoder, loaded.tokenizer))["unet"] <= TOL
     with pytest.raises(UserError, match="checkpoints/step_NNNNNN"):
         run_export(tmp_path / "run", "kohya", tmp_path / "x.safetensors", report=lambda *_: None)
+
+
+def test_model_prediction_type_sets_the_training_target_and_every_export_records_it(tiny_model, tmp_path):
+    """model.prediction_type=v_prediction on an epsilon model: the loss target is v = sqrt(ab)·eps - sqrt(1-ab)·x0,
+    and the kohya metadata, a merged diffusers folder and a merged single file all say v."""
+    from safetensors import safe_open
+
+    from sdlora.config import validate
+    from sdlora.losses import diffusion_target
+
+    cfg = validate({"model": {"path": str(tiny_model), "prediction_type": "v_prediction"},
+                    "data": {"path": str(tmp_path)}, "output": {"dir": str(tmp_path / "run")},
+                    "lora": {"rank": 4, "alpha": 4}, "log": {"tracker": "none"}})
+    assert load_components(str(tiny_model)).prediction_type == "epsilon"
+    comps = load_components(str(tiny_model), prediction_type=cfg.model.prediction_type)
+    assert comps.prediction_type == "v_prediction"
+    x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    ab = comps.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    assert float((diffusion_target(comps.noise_scheduler, x0, eps, t) - v).abs().max()) <= 1e-5
+
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    adapter.parent.mkdir()
+    export_adapter(layers, adapter, cfg, steps=1, base_model=str(tiny_model), base_model_version=comps.base_model_version)
+    quiet = lambda *_: None  # noqa: E731
+    with safe_open(str(run_export(adapter, "kohya", tmp_path / "k.safetensors", report=quiet)), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_v_parameterization"] == "True"
+    folder = run_export(adapter, "merged-diffusers", tmp_path / "merged", report=quiet)
+    assert load_components(str(folder)).prediction_type == "v_prediction"
+    with safe_open(str(run_export(adapter, "merged-single-file", tmp_path / "m.safetensors", report=quiet)), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v"

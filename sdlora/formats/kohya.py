@@ -181,7 +181,8 @@ def kohya_metadata(adapter: AdapterWeights, *, base_model_version: str, output_n
         network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
     cfg = json.loads(adapter.metadata.get("sdlora.config", "{}") or "{}")
     v2 = base_model_version != "sd_v1"
-    v_pred = base_model_version == "sd_v2_v"
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    v_pred = base_model_version == "sd_v2_v" or model_cfg.get("prediction_type") == "v_prediction"
     now = time.time()
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
