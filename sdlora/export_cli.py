@@ -97,7 +97,6 @@ def _export_merged(adapter: AdapterWeights, fmt: str, out: Path, dtype, base: st
             scheduler = type(scheduler).from_config(scheduler.config, prediction_type=comps.prediction_type)
         save_merged_diffusers(out, comps, scheduler, dtype)
     else:
-        meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")}
-        meta["modelspec.prediction_type"] = "v" if comps.prediction_type == "v_prediction" else "epsilon"  # read back on load
         save_single_file(out, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version, dtype=dtype,
-                         carry=single_file_carry(base, allow_pickle), metadata=meta)
+                         carry=single_file_carry(base, allow_pickle), prediction_type=comps.prediction_type,
+                         metadata={k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")})

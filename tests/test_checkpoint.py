@@ -3,11 +3,9 @@
 import errno
 import json
 import os
-import shutil
 import signal
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import sdlora.atomic

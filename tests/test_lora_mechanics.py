@@ -9,7 +9,6 @@ from torch import nn
 
 from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
 from sdlora.adapter import load_adapter
-from sdlora.config import validate
 from sdlora.errors import UserError
 from sdlora.lora import LoRAConv2d, LoRALinear, adapters_disabled, build_param_groups, inject_all
 from sdlora.models import load_components
