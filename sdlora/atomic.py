@@ -56,10 +56,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.torch.save_file, atomically (serialised in memory, then written via a temp file)."""
+    """safetensors.torch.save_file, atomically (serialised in memory, then written via a temp file). Every
+    trained tensor reaches disk through here: non-finite values are refused (NonFiniteWeights), never written."""
     from safetensors.torch import save
 
+    from .nonfinite import require_finite
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    require_finite(tensors, path)
     write_bytes(path, save(tensors, metadata=metadata))
 
 

@@ -198,6 +198,7 @@ class Checkpointer:
         """Write checkpoint `step` (all processes take part; rank 0 writes the shared files)."""
         acc = self.accelerator
         root = checkpoints_dir(self.out)
+        self.require_finite(step)  # before anything is staged: a non-finite state is never saved
         staging = root / f"{STAGING_PREFIX}{checkpoint_name(step)}"
         final = root / checkpoint_name(step)
         try:
@@ -232,6 +233,15 @@ class Checkpointer:
                  "num_processes": self.accelerator.num_processes}
         atomic.write_json(folder / "trainer_state.json", state)
         self.export(folder / "adapter.safetensors", step)
+
+    def require_finite(self, step: int) -> None:
+        from .nonfinite import require_finite
+
+        where = checkpoints_dir(self.out) / checkpoint_name(step)
+        require_finite(lora_state(self.layers), where)
+        moments = {f"optimizer.{i}.{k}": v for i, st in self.optimizer.state_dict()["state"].items()
+                   for k, v in st.items()}
+        require_finite(moments, where)
 
     def latest_intact(self) -> Path | None:
         return next((p for p in reversed(list_checkpoints(self.out)) if verify_checkpoint(p) is None), None)

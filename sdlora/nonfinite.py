@@ -1,8 +1,11 @@
-"""Non-finite loss guard: a step whose loss is NaN/inf makes no optimiser update; too many in a row stop the run.
+"""Non-finite guard: a step whose loss or gradients are NaN/inf makes no optimiser update; too many in a row stop
+the run; an update that makes the weights themselves non-finite stops it at once; nothing non-finite is written.
 
-Deciding whether to skip needs the loss on the host. The check is folded into the step so it costs exactly one
+Deciding whether to skip needs the verdict on the host. The check is folded into the step so it costs exactly one
 device-to-host sync per optimiser step: the finiteness of every micro-batch's loss is accumulated on the device
-(`torch.isfinite`, no sync), reduced across processes together with the stop-signal flag, and read once.
+(`torch.isfinite`, no sync), and-ed with the finiteness of the gradients (the clipped total norm, or their max
+magnitude) and of the weights after the previous update, reduced across processes together with the stop-signal
+flag, and read once.
 """
 
 from __future__ import annotations
@@ -18,22 +21,69 @@ class NonFiniteLoss(UserError):
     exit_code = 3
 
 
+class NonFiniteWeights(UserError):
+    """An optimiser update made trained tensors non-finite, or a write was asked to store non-finite values."""
+
+    exit_code = 3
+
+
 class StepVerdict:
     """What all processes agreed on for one optimiser step."""
 
-    __slots__ = ("finite", "stop_signal")
+    __slots__ = ("loss_finite", "grads_finite", "weights_finite", "stop_signal")
 
-    def __init__(self, finite: bool, stop_signal: int | None):
-        self.finite, self.stop_signal = finite, stop_signal
+    def __init__(self, stop_signal: int | None, loss_finite: bool = True, grads_finite: bool = True,
+                 weights_finite: bool = True):
+        self.stop_signal = stop_signal
+        self.loss_finite, self.grads_finite, self.weights_finite = loss_finite, grads_finite, weights_finite
+
+    @property
+    def finite(self) -> bool:
+        """The step may update: its loss and gradients are finite."""
+        return self.loss_finite and self.grads_finite
+
+    @property
+    def reason(self) -> str:
+        return "non-finite loss" if not self.loss_finite else "non-finite gradients"
 
 
-def agree(accelerator, finite: torch.Tensor, stop_signal: int | None) -> StepVerdict:
-    """The one host sync per step: [non-finite, signal number] maxed over processes, then read."""
-    flags = torch.stack([(~finite).float(), torch.tensor(float(stop_signal or 0), device=finite.device)])
+def agree(accelerator, stop_signal: int | None, *, loss_finite: torch.Tensor, grads_finite: torch.Tensor | None = None,
+          weights_finite: torch.Tensor | None = None) -> StepVerdict:
+    """The one host sync per step: [non-finite loss, gradients, weights, signal number] maxed over processes, read.
+    `weights_finite` is about the weights after the previous update."""
+    ok = [loss_finite] + [t if t is not None else torch.ones_like(loss_finite) for t in (grads_finite, weights_finite)]
+    flags = torch.stack([(~t.to(loss_finite.device)).float() for t in ok]
+                        + [torch.tensor(float(stop_signal or 0), device=loss_finite.device)])
     if accelerator.num_processes > 1:
         flags = accelerator.gather(flags[None]).amax(0)
-    nonfinite, signum = flags.tolist()
-    return StepVerdict(finite=nonfinite == 0, stop_signal=int(signum) or None)
+    bad_loss, bad_grads, bad_weights, signum = flags.tolist()
+    return StepVerdict(int(signum) or None, loss_finite=bad_loss == 0, grads_finite=bad_grads == 0,
+                       weights_finite=bad_weights == 0)
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A device bool, no host sync: every element of every tensor is finite. The max magnitude (inf-norm) cannot
+    overflow on finite values and is NaN/inf as soon as one element is."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)  # a 0-dim CPU bool combines with a device bool
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf")))
+
+
+def grads_finite(params, clipped_total_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """A device bool: the gradients are finite. With clipping on, its total norm already says so (a total norm
+    that overflows on huge finite gradients also counts as non-finite: such a step is not worth taking)."""
+    if clipped_total_norm is not None:
+        return torch.isfinite(clipped_total_norm)
+    return all_finite([p.grad for p in params])
+
+
+def require_finite(tensors: dict, path) -> None:
+    """Refuse to write non-finite tensors: every writer of trained tensors calls this before writing `path`."""
+    for key, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteWeights(f"refusing to write {path}: {key} holds non-finite values (NaN/inf); "
+                                   "nothing was written")
 
 
 class NonFiniteCounter:

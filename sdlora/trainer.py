@@ -25,7 +25,7 @@ from .text_cache import make_text_cache
 from .checkpoint import Checkpointer, checkpoints_dir, find_checkpoint
 from .interrupt import GracefulStop, TrainingInterrupted, signal_name
 from .jsonl_log import JsonlLog
-from .nonfinite import NonFiniteCounter, NonFiniteLoss, agree
+from .nonfinite import NonFiniteCounter, NonFiniteLoss, NonFiniteWeights, agree, all_finite, grads_finite
 from .sampling import sample_during_training, sample_due
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -143,6 +143,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     progress = progress_bar(cfg.train.max_steps, disable=not main, initial=step)
     batches = data.batches()
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    weights_finite = finite.clone()  # after the latest update; read with the next verdict, or before a save
     stop = GracefulStop().install()  # SIGINT/SIGTERM: finish the step, checkpoint, exit (see _stop_on_signal)
     t0 = time.perf_counter()
     while step < cfg.train.max_steps:
@@ -174,11 +175,25 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             accelerator.backward(loss)
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
             if accelerator.sync_gradients:
-                verdict = agree(accelerator, finite, stop.requested)  # the one host sync per step
-                if verdict.finite:  # a non-finite step makes no update at all (moments, weights, decay)
+                # fp16 loss scaling (CUDA only) checks the unscaled gradients itself and makes no update on an
+                # overflow, which is how it lowers its scale: that is not a non-finite step. Otherwise the
+                # gradients' finiteness (after clipping) joins the loss's in the same sync.
+                scaled = accelerator.scaler is not None
+                grads_ok = None
+                if not scaled:
+                    norm = None
                     if cfg.optim.max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    grads_ok = grads_finite(params, norm)
+                verdict = agree(accelerator, stop.requested, loss_finite=finite, grads_finite=grads_ok,
+                                weights_finite=weights_finite)  # the one host sync per step
+                if not verdict.weights_finite:  # the previous update broke the weights: nothing after it is good
+                    stop_nonfinite_weights(out, step, main, say)
+                if verdict.finite:  # a non-finite step makes no update at all (moments, weights, decay)
+                    if scaled and cfg.optim.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                     optimizer.step()
+                    weights_finite = all_finite(params)  # an update can overflow finite gradients into inf weights
                 optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones_like(finite)
         if not accelerator.sync_gradients:
@@ -187,7 +202,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         step += 1
         nonfinite.record(verdict.finite)
         if not verdict.finite:
-            say(f"sdlora: step {step}: non-finite loss, step skipped ({nonfinite.consecutive} in a row, "
+            say(f"sdlora: step {step}: {verdict.reason}, step skipped ({nonfinite.consecutive} in a row, "
                 f"{nonfinite.total} in all)")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
@@ -209,6 +224,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
             run_probe(probe, accelerator, probe_log, step)
         must_stop = nonfinite.exhausted or verdict.stop_signal
+        saving = must_stop or checkpoint_due(step, cfg) or sample_due(step, cfg.train.max_steps, cfg.sample)
+        if saving and not bool(weights_finite):  # one more host sync, only at steps that write or sample
+            stop_nonfinite_weights(out, step, main, say)
         if must_stop or checkpoint_due(step, cfg):
             checkpoint = checkpointer.save(step, nonfinite.state_dict())
             if main:
@@ -295,13 +313,26 @@ def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfi
     if nonfinite.exhausted:
         if main:
             atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
-        raise NonFiniteLoss(f"training stopped at step {step}: {nonfinite.consecutive} consecutive non-finite losses "
-                            f"(train.max_nonfinite_steps); the last good state is in {checkpoint} and "
+        raise NonFiniteLoss(f"training stopped at step {step}: {nonfinite.consecutive} consecutive non-finite steps "
+                            f"(loss or gradients; train.max_nonfinite_steps); the last good state is in {checkpoint} and "
                             f"{out / 'adapter.safetensors'} (lower optim.lr, or try mixed_precision bf16 / no)")
     if main:
         atomic.write_json(out / "run.json", {"status": "interrupted", "steps": step})
     raise TrainingInterrupted(f"interrupted by {signal_name(signum)} after step {step}; checkpoint {checkpoint} and "
                               f"adapter {out / 'adapter.safetensors'} saved; resume with: {resume_cmd}", signum)
+
+
+def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
+    """Step `step`'s update made the LoRA weights non-finite: nothing is saved; the message names the newest
+    intact checkpoint (every saved tensor is finite: checkpoints refuse anything else)."""
+    from .checkpoint import verify_checkpoint, list_checkpoints
+
+    good = next((p for p in reversed(list_checkpoints(out)) if verify_checkpoint(p) is None), None)
+    where = f"the last good state is in {good}" if good else "no checkpoint was saved before it"
+    if main:
+        atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
+    raise NonFiniteWeights(f"training stopped: the update of step {step} made LoRA weights non-finite "
+                           f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
 
 
 def mark_running(out: Path) -> None:

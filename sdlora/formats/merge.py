@@ -63,6 +63,10 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype) -> No
     pipe = StableDiffusionPipeline(vae=comps.vae.to(dtype), text_encoder=comps.text_encoder.to(dtype),
                                    tokenizer=comps.tokenizer, unet=comps.unet.to(dtype), scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from ..nonfinite import require_finite
+
+    for name in ("unet", "text_encoder", "vae"):  # save_pretrained does not go through atomic.save_safetensors
+        require_finite(getattr(pipe, name).state_dict(), out / name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
 
