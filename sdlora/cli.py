@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -92,6 +93,10 @@ def _dispatch(args) -> int:
         except TrainingInterrupted as e:  # not an error: the state is saved and the message says how to resume
             print(f"sdlora: {e}", file=sys.stderr)
             return e.exit_code
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; every file is atomic, so no checkpoint is torn
+            print("sdlora: stopped at once by a second Ctrl-C; resume from the newest intact checkpoint with: "
+                  f"sdlora train --config {Path(cfg.output.dir) / 'config.yaml'} --resume latest", file=sys.stderr)
+            return 130
         return 0
     if args.command == "demo":
         from .demo import run_demo

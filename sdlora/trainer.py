@@ -68,15 +68,22 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
             if replace:
                 clear_previous_run(out)  # a replaced run's checkpoints must never be resumed by mistake
             mark_running(out)
+    stop = GracefulStop()  # installed by the loop (SIGINT/SIGTERM: finish the step, checkpoint, exit)
     try:
-        return _train(cfg, accelerator, out, main, say, resume=resume, dry_run=dry_run, fault_hook=fault_hook)
-    except Exception as e:
+        return _train(cfg, accelerator, out, main, say, resume=resume, dry_run=dry_run, fault_hook=fault_hook,
+                      stop=stop)
+    except BaseException as e:  # errors, and KeyboardInterrupt: a second Ctrl-C stops at once, even mid-save
         if main and not dry_run:
             mark_failed(out, e)  # a run that stops on an error is not left marked "running"
+        for tracker in accelerator.trackers:  # their files closed, as end_training() does after a finished run
+            tracker.finish()
         raise
+    finally:
+        stop.uninstall()  # whatever ended the run: a handler left behind would swallow this process's next Ctrl-C
 
 
-def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_run, fault_hook) -> TrainResult:
+def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_run, fault_hook,
+           stop: GracefulStop) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -144,7 +151,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     batches = data.batches()
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
     weights_finite = finite.clone()  # after the latest update; read with the next verdict, or before a save
-    stop = GracefulStop().install()  # SIGINT/SIGTERM: finish the step, checkpoint, exit (see _stop_on_signal)
+    stop.install()  # train() uninstalls it however the run ends
     t0 = time.perf_counter()
     while step < cfg.train.max_steps:
         batch = next(batches)
@@ -340,13 +347,18 @@ def mark_running(out: Path) -> None:
 
 
 def mark_failed(out: Path, error: BaseException) -> None:
-    """Only a run still marked running: interrupted and non-finite stops have written their own status."""
+    """Only a run still marked running: interrupted and non-finite stops have written their own status. A
+    KeyboardInterrupt (a second Ctrl-C, which stops at once, possibly mid-save) marks it interrupted."""
     marker = out / "run.json"
     try:
         status = json.loads(marker.read_text()).get("status")
     except (OSError, ValueError):
         return
-    if status == "running":
+    if status == "running" and isinstance(error, KeyboardInterrupt):
+        atomic.write_json(marker, {"status": "interrupted", "stopped": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "note": "stopped at once by a second signal; --resume latest continues "
+                                           "from the newest intact checkpoint"})
+    elif status == "running":
         atomic.write_json(marker, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
                                    "failed": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
