@@ -151,6 +151,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     batches = data.batches()
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
     weights_finite = finite.clone()  # after the latest update; read with the next verdict, or before a save
+    sums, micro_batches = {}, 0  # this step's logged scalars summed over its micro-batches, on the device
     stop.install()  # train() uninstalls it however the run ends
     t0 = time.perf_counter()
     while step < cfg.train.max_steps:
@@ -180,6 +181,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
+            micro_batches += 1
+            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None).items():
+                sums[name] = sums[name] + value if name in sums else value
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
             if accelerator.sync_gradients:
                 # fp16 loss scaling (CUDA only) checks the unscaled gradients itself and makes no update on an
@@ -205,6 +209,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 finite = torch.ones_like(finite)
         if not accelerator.sync_gradients:
             continue
+        applied_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's rates, logged below
         lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
         nonfinite.record(verdict.finite)
@@ -212,22 +217,20 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             say(f"sdlora: step {step}: {verdict.reason}, step skipped ({nonfinite.consecutive} in a row, "
                 f"{nonfinite.total} in all)")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
-            if regulariser is not None:
-                scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm,
-                                "embedding_norm/mean_base_norm": reg.mean_base_norm,
-                                "embedding_norm/relative_drift": reg.relative_drift})
-            metrics = dict(zip(scalars, accelerator.gather(torch.stack(list(scalars.values()))[None]).mean(0).tolist()))
+            # Means over the step's micro-batches, then over processes: what this step's update was computed from.
+            means = torch.stack(list(sums.values())) / micro_batches
+            metrics = dict(zip(sums, accelerator.gather(means[None]).mean(0).tolist()))
             loss_value = metrics["loss"]  # the .tolist() above is the only host sync, and only at logging steps
             losses.append(loss_value)
-            metrics.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+            metrics.update({f"lr/{name}": lr for name, lr in applied_lrs.items()})
             if regulariser is not None:
                 metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
             accelerator.log(metrics, step=step)
             metrics["nonfinite_steps"] = nonfinite.total
             if main:
                 metrics_log.append(step, metrics)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{next(iter(applied_lrs.values())):.2e}", refresh=False)
+        sums, micro_batches = {}, 0
         if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
             run_probe(probe, accelerator, probe_log, step)
         must_stop = nonfinite.exhausted or verdict.stop_signal
@@ -297,6 +300,16 @@ def clear_previous_run(out: Path) -> None:
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     for name in ("metrics.jsonl", "probe.jsonl"):
         (out / name).unlink(missing_ok=True)
+
+
+def step_scalars(loss, diff_loss, reg) -> dict:
+    """One micro-batch's logged scalars (detached, on the device)."""
+    scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
+    if reg is not None:
+        scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
+                        "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
+                        "embedding_norm/relative_drift": reg.relative_drift.detach()})
+    return {k: v.float() for k, v in scalars.items()}
 
 
 def checkpoint_due(step: int, cfg: Config) -> bool:
