@@ -49,9 +49,6 @@ class Slot:
 def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: int = 0, say=print) -> "TrainingData":
     data = cfg.data
     subsets = cfg.data_subsets()
-    if data.crop == "random" and data.cache_latents != "none":
-        raise UserError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
-                        "crop); use data.crop=center or data.cache_latents=none")
     samples, skipped = scan(discover(subsets, data.prior_loss_weight), data, bucket_sizes(data))
     say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
     for path, reason in skipped[:MAX_LISTED]:
