@@ -33,6 +33,10 @@ class ModelConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------- data
+# The image types the data pipeline reads (sdlora.data.images uses this list).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 class CaptionOptions(Section):
     caption_extension: str = Field(".txt", description="Caption file extension beside each image (.txt or .caption).")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each time a caption is used.")
@@ -41,6 +45,17 @@ class CaptionOptions(Section):
     tag_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of dropping each tag (after keep_tokens).")
     prefix: str = Field("", description="Text put before every caption.")
     suffix: str = Field("", description="Text put after every caption.")
+
+    @model_validator(mode="after")
+    def _caption_extension(self) -> "CaptionOptions":
+        ext = self.caption_extension.lower()
+        ext = ext if ext.startswith(".") else "." + ext
+        if ext == "." or "/" in ext or "\\" in ext:
+            raise ValueError(f"caption_extension {self.caption_extension!r} is not a file extension (e.g. .txt, .caption)")
+        if ext in IMAGE_EXTENSIONS or ext == ".jsonl":
+            raise ValueError(f"caption_extension {self.caption_extension!r} is an image or metadata extension "
+                             "(captions are text files such as .txt or .caption)")
+        return self
 
 
 class SubsetConfig(CaptionOptions):
@@ -74,8 +89,20 @@ class DataConfig(CaptionOptions):
     def _one_source(self) -> "DataConfig":
         if self.path is None and not self.subsets:
             raise ValueError("data.path or data.subsets is required")
+        if self.path is not None and self.subsets:
+            raise ValueError("data.path and data.subsets are both set; give one (data.path is shorthand for a "
+                             "one-entry data.subsets)")
         if self.min_side > self.max_side:
             raise ValueError(f"data.min_side ({self.min_side}) must be <= data.max_side ({self.max_side})")
+        if self.crop == "random" and self.cache_latents != "none":
+            raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
+                             "crop); use data.crop=center or data.cache_latents=none")
+        from .data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
+
+        try:
+            bucket_sizes(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
 
 
@@ -112,9 +139,13 @@ class LrRule(Section):
         return self
 
 
+PRODIGY_LR = 1.0
+PRODIGY_LR_RANGE = (0.1, 10.0)
+
+
 class OptimConfig(Section):
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
-    lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters.")
+    lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
     alpha_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of learnable alphas (default: the module's rate).")
     b_lr_ratio: float = Field(1.0, gt=0.0, description="B's rate = ratio x A's rate (LoRA+).")
@@ -123,8 +154,31 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to alphas).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
-    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam (and Prodigy) epsilon.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Clip the global gradient norm (null = off).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prodigy_default_lr(cls, data: Any) -> Any:
+        # Prodigy estimates the step size itself; its lr is a multiplier on that estimate, about 1.0.
+        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "lr" not in data:
+            data = {**data, "lr": PRODIGY_LR}
+        return data
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "OptimConfig":
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"optim.betas: {b} is out of range (each beta must be in [0, 1))")
+        if self.optimizer == "prodigy":
+            rates = [("optim.lr", self.lr), ("optim.text_encoder_lr", self.text_encoder_lr),
+                     ("optim.alpha_lr", self.alpha_lr)] + [(f"optim.lr_rules.{i}.lr", r.lr) for i, r in enumerate(self.lr_rules)]
+            for key, lr in rates:
+                if lr is not None and lr != 0 and not PRODIGY_LR_RANGE[0] <= lr <= PRODIGY_LR_RANGE[1]:
+                    raise ValueError(f"{key}: {lr:g} with optim.optimizer=prodigy: Prodigy finds the step size itself "
+                                     f"and the rate multiplies it (use about 1.0; allowed {PRODIGY_LR_RANGE[0]:g} to "
+                                     f"{PRODIGY_LR_RANGE[1]:g}, or 0 to freeze)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- lora
@@ -135,18 +189,28 @@ DEFAULT_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"
 
 class LoraConfig(Section):
     rank: int = Field(16, ge=1, description="Rank r of Linear adapters.")
-    alpha: float = Field(16.0, description="Initial alpha; scale = alpha / r (standard) or alpha / sqrt(r) (rank_stabilized).")
+    alpha: float = Field(16.0, description="Initial alpha, not 0; scale = alpha / r (standard) or alpha / sqrt(r) (rank_stabilized).")
     unet_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_UNET_TARGETS), description="UNet Linear modules to adapt: a name ending (to_q) or a regular expression (re:...).")
     text_encoder_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS), description="Text-encoder Linear modules to adapt, same syntax.")
     conv: bool = Field(False, description="Also adapt UNet convolutions (and 1x1 proj_in/proj_out).")
     conv_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_CONV_TARGETS), description="UNet Conv2d modules to adapt when lora.conv is on.")
     conv_rank: Optional[int] = Field(None, ge=1, description="Rank of conv adapters (default: lora.rank).")
-    conv_alpha: Optional[float] = Field(None, description="Alpha of conv adapters (default: lora.alpha).")
+    conv_alpha: Optional[float] = Field(None, description="Alpha of conv adapters, not 0 (default: lora.alpha).")
     learnable_alpha: bool = Field(False, description="Train each module's alpha (fp32, rate optim.alpha_lr).")
     init_alphas_from: Optional[str] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA).")
+
+    @model_validator(mode="after")
+    def _alpha_not_zero(self) -> "LoraConfig":
+        # scale = alpha / r = 0: the adapter's output and every gradient reaching A and B (and a learnable
+        # alpha, whose gradient is B·A·x with B·A = 0 at the start) are exactly zero: nothing would train.
+        for key, value in (("alpha", self.alpha), ("conv_alpha", self.conv_alpha)):
+            if value is not None and value == 0:
+                raise ValueError(f"lora.{key}: 0 makes the adapter's scale alpha/r zero and nothing trains "
+                                 f"(allowed: any non-zero number; alpha = rank gives scale 1)")
+        return self
 
 
 class TextEncoderConfig(Section):
@@ -184,6 +248,20 @@ class RegConfig(Section):
     probe_prompts: Optional[list[str]] = Field(None, description="Prompts of the drift probe (default: a built-in list of everyday prompts).")
     probe_every: int = Field(0, ge=0, description="Run the drift probe every N steps (0 = only at the end).")
 
+    @model_validator(mode="after")
+    def _probe_prompts(self) -> "RegConfig":
+        if self.probe_prompts is not None:
+            if not self.probe_prompts:
+                raise ValueError("reg.probe_prompts is an empty list (give prompts, or leave it unset for the built-in list)")
+            _no_blank(self.probe_prompts, "reg.probe_prompts")
+        return self
+
+
+def _no_blank(prompts: list[str], key: str) -> None:
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"{key}.{i} is blank (every prompt needs text)")
+
 
 # --------------------------------------------------------------------------------------------- sample
 class SampleConfig(Section):
@@ -200,6 +278,7 @@ class SampleConfig(Section):
     def _prompts_when_on(self) -> "SampleConfig":
         if self.every_steps and not self.prompts:
             raise ValueError("sample.every_steps is set but sample.prompts is empty (give prompts, or every_steps: 0)")
+        _no_blank(self.prompts, "sample.prompts")
         return self
 
 
@@ -233,6 +312,20 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        """Rules that span sections; each names the keys involved."""
+        if self.optim.warmup_steps > self.train.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps "
+                             f"({self.train.max_steps}): the rate would never reach optim.lr")
+        lora = self.lora
+        unet_targets = bool(lora.unet_targets) or (lora.conv and bool(lora.conv_targets))
+        te_targets = self.text_encoder.train and bool(lora.text_encoder_targets)
+        if not unet_targets and not te_targets:
+            raise ValueError("nothing to train: lora.unet_targets is empty (and lora.conv is off or "
+                             "lora.conv_targets empty) and the text encoder is not trained or has no targets")
+        return self
+
     @property
     def text_encoder_lr(self) -> float:
         return self.optim.lr if self.optim.text_encoder_lr is None else self.optim.text_encoder_lr
@@ -250,19 +343,59 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------------------- loading & errors
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            try:
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """`line L, column C: <cause> (<context>)` from a PyYAML error (its str() is several lines)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = ""
+    if "'\\t'" in problem:
+        hint = " (YAML indents with spaces, not tabs)"
+    return f"{where}{problem}" + (f" ({context})" if context else "") + hint
+
+
 def _read_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
-    text = p.read_bytes()
     try:
-        if p.suffix.lower() == ".toml":
-            data = tomllib.loads(text.decode("utf-8"))
-        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text) or {}
+        text = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"config file {p} cannot be read: {e.strerror or type(e).__name__}") from None
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise UserError(f"config file {p}: unknown extension {p.suffix!r} (allowed: .yaml, .yml, .toml, .json)")
+    try:
+        decoded = text.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {p} does not parse: not UTF-8 (byte {e.start})") from None
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(decoded)  # its message ends "(at line L, column C)"
         else:
-            raise UserError(f"config file {p}: unknown extension {p.suffix!r} (allowed: .yaml, .yml, .toml, .json)")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            data = yaml.load(decoded, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} does not parse at {_yaml_error(e)}") from None
+    except tomllib.TOMLDecodeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"config file {p} does not parse: {first}") from None
     if not isinstance(data, dict):
@@ -331,7 +464,7 @@ def _describe(err: dict) -> str:
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
-        return f"{loc}: {msg}" if loc else msg
+        return f"{loc}: {msg}" if loc and not msg.startswith(loc + ".") else msg
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
     return f"{loc}: got {shown}, {msg[0].lower() + msg[1:]}"

@@ -17,6 +17,14 @@ import torch
 from .errors import UserError
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
+try:
+    from safetensors import SafetensorError
+
+    LOAD_ERRORS += (SafetensorError,)
+except ImportError:  # older safetensors: its error is a subclass of the above
+    pass
 
 
 @dataclass
@@ -67,6 +75,10 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
         comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
     if vae_path:
         comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle)
+        latent = comps.unet.config.in_channels
+        if comps.vae.config.latent_channels != latent:
+            raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
+                            f"the model's UNet takes {latent} (an SD 1.x/2.x VAE is needed)")
     if prediction_type and prediction_type != comps.prediction_type:
         set_prediction_type(comps, prediction_type)
     return comps
@@ -86,6 +98,7 @@ def _load_diffusers_folder(path: Path) -> Components:
 
     if not is_diffusers_folder(path):
         raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json with a unet/ subfolder)")
+    check_family(path)
     missing = [p for p in MODEL_PARTS if not (path / p).is_dir()]
     if missing:
         raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(MODEL_PARTS)})")
@@ -95,10 +108,44 @@ def _load_diffusers_folder(path: Path) -> Components:
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.path: {path} could not be loaded: {first}") from None
+        raise UserError(f"model.path: {path} could not be loaded: {first[:300]}") from None
+    check_unet(unet, vae, path)
     return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), base_model_version=_guess_version(unet, scheduler))
+
+
+SUPPORTED = "sdlora trains SD 1.x and SD 2.x (StableDiffusionPipeline) models"
+
+
+def _json_or_empty(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_family(path: Path) -> None:
+    """Refuse, before any weight loads, a diffusers folder of a family sdlora cannot train (SDXL first of all:
+    it loads, then its UNet fails at the first step asking for added_cond_kwargs)."""
+    index = _json_or_empty(path / "model_index.json")
+    unet_cfg = _json_or_empty(path / "unet" / "config.json")
+    pipeline = str(index.get("_class_name", ""))
+    if "XL" in pipeline or "text_encoder_2" in index or unet_cfg.get("addition_embed_type") == "text_time":
+        raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_encoder_2 / text_time UNet'}); "
+                        f"{SUPPORTED}; SDXL is not supported yet")
+    if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
+        kind = unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type")
+        raise UserError(f"model.path: {path} is a {pipeline or 'UNet'} with extra conditioning ({kind}); {SUPPORTED}")
+
+
+def check_unet(unet, vae, where) -> None:
+    """A UNet whose input is not the VAE's latent (inpainting: 9 channels, an upscaler: 7) cannot train here."""
+    latent = vae.config.latent_channels
+    if unet.config.in_channels != latent or unet.config.out_channels != latent:
+        raise UserError(f"model.path: {where}: its UNet takes {unet.config.in_channels} input channels, the VAE "
+                        f"gives {latent} (an inpainting or upscaling model?); {SUPPORTED} with {latent}-channel UNets")
 
 
 def _guess_version(unet, scheduler) -> str:
@@ -115,7 +162,11 @@ def load_vae(vae_path: str, *, config_dir: str | None = None, allow_pickle: bool
         raise UserError(f"model.vae_path: no such file or folder: {p}")
     if p.is_dir():
         sub = "vae" if (p / "vae").is_dir() else None
-        return AutoencoderKL.from_pretrained(p, subfolder=sub, local_files_only=True)
+        try:
+            return AutoencoderKL.from_pretrained(p, subfolder=sub, local_files_only=True)
+        except LOAD_ERRORS as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model.vae_path: {p} could not be loaded as a VAE: {first[:300]}") from None
     from .formats.single_file import load_single_file_vae
 
     return load_single_file_vae(p, config_dir=config_dir, allow_pickle=allow_pickle)

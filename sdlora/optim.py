@@ -25,7 +25,7 @@ def make_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         from prodigyopt import Prodigy
     except ImportError:
         raise UserError("optim.optimizer: prodigy needs prodigyopt (pip install 'sdlora[prodigy]')") from None
-    return Prodigy(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return Prodigy(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def _all_on_cuda(groups) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, preflight
 from .allocator import keep_freed_cpu_memory
 from .config import Config, dump_yaml
 from .errors import UserError
@@ -49,6 +49,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     from accelerate.state import AcceleratorState
 
     out = Path(cfg.output.dir)
+    preflight.before_model(cfg)  # paths and optional packages: before anything is written or loaded
     # train() may run several times in one process (demo, tests, benchmarks): let each call choose its precision.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -91,6 +92,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # ---- model and adapters
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
+    preflight.against_model(cfg, comps)
     layers = inject_all(comps.unet, comps.text_encoder, cfg)
     groups = build_param_groups(layers, cfg)
     if dry_run:

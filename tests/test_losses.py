@@ -98,7 +98,7 @@ def test_optional_optimisers_name_their_extra_when_missing(name, module, make_co
     pytest.importorskip("importlib").util.find_spec(module) and pytest.skip(f"{module} is installed")
     with pytest.raises(UserError, match=r"pip install 'sdlora\["):
         make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}],
-                       make_config(optim={"optimizer": name}))
+                       make_config(optim={"optimizer": name, "lr": 1.0}))
 
 
 def test_timestep_range_limits_validate():

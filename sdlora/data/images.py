@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from ..config import IMAGE_EXTENSIONS
+
+IMAGE_EXTS = IMAGE_EXTENSIONS
 RGB_DIRECT = {"RGB"}
 CONVERTIBLE = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "L", "LA", "La", "P", "PA", "1",
                "I;16", "I;16B", "I;16L", "I;16N", "I"}

@@ -20,7 +20,7 @@ from .captions import base_caption, count_truncated, transform_caption
 from .images import BadImage, open_checked
 from .latent_cache import entry_key
 from .sampler import SAMPLE, epoch_batches, rng_for
-from .sources import Item, Rejected, discover
+from .sources import Item, Note, Rejected, discover
 
 MAX_LISTED = 50  # skipped files printed at start; the rest are counted
 ENCODE_CHUNK = 8  # images per VAE call while filling the cache
@@ -49,11 +49,11 @@ class Slot:
 def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: int = 0, say=print) -> "TrainingData":
     data = cfg.data
     subsets = cfg.data_subsets()
-    if data.crop == "random" and data.cache_latents != "none":
-        raise UserError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
-                        "crop); use data.crop=center or data.cache_latents=none")
-    samples, skipped = scan(discover(subsets, data.prior_loss_weight), data, bucket_sizes(data))
+    notes: list[Note] = []
+    samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
     say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
+    for line in note_lines(notes):
+        say(line)
     for path, reason in skipped[:MAX_LISTED]:
         say(f"  skipped {path}: {reason}")
     if len(skipped) > MAX_LISTED:
@@ -73,6 +73,18 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result
+
+
+def note_lines(notes: list[Note], examples: int = 3) -> list[str]:
+    """One line per kind of note: the count, the reason, the first few paths."""
+    by_reason: dict[str, list[Path]] = {}
+    for n in notes:
+        by_reason.setdefault(n.reason, []).append(n.path)
+    lines = []
+    for reason, paths in by_reason.items():
+        first = ", ".join(str(p) for p in paths[:examples]) + (", ..." if len(paths) > examples else "")
+        lines.append(f"sdlora: note: {len(paths)} x {reason}: {first}")
+    return lines
 
 
 def scan(entries: list[Item | Rejected], data, buckets) -> tuple[list[Sample], list[tuple[Path, str]]]:

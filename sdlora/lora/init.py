@@ -77,6 +77,20 @@ def init_principal(weight: torch.Tensor, rank: int, scale: float, gen: torch.Gen
 SCHEMES = {"zero": init_zero, "orthogonal": init_orthogonal, "compensated": init_compensated, "principal": init_principal}
 
 
+def max_rank(scheme: str, out: int, k: int) -> int | None:
+    """The largest rank `scheme` can build for an (out x k) weight; None where any rank works.
+
+    orthogonal: A = [Q; Q] needs Q's r//2 rows orthonormal in k dimensions, so r//2 <= k.
+    principal: the top-r singular triplets of W exist only for r <= min(out, k); beyond, the extra rank
+    would be zero rows of A and columns of B that never receive a gradient.
+    """
+    if scheme == "orthogonal":
+        return 2 * k + 1
+    if scheme == "principal":
+        return min(out, k)
+    return None
+
+
 def initialise(scheme: str, weight: torch.Tensor, rank: int, scale: float, gen: torch.Generator):
     """Dispatch on the scheme name; `weight` is the base weight flattened to (out, k)."""
     return SCHEMES[scheme](weight.detach().to(torch.float64), rank, scale, gen)

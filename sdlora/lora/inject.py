@@ -22,6 +22,7 @@ from .layers import LoRAConv2d, LoRALayer, LoRALinear
 class LayerSpec:
     rank: int
     alpha: float
+    rank_key: str = "lora.rank"  # the config key the rank came from, for messages
 
 
 def _matches(target: str, path: str) -> bool:
@@ -87,7 +88,7 @@ def plan_unet(unet: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
         alpha = lora_cfg.alpha if lora_cfg.conv_alpha is None else lora_cfg.conv_alpha
         # proj_in/proj_out are 1x1 convs in SD 1.x and Linear in SD 2.x: accept both kinds.
         for p in find_targets(unet, lora_cfg.conv_targets, (nn.Conv2d, nn.Linear), key="lora.conv_targets"):
-            specs.setdefault(p, LayerSpec(rank, alpha))
+            specs.setdefault(p, LayerSpec(rank, alpha, "lora.conv_rank" if lora_cfg.conv_rank else "lora.rank"))
     return specs
 
 
@@ -106,10 +107,28 @@ def inject_all(unet: nn.Module, text_encoder: nn.Module, cfg) -> dict[str, LoRAL
     if cfg.lora.init_alphas_from:
         # Alphas are set before the layers are built: offset inits fold s0 = alpha0 / r into the base.
         apply_previous_alphas({c: specs for c, (_, specs) in plans.items()}, cfg.lora.init_alphas_from)
+    for component, (model, specs) in plans.items():
+        check_ranks(model, component, specs, cfg.lora.init)
     layers = {}
     for component, (model, specs) in plans.items():
         layers.update(inject(model, component, specs, cfg.lora, cfg.train.seed))
     return layers
+
+
+def check_ranks(model: nn.Module, component: str, specs: dict[str, LayerSpec], init: str) -> None:
+    """Every planned layer's rank fits its init scheme (before any layer is built, so --dry-run catches it too)."""
+    from .init import max_rank
+
+    for path, spec in specs.items():
+        weight = model.get_submodule(path).weight
+        out, k = weight.shape[0], weight[0].numel()
+        limit = max_rank(init, out, k)
+        if limit is not None and spec.rank > limit:
+            shape = f"input width {k}" if init == "orthogonal" else f"weight {out} x {k}"
+            rule = "2 x input width + 1" if init == "orthogonal" else "min(out, in)"
+            raise UserError(f"{spec.rank_key}: {spec.rank} is too large for lora.init={init} at "
+                            f"{canonical_name(component, path)} ({shape}); the largest rank it allows there is "
+                            f"{limit} ({rule}); lower the rank or choose another lora.init")
 
 
 def apply_previous_alphas(plans: dict[str, dict[str, LayerSpec]], path: str) -> None:
@@ -122,5 +141,9 @@ def apply_previous_alphas(plans: dict[str, dict[str, LayerSpec]], path: str) -> 
     if missing:
         raise UserError(f"lora.init_alphas_from: {path} has no alpha for module {missing[0]}"
                         f" ({len(missing)} of {len(wanted)} modules missing)")
+    zero = [n for n in wanted if float(previous[n].alpha) == 0]
+    if zero:
+        raise UserError(f"lora.init_alphas_from: {path} has alpha 0 for module {zero[0]} ({len(zero)} modules): "
+                        "a zero scale trains nothing")
     for n, spec in wanted.items():
         spec.alpha = float(previous[n].alpha)
