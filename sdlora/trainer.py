@@ -345,14 +345,19 @@ def finish_run(out: Path, step: int, seconds: float) -> None:
 
 
 def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
-    """Frozen weights in the training dtype; LoRA factors and alphas stay fp32."""
+    """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
+    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
     comps.vae.requires_grad_(False)
+    fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
     for model in (comps.unet, comps.text_encoder, comps.vae):
         model.to(device=device, dtype=weight_dtype)
-    for layer in layers.values():
-        for name in ("lora_A", "lora_B", "alpha"):
-            t = getattr(layer, name)
-            t.data = t.data.float()
+    with torch.no_grad():
+        for (name, key), value in fp32.items():
+            t = getattr(layers[name], key)
+            if isinstance(t, torch.nn.Parameter):
+                t.data = value.to(device=device, dtype=torch.float32)
+            else:  # a buffer: Module.to replaced it
+                setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
     comps.vae.eval()
     comps.text_encoder.train(cfg.text_encoder.train)
     comps.unet.train()
