@@ -1,7 +1,9 @@
 """The in-memory form of an exported adapter, and its native (diffusers / peft) file layout.
 
 An adapter is a set of per-module low-rank updates `ΔW = up @ down`, with every scale (alpha / r,
-learned alpha, rank-stabilised scaling) already folded into `up`, so any loader reads scale 1.
+learned alpha, rank-stabilised scaling) already in the factors, so any loader reads scale 1: folded into
+`up` in memory and in fp32 files; in fp16/bf16 files split evenly between `up` and `down` per rank
+component (`balance_factors`), which keeps both factors in the 16-bit normal range.
 
 Module names are canonical and independent of library versions:
   `unet.<module path>`            e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
@@ -47,7 +49,7 @@ class ModuleDelta:
 
     down: torch.Tensor
     up: torch.Tensor
-    scale: float = 1.0  # the effective scale that was folded into `up` (for reports)
+    scale: float = 1.0  # the effective scale contained in the factors (for reports)
     alpha: float | None = None  # the module's alpha at export (learned or fixed), for reports
     trained_rank: int | None = None  # the adapter's rank during training (export can be 2r)
 
@@ -74,8 +76,31 @@ class AdapterWeights:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to(self, dtype: torch.dtype) -> "AdapterWeights":
-        mods = {n: ModuleDelta(m.down.to(dtype), m.up.to(dtype), m.scale, m.alpha, m.trained_rank) for n, m in self.modules.items()}
+        """Cast the factors; for a 16-bit dtype each module is first balanced (see `balance_factors`)."""
+        mods = {}
+        for n, m in self.modules.items():
+            down, up = balance_factors(m.down, m.up) if dtype in HALF_DTYPES else (m.down, m.up)
+            mods[n] = ModuleDelta(down.to(dtype), up.to(dtype), m.scale, m.alpha, m.trained_rank)
         return AdapterWeights(mods, dict(self.metadata))
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def balance_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product up @ down with each rank component's column of `up` and row of `down` scaled to equal norms.
+
+    With the scale folded into `up`, a small scale (rank 32, alpha 1: 1/32) times a young B puts `up` deep in
+    fp16's subnormal range, where it keeps only a few significant bits. Splitting each component's magnitude
+    evenly between the factors puts both near the geometric mean of their norms, so a 16-bit file keeps 16-bit
+    precision; and, unlike a kohya `.alpha`, it needs nothing from the loader (diffusers ignores per-module alphas
+    of attention and text-encoder modules, and offset-init exports carry two scales in one module). Computed in
+    float64; components with a zero factor are left as they are.
+    """
+    d, u = down.flatten(1).double(), up.flatten(1).double()
+    nd, nu = torch.linalg.vector_norm(d, dim=1), torch.linalg.vector_norm(u, dim=0)
+    k = torch.where((nd > 0) & (nu > 0), torch.sqrt(nd / nu.clamp_min(1e-300)), torch.ones_like(nd))
+    return (d / k[:, None]).reshape(down.shape).to(down.dtype), (u * k).reshape(up.shape).to(up.dtype)
 
 
 # --------------------------------------------------------------------------------------- native layout

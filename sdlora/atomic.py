@@ -13,24 +13,42 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import WriteError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on a clean exit fsync it and rename it to `path`."""
+    """Open a temp file beside `path`; on a clean exit fsync it and rename it to `path`.
+
+    Any OSError on the way (full disk, read-only folder) leaves `path` as it was and is raised as a `WriteError`:
+    one line naming `path` (a UserError), still an OSError with its errno.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e) from e
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            _flush_to_disk(f, path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from e
         raise
     _fsync_dir(path.parent)
+
+
+def _flush_to_disk(f: IO, path: Path) -> None:
+    """Where a full disk usually shows (buffered bytes reach the file system); `path` is the file's final name."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -5,3 +5,18 @@ class UserError(Exception):
     """Bad input from the user (config, data, model path). The CLI prints `error: <message>` and exits 2."""
 
     exit_code = 2
+
+
+class WriteError(UserError, OSError):
+    """A file on a path the user gave could not be written (full disk, read-only folder): one line naming the path,
+    exit 2. Still an OSError carrying the errno, so callers that recover from a failed write (checkpoints) see it."""
+
+    def __init__(self, path, cause: OSError):
+        import errno
+
+        reason = "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+        OSError.__init__(self, cause.errno, reason, str(path))
+        self.message = f"could not write {path}: {reason}"
+
+    def __str__(self) -> str:
+        return self.message

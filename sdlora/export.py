@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .adapter import AdapterWeights, ModuleDelta, save_native
 from .lora.layers import LoRALayer
+from .run_record import RunRecord
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,23 +42,11 @@ def adapter_from_layers(layers: dict[str, LoRALayer], *, reduce_to_rank: bool = 
     return AdapterWeights(modules)
 
 
-def adapter_metadata(cfg, *, steps: int, base_model: str, base_model_version: str) -> dict[str, str]:
-    return {
-        "sdlora.version": __version__,
-        "sdlora.rank": str(cfg.lora.rank),
-        "sdlora.alpha": str(cfg.lora.alpha),
-        "sdlora.base_model": base_model,
-        "sdlora.base_model_version": base_model_version,
-        "sdlora.steps": str(steps),
-        "sdlora.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sdlora.config": json.dumps(cfg.to_dict(), sort_keys=True),
-    }
-
-
-def export_adapter(layers: dict[str, LoRALayer], path: str | Path, cfg, *, steps: int, base_model: str,
-                   base_model_version: str = "sd_v1", report=None) -> AdapterWeights:
+def export_adapter(layers: dict[str, LoRALayer], path: str | Path, cfg, record: RunRecord, *, steps: int,
+                   report=None) -> AdapterWeights:
+    """Write the adapter (native layout, `export.dtype`) with the run record at `steps` as its metadata."""
     adapter = adapter_from_layers(layers, reduce_to_rank=cfg.export.reduce_rank, report=report)
-    adapter.metadata.update(adapter_metadata(cfg, steps=steps, base_model=base_model, base_model_version=base_model_version))
+    adapter.metadata.update(record.at_step(steps).to_metadata())
     adapter = adapter.to(DTYPES[cfg.export.dtype])
     save_native(adapter, path)
     return adapter

@@ -2,18 +2,18 @@
 
 SOURCE is an adapter .safetensors file, a run folder (output.dir, holding adapter.safetensors) or a
 checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors). The base model
-(needed by the merged formats) is the run's `model.path`, from the adapter's `sdlora.config`
-metadata, unless --base names another.
+(needed by the merged formats) is the run's `model.path`, from the adapter's run record
+(`sdlora.run_record`), unless --base names another.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .adapter import AdapterWeights, load_adapter, save_native
 from .errors import UserError
 from .export import DTYPES
+from .run_record import RunRecord
 
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
 
@@ -30,22 +30,17 @@ def resolve_adapter_file(source: str | Path) -> Path:
     raise UserError(f"export: no such file or folder: {p}")
 
 
-def _run_config(adapter: AdapterWeights) -> dict:
-    try:
-        return json.loads(adapter.metadata.get("sdlora.config", "{}") or "{}")
-    except json.JSONDecodeError:
-        return {}
-
-
 def _tag_frequencies(cfg: dict) -> dict[str, dict[str, int]]:
     """kohya's ss_tag_frequency from the run's caption files, where they are still on disk."""
     from .formats.kohya import tag_frequency
 
     data = cfg.get("data") or {}
     ext = data.get("caption_extension", ".txt")
-    folders = [data.get("path")] + [s.get("path") for s in data.get("subsets") or []]
+    sources = [(data.get("path"), ext)] + [(s.get("path"), s.get("caption_extension", ext)) for s in data.get("subsets") or []]
     captions = {}
-    for folder in filter(None, folders):
+    for folder, ext in sources:  # each subset has its own caption extension
+        if not folder:
+            continue
         f = Path(folder)
         if f.is_dir():
             captions[f.name] = [c.read_text(encoding="utf-8", errors="replace").strip() for c in sorted(f.rglob(f"*{ext}"))]
@@ -62,25 +57,24 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
     if out.exists() and not force:
         raise UserError(f"export: {out} exists; pass --force to replace it")
     adapter = load_adapter(resolve_adapter_file(source))
-    cfg = _run_config(adapter)
-    model_cfg = cfg.get("model") or {}
-    version = adapter.metadata.get("sdlora.base_model_version", "sd_v1")
+    record = RunRecord.from_metadata(adapter.metadata)  # None for another trainer's file
+    cfg = record.config if record is not None else {}
     torch_dtype = DTYPES[dtype]
-
-    if fmt == "diffusers":
+    if fmt == "diffusers":  # every write is atomic; a failed one is a WriteError naming `out` (one line, exit 2)
         save_native(adapter.to(torch_dtype), out)
     elif fmt == "kohya":
         from .formats.kohya import save_kohya
 
-        save_kohya(adapter.to(torch_dtype), out, base_model_version=version, output_name=out.stem,
-                   tag_frequencies=_tag_frequencies(cfg))
+        save_kohya(adapter.to(torch_dtype), out, tag_frequencies=_tag_frequencies(cfg))
     else:
-        _export_merged(adapter, fmt, out, torch_dtype, base or model_cfg.get("path"), model_cfg)
+        _export_merged(adapter, record, fmt, out, torch_dtype, base or (record.base_model if record else None),
+                       cfg.get("model") or {})
     report(f"export: {fmt} written to {out}")
     return out
 
 
-def _export_merged(adapter: AdapterWeights, fmt: str, out: Path, dtype, base: str | None, model_cfg: dict) -> None:
+def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str | None,
+                   model_cfg: dict) -> None:
     from .formats.merge import merge_adapter, pipeline_scheduler, save_merged_diffusers, single_file_carry
     from .formats.single_file import save_single_file
     from .models import load_components
@@ -88,15 +82,15 @@ def _export_merged(adapter: AdapterWeights, fmt: str, out: Path, dtype, base: st
     if not base:
         raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")
     config_dir, allow_pickle = model_cfg.get("config_dir"), bool(model_cfg.get("allow_pickle", False))
+    # The merged model predicts what the adapter was trained to predict (the record), whatever the base's configs say.
     comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle,
-                            prediction_type=model_cfg.get("prediction_type"))
+                            prediction_type=record.prediction_type if record else model_cfg.get("prediction_type"))
     merge_adapter(adapter, comps.unet, comps.text_encoder)
     if fmt == "merged-diffusers":
         scheduler = pipeline_scheduler(base, comps.base_model_version, config_dir)
-        if scheduler.config.prediction_type != comps.prediction_type:  # model.prediction_type overrode the base's
+        if scheduler.config.prediction_type != comps.prediction_type:
             scheduler = type(scheduler).from_config(scheduler.config, prediction_type=comps.prediction_type)
-        save_merged_diffusers(out, comps, scheduler, dtype)
+        save_merged_diffusers(out, comps, scheduler, dtype, record)
     else:
         save_single_file(out, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version, dtype=dtype,
-                         carry=single_file_carry(base, allow_pickle), prediction_type=comps.prediction_type,
-                         metadata={k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.") and k not in ("sdlora.modules", "sdlora.format")})
+                         carry=single_file_carry(base, allow_pickle), record=record)

@@ -8,7 +8,6 @@ sdlora's layouts and kohya files from other trainers (`adapter.load_adapter`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -127,11 +126,14 @@ def adapter_layout(path: str | Path) -> str:
 
 
 def clip_skip_of(adapter: AdapterWeights) -> int:
-    """The clip skip the adapter was trained with (sdlora metadata), else 1."""
-    try:
-        return int(json.loads(adapter.metadata["sdlora.config"])["text_encoder"]["clip_skip"])
-    except (KeyError, ValueError, TypeError):
-        return 1
+    """The clip skip the adapter was trained with: its run record, else kohya's ss_clip_skip (other trainers), else 1."""
+    from .run_record import RunRecord
+
+    record = RunRecord.from_metadata(adapter.metadata)
+    if record is not None:
+        return record.clip_skip
+    value = adapter.metadata.get("ss_clip_skip", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .lora.layers import LoRALayer
 from .models import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
 from .probe import DriftProbe
+from .run_record import RunRecord
 from .text import encode, tokenize
 from .text_cache import make_text_cache
 from .checkpoint import Checkpointer, checkpoints_dir, find_checkpoint
@@ -134,9 +137,10 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
-    def export(path, at_step):
-        export_adapter(layers, path, cfg, steps=at_step, base_model=comps.source,
-                       base_model_version=comps.base_model_version)
+    record = RunRecord.from_training(cfg, comps)  # what every exported file says about this run
+
+    def export(path, at_step, report=None):
+        export_adapter(layers, path, cfg, record, steps=at_step, report=report)
 
     checkpointer = Checkpointer(out, accelerator, layers, optimizer, lr_scheduler, noise_gen, export,
                                 keep_last=cfg.checkpoint.keep_last, data=data)
@@ -261,8 +265,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # ---- export
     adapter_path = out / "adapter.safetensors"
     if main:
-        export_adapter(layers, adapter_path, cfg, steps=step, base_model=comps.source,
-                       base_model_version=comps.base_model_version, report=say)
+        write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
         finish_run(out, step, time.perf_counter() - t0)
         say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
     accelerator.end_training()
@@ -330,7 +333,7 @@ def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfi
                signum: int | None, say) -> None:
     """After the stop checkpoint: write the adapter, mark the run, and raise what the CLI turns into an exit code."""
     if main:
-        export(out / "adapter.safetensors", step)
+        write_final_adapter(export, out / "adapter.safetensors", step, checkpoint, None)
     resume_cmd = f"sdlora train --config {out / 'config.yaml'} --resume latest"
     if nonfinite.exhausted:
         if main:
@@ -357,6 +360,21 @@ def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
                            f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
 
 
+def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None) -> None:
+    """The run's adapter; a write that fails (full disk, read-only folder) is one line naming the intact
+    checkpoint and the command that writes the same adapter from it."""
+    try:
+        export(path, step, report)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        if checkpoint is None:
+            raise UserError(f"the adapter could not be written to {path}: {reason}; no checkpoint holds it") from None
+        dtype = f" --dtype {cfg.export.dtype}" if cfg is not None and cfg.export.dtype != "fp32" else ""
+        raise UserError(f"the adapter could not be written to {path}: {reason}; the trained state at step {step} is "
+                        f"intact in checkpoint {checkpoint}; once there is room, write the adapter with: sdlora export "
+                        f"{checkpoint} --format diffusers --out {path}{dtype}") from None
+
+
 def mark_running(out: Path) -> None:
     atomic.write_json(out / "run.json", {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -369,13 +387,16 @@ def mark_failed(out: Path, error: BaseException) -> None:
         status = json.loads(marker.read_text()).get("status")
     except (OSError, ValueError):
         return
-    if status == "running" and isinstance(error, KeyboardInterrupt):
-        atomic.write_json(marker, {"status": "interrupted", "stopped": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "note": "stopped at once by a second signal; --resume latest continues "
-                                           "from the newest intact checkpoint"})
-    elif status == "running":
-        atomic.write_json(marker, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
-                                   "failed": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if status != "running":
+        return
+    if isinstance(error, KeyboardInterrupt):
+        state = {"status": "interrupted", "stopped": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "note": "stopped at once by a second signal; --resume latest continues from the newest intact checkpoint"}
+    else:
+        state = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
+                 "failed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+        atomic.write_json(marker, state)
 
 
 def finish_run(out: Path, step: int, seconds: float) -> None:
@@ -384,14 +405,19 @@ def finish_run(out: Path, step: int, seconds: float) -> None:
 
 
 def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
-    """Frozen weights in the training dtype; LoRA factors and alphas stay fp32."""
+    """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
+    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
     comps.vae.requires_grad_(False)
+    fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
     for model in (comps.unet, comps.text_encoder, comps.vae):
         model.to(device=device, dtype=weight_dtype)
-    for layer in layers.values():
-        for name in ("lora_A", "lora_B", "alpha"):
-            t = getattr(layer, name)
-            t.data = t.data.float()
+    with torch.no_grad():
+        for (name, key), value in fp32.items():
+            t = getattr(layers[name], key)
+            if isinstance(t, torch.nn.Parameter):
+                t.data = value.to(device=device, dtype=torch.float32)
+            else:  # a buffer: Module.to replaced it
+                setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
     comps.vae.eval()
     comps.text_encoder.train(cfg.text_encoder.train)
     comps.unet.train()

@@ -20,6 +20,7 @@ from sdlora.export_cli import run_export
 from sdlora.formats.kohya import canonical_from_kohya, kohya_name
 from sdlora.lora import inject_all
 from sdlora.models import load_components
+from sdlora.run_record import RunRecord
 
 TOL = 1e-5
 
@@ -38,8 +39,7 @@ def _trained(make_config, run_dir, *, init, learnable, conv, seed=0):
                 layer.alpha.mul_(1.0 + 0.5 * float(torch.rand((), generator=g)))
     comps.unet.eval(), comps.text_encoder.eval()
     run_dir.mkdir(parents=True, exist_ok=True)
-    export_adapter(layers, run_dir / "adapter.safetensors", cfg, steps=10, base_model=cfg.model.path,
-                   base_model_version=comps.base_model_version)
+    export_adapter(layers, run_dir / "adapter.safetensors", cfg, RunRecord.from_training(cfg, comps), steps=10)
     return comps, model_outputs(comps.unet, comps.text_encoder, comps.tokenizer)
 
 
@@ -198,7 +198,7 @@ def test_model_prediction_type_sets_the_training_target_and_every_export_records
     layers = inject_all(comps.unet, comps.text_encoder, cfg)
     adapter = tmp_path / "run" / "adapter.safetensors"
     adapter.parent.mkdir()
-    export_adapter(layers, adapter, cfg, steps=1, base_model=str(tiny_model), base_model_version=comps.base_model_version)
+    export_adapter(layers, adapter, cfg, RunRecord.from_training(cfg, comps), steps=1)
     quiet = lambda *_: None  # noqa: E731
     with safe_open(str(run_export(adapter, "kohya", tmp_path / "k.safetensors", report=quiet)), "pt") as f:
         meta = f.metadata()

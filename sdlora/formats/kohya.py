@@ -27,6 +27,7 @@ import torch
 from ..adapter import AdapterWeights, ModuleDelta, split_name
 from ..atomic import save_safetensors
 from ..errors import UserError
+from ..run_record import ARCHITECTURES, RunRecord
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
@@ -41,8 +42,7 @@ encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings fi
 layer_norm1 layer_norm2 token_embedding position_embedding
 """.split())
 
-# ModelSpec (kohya sd-scripts' sai_model_spec) and kohya's ss_base_model_version, per base model version.
-ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512", "sd_v2_v": "stable-diffusion-v2-768-v"}
+# Native resolutions, for files that carry no RunRecord (not trained by sdlora).
 RESOLUTIONS = {"sd_v1": "512x512", "sd_v2": "512x512", "sd_v2_v": "768x768"}
 
 
@@ -167,11 +167,16 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[st
     return out
 
 
-def kohya_metadata(adapter: AdapterWeights, *, base_model_version: str, output_name: str,
+def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_version: str | None = None,
                    tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
-    """The `ss_*` and `modelspec.*` keys that A1111, ComfyUI and model sites read, plus sdlora's own."""
-    if base_model_version not in ARCHITECTURES:
-        raise UserError(f"base model version {base_model_version!r}: allowed {', '.join(ARCHITECTURES)}")
+    """The `ss_*` and `modelspec.*` keys that A1111, ComfyUI and model sites read, plus sdlora's own.
+
+    What describes the run comes from its `RunRecord` (sdlora's adapters carry one); a file without one
+    (another trainer's, through `inspect --mitigate-intruders`) gets the defaults of `base_model_version`."""
+    record = RunRecord.from_metadata(adapter.metadata)
+    version = record.base_model_version if record is not None else (base_model_version or "sd_v1")
+    if version not in ARCHITECTURES:
+        raise UserError(f"base model version {version!r}: allowed {', '.join(ARCHITECTURES)}")
     ranks = Counter(m.rank for m in adapter.modules.values() if not m.is_conv)
     conv_ranks = Counter(m.rank for m in adapter.modules.values() if m.is_conv)
     dim = ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 0)
@@ -179,46 +184,41 @@ def kohya_metadata(adapter: AdapterWeights, *, base_model_version: str, output_n
     if conv_ranks:
         conv_dim = conv_ranks.most_common(1)[0][0]
         network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
-    cfg = json.loads(adapter.metadata.get("sdlora.config", "{}") or "{}")
-    v2 = base_model_version != "sd_v1"
-    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    v_pred = base_model_version == "sd_v2_v" or model_cfg.get("prediction_type") == "v_prediction"
-    now = time.time()
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
-        "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is folded into lora_up
+        "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is in the factors (see to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(v2),
-        "ss_v_parameterization": str(v_pred),
         "ss_output_name": output_name,
-        "ss_sd_model_name": Path(str(adapter.metadata.get("sdlora.base_model", ""))).name,
         "ss_tag_frequency": json.dumps(tag_frequencies or {}),
-        "ss_training_comment": "trained with sdlora; per-module scales folded into lora_up (alpha = rank)",
-        "ss_steps": str(adapter.metadata.get("sdlora.steps", "")),
-        "ss_clip_skip": str(cfg.get("train", {}).get("clip_skip", "")) if isinstance(cfg.get("train"), dict) else "",
-        "ss_resolution": str(cfg.get("data", {}).get("resolution", "")) if isinstance(cfg.get("data"), dict) else "",
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES[base_model_version] + "/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": output_name,
-        "modelspec.resolution": RESOLUTIONS[base_model_version],
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(int(now))),
+        "ss_training_comment": "trained with sdlora; per-module scales in lora_up / lora_down (alpha = rank)",
     })
+    if record is not None:
+        meta.update(record.kohya_fields())
+        meta.update(record.modelspec_fields(title=output_name, lora=True))
+    else:
+        v_pred = version == "sd_v2_v"
+        meta.update({"ss_base_model_version": version, "ss_v2": str(version != "sd_v1"),
+                     "ss_v_parameterization": str(v_pred), "modelspec.sai_model_spec": "1.0.1",
+                     "modelspec.architecture": ARCHITECTURES[version] + "/lora", "modelspec.implementation": "diffusers",
+                     "modelspec.title": output_name, "modelspec.resolution": RESOLUTIONS[version],
+                     "modelspec.prediction_type": "v" if v_pred else "epsilon",
+                     "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")})
     meta = {k: v for k, v in meta.items() if v != ""}
     meta["sdlora.format"] = "kohya"
     return meta
 
 
-def save_kohya(adapter: AdapterWeights, path: str | Path, *, base_model_version: str, output_name: str | None = None,
-               tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
-    """Write `adapter` as a kohya LoRA file, atomically; returns the metadata written."""
+def save_kohya(adapter: AdapterWeights, path: str | Path, *, base_model_version: str | None = None,
+               output_name: str | None = None, tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
+    """Write `adapter` as a kohya LoRA file, atomically; returns the metadata written. The output name is the
+    run's `output.name` (from its record), else `output_name`, else the file's stem."""
     path = Path(path)
+    record = RunRecord.from_metadata(adapter.metadata)
+    name = output_name or (record.output_name if record is not None and record.output_name else path.stem)
     sd = to_kohya_state_dict(adapter)
-    meta = kohya_metadata(adapter, base_model_version=base_model_version, output_name=output_name or path.stem,
+    meta = kohya_metadata(adapter, base_model_version=base_model_version, output_name=name,
                           tag_frequencies=tag_frequencies)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(sd, meta)
     save_safetensors(path, sd, metadata=meta)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterWeights, split_name
-from ..errors import UserError
+from ..errors import UserError, WriteError
 
 
 def _module(model: torch.nn.Module, component: str, path: str) -> torch.nn.Module:
@@ -56,8 +56,9 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
     raise AssertionError("bundled scheduler config missing")
 
 
-def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype) -> None:
-    """A complete diffusers folder, built in a temp folder beside `out` and renamed into place."""
+def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, record=None) -> None:
+    """A complete diffusers folder, built in a temp folder beside `out` and renamed into place; the run's
+    `RunRecord` goes in as sdlora_run.json (diffusers ignores it)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=comps.vae.to(dtype), text_encoder=comps.text_encoder.to(dtype),
@@ -69,14 +70,19 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype) -> No
         require_finite(getattr(pipe, name).state_dict(), out / name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if record is not None:
+            record.write_folder(tmp)
 
 
 @contextlib.contextmanager
 def build_folder_atomically(out: Path):
     """Yield a temp folder beside `out`; on success it replaces `out` (an old `out` is removed only then)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise WriteError(out, e) from e
     try:
         yield tmp
         old = None
@@ -86,8 +92,10 @@ def build_folder_atomically(out: Path):
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):  # e.g. a full disk in diffusers' save_pretrained
+            raise WriteError(out, e) from e
         raise
 
 

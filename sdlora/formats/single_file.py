@@ -233,35 +233,32 @@ def ldm_state_dict(unet, vae, text_encoder, version: str) -> dict[str, torch.Ten
     return sd
 
 
-def single_file_metadata(version: str, title: str, prediction_type: str | None = None) -> dict[str, str]:
+def single_file_metadata(version: str, title: str, record=None) -> dict[str, str]:
+    """ModelSpec keys: from the run's `RunRecord` for a merged model (plus the record itself), else the
+    defaults of `version` (a base model converted without training)."""
     import time
 
-    from .kohya import ARCHITECTURES, RESOLUTIONS
+    from ..run_record import ARCHITECTURES
+    from .kohya import RESOLUTIONS
 
+    if record is not None:
+        return {**record.to_metadata(), **record.modelspec_fields(title=title, lora=False)}
     return {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": ARCHITECTURES[version],
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models", "modelspec.title": title,
             "modelspec.resolution": RESOLUTIONS[version],
-            "modelspec.prediction_type": "v" if (prediction_type or version_prediction(version)) == "v_prediction"
-            else "epsilon",
+            "modelspec.prediction_type": "v" if version == "sd_v2_v" else "epsilon",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def version_prediction(version: str) -> str:
-    return "v_prediction" if version == "sd_v2_v" else "epsilon"
-
-
 def save_single_file(path, unet, vae, text_encoder, version: str, *, dtype=torch.float32,
-                     carry: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                     prediction_type: str | None = None) -> None:
+                     carry: dict[str, torch.Tensor] | None = None, record=None) -> None:
     """Write an LDM-layout .safetensors atomically; `carry` adds keys the mapping does not produce
     (from a single-file source: SD 2.x's unused last text layer, text_projection, EMA, schedule buffers).
-    `prediction_type` goes into `modelspec.prediction_type` (default: the version's)."""
+    `record` (the merged adapter's RunRecord) gives the metadata."""
     from ..atomic import save_safetensors
 
     sd = ldm_state_dict(unet, vae, text_encoder, version)
     for k, v in (carry or {}).items():
         sd.setdefault(k, v)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    meta = single_file_metadata(version, Path(path).stem, prediction_type)
-    meta.update(metadata or {})
-    save_safetensors(path, sd, metadata=meta)
+    save_safetensors(path, sd, metadata=single_file_metadata(version, Path(path).stem, record))

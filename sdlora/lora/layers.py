@@ -103,6 +103,12 @@ class LoRALayer(nn.Module):
     def bias(self):
         return self.base.bias
 
+    # Every tensor of the adapter itself (not the frozen base): kept fp32 whatever dtype the base is stored in.
+    ADAPTER_TENSORS = ("lora_A", "lora_B", "alpha", "offset_A", "offset_B")
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.ADAPTER_TENSORS if getattr(self, n) is not None}
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B), ("alpha", self.alpha))
                 if isinstance(p, nn.Parameter) and p.requires_grad}
