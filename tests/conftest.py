@@ -13,7 +13,9 @@ from sdlora.config import validate  # noqa: E402
 from sdlora.demo import make_shapes_dataset  # noqa: E402
 from sdlora.models import make_tiny_model  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, as CI's machine has two cores; OMP_NUM_THREADS=1 runs the suite beside another torch process
+# without the two oversubscribing the cores (each slows 5-50x then).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
