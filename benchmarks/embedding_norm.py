@@ -31,7 +31,7 @@ START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 def run_once(root: Path, model: Path, data: Path, weight: float, seed: int, args) -> dict:
     from sdlora.config import validate
-    from sdlora.trainer import train
+    from sdlora.training.loop import train
 
     out = root / f"w{weight}-s{seed}"
     cfg = validate({
@@ -71,7 +71,7 @@ def table(results: list[dict], weights: list[float]) -> str:
 
 
 def write_doc(block: str) -> None:
-    from sdlora import atomic
+    from sdlora.util import atomic
 
     text = DOC.read_text(encoding="utf-8")
     if START not in text or END not in text:
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sdlora.demo import make_shapes_dataset
-    from sdlora.models import make_tiny_model
+    from sdlora.commands.demo import make_shapes_dataset
+    from sdlora.model.tiny import make_tiny_model
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

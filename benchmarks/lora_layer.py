@@ -26,7 +26,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdlora.allocator import keep_freed_cpu_memory  # noqa: E402
+from sdlora.util.allocator import keep_freed_cpu_memory  # noqa: E402
 from sdlora.config import validate  # noqa: E402
 from sdlora.lora import LoRALinear  # noqa: E402
 from sdlora.lora.layers import LoRALayer  # noqa: E402

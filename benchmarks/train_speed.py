@@ -45,16 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sdlora import atomic  # noqa: E402
-from sdlora.allocator import keep_freed_cpu_memory  # noqa: E402
+from sdlora.util import atomic  # noqa: E402
+from sdlora.util.allocator import keep_freed_cpu_memory  # noqa: E402
 from sdlora.config import validate  # noqa: E402
-from sdlora.embedding_norm import EmbeddingNormRegulariser  # noqa: E402
-from sdlora.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
+from sdlora.reg.embedding_norm import EmbeddingNormRegulariser  # noqa: E402
+from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
 from sdlora.lora import build_param_groups, inject_all  # noqa: E402
-from sdlora.models import Components  # noqa: E402
-from sdlora.optim import make_optimizer  # noqa: E402
-from sdlora.text import encode  # noqa: E402
-from sdlora.trainer import place_models  # noqa: E402
+from sdlora.model.components import Components  # noqa: E402
+from sdlora.training.optim import make_optimizer  # noqa: E402
+from sdlora.model.text import encode  # noqa: E402
+from sdlora.training.loop import place_models  # noqa: E402
 
 CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sd_v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from sdlora.errors import UserError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "train":
-        from .config import load_config
-        from .interrupt import TrainingInterrupted
-        from .trainer import train
+        from sdlora.config import load_config
+        from sdlora.training.signals import TrainingInterrupted
+        from sdlora.training.loop import train
 
         cfg = load_config(args.config, args.overrides)
         try:
@@ -99,27 +99,27 @@ def _dispatch(args) -> int:
             return 130
         return 0
     if args.command == "demo":
-        from .demo import run_demo
+        from sdlora.commands.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
         return 0
     if args.command == "make-tiny-model":
-        from .models import make_tiny_model
+        from sdlora.model.tiny import make_tiny_model
 
         path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":
-        from .inspect_cli import run_inspect
+        from sdlora.commands.inspect import run_inspect
 
         return run_inspect(args)
     if args.command == "export":
-        from .export_cli import run_export
+        from sdlora.commands.export import run_export
 
         run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base)
         return 0
     if args.command == "config-help":
-        from .config import describe_keys
+        from sdlora.config import describe_keys
 
         print(describe_keys())
         return 0

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
+from sdlora.errors import UserError
 
 
 class Section(BaseModel):
@@ -33,9 +33,6 @@ class ModelConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------- data
-# The image types the data pipeline reads (sdlora.data.images uses this list).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 
 class CaptionOptions(Section):
     caption_extension: str = Field(".txt", description="Caption file extension beside each image (.txt or .caption).")
@@ -52,6 +49,8 @@ class CaptionOptions(Section):
         ext = ext if ext.startswith(".") else "." + ext
         if ext == "." or "/" in ext or "\\" in ext:
             raise ValueError(f"caption_extension {self.caption_extension!r} is not a file extension (e.g. .txt, .caption)")
+        from sdlora.data.images import IMAGE_EXTENSIONS
+
         if ext in IMAGE_EXTENSIONS or ext == ".jsonl":
             raise ValueError(f"caption_extension {self.caption_extension!r} is an image or metadata extension "
                              "(captions are text files such as .txt or .caption)")
@@ -97,7 +96,7 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
-        from .data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
+        from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:
             bucket_sizes(self)

@@ -20,3 +20,9 @@ class WriteError(UserError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class NonFiniteWeights(UserError):
+    """An optimiser update made trained tensors non-finite, or a write was asked to store non-finite values."""
+
+    exit_code = 3

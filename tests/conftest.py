@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sdlora.config import validate  # noqa: E402
-from sdlora.demo import make_shapes_dataset  # noqa: E402
-from sdlora.models import make_tiny_model  # noqa: E402
+from sdlora.commands.demo import make_shapes_dataset  # noqa: E402
+from sdlora.model.tiny import make_tiny_model  # noqa: E402
 
 # Two threads, as CI's machine has two cores; OMP_NUM_THREADS=1 runs the suite beside another torch process
 # without the two oversubscribing the cores (each slows 5-50x then).

@@ -2,7 +2,7 @@
 
 import torch
 
-from sdlora.text import encode, tokenize
+from sdlora.model.text import encode, tokenize
 
 PROMPTS = ["a photo of a red circle", "sks person on a blue background"]
 

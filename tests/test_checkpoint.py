@@ -8,12 +8,12 @@ import signal
 import pytest
 from safetensors.torch import load_file
 
-import sdlora.atomic
-import sdlora.checkpoint as ckpt
+import sdlora.util.atomic
+import sdlora.training.checkpoint as ckpt
 from sdlora.errors import UserError
-from sdlora.interrupt import TrainingInterrupted
-from sdlora.nonfinite import NonFiniteLoss
-from sdlora.trainer import train
+from sdlora.training.signals import TrainingInterrupted
+from sdlora.training.nonfinite import NonFiniteLoss
+from sdlora.training.loop import train
 
 TOL = 1e-6  # CPU fp32, same ops in the same order: in practice the result is bit-identical
 N = 6

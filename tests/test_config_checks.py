@@ -16,7 +16,8 @@ from conftest import deep_update
 from sdlora.config import load_config, validate
 from sdlora.errors import UserError
 from sdlora.lora import inject_all
-from sdlora.models import load_components, write_tiny_tokenizer
+from sdlora.model.loading import load_components
+from sdlora.model.tiny import write_tiny_tokenizer
 
 BASE = {"model": {"path": "m"}, "data": {"path": "d"}, "output": {"dir": "o"}}
 
@@ -207,7 +208,7 @@ def test_prodigy_gets_its_own_default_rate_and_refuses_an_adam_rate():
 
 def test_prodigy_receives_eps(make_config):
     pytest.importorskip("prodigyopt")
-    from sdlora.optim import make_optimizer
+    from sdlora.training.optim import make_optimizer
 
     opt = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0}],
                          make_config(optim={"optimizer": "prodigy", "lr": 1.0, "eps": 1e-6}))

@@ -15,8 +15,8 @@ from sdlora.config import SubsetConfig, validate
 from sdlora.data import build_training_data
 from sdlora.data.captions import transform_caption
 from sdlora.errors import UserError
-from sdlora.models import load_components
-from sdlora.trainer import train
+from sdlora.model.loading import load_components
+from sdlora.training.loop import train
 
 TOL = 1e-5  # fp32, same VAE, encoded in different batch compositions
 
@@ -292,7 +292,7 @@ TWO_PROCESS_SCRIPT = """
 import sys, torch.distributed as dist
 from sdlora.config import validate
 from sdlora.data import build_training_data
-from sdlora.models import load_components
+from sdlora.model.loading import load_components
 dist.init_process_group("gloo")
 model, images, cache = sys.argv[1:4]
 cfg = validate({"model": {"path": model}, "output": {"dir": cache + "/run"}, "train": {"batch_size": 1},

@@ -13,8 +13,8 @@ from sdlora.config import validate
 from sdlora.data import build_training_data
 from sdlora.data.images import BadImage, open_checked
 from sdlora.errors import UserError
-from sdlora.models import load_components
-from sdlora.trainer import train
+from sdlora.model.loading import load_components
+from sdlora.training.loop import train
 
 MAX_PIXELS = 20_000  # small guard so the "decompression bomb" needs no huge file
 MIN_SIDE = 32

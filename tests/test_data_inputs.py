@@ -12,7 +12,7 @@ from sdlora.config import validate
 from sdlora.data import build_training_data
 from sdlora.data.pipeline import note_lines
 from sdlora.data.sources import Item, Rejected, discover
-from sdlora.models import load_components
+from sdlora.model.loading import load_components
 
 
 def png(path, seed=0):

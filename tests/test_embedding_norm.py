@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import CLIPTextModel
 
-from sdlora.embedding_norm import BaseNormCache, EmbeddingNormRegulariser, base_embeddings, embedding_norm_penalty, token_norms
+from sdlora.reg.embedding_norm import BaseNormCache, EmbeddingNormRegulariser, base_embeddings, embedding_norm_penalty, token_norms
 from sdlora.lora import inject_all
-from sdlora.models import load_components
-from sdlora.probe import DriftProbe
-from sdlora.text import content_mask, encode, tokenize
-from sdlora.trainer import train
+from sdlora.model.loading import load_components
+from sdlora.reg.probe import DriftProbe
+from sdlora.model.text import content_mask, encode, tokenize
+from sdlora.training.loop import train
 
 CAPTIONS = ["a photo of a red circle", "a photo of a blue square, white background", "sks person"]
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sdlora.adapter import load_adapter
-from sdlora.export_cli import run_export
-from sdlora.trainer import train
+from sdlora.adapter.io import load_adapter
+from sdlora.commands.export import run_export
+from sdlora.training.loop import train
 
 FP16_UNIT_ROUNDOFF = 2.0 ** -11  # fp16 keeps 11 significant bits: round-to-nearest errs by at most 2^-11 relative
 

@@ -9,10 +9,10 @@ from accelerate import init_empty_weights
 
 from outputs import max_abs_diff, model_outputs
 from sdlora.errors import UserError
-from sdlora.formats import ldm_keys as L
-from sdlora.formats.single_file import (BUNDLED_CONFIGS, detect_version, load_tokenizer, read_checkpoint,
-                                        save_single_file)
-from sdlora.models import load_components, make_tiny_model
+from sdlora.model import ldm_keys as L
+from sdlora.model.single_file import BUNDLED_CONFIGS, detect_version, load_tokenizer, read_checkpoint, save_single_file
+from sdlora.model.loading import load_components
+from sdlora.model.tiny import make_tiny_model
 
 TOL = 1e-5
 
@@ -152,7 +152,7 @@ def test_pickle_checkpoints_need_allow_pickle(tiny_single_file, tmp_path):
 
 
 def test_vae_path_swaps_in_a_bare_ldm_vae_file(tiny_single_file, tmp_path):
-    from sdlora.atomic import save_safetensors
+    from sdlora.util.atomic import save_safetensors
 
     variant, folder, path, _ = tiny_single_file
     other = load_components(str(make_tiny_model(tmp_path / "other", seed=5, variant=variant)))
@@ -165,7 +165,7 @@ def test_vae_path_swaps_in_a_bare_ldm_vae_file(tiny_single_file, tmp_path):
 
 
 def test_non_sd_files_are_user_errors(tmp_path):
-    from sdlora.atomic import save_safetensors
+    from sdlora.util.atomic import save_safetensors
 
     lora = tmp_path / "lora.safetensors"
     save_safetensors(lora, {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)})

@@ -15,12 +15,12 @@ from accelerate import init_empty_weights
 from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
 from sdlora.cli import main
 from sdlora.errors import UserError
-from sdlora.export import export_adapter
-from sdlora.export_cli import run_export
-from sdlora.formats.kohya import canonical_from_kohya, kohya_name
+from sdlora.training.export import export_adapter
+from sdlora.commands.export import run_export
+from sdlora.adapter.kohya import canonical_from_kohya, kohya_name
 from sdlora.lora import inject_all
-from sdlora.models import load_components
-from sdlora.run_record import RunRecord
+from sdlora.model.loading import load_components
+from sdlora.adapter.run_record import RunRecord
 
 TOL = 1e-5
 
@@ -93,7 +93,7 @@ def test_kohya_names_follow_kohya_for_every_adaptable_module_of_sd15(make_config
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdlora.formats.single_file import BUNDLED_CONFIGS
+    from sdlora.model.single_file import BUNDLED_CONFIGS
     from sdlora.lora.inject import plan_text_encoder, plan_unet
 
     root = BUNDLED_CONFIGS / "sd_v1"
@@ -182,7 +182,7 @@ def test_model_prediction_type_sets_the_training_target_and_every_export_records
     from safetensors import safe_open
 
     from sdlora.config import validate
-    from sdlora.losses import diffusion_target
+    from sdlora.training.losses import diffusion_target
 
     cfg = validate({"model": {"path": str(tiny_model), "prediction_type": "v_prediction"},
                     "data": {"path": str(tmp_path)}, "output": {"dir": str(tmp_path / "run")},

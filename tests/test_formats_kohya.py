@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdlora.adapter import AdapterWeights, ModuleDelta, load_adapter
+from sdlora.adapter.io import load_adapter
+from sdlora.adapter.weights import AdapterWeights, ModuleDelta
 from sdlora.errors import UserError
-from sdlora.formats.kohya import (canonical_from_kohya, from_kohya_state_dict, kohya_name, save_kohya,
-                                  to_kohya_state_dict)
+from sdlora.adapter.kohya import canonical_from_kohya, from_kohya_state_dict, kohya_name, save_kohya, to_kohya_state_dict
 
 NAMES = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
-from sdlora.trainer import train
+from sdlora.training.loop import train
 
 TOL = 1e-5  # fp32
 

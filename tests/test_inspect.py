@@ -8,18 +8,19 @@ import sys
 import pytest
 import torch
 
-from sdlora import analysis
-from sdlora.adapter import AdapterWeights, ModuleDelta, load_adapter, read_safetensors, save_native
-from sdlora.atomic import save_safetensors
+from sdlora.analysis import maths as analysis
+from sdlora.adapter.io import load_adapter, read_safetensors
+from sdlora.adapter.weights import AdapterWeights, ModuleDelta, save_native
+from sdlora.util.atomic import save_safetensors
 from sdlora.cli import main
 from sdlora.config import validate
-from sdlora.embedding_norm import base_embeddings
-from sdlora.formats.kohya import kohya_name, save_kohya
-from sdlora.inspect import BaseModel, group_of, inspect_adapter
-from sdlora.mitigate import mitigate_adapter
-from sdlora.probe import DEFAULT_PROBE_PROMPTS, drift_stats
-from sdlora.text import content_mask, encode, tokenize
-from sdlora.trainer import train
+from sdlora.reg.embedding_norm import base_embeddings
+from sdlora.adapter.kohya import kohya_name, save_kohya
+from sdlora.analysis.inspect import BaseModel, group_of, inspect_adapter
+from sdlora.analysis.mitigate import mitigate_adapter
+from sdlora.reg.probe import DEFAULT_PROBE_PROMPTS, drift_stats
+from sdlora.model.text import content_mask, encode, tokenize
+from sdlora.training.loop import train
 
 REL = 1e-6  # float64 maths on the same fp32 factors: differences are rounding only
 

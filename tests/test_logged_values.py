@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.optim import lr_lambda
-from sdlora.trainer import train
+from sdlora.training.optim import lr_lambda
+from sdlora.training.loop import train
 
 STEPS, ACCUMULATE, WARMUP, WEIGHT = 3, 2, 2, 0.1
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
-from sdlora.adapter import load_adapter
+from sdlora.adapter.io import load_adapter
 from sdlora.errors import UserError
 from sdlora.lora import LoRAConv2d, LoRALinear, adapters_disabled, build_param_groups, inject_all
-from sdlora.models import load_components
-from sdlora.trainer import train
+from sdlora.model.loading import load_components
+from sdlora.training.loop import train
 
 TOL = 1e-5  # fp32
 INITS = ["zero", "orthogonal", "compensated", "principal"]

@@ -8,8 +8,8 @@ from diffusers import DDPMScheduler
 
 from sdlora.config import LossConfig, validate
 from sdlora.errors import UserError
-from sdlora.losses import diffusion_loss, diffusion_target, min_snr_weights, per_sample_loss, sample_noise
-from sdlora.optim import lr_lambda, make_lr_scheduler, make_optimizer
+from sdlora.training.losses import diffusion_loss, diffusion_target, min_snr_weights, per_sample_loss, sample_noise
+from sdlora.training.optim import lr_lambda, make_lr_scheduler, make_optimizer
 
 
 def scheduler(kind="epsilon"):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sdlora.trainer import train
+from sdlora.training.loop import train
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,9 +27,9 @@ def test_lora_factors_and_learnable_alpha_stay_fp32_under_mixed_precision(make_c
 def test_offset_factors_stay_fp32_under_bf16_and_the_export_is_the_fp32_update(make_config, tmp_path, init, conv):
     """The exported update of an offset init is s·B·A - s0·B0·A0 with B0, A0 as initialised (fp32), not rounded
     through the bf16 the frozen weights are stored in."""
-    from sdlora.adapter import load_adapter
+    from sdlora.adapter.io import load_adapter
     from sdlora.lora import inject_all
-    from sdlora.models import load_components
+    from sdlora.model.loading import load_components
 
     cfg = make_config(train={"max_steps": 2, "mixed_precision": "bf16"}, output={"dir": str(tmp_path / "run")},
                       lora={"init": init, "conv": conv})

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora.checkpoint import verify_checkpoint
-from sdlora import atomic
-from sdlora.nonfinite import NonFiniteLoss, NonFiniteWeights
-from sdlora.trainer import train
+from sdlora.training.checkpoint import verify_checkpoint
+from sdlora.util import atomic
+from sdlora.errors import NonFiniteWeights
+from sdlora.training.nonfinite import NonFiniteLoss
+from sdlora.training.loop import train
 
 
 def saved_tensor_files(out: Path) -> list[Path]:

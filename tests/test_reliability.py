@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.errors import UserError
-from sdlora.trainer import train
+from sdlora.training.loop import train
 
 N = 16
 TOL = 1e-6

@@ -4,7 +4,7 @@ bit-identical adapter (with several threads, reductions may be split differently
 import torch
 from safetensors.torch import load_file
 
-from sdlora.trainer import train
+from sdlora.training.loop import train
 
 
 def test_two_identical_single_thread_cpu_runs_give_bit_identical_adapters(make_config, tmp_path):

@@ -11,9 +11,9 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from sdlora.export_cli import run_export
-from sdlora.run_record import RunRecord
-from sdlora.trainer import train
+from sdlora.commands.export import run_export
+from sdlora.adapter.run_record import RunRecord
+from sdlora.training.loop import train
 
 
 @pytest.fixture(scope="module")

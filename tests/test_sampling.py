@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.sampling import generate, sample_due
-from sdlora.trainer import train
+from sdlora.training.sampling import generate, sample_due
+from sdlora.training.loop import train
 
 PROMPTS = ["a red circle", "a blue square"]
 

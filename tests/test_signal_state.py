@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-import sdlora.atomic
-from sdlora.checkpoint import list_checkpoints, verify_checkpoint
-from sdlora.trainer import train
+import sdlora.util.atomic
+from sdlora.training.checkpoint import list_checkpoints, verify_checkpoint
+from sdlora.training.loop import train
 
 
 def quiet(*a, **k):

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from outputs import PROMPTS
-from sdlora.allocator import keep_freed_cpu_memory
+from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.lora import inject_all
-from sdlora.models import load_components
-from sdlora.text import encode, tokenize
-from sdlora.text_cache import TextEncoderOutputCache, make_text_cache
-from sdlora.trainer import place_models, train
+from sdlora.model.loading import load_components
+from sdlora.model.text import encode, tokenize
+from sdlora.training.text_cache import TextEncoderOutputCache, make_text_cache
+from sdlora.training.loop import place_models, train
 
 # fp32; recomputation, memory layout and thread count only reorder float sums. A reordered sum's error is about
 # eps32 (6e-8) times the sum of the magnitudes of its terms, which is the scale of the gradients that do not

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora import atomic
-from sdlora.checkpoint import verify_checkpoint
+from sdlora.util import atomic
+from sdlora.training.checkpoint import verify_checkpoint
 from sdlora.cli import main
 from sdlora.config import dump_yaml
-from sdlora.export_cli import run_export
+from sdlora.commands.export import run_export
 from sdlora.errors import UserError
-from sdlora.trainer import train
+from sdlora.training.loop import train
 
 
 def fill_disk_at(monkeypatch, when=lambda path: True):

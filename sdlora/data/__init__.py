@@ -4,6 +4,13 @@ The trainer uses `build_training_data(cfg, comps, ...)` and the `TrainingData` i
 state_dict/load_state_dict, latent_distribution). docs/data.md documents the options.
 """
 
-from .pipeline import TrainingData, build_training_data
-
 __all__ = ["TrainingData", "build_training_data"]
+
+
+def __getattr__(name: str):
+    # Lazy: the config validates with sdlora.data.images and .buckets, and must not import torch to do so.
+    if name in __all__:
+        from sdlora.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config import DataConfig
-from ..errors import UserError
+from sdlora.errors import UserError
+
+if TYPE_CHECKING:  # type only: the config validates bucket settings with this module
+    from sdlora.config import DataConfig
 
 
 @dataclass(frozen=True)

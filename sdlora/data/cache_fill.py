@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .buckets import crop_offset
-from ..atomic import file_sha256
-from .latent_cache import DiskLatentStore, vae_fingerprint
-from .pipeline import ENCODE_CHUNK, cache_key, load_pixels
+from sdlora.data.buckets import crop_offset
+from sdlora.util.atomic import file_sha256
+from sdlora.data.latent_cache import DiskLatentStore, vae_fingerprint
+from sdlora.data.samples import ENCODE_CHUNK, cache_key, load_pixels
 
 Key = tuple[int, bool]  # (sample index, flipped)
 

@@ -9,9 +9,12 @@ tag dropout on the rest -> shuffle the rest -> join with ", " -> prefix + captio
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..config import CaptionOptions
+if TYPE_CHECKING:  # type only: the config imports the data package
+    from sdlora.config import CaptionOptions
 
 
 def split_tags(caption: str) -> list[str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..config import IMAGE_EXTENSIONS
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_EXTS = IMAGE_EXTENSIONS
 RGB_DIRECT = {"RGB"}
 CONVERTIBLE = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "L", "LA", "La", "P", "PA", "1",

@@ -4,7 +4,7 @@ A disk entry is one safetensors file named by a key that hashes everything the l
 the image file's bytes (sha256), the bucket, the resize and crop, the flip, how pixels are prepared
 (PIXEL_RECIPE) and the VAE's identity (its config, dtype and every weight). A changed image, crop or
 VAE therefore misses the cache and is encoded again; a second run on the same data encodes nothing.
-Writes are atomic (sdlora.atomic), so a killed run leaves only whole entries. Stale entries are never
+Writes are atomic (sdlora.util.atomic), so a killed run leaves only whole entries. Stale entries are never
 read again and can be deleted with the folder at any time.
 
 With flip on, both orientations are cached: the flip of a latent is not the latent of the flipped image.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic
+from sdlora.util import atomic
 
 PIXEL_RECIPE = "exif+rgb-white+lanczos+crop+[-1,1]/v1"  # bump when image preparation changes
 

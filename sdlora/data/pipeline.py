@@ -10,29 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..errors import UserError
-from .buckets import Geometry, assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
-from .captions import base_caption, count_truncated, transform_caption
-from .images import BadImage, open_checked
-from .latent_cache import entry_key
-from .sampler import SAMPLE, epoch_batches, rng_for
-from .sources import Item, Note, Rejected, discover
+from sdlora.errors import UserError
+from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
+from sdlora.data.captions import base_caption, count_truncated, transform_caption
+from sdlora.data.images import BadImage, open_checked
+from sdlora.data.samples import Sample, load_pixels
+from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
+from sdlora.data.sources import Item, Note, Rejected, discover
 
 MAX_LISTED = 50  # skipped files printed at start; the rest are counted
-ENCODE_CHUNK = 8  # images per VAE call while filling the cache
-
-
-@dataclass(frozen=True)
-class Sample:
-    """An image that passed the scan: where it goes and how it is cut."""
-
-    item: Item
-    size: tuple[int, int]  # upright (after EXIF), in pixels
-    geo: Geometry
 
 
 @dataclass(frozen=True)
@@ -217,7 +205,7 @@ class TrainingData:
         return dist.mean, dist.std
 
     def fill_cache(self, vae, say=print) -> None:
-        from .cache_fill import fill_latent_cache
+        from sdlora.data.cache_fill import fill_latent_cache
 
         self.latents = fill_latent_cache(self, vae, say)
 
@@ -233,27 +221,3 @@ class _EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         return self.data.make_batch(self.data.slots(self.epoch, self.start + k))
-
-
-def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> torch.Tensor:
-    """The image as the VAE sees it: upright RGB, resized to cover its bucket, cropped, maybe flipped, in [-1, 1]."""
-    try:
-        img = open_checked(sample.item.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels)
-    except BadImage as e:
-        raise UserError(f"{sample.item.path} changed since the data scan: {e}") from None
-    if img.size != sample.size:
-        raise UserError(f"{sample.item.path} changed since the data scan: {img.size} != {sample.size}")
-    (bw, bh), resized = sample.geo.bucket, sample.geo.resized
-    if img.size != resized:
-        img = img.resize(resized, Image.LANCZOS)
-    left, top = offset
-    img = img.crop((left, top, left + bw, top + bh))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def cache_key(sample: Sample, flip: bool, content_sha256: str, vae_id: str) -> str:
-    offset = crop_offset(sample.geo, "center", np.random.default_rng(0))
-    return entry_key(content_sha256, sample.geo.bucket, sample.geo.resized, offset, flip, vae_id)

@@ -1,7 +1,8 @@
 """Optimiser parameter groups: per-layer learning rates from ordered rules, LoRA+ B ratio, alpha rate.
 
-A rule's `match` is a named group or a regular expression searched in the canonical module name:
-  text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up (and unet.down.N / unet.up.N)
+A rule's `match` is a named group of the model family (model/families.py: text_encoder, text_encoder.layers.N,
+unet, unet.down, unet.mid, unet.up, unet.down.N, unet.up.N for SD 1.x/2.x) or a regular expression searched
+in the canonical module name.
 The first matching rule wins. One optimiser group per distinct (rate, weight decay); each group's name
 says which rates it carries, so logs read `lr/unet.up:B`.
 """
@@ -14,26 +15,18 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import UserError
-from .layers import LoRALayer
-
-_NAMED = [
-    (re.compile(r"^text_encoder\.layers\.(\d+)$"), lambda m: rf"^text_encoder\.encoder\.layers\.{m.group(1)}\."),
-    (re.compile(r"^text_encoder$"), lambda m: r"^text_encoder\."),
-    (re.compile(r"^unet$"), lambda m: r"^unet\."),
-    (re.compile(r"^unet\.down$"), lambda m: r"^unet\.(down_blocks\.|conv_in)"),
-    (re.compile(r"^unet\.down\.(\d+)$"), lambda m: rf"^unet\.down_blocks\.{m.group(1)}\."),
-    (re.compile(r"^unet\.mid$"), lambda m: r"^unet\.mid_block\."),
-    (re.compile(r"^unet\.up$"), lambda m: r"^unet\.(up_blocks\.|conv_out)"),
-    (re.compile(r"^unet\.up\.(\d+)$"), lambda m: rf"^unet\.up_blocks\.{m.group(1)}\."),
-]
+from sdlora.errors import UserError
+from sdlora.model.families import SD1, ModelFamily
+from sdlora.lora.layers import LoRALayer
 
 
-def rule_pattern(match: str) -> re.Pattern:
-    for named, to_regex in _NAMED:
-        m = named.match(match)
-        if m:
-            return re.compile(to_regex(m))
+
+def rule_pattern(match: str, family: ModelFamily = SD1) -> re.Pattern:
+    """A rule's `match` as a regular expression over canonical module names: the family's named block group, or
+    the text itself as a regular expression."""
+    named = family.named_group(match)
+    if named is not None:
+        return named
     try:
         return re.compile(match)
     except re.error as e:
@@ -61,8 +54,8 @@ def component_lr(name: str, cfg) -> float:
     return cfg.text_encoder_lr if name.startswith("text_encoder.") else cfg.optim.lr
 
 
-def assign_rates(layers: dict[str, LoRALayer], cfg) -> dict[str, Assignment]:
-    rules = [(rule_pattern(r.match), r) for r in cfg.optim.lr_rules]
+def assign_rates(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> dict[str, Assignment]:
+    rules = [(rule_pattern(r.match, family), r) for r in cfg.optim.lr_rules]
     used = set()
     out = {}
     for name in layers:
@@ -85,9 +78,10 @@ def _label(name: str, rule: int | None, cfg) -> str:
     return "text_encoder" if name.startswith("text_encoder.") else "unet"
 
 
-def build_param_groups(layers: dict[str, LoRALayer], cfg) -> ParamGroups:
-    """Group every trainable LoRA parameter by its rate; A at the module's rate, B at ratio x, alpha at alpha_lr."""
-    assignment = assign_rates(layers, cfg)
+def build_param_groups(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> ParamGroups:
+    """Group every trainable LoRA parameter by its rate; A at the module's rate, B at ratio x, alpha at alpha_lr.
+    Named rule groups (`unet.up.1`) are the model family's block groups."""
+    assignment = assign_rates(layers, cfg, family)
     buckets: "OrderedDict[tuple, dict]" = OrderedDict()
     for name, layer in layers.items():
         a = assignment[name]

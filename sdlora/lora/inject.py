@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapter import canonical_name
-from ..errors import UserError
-from .layers import LoRAConv2d, LoRALayer, LoRALinear
+from sdlora.adapter.weights import canonical_name
+from sdlora.errors import UserError
+from sdlora.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
 
 
 @dataclass
@@ -117,7 +117,7 @@ def inject_all(unet: nn.Module, text_encoder: nn.Module, cfg) -> dict[str, LoRAL
 
 def check_ranks(model: nn.Module, component: str, specs: dict[str, LayerSpec], init: str) -> None:
     """Every planned layer's rank fits its init scheme (before any layer is built, so --dry-run catches it too)."""
-    from .init import max_rank
+    from sdlora.lora.init import max_rank
 
     for path, spec in specs.items():
         weight = model.get_submodule(path).weight
@@ -133,7 +133,7 @@ def check_ranks(model: nn.Module, component: str, specs: dict[str, LayerSpec], i
 
 def apply_previous_alphas(plans: dict[str, dict[str, LayerSpec]], path: str) -> None:
     """Start each module's alpha from the alphas an earlier sdlora adapter recorded, module by module."""
-    from ..adapter import load_adapter
+    from sdlora.adapter.io import load_adapter
 
     previous = load_adapter(path).modules
     wanted = {canonical_name(c, p): spec for c, specs in plans.items() for p, spec in specs.items()}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import initialise
+from sdlora.lora.init import initialise
 
 
 class LoRALayer(nn.Module):

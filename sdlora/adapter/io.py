@@ -1,0 +1,69 @@
+"""Adapter files: reading either layout (native diffusers/peft keys or kohya's), telling them apart, and writing
+an adapter in a chosen layout. Every reader and writer of adapter files goes through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sdlora.adapter.kohya import addnet_hashes, from_kohya_state_dict, save_kohya, to_kohya_state_dict
+from sdlora.adapter.weights import AdapterWeights, from_native_keys, save_native
+from sdlora.errors import UserError
+from sdlora.util.atomic import save_safetensors
+
+LAYOUTS = ("diffusers", "kohya")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_")
+
+
+def detect_layout(keys) -> str:
+    """`kohya` when every key is lora_unet_* / lora_te_*, else `diffusers` (the native layout)."""
+    keys = list(keys)
+    return "kohya" if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) else "diffusers"
+
+
+def file_layout(path: str | Path) -> str:
+    """The layout of an adapter file, from its keys alone (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return detect_layout(f.keys())
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing or unreadable file is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    return sd, meta
+
+
+def load_adapter(path: str | Path) -> AdapterWeights:
+    """Read an adapter in the native layout or kohya's (see `detect_layout`)."""
+    sd, meta = read_safetensors(path)
+    if detect_layout(sd) == "kohya":
+        return from_kohya_state_dict(sd, meta)
+    return from_native_keys(sd, meta)
+
+
+def save_adapter(adapter: AdapterWeights, path: str | Path, layout: str, *, keep_metadata: bool = False,
+                 tag_frequencies: dict | None = None) -> None:
+    """Write `adapter` atomically in `layout`. kohya: fresh ss_*/modelspec metadata from the adapter's run record,
+    or with `keep_metadata` the adapter's own metadata kept as it is (a file rewritten in place, e.g. by
+    intruder mitigation), with its content hashes recomputed."""
+    if layout == "diffusers":
+        save_native(adapter, path)
+    elif layout == "kohya" and not keep_metadata:
+        save_kohya(adapter, path, tag_frequencies=tag_frequencies)
+    elif layout == "kohya":
+        sd, meta = to_kohya_state_dict(adapter), dict(adapter.metadata)
+        if "sshs_model_hash" in meta:  # the tensors changed: stale hashes would misidentify the file in A1111
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(sd, meta)
+        save_safetensors(path, sd, metadata=meta)
+    else:
+        raise UserError(f"adapter layout {layout!r}: allowed {', '.join(LAYOUTS)}")

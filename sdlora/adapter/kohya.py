@@ -1,0 +1,218 @@
+"""The kohya LoRA layout that AUTOMATIC1111, ComfyUI and model sites read, both ways.
+
+Keys: `lora_unet_<diffusers module path, dots as _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
+and `lora_te_text_model_<path>` for the CLIP text encoder (kohya names it as transformers 4 did).
+
+Writing: every scale is already folded into `up` (see adapter.py), so `.alpha` = rank, which makes
+alpha / rank = 1 in every loader (diffusers honours per-module alphas only for some modules, so a
+folded scale is the only choice that reads exactly everywhere).
+
+Reading (files from kohya sd-scripts and other trainers): the scale alpha / rank is folded into `up`.
+Kohya names lose the dots, so `to_out_0` must become `to_out.0` without the model at hand: the name
+is split into diffusers' / transformers' identifiers, some of which contain underscores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from sdlora.adapter.weights import AdapterWeights, ModuleDelta, split_name
+from sdlora.util.atomic import save_safetensors
+from sdlora.errors import UserError
+from sdlora.adapter.run_record import RunRecord
+from sdlora.model.families import family_of_version
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+TE_MODEL_LEVEL = "text_model_"
+
+# Module identifiers of UNet2DConditionModel and CLIPTextModel; digits between them are list indices.
+IDENTIFIERS = frozenset("""
+down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks
+attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3
+conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
+encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
+layer_norm1 layer_norm2 token_embedding position_embedding
+""".split())
+
+# Native resolutions, for files that carry no RunRecord (not trained by sdlora).
+
+
+# ------------------------------------------------------------------------------------------- names
+def kohya_name(name: str) -> str:
+    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    component, path = split_name(name)
+    if component == "unet":
+        return UNET_PREFIX + path.replace(".", "_")
+    return TE_PREFIX + TE_MODEL_LEVEL + path.replace(".", "_")
+
+
+@lru_cache(maxsize=None)
+def _split_identifiers(flat: str) -> tuple[str, ...] | None:
+    """Split `attn1_to_out_0` into ('attn1', 'to_out', '0'): the fewest known identifiers and indices."""
+    words = flat.split("_")
+    n = len(words)
+    best: list[tuple[str, ...] | None] = [None] * (n + 1)
+    best[n] = ()
+    for i in range(n - 1, -1, -1):
+        for j in range(n, i, -1):
+            part = "_".join(words[i:j])
+            if (part.isdigit() or part in IDENTIFIERS) and best[j] is not None:
+                cand = (part,) + best[j]
+                if best[i] is None or len(cand) < len(best[i]):
+                    best[i] = cand
+    return best[0]
+
+
+def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) -> str:
+    """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
+
+    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead.
+    """
+    if stem.startswith(UNET_PREFIX):
+        component, flat = "unet", stem[len(UNET_PREFIX):]
+    elif stem.startswith(TE_PREFIX):
+        component, flat = "text_encoder", stem[len(TE_PREFIX):].removeprefix(TE_MODEL_LEVEL)
+    else:
+        raise UserError(f"kohya key {stem!r}: expected a lora_unet_ or lora_te_ prefix (SD 1.x/2.x)")
+    if module_names is not None:
+        for name in module_names:
+            if name.startswith(component + ".") and name[len(component) + 1:].replace(".", "_") == flat:
+                return name
+    parts = _split_identifiers(flat)
+    if parts is None:
+        raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SD 1.x/2.x UNet or CLIP text encoder")
+    return f"{component}." + ".".join(parts)
+
+
+# ------------------------------------------------------------------------------------ state dicts
+def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
+    """Kohya keys; scales are already in `up`, so `.alpha` = rank (scale 1 in every loader)."""
+    sd = {}
+    for name, m in adapter.modules.items():
+        k = kohya_name(name)
+        sd[f"{k}.lora_down.weight"] = m.down
+        sd[f"{k}.lora_up.weight"] = m.up
+        sd[f"{k}.alpha"] = torch.tensor(float(m.rank), dtype=m.down.dtype)
+    return sd
+
+
+_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te)_.+?)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *,
+                          module_names: frozenset[str] | None = None) -> AdapterWeights:
+    """Read a kohya LoRA (ours or another trainer's): alpha / rank folded into `up`, canonical names."""
+    meta = dict(meta or {})
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        if key.startswith(("lora_te1_", "lora_te2_")):
+            raise UserError(f"kohya key {key!r} belongs to an SDXL LoRA; sdlora reads SD 1.x/2.x LoRAs")
+        m = _KOHYA_KEY.match(key)
+        if m is None:
+            raise UserError(f"kohya key {key!r} is not a plain LoRA key (allowed endings: .lora_down.weight, "
+                            ".lora_up.weight, .alpha; LoHa/LoKr/DoRA/Tucker files are not supported)")
+        parts.setdefault(m["stem"], {})[m["kind"]] = t
+    info = json.loads(meta.get("sdlora.modules", "{}"))
+    modules = {}
+    for stem, p in sorted(parts.items()):
+        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+            raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        rank = down.shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
+        scale = alpha / rank
+        name = canonical_from_kohya(stem, module_names)
+        own = info.get(name, {})
+        modules[name] = ModuleDelta(
+            down, (up.float() * scale).to(up.dtype) if scale != 1.0 else up,
+            scale=own.get("scale", scale), alpha=own.get("alpha", alpha), trained_rank=own.get("rank", rank))
+    return AdapterWeights(modules, meta)
+
+
+# ------------------------------------------------------------------------------------------ files
+def addnet_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-webui-additional-networks computes them.
+
+    Only the `ss_*` metadata takes part (they describe training and never change afterwards): the
+    model hash is the SHA-256 of the tensor bytes after the header, the legacy hash the first 8 hex
+    digits of the SHA-256 of the 64 KiB at offset 1 MiB of the serialised file.
+    """
+    from safetensors.torch import save
+
+    ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = save({k: v.detach().contiguous().cpu() for k, v in sd.items()}, metadata=ss_meta or None)
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs."""
+    out = {}
+    for folder, captions in captions_by_folder.items():
+        counts: Counter[str] = Counter()
+        for caption in captions:
+            counts.update(t.strip() for t in caption.split(",") if t.strip())
+        out[folder] = dict(counts)
+    return out
+
+
+def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_version: str | None = None,
+                   tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` keys that A1111, ComfyUI and model sites read, plus sdlora's own.
+
+    What describes the run comes from its `RunRecord` (sdlora's adapters carry one); a file without one
+    (another trainer's, through `inspect --mitigate-intruders`) gets the defaults of `base_model_version`."""
+    record = RunRecord.from_metadata(adapter.metadata)
+    family, prediction = (record.family, record.prediction_type) if record is not None else \
+        family_of_version(base_model_version or "sd_v1")
+    ranks = Counter(m.rank for m in adapter.modules.values() if not m.is_conv)
+    conv_ranks = Counter(m.rank for m in adapter.modules.values() if m.is_conv)
+    dim = ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 0)
+    network_args = {}
+    if conv_ranks:
+        conv_dim = conv_ranks.most_common(1)[0][0]
+        network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
+    meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is in the factors (see to_kohya_state_dict)
+        "ss_network_args": json.dumps(network_args) if network_args else "null",
+        "ss_output_name": output_name,
+        "ss_tag_frequency": json.dumps(tag_frequencies or {}),
+        "ss_training_comment": "trained with sdlora; per-module scales in lora_up / lora_down (alpha = rank)",
+    })
+    if record is not None:
+        meta.update(record.kohya_fields())
+        meta.update(record.modelspec_fields(title=output_name, lora=True))
+    else:
+        meta.update(family.kohya_base_fields(prediction))
+        meta.update(family.modelspec(prediction, title=output_name, lora=True))
+    meta = {k: v for k, v in meta.items() if v != ""}
+    meta["sdlora.format"] = "kohya"
+    return meta
+
+
+def save_kohya(adapter: AdapterWeights, path: str | Path, *, base_model_version: str | None = None,
+               output_name: str | None = None, tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
+    """Write `adapter` as a kohya LoRA file, atomically; returns the metadata written. The output name is the
+    run's `output.name` (from its record), else `output_name`, else the file's stem."""
+    path = Path(path)
+    record = RunRecord.from_metadata(adapter.metadata)
+    name = output_name or (record.output_name if record is not None and record.output_name else path.stem)
+    sd = to_kohya_state_dict(adapter)
+    meta = kohya_metadata(adapter, base_model_version=base_model_version, output_name=name,
+                          tag_frequencies=tag_frequencies)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(sd, meta)
+    save_safetensors(path, sd, metadata=meta)
+    return meta

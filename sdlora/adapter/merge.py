@@ -1,0 +1,115 @@
+"""Merging an adapter into the base weights, and writing the merged model (diffusers folder or single file)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sdlora.adapter.weights import AdapterWeights, split_name
+from sdlora.errors import UserError, WriteError
+
+
+def _module(model: torch.nn.Module, component: str, path: str) -> torch.nn.Module:
+    candidates = [path] + ([f"text_model.{path}"] if component == "text_encoder" else [])  # transformers 4 and 5
+    for p in candidates:
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(p)
+    raise UserError(f"adapter module {component}.{path} does not exist in the base model (wrong --base?)")
+
+
+@torch.no_grad()
+def merge_adapter(adapter: AdapterWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own."""
+    models = {"unet": unet, "text_encoder": text_encoder}
+    for name, delta in adapter.modules.items():
+        component, path = split_name(name)
+        weight = _module(models[component], component, path).weight
+        dw = delta.delta_weight().to(torch.float64)
+        if dw.shape != weight.shape:
+            raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "
+                            f"{tuple(weight.shape)} (wrong --base?)")
+        weight.copy_((weight.to(torch.float64) + dw).to(weight.dtype))
+
+
+def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
+    """The inference scheduler the base model ships with (its own folder's, else the configs')."""
+    import diffusers
+
+    from sdlora.model.single_file import BUNDLED_CONFIGS
+
+    candidates = [Path(model_path) / "scheduler"] if Path(model_path).is_dir() else []
+    if config_dir:
+        candidates.append(Path(config_dir) / "scheduler")
+    candidates.append(BUNDLED_CONFIGS / version / "scheduler")
+    for folder in candidates:
+        f = folder / "scheduler_config.json"
+        if f.is_file():
+            config = json.loads(f.read_text(encoding="utf-8"))
+            cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+            return cls.from_config(config)
+    raise AssertionError("bundled scheduler config missing")
+
+
+def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, record=None) -> None:
+    """A complete diffusers folder, built in a temp folder beside `out` and renamed into place; the run's
+    `RunRecord` goes in as sdlora_run.json (diffusers ignores it)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=comps.vae.to(dtype), text_encoder=comps.text_encoder.to(dtype),
+                                   tokenizer=comps.tokenizer, unet=comps.unet.to(dtype), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from sdlora.util.finite import require_finite
+
+    for name in ("unet", "text_encoder", "vae"):  # save_pretrained does not go through atomic.save_safetensors
+        require_finite(getattr(pipe, name).state_dict(), out / name)
+    with build_folder_atomically(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if record is not None:
+            record.write_folder(tmp)
+
+
+@contextlib.contextmanager
+def build_folder_atomically(out: Path):
+    """Yield a temp folder beside `out`; on success it replaces `out` (an old `out` is removed only then)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise WriteError(out, e) from e
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):  # e.g. a full disk in diffusers' save_pretrained
+            raise WriteError(out, e) from e
+        raise
+
+
+def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Tensors of a single-file base that the mapping does not produce (SD 2.x's unused last text layer,
+    text_projection, schedule buffers), carried into a merged single file; none for a folder base."""
+    from sdlora.model.single_file import read_checkpoint
+
+    p = Path(model_path)
+    if p.is_dir():
+        return {}
+    sd, _ = read_checkpoint(p, allow_pickle=allow_pickle)
+    from sdlora.model import ldm_keys as L
+
+    # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead.
+    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", "model_ema.")
+    return {k: v for k, v in sd.items() if not k.startswith(skip)}

@@ -1,0 +1,1 @@
+"""sdlora inspect: per-module maths, report, plots, intruder mitigation."""

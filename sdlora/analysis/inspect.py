@@ -1,0 +1,240 @@
+"""`sdlora inspect`: what an adapter did to the model, per module and per block group.
+
+Per module: rank, effective scale, ‖ΔW‖_F, ‖ΔW‖_F / ‖W0‖_F, effective rank of ΔW and the number of
+intruder dimensions (the last two need the base model for W0; the maths is in `analysis.py`). With the
+base model, also the text-embedding drift on the drift probe's prompts (`probe.py`). Reads both of
+sdlora's layouts and kohya files from other trainers (`adapter.load_adapter`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from sdlora.analysis import maths as analysis
+from sdlora.adapter.io import file_layout, load_adapter
+from sdlora.adapter.weights import AdapterWeights, split_name
+from sdlora.errors import UserError
+from sdlora.util.tables import format_table
+
+
+# ------------------------------------------------------------------------------------------ base model
+class BaseModel:
+    """W0 of every adapted module, looked up by canonical name; W0's singular vectors cached per module."""
+
+    def __init__(self, model_path: str):
+        from sdlora.model.loading import load_components
+
+        self.path = str(model_path)
+        self.comps = load_components(model_path)
+        self._base_u: dict[str, torch.Tensor] = {}
+
+    def module(self, name: str) -> torch.nn.Module:
+        component, path = split_name(name)
+        model = self.comps.unet if component == "unet" else self.comps.text_encoder
+        candidates = [path] if component == "unet" else [path, f"text_model.{path}"]  # transformers 4 has text_model.
+        for p in candidates:
+            try:
+                module = model.get_submodule(p)
+            except AttributeError:
+                continue
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                return module
+        raise UserError(f"adapter module {name} has no weight in the base model {self.path} (a different base model?)")
+
+    def weight(self, name: str, delta_shape: torch.Size) -> torch.Tensor:
+        w = self.module(name).weight.detach()
+        if w.numel() != math.prod(delta_shape):
+            raise UserError(f"adapter module {name}: update of shape {tuple(delta_shape)} does not fit the base weight "
+                            f"{tuple(w.shape)} in {self.path} (a different base model?)")
+        return w
+
+    def base_u(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        if name not in self._base_u:
+            self._base_u[name] = analysis.left_singular_vectors(w0)
+        return self._base_u[name]
+
+
+# ---------------------------------------------------------------------------------------------- groups
+_GROUPS = [
+    (re.compile(r"^text_encoder\.encoder\.layers\.(\d+)\."), lambda m: f"text_encoder.layers.{m.group(1)}"),
+    (re.compile(r"^text_encoder\."), lambda m: "text_encoder"),
+    (re.compile(r"^unet\.down_blocks\.(\d+)\."), lambda m: f"unet.down.{m.group(1)}"),
+    (re.compile(r"^unet\.conv_in\b"), lambda m: "unet.down"),
+    (re.compile(r"^unet\.mid_block\."), lambda m: "unet.mid"),
+    (re.compile(r"^unet\.up_blocks\.(\d+)\."), lambda m: f"unet.up.{m.group(1)}"),
+    (re.compile(r"^unet\.conv_out\b"), lambda m: "unet.up"),
+]
+
+
+def group_of(name: str) -> str:
+    """The block group a module belongs to, in `optim.lr_rules`' naming (text_encoder.layers.N, unet.down.N, ...)."""
+    for pattern, label in _GROUPS:
+        m = pattern.match(name)
+        if m:
+            return label(m)
+    return "unet"
+
+
+# ---------------------------------------------------------------------------------------------- report
+def module_entry(name: str, m, base: BaseModel | None, top_k: int, epsilon: float) -> dict:
+    delta = analysis.as_matrix(m.up) @ analysis.as_matrix(m.down)  # float64, (out, in·kh·kw)
+    s = analysis.factored_singular_values(m.down, m.up)
+    dw_norm = float(torch.linalg.vector_norm(delta))
+    entry = {"name": name, "group": group_of(name), "kind": "conv" if m.is_conv else "linear", "rank": m.rank,
+             "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(m.delta_weight().shape),
+             "dw_norm": dw_norm, "effective_rank": analysis.effective_rank(s),
+             "w0_norm": None, "relative_norm": None, "intruders": None, "intruder_singular_values": None}
+    if base is not None:
+        w0 = base.weight(name, m.delta_weight().shape)
+        w0_norm = analysis.frobenius(w0)
+        result = analysis.find_intruders(w0, delta, top_k=top_k, epsilon=epsilon, base_u=base.base_u(name, w0))
+        entry.update(w0_norm=w0_norm, relative_norm=dw_norm / w0_norm if w0_norm > 0 else None,
+                     intruders=result.count,
+                     intruder_singular_values=[float(result.singular_values[i]) for i in result.indices])
+    return entry
+
+
+def group_summaries(entries: list[dict]) -> list[dict]:
+    """Per group (and `all`): module count, ‖ΔW‖_F of the group (root of the sum of squares), mean relative norm,
+    mean effective rank and the total number of intruders."""
+    order: dict[str, list[dict]] = {}
+    for e in entries:
+        order.setdefault(e["group"], []).append(e)
+    rows = [_summarise(g, es) for g, es in order.items()]
+    return rows + [_summarise("all", entries)] if entries else rows
+
+
+def _summarise(group: str, es: list[dict]) -> dict:
+    rel = [e["relative_norm"] for e in es if e["relative_norm"] is not None]
+    intr = [e["intruders"] for e in es if e["intruders"] is not None]
+    return {"group": group, "modules": len(es), "dw_norm": math.sqrt(sum(e["dw_norm"] ** 2 for e in es)),
+            "mean_relative_norm": sum(rel) / len(rel) if rel else None,
+            "mean_effective_rank": sum(e["effective_rank"] for e in es) / len(es),
+            "intruders": sum(intr) if intr else None}
+
+
+def clip_skip_of(adapter: AdapterWeights) -> int:
+    """The clip skip the adapter was trained with: its run record, else kohya's ss_clip_skip (other trainers), else 1."""
+    from sdlora.adapter.run_record import RunRecord
+
+    record = RunRecord.from_metadata(adapter.metadata)
+    if record is not None:
+        return record.clip_skip
+    value = adapter.metadata.get("ss_clip_skip", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+@torch.no_grad()
+def text_encoder_drift(adapter: AdapterWeights, base: BaseModel) -> dict | None:
+    """The drift probe's statistics with the adapter's text-encoder updates merged into a copy of W0 (restored after)."""
+    from sdlora.reg.probe import DriftProbe
+
+    names = [n for n in adapter.modules if n.startswith("text_encoder.")]
+    if not names:
+        return None
+    te = base.comps.text_encoder
+    probe = DriftProbe(te, base.comps.tokenizer, None, clip_skip_of(adapter))
+    probe.measure()  # the first measurement caches E0 from the untouched encoder
+    saved = {}
+    try:
+        for n in names:
+            w = base.module(n).weight
+            saved[n] = w.detach().clone()
+            w.add_(adapter.modules[n].delta_weight().reshape(w.shape).to(w.dtype))
+        stats = probe.measure()
+    finally:
+        for n, w0 in saved.items():
+            base.module(n).weight.copy_(w0)
+    return {k.removeprefix("probe/"): v for k, v in stats.items()} | {"prompts": len(probe.prompts), "clip_skip": probe.clip_skip}
+
+
+def inspect_adapter(path: str | Path, base: BaseModel | None = None, *, top_k: int = 10, epsilon: float = 0.5) -> dict:
+    """The whole report for one adapter file, as plain JSON-able data."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    if not 0 < epsilon <= 1:
+        raise UserError(f"--epsilon must be in (0, 1], got {epsilon}")
+    adapter = load_adapter(path).to(torch.float32)
+    entries = [module_entry(n, m, base, top_k, epsilon) for n, m in adapter.modules.items()]
+    return {"adapter": str(path), "layout": file_layout(path), "base": base.path if base else None,
+            "top_k": top_k, "epsilon": epsilon, "modules": entries, "groups": group_summaries(entries),
+            "text_encoder_drift": text_encoder_drift(adapter, base) if base else None}
+
+
+# -------------------------------------------------------------------------------------------- display
+def _f(x, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+_COLUMNS = [  # header, how to read it from a module entry
+    ("rank", lambda e: str(e["rank"])),
+    ("scale", lambda e: _f(e["scale"])),
+    ("alpha", lambda e: _f(e["alpha"])),
+    ("|dW|", lambda e: _f(e["dw_norm"])),
+    ("|dW|/|W0|", lambda e: _f(e["relative_norm"])),
+    ("eff.rank", lambda e: _f(e["effective_rank"], ".3g")),
+    ("intruders", lambda e: "-" if e["intruders"] is None else str(e["intruders"])),
+]
+
+
+def format_report(report: dict, compare: dict | None = None) -> str:
+    if compare is None:
+        head = f"adapter {report['adapter']} ({report['layout']} layout, {len(report['modules'])} modules)"
+        rows = [[e["name"]] + [read(e) for _, read in _COLUMNS] for e in report["modules"]]
+        table = format_table(["module"] + [h for h, _ in _COLUMNS], rows, "l" + "r" * len(_COLUMNS))
+        groups = _groups_table(report)
+    else:
+        head = f"A = {report['adapter']} ({report['layout']}), B = {compare['adapter']} ({compare['layout']})"
+        a = {e["name"]: e for e in report["modules"]}
+        b = {e["name"]: e for e in compare["modules"]}
+        names = list(a) + [n for n in b if n not in a]
+        rows = [[n] + [x for _, read in _COLUMNS for x in (read(a[n]) if n in a else "-", read(b[n]) if n in b else "-")]
+                for n in names]
+        headers = ["module"] + [f"{h} {side}" for h, _ in _COLUMNS for side in "AB"]
+        table = format_table(headers, rows, "l" + "r" * (len(headers) - 1))
+        groups = "A:\n" + _groups_table(report) + "\n\nB:\n" + _groups_table(compare)
+    lines = [head]
+    if report["base"]:
+        lines.append(f"base model {report['base']}; intruders: top {report['top_k']} singular vectors of W0+dW whose "
+                     f"largest |cos| with W0's singular vectors is < {report['epsilon']}")
+    else:
+        lines.append("no --base: |dW|/|W0|, intruders and the text-embedding drift need the base model")
+    lines += ["", table, "", "per block group:", groups]
+    for r in [report] + ([compare] if compare else []):
+        d = r["text_encoder_drift"]
+        if d is not None:
+            lines.append(f"\ntext-embedding drift of {r['adapter']} on {d['prompts']} probe prompts: relative norm drift "
+                         f"{d['drift']:.4g}, cosine {d['cosine']:.6f} (mean token norm {d['norm']:.4g} vs base {d['base_norm']:.4g})")
+        elif r["base"]:
+            lines.append(f"\n{r['adapter']}: no text-encoder modules, no text-embedding drift")
+    return "\n".join(lines)
+
+
+def _groups_table(report: dict) -> str:
+    rows = [[g["group"], g["modules"], _f(g["dw_norm"]), _f(g["mean_relative_norm"]), _f(g["mean_effective_rank"], ".3g"),
+             "-" if g["intruders"] is None else g["intruders"]] for g in report["groups"]]
+    return format_table(["group", "modules", "|dW|", "mean |dW|/|W0|", "mean eff.rank", "intruders"], rows, "lrrrrr")
+
+
+def write_plots(reports: list[dict], out_dir: str | Path) -> list[Path]:
+    """dw_norm.png (‖ΔW‖_F per module) and, with a base model, intruders.png; one bar series per adapter."""
+    from sdlora.analysis.plots import bar_chart
+
+    out_dir = Path(out_dir)
+    names = list(dict.fromkeys(e["name"] for r in reports for e in r["modules"]))
+    labels = [Path(r["adapter"]).name for r in reports]
+    if len(set(labels)) < len(labels):  # run_a/adapter.safetensors vs run_b/adapter.safetensors
+        labels = ["/".join(Path(r["adapter"]).parts[-2:]) for r in reports]
+
+    def series(key):
+        return [[{e["name"]: e[key] for e in r["modules"]}.get(n) for n in names] for r in reports]
+
+    written = [bar_chart(out_dir / "dw_norm.png", names, series("dw_norm"), labels, "||dW||_F per module")]
+    if reports[0]["base"]:
+        written.append(bar_chart(out_dir / "intruders.png", names, series("intruders"), labels,
+                                 f"intruder dimensions per module (top {reports[0]['top_k']}, eps {reports[0]['epsilon']})"))
+    return written

@@ -1,0 +1,1 @@
+"""Command front-ends (demo, export, inspect): argument handling and output; no training maths here."""

@@ -1,0 +1,149 @@
+"""Base model parts: loading them (diffusers folder or single file), and the tiny model factory.
+
+The tiny model has SD 1.x's (or SD 2.x's) block structure with random weights and a self-made
+byte-level CLIP tokenizer, so tests and the demo run offline in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+
+from sdlora.errors import UserError
+from sdlora.model.components import Components
+from sdlora.model.families import SUPPORTED, family_of_unet
+
+MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
+try:
+    from safetensors import SafetensorError
+
+    LOAD_ERRORS += (SafetensorError,)
+except ImportError:  # older safetensors: its error is a subclass of the above
+    pass
+
+
+def _quiet_loaders():
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
+
+
+def load_components(model_path: str, *, vae_path: str | None = None, config_dir: str | None = None,
+                    allow_pickle: bool = False, prediction_type: str | None = None) -> Components:
+    """Load UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, offline, in fp32.
+
+    `prediction_type` (model.prediction_type) overrides what the model's configs or metadata say."""
+    _quiet_loaders()
+    path = Path(os.path.expanduser(model_path))
+    if not path.exists():
+        raise UserError(f"model.path: no such file or folder: {path}")
+    if path.is_dir():
+        comps = _load_diffusers_folder(path)
+    else:
+        from sdlora.model.single_file import load_single_file
+
+        comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
+    if vae_path:
+        comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle)
+        latent = comps.unet.config.in_channels
+        if comps.vae.config.latent_channels != latent:
+            raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
+                            f"the model's UNet takes {latent} (an SD 1.x/2.x VAE is needed)")
+    if prediction_type and prediction_type != comps.prediction_type:
+        set_prediction_type(comps, prediction_type)
+    return comps
+
+
+def set_prediction_type(comps: Components, prediction_type: str) -> None:
+    """The noise scheduler, so the training target, follows it (and with it every name derived from the
+    prediction type: `Components.base_model_version`, ModelSpec's architecture)."""
+    sched = comps.noise_scheduler
+    comps.noise_scheduler = type(sched).from_config(sched.config, prediction_type=prediction_type)
+
+
+def _load_diffusers_folder(path: Path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not is_diffusers_folder(path):
+        raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json with a unet/ subfolder)")
+    check_family(path)
+    missing = [p for p in MODEL_PARTS if not (path / p).is_dir()]
+    if missing:
+        raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(MODEL_PARTS)})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    except LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: {path} could not be loaded: {first[:300]}") from None
+    check_unet(unet, vae, path)
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), family=family_of_unet(unet))
+
+
+
+
+def _json_or_empty(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_family(path: Path) -> None:
+    """Refuse, before any weight loads, a diffusers folder of a family sdlora cannot train (SDXL first of all:
+    it loads, then its UNet fails at the first step asking for added_cond_kwargs)."""
+    index = _json_or_empty(path / "model_index.json")
+    unet_cfg = _json_or_empty(path / "unet" / "config.json")
+    pipeline = str(index.get("_class_name", ""))
+    if "XL" in pipeline or "text_encoder_2" in index or unet_cfg.get("addition_embed_type") == "text_time":
+        raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_encoder_2 / text_time UNet'}); "
+                        f"{SUPPORTED}; SDXL is not supported yet")
+    if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
+        kind = unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type")
+        raise UserError(f"model.path: {path} is a {pipeline or 'UNet'} with extra conditioning ({kind}); {SUPPORTED}")
+
+
+def check_unet(unet, vae, where) -> None:
+    """A UNet whose input is not the VAE's latent (inpainting: 9 channels, an upscaler: 7) cannot train here."""
+    latent = vae.config.latent_channels
+    if unet.config.in_channels != latent or unet.config.out_channels != latent:
+        raise UserError(f"model.path: {where}: its UNet takes {unet.config.in_channels} input channels, the VAE "
+                        f"gives {latent} (an inpainting or upscaling model?); {SUPPORTED} with {latent}-channel UNets")
+
+
+def load_vae(vae_path: str, *, config_dir: str | None = None, allow_pickle: bool = False):
+    from diffusers import AutoencoderKL
+
+    p = Path(os.path.expanduser(vae_path))
+    if not p.exists():
+        raise UserError(f"model.vae_path: no such file or folder: {p}")
+    if p.is_dir():
+        sub = "vae" if (p / "vae").is_dir() else None
+        try:
+            return AutoencoderKL.from_pretrained(p, subfolder=sub, local_files_only=True)
+        except LOAD_ERRORS as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model.vae_path: {p} could not be loaded as a VAE: {first[:300]}") from None
+    from sdlora.model.single_file import load_single_file_vae
+
+    return load_single_file_vae(p, config_dir=config_dir, allow_pickle=allow_pickle)

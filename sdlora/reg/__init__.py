@@ -1,0 +1,1 @@
+"""Regularisers: the embedding-norm penalty and the drift probe."""

@@ -1,0 +1,98 @@
+"""The embedding-norm penalty: keep the text encoder's output token norms where the untrained encoder had them.
+
+    penalty = weight · mean_t | ‖E(c)_t‖ − ‖E0(c)_t‖ |
+
+E is the conditioning the UNet receives (after clip-skip and the final layer norm), E0 the same with
+the adapters disabled. E0 depends only on the token ids, so its per-token norms are cached per distinct
+token sequence (LRU, bounded): on a hit the penalty costs no extra text-encoder pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from sdlora.lora.layers import adapters_disabled
+from sdlora.model.text import content_mask, encode
+
+
+def token_norms(embeddings: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """(B, T, D) -> (B, T) vector norm of each token embedding, in fp32."""
+    return torch.linalg.vector_norm(embeddings.float(), ord=2 if norm == "l2" else 1, dim=-1)
+
+
+@torch.no_grad()
+def base_embeddings(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """E0: the text encoder's output with every adapter disabled (W0, whatever the init scheme)."""
+    with adapters_disabled(text_encoder):
+        return encode(text_encoder, input_ids, clip_skip).float()
+
+
+class BaseNormCache:
+    """‖E0_t‖ per distinct token sequence; least recently used entries are dropped past `capacity`."""
+
+    def __init__(self, text_encoder, clip_skip: int, norm: str, capacity: int):
+        self.text_encoder, self.clip_skip, self.norm, self.capacity = text_encoder, clip_skip, norm, capacity
+        self.entries: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def norms(self, input_ids: torch.Tensor) -> torch.Tensor:
+        keys = [row.cpu().numpy().tobytes() for row in input_ids]
+        found = {k: self.entries[k] for k in keys if k in self.entries}
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if missing:
+            fresh = token_norms(base_embeddings(self.text_encoder, input_ids[missing], self.clip_skip), self.norm)
+            found.update((keys[i], row) for i, row in zip(missing, fresh))
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        for k in keys:  # refresh recency, insert new entries, drop the least recently used
+            self.entries[k] = found[k]
+            self.entries.move_to_end(k)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return torch.stack([found[k] for k in keys]).to(input_ids.device)
+
+
+@dataclass
+class PenaltyResult:
+    penalty: torch.Tensor  # unweighted, differentiable
+    mean_norm: torch.Tensor
+    mean_base_norm: torch.Tensor
+    relative_drift: torch.Tensor
+
+
+def embedding_norm_penalty(embeddings: torch.Tensor, base_norms: torch.Tensor, mask: torch.Tensor, *, norm: str = "l2",
+                           reduce: str = "per_token") -> PenaltyResult:
+    """Unweighted L1 distance between token norms and the base norms over masked positions, averaged per caption."""
+    n = token_norms(embeddings, norm)
+    m = mask.to(n.dtype)
+    count = m.sum(1).clamp_min(1.0)
+    if reduce == "per_token":
+        per_caption = ((n - base_norms).abs() * m).sum(1) / count
+    else:
+        per_caption = ((n * m).sum(1) / count - (base_norms * m).sum(1) / count).abs()
+    with torch.no_grad():
+        rel = ((n - base_norms).abs() / base_norms.clamp_min(1e-8) * m).sum() / m.sum().clamp_min(1.0)
+        mean_n = (n * m).sum() / m.sum().clamp_min(1.0)
+        mean_b = (base_norms * m).sum() / m.sum().clamp_min(1.0)
+    return PenaltyResult(per_caption.mean(), mean_n, mean_b, rel)
+
+
+class EmbeddingNormRegulariser:
+    """What the training loop calls: `penalty(input_ids, embeddings) -> PenaltyResult`, E0 norms cached."""
+
+    def __init__(self, text_encoder, tokenizer, cfg):
+        self.cfg = cfg.reg.embedding_norm
+        self.eos_token_id = tokenizer.eos_token_id
+        self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size)
+
+    def __call__(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> PenaltyResult:
+        base = self.cache.norms(input_ids)
+        if self.cfg.tokens == "content":
+            mask = content_mask(input_ids, self.eos_token_id)
+        else:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        result = embedding_norm_penalty(embeddings, base, mask, norm=self.cfg.norm, reduce=self.cfg.reduce)
+        return result

@@ -1,0 +1,63 @@
+"""The drift probe: how far the text encoder's embeddings of everyday prompts moved from the base model's.
+
+It measures de-generalisation whether or not the embedding-norm penalty is on: mean relative token-norm
+drift |‖E‖−‖E0‖| / ‖E0‖ and mean cosine similarity between E and E0, over content tokens (up to and
+including the end-of-text token) of prompts unrelated to typical training subjects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdlora.reg.embedding_norm import base_embeddings, token_norms
+from sdlora.model.text import content_mask, encode, tokenize
+
+DEFAULT_PROBE_PROMPTS = [
+    "a bowl of fruit on a kitchen table",
+    "a red car parked on a city street",
+    "a mountain lake at sunrise",
+    "an old wooden bridge over a river",
+    "a cup of coffee next to a laptop",
+    "a dog running on the beach",
+    "a bicycle leaning against a brick wall",
+    "a vase of flowers by the window",
+    "a snowy forest in winter",
+    "a plate of pasta with tomato sauce",
+    "a lighthouse on a rocky coast",
+    "children playing football in a park",
+]
+
+
+class DriftProbe:
+    def __init__(self, text_encoder, tokenizer, prompts: list[str] | None = None, clip_skip: int = 1):
+        self.text_encoder, self.clip_skip = text_encoder, clip_skip
+        self.prompts = list(prompts or DEFAULT_PROBE_PROMPTS)
+        self.input_ids = tokenize(tokenizer, self.prompts)
+        self.mask = content_mask(self.input_ids, tokenizer.eos_token_id)
+        self._base: torch.Tensor | None = None
+
+    def _device(self):
+        return next(self.text_encoder.parameters()).device
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        ids = self.input_ids.to(self._device())
+        if self._base is None:  # the base embeddings never change: computed once
+            self._base = base_embeddings(self.text_encoder, ids, self.clip_skip)
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        try:
+            e = encode(self.text_encoder, ids, self.clip_skip).float()
+        finally:
+            self.text_encoder.train(was_training)
+        return drift_stats(e, self._base, self.mask.to(e.device))
+
+
+def drift_stats(e: torch.Tensor, e0: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    n, n0 = token_norms(e), token_norms(e0)
+    m = mask.float()
+    total = m.sum()
+    rel = ((n - n0).abs() / n0.clamp_min(1e-8) * m).sum() / total
+    cos = (torch.nn.functional.cosine_similarity(e, e0, dim=-1) * m).sum() / total
+    return {"probe/drift": float(rel), "probe/cosine": float(cos), "probe/norm": float((n * m).sum() / total),
+            "probe/base_norm": float((n0 * m).sum() / total)}

@@ -1,0 +1,502 @@
+"""The training loop. Set-up, loop, export: helpers carry the detail, this file carries the story."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora.util import atomic
+from sdlora.training import preflight
+from sdlora.util.allocator import keep_freed_cpu_memory
+from sdlora.config import Config, dump_yaml
+from sdlora.errors import UserError
+from sdlora.training.export import export_adapter
+from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise
+from sdlora.lora import build_param_groups, inject_all, trainable_count
+from sdlora.lora.layers import LoRALayer
+from sdlora.model.components import Components
+from sdlora.model.loading import load_components
+from sdlora.training.optim import make_lr_scheduler, make_optimizer
+from sdlora.reg.probe import DriftProbe
+from sdlora.adapter.run_record import RunRecord
+from sdlora.model.text import tokenize
+from sdlora.training.text_cache import make_text_cache
+from sdlora.training.checkpoint import Checkpointer, checkpoints_dir, find_checkpoint
+from sdlora.training.signals import GracefulStop, TrainingInterrupted, signal_name
+from sdlora.util.jsonl_log import JsonlLog
+from sdlora.errors import NonFiniteWeights
+from sdlora.training.nonfinite import NonFiniteCounter, NonFiniteLoss, agree, all_finite, grads_finite
+from sdlora.training.sampling import sample_during_training, sample_due
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_path: Path | None
+    components: Components
+    layers: dict[str, LoRALayer]
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dry_run: bool = False, log=print,
+          fault_hook=None) -> TrainResult:
+    """Train; `resume` is 'latest' or a checkpoint folder. `fault_hook(step, loss) -> loss` exists for the
+    reliability tests (they poison chosen steps' losses with NaN); leave it None."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    out = Path(cfg.output.dir)
+    preflight.before_model(cfg)  # paths and optional packages: before anything is written or loaded
+    # train() may run several times in one process (demo, tests, benchmarks): let each call choose its precision.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=None if cfg.log.tracker == "none" or dry_run else cfg.log.tracker,
+        project_dir=str(out / "logs"),
+    )
+    main = accelerator.is_main_process
+    say = log if main else (lambda *a, **k: None)
+    if accelerator.device.type == "cpu":
+        keep_freed_cpu_memory()  # a quarter of a CPU step was the kernel zero-filling freed activations again
+    if not dry_run:
+        replace = check_output_dir(out, overwrite=overwrite, resume=resume is not None)  # every process, before writes
+        accelerator.wait_for_everyone()
+        if main:
+            if replace:
+                clear_previous_run(out)  # a replaced run's checkpoints must never be resumed by mistake
+            mark_running(out)
+    stop = GracefulStop()  # installed by the loop (SIGINT/SIGTERM: finish the step, checkpoint, exit)
+    try:
+        return _train(cfg, accelerator, out, main, say, resume=resume, dry_run=dry_run, fault_hook=fault_hook,
+                      stop=stop)
+    except BaseException as e:  # errors, and KeyboardInterrupt: a second Ctrl-C stops at once, even mid-save
+        if main and not dry_run:
+            mark_failed(out, e)  # a run that stops on an error is not left marked "running"
+        for tracker in accelerator.trackers:  # their files closed, as end_training() does after a finished run
+            tracker.finish()
+        raise
+    finally:
+        stop.uninstall()  # whatever ended the run: a handler left behind would swallow this process's next Ctrl-C
+
+
+def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_run, fault_hook,
+           stop: GracefulStop) -> TrainResult:
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+
+    # ---- model and adapters
+    comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
+                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
+    preflight.against_model(cfg, comps)
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    groups = build_param_groups(layers, cfg, comps.family)
+    if dry_run:
+        from sdlora.util.tables import plan_table
+
+        say(plan_table(layers, groups, cfg))
+        return TrainResult(out, None, comps, layers)
+    say(f"sdlora: {len(layers)} adapted modules, {trainable_count(layers):,} trainable parameters")
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    place_models(comps, layers, accelerator.device, weight_dtype, cfg)
+
+    # ---- data
+    data = make_data(cfg, comps, accelerator, say)
+
+    # ---- optimiser and schedule
+    optimizer = make_optimizer(groups.groups, cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    trained = [comps.unet] + ([comps.text_encoder] if cfg.text_encoder.train else [])
+    # The LR schedule is stepped here once per optimiser step (Accelerate's wrapper would step it once
+    # per process under data parallelism).
+    prepared = accelerator.prepare(*trained, optimizer)  # the data is sharded by sdlora.data, not by Accelerate
+    unet = prepared[0]
+    text_encoder = prepared[1] if cfg.text_encoder.train else comps.text_encoder
+    optimizer = prepared[-1]
+
+    if main:
+        atomic.write_text(out / "config.yaml", dump_yaml(cfg))
+        if accelerator.trackers:
+            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg))
+    # One stream for all processes: each draws the whole global batch and keeps its slice (see GlobalBatchDraws).
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
+    scheduler, family = comps.noise_scheduler, comps.family  # the family turns token ids into the UNet's conditioning
+    t_max = cfg.loss.max_timestep or scheduler.config.num_train_timesteps
+    params = [p for g in groups.groups for p in g["params"]]
+    # The regulariser's base-norm misses and the probe run on some processes only: they use the unwrapped
+    # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
+    regulariser = make_regulariser(cfg, comps.text_encoder, comps.tokenizer, say)
+    text_cache = make_text_cache(cfg, text_encoder)
+    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
+
+    # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
+    record = RunRecord.from_training(cfg, comps)  # what every exported file says about this run
+
+    def export(path, at_step, report=None):
+        export_adapter(layers, path, cfg, record, steps=at_step, report=report)
+
+    checkpointer = Checkpointer(out, accelerator, layers, optimizer, lr_scheduler, noise_gen, export,
+                                keep_last=cfg.checkpoint.keep_last, data=data)
+    nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    step = 0
+    if resume is not None:
+        step = resume_from(checkpointer, find_checkpoint(out, resume, say), nonfinite, say)
+    metrics_log = JsonlLog(out / "metrics.jsonl", resume_step=step if resume else None)
+    probe_log = JsonlLog(out / "probe.jsonl", resume_step=step if resume else None)
+
+    # ---- loop
+    losses = []
+    progress = progress_bar(cfg.train.max_steps, disable=not main, initial=step)
+    batches = data.batches()
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    weights_finite = finite.clone()  # after the latest update; read with the next verdict, or before a save
+    sums, micro_batches = {}, 0  # this step's logged scalars summed over its micro-batches, on the device
+    stop.install()  # train() uninstalls it however the run ends
+    t0 = time.perf_counter()
+    while step < cfg.train.max_steps:
+        batch = next(batches)
+        with accelerator.accumulate(*trained):
+            with torch.no_grad():
+                mean, std = data.latent_distribution(batch, comps.vae)
+                draws = GlobalBatchDraws(noise_gen, mean, cfg.train.batch_size, accelerator)
+                latents = (mean + std * draws.randn()) * comps.vae.config.scaling_factor
+            noise = draws.noise(cfg.loss.noise_offset)
+            timesteps = draws.timesteps(cfg.loss.min_timestep, t_max)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            input_ids = tokenize(comps.tokenizer, batch["captions"]).to(accelerator.device)
+            if text_cache is not None:
+                embeddings = text_cache(input_ids)
+            else:
+                with torch.set_grad_enabled(cfg.text_encoder.train):
+                    embeddings = family.encode(text_encoder, input_ids, cfg.text_encoder.clip_skip)
+            with accelerator.autocast():
+                pred = unet(noisy, timesteps, **family.unet_kwargs(embeddings)).sample
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"])
+            loss = diff_loss
+            if regulariser is not None:
+                reg = regulariser(input_ids, embeddings)
+                loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
+            if fault_hook is not None:
+                loss = fault_hook(step + 1, loss)
+            accelerator.backward(loss)
+            micro_batches += 1
+            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None).items():
+                sums[name] = sums[name] + value if name in sums else value
+            finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
+            if accelerator.sync_gradients:
+                # fp16 loss scaling (CUDA only) checks the unscaled gradients itself and makes no update on an
+                # overflow, which is how it lowers its scale: that is not a non-finite step. Otherwise the
+                # gradients' finiteness (after clipping) joins the loss's in the same sync.
+                scaled = accelerator.scaler is not None
+                grads_ok = None
+                if not scaled:
+                    norm = None
+                    if cfg.optim.max_grad_norm is not None:
+                        norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    grads_ok = grads_finite(params, norm)
+                verdict = agree(accelerator, stop.requested, loss_finite=finite, grads_finite=grads_ok,
+                                weights_finite=weights_finite)  # the one host sync per step
+                if not verdict.weights_finite:  # the previous update broke the weights: nothing after it is good
+                    stop_nonfinite_weights(out, step, main, say)
+                if verdict.finite:  # a non-finite step makes no update at all (moments, weights, decay)
+                    if scaled and cfg.optim.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    weights_finite = all_finite(params)  # an update can overflow finite gradients into inf weights
+                optimizer.zero_grad(set_to_none=True)
+                finite = torch.ones_like(finite)
+        if not accelerator.sync_gradients:
+            continue
+        applied_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's rates, logged below
+        lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
+        step += 1
+        nonfinite.record(verdict.finite)
+        if not verdict.finite:
+            say(f"sdlora: step {step}: {verdict.reason}, step skipped ({nonfinite.consecutive} in a row, "
+                f"{nonfinite.total} in all)")
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            # Means over the step's micro-batches, then over processes: what this step's update was computed from.
+            means = torch.stack(list(sums.values())) / micro_batches
+            metrics = dict(zip(sums, accelerator.gather(means[None]).mean(0).tolist()))
+            loss_value = metrics["loss"]  # the .tolist() above is the only host sync, and only at logging steps
+            losses.append(loss_value)
+            metrics.update({f"lr/{name}": lr for name, lr in applied_lrs.items()})
+            if regulariser is not None:
+                metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
+            accelerator.log(metrics, step=step)
+            metrics["nonfinite_steps"] = nonfinite.total
+            if main:
+                metrics_log.append(step, metrics)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{next(iter(applied_lrs.values())):.2e}", refresh=False)
+        sums, micro_batches = {}, 0
+        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
+            run_probe(probe, accelerator, probe_log, step)
+        must_stop = nonfinite.exhausted or verdict.stop_signal
+        saving = must_stop or checkpoint_due(step, cfg) or sample_due(step, cfg.train.max_steps, cfg.sample)
+        if saving and not bool(weights_finite):  # one more host sync, only at steps that write or sample
+            stop_nonfinite_weights(out, step, main, say)
+        if must_stop or checkpoint_due(step, cfg):
+            checkpoint = checkpointer.save(step, nonfinite.state_dict())
+            if main:
+                metrics_log.flush()
+                probe_log.flush()
+        if main and sample_due(step, cfg.train.max_steps, cfg.sample):
+            sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
+        if must_stop:
+            stop.uninstall()
+            progress.close()
+            stop_early(out, step, checkpoint, export, main, nonfinite, verdict.stop_signal, say)
+        progress.update(1)
+    stop.uninstall()
+    progress.close()
+    accelerator.wait_for_everyone()
+    if main:
+        metrics_log.flush()
+        probe_log.flush()
+
+    # ---- export
+    adapter_path = out / "adapter.safetensors"
+    if main:
+        write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
+        finish_run(out, step, time.perf_counter() - t0)
+        say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+    accelerator.end_training()
+    return TrainResult(out, adapter_path, comps, layers, losses, step)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> bool:
+    """Refuse to write into a folder that holds a run unless told to; True if the old run is to be cleared.
+
+    A run that failed before saving anything (a config, model or data error) holds nothing to lose, so the
+    corrected command may reuse its folder without --overwrite.
+    """
+    marker = out / "run.json"
+    if resume:
+        return False
+    if overwrite:
+        return True
+    if not marker.is_file():
+        return False
+    status = json.loads(marker.read_text() or "{}").get("status", "unknown")
+    if status == "failed" and not saved_anything(out):
+        return True
+    hint = "--resume to continue it" if status != "failed" else "--resume to continue from its last checkpoint"
+    raise UserError(f"output.dir {out} already holds a {status} run; pass --overwrite to replace it (or {hint})")
+
+
+def saved_anything(out: Path) -> bool:
+    ckpts = checkpoints_dir(out)
+    return (out / "adapter.safetensors").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def clear_previous_run(out: Path) -> None:
+    """--overwrite without --resume: the old run's checkpoints and logs go, so nothing resumes or extends them."""
+    import shutil
+
+    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    for name in ("metrics.jsonl", "probe.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def step_scalars(loss, diff_loss, reg) -> dict:
+    """One micro-batch's logged scalars (detached, on the device)."""
+    scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
+    if reg is not None:
+        scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
+                        "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
+                        "embedding_norm/relative_drift": reg.relative_drift.detach()})
+    return {k: v.float() for k, v in scalars.items()}
+
+
+def checkpoint_due(step: int, cfg: Config) -> bool:
+    every = cfg.checkpoint.every_steps
+    return step == cfg.train.max_steps or bool(every and step % every == 0)
+
+
+def resume_from(checkpointer: Checkpointer, folder: Path, nonfinite: NonFiniteCounter, say) -> int:
+    state = checkpointer.restore(folder)
+    nonfinite.load_state_dict(state.get("counters", {}))
+    say(f"sdlora: resumed from {folder} at step {state['step']}")
+    return int(state["step"])
+
+
+def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfinite: NonFiniteCounter,
+               signum: int | None, say) -> None:
+    """After the stop checkpoint: write the adapter, mark the run, and raise what the CLI turns into an exit code."""
+    if main:
+        write_final_adapter(export, out / "adapter.safetensors", step, checkpoint, None)
+    resume_cmd = f"sdlora train --config {out / 'config.yaml'} --resume latest"
+    if nonfinite.exhausted:
+        if main:
+            atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
+        raise NonFiniteLoss(f"training stopped at step {step}: {nonfinite.consecutive} consecutive non-finite steps "
+                            f"(loss or gradients; train.max_nonfinite_steps); the last good state is in {checkpoint} and "
+                            f"{out / 'adapter.safetensors'} (lower optim.lr, or try mixed_precision bf16 / no)")
+    if main:
+        atomic.write_json(out / "run.json", {"status": "interrupted", "steps": step})
+    raise TrainingInterrupted(f"interrupted by {signal_name(signum)} after step {step}; checkpoint {checkpoint} and "
+                              f"adapter {out / 'adapter.safetensors'} saved; resume with: {resume_cmd}", signum)
+
+
+def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
+    """Step `step`'s update made the LoRA weights non-finite: nothing is saved; the message names the newest
+    intact checkpoint (every saved tensor is finite: checkpoints refuse anything else)."""
+    from sdlora.training.checkpoint import verify_checkpoint, list_checkpoints
+
+    good = next((p for p in reversed(list_checkpoints(out)) if verify_checkpoint(p) is None), None)
+    where = f"the last good state is in {good}" if good else "no checkpoint was saved before it"
+    if main:
+        atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
+    raise NonFiniteWeights(f"training stopped: the update of step {step} made LoRA weights non-finite "
+                           f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
+
+
+def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None) -> None:
+    """The run's adapter; a write that fails (full disk, read-only folder) is one line naming the intact
+    checkpoint and the command that writes the same adapter from it."""
+    try:
+        export(path, step, report)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        if checkpoint is None:
+            raise UserError(f"the adapter could not be written to {path}: {reason}; no checkpoint holds it") from None
+        dtype = f" --dtype {cfg.export.dtype}" if cfg is not None and cfg.export.dtype != "fp32" else ""
+        raise UserError(f"the adapter could not be written to {path}: {reason}; the trained state at step {step} is "
+                        f"intact in checkpoint {checkpoint}; once there is room, write the adapter with: sdlora export "
+                        f"{checkpoint} --format diffusers --out {path}{dtype}") from None
+
+
+def mark_running(out: Path) -> None:
+    atomic.write_json(out / "run.json", {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def mark_failed(out: Path, error: BaseException) -> None:
+    """Only a run still marked running: interrupted and non-finite stops have written their own status. A
+    KeyboardInterrupt (a second Ctrl-C, which stops at once, possibly mid-save) marks it interrupted."""
+    marker = out / "run.json"
+    try:
+        status = json.loads(marker.read_text()).get("status")
+    except (OSError, ValueError):
+        return
+    if status != "running":
+        return
+    if isinstance(error, KeyboardInterrupt):
+        state = {"status": "interrupted", "stopped": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "note": "stopped at once by a second signal; --resume latest continues from the newest intact checkpoint"}
+    else:
+        state = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
+                 "failed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+        atomic.write_json(marker, state)
+
+
+def finish_run(out: Path, step: int, seconds: float) -> None:
+    atomic.write_json(out / "run.json", {"status": "finished", "steps": step, "seconds": round(seconds, 2),
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
+    """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
+    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
+    comps.vae.requires_grad_(False)
+    fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
+    for model in (comps.unet, comps.text_encoder, comps.vae):
+        model.to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        for (name, key), value in fp32.items():
+            t = getattr(layers[name], key)
+            if isinstance(t, torch.nn.Parameter):
+                t.data = value.to(device=device, dtype=torch.float32)
+            else:  # a buffer: Module.to replaced it
+                setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
+    comps.vae.eval()
+    comps.text_encoder.train(cfg.text_encoder.train)
+    comps.unet.train()
+    if not cfg.text_encoder.train:
+        comps.text_encoder.eval()
+    if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
+        comps.unet.enable_gradient_checkpointing()
+        if cfg.text_encoder.train:
+            comps.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.channels_last:
+        comps.unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        comps.unet.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+
+
+class GlobalBatchDraws:
+    """Noise, latent-sampling eps and timesteps drawn for the whole global batch, then this process's slice.
+
+    Every process draws the same numbers from the same generator, so process r's samples get exactly the
+    draws they would get in a one-process run with batch_size x num_processes: the result does not depend
+    on the process count.
+    """
+
+    def __init__(self, generator: torch.Generator, local: torch.Tensor, batch_size: int, accelerator):
+        self.gen, self.like = generator, local
+        self.start = accelerator.process_index * batch_size
+        self.n, self.total = local.shape[0], batch_size * accelerator.num_processes
+        self.total = max(self.total, self.start + self.n)
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.start:self.start + self.n]
+
+    def randn(self) -> torch.Tensor:
+        t = self.like
+        return self._mine(torch.randn((self.total, *t.shape[1:]), generator=self.gen, device=t.device, dtype=t.dtype))
+
+    def noise(self, noise_offset: float) -> torch.Tensor:
+        t = self.like
+        return self._mine(sample_noise(t.new_empty((self.total, *t.shape[1:])), noise_offset, self.gen))
+
+    def timesteps(self, low: int, high: int) -> torch.Tensor:
+        return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))
+
+
+def make_data(cfg: Config, comps: Components, accelerator, say):
+    from sdlora.data import build_training_data
+
+    return build_training_data(cfg, comps, num_processes=accelerator.num_processes,
+                               process_index=accelerator.process_index, say=say)
+
+
+def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
+    from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
+
+    if cfg.reg.embedding_norm.weight == 0:
+        return None  # no extra text-encoder pass at all
+    if not cfg.text_encoder.train:
+        say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
+        return None
+    return EmbeddingNormRegulariser(text_encoder, tokenizer, cfg)
+
+
+def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) -> dict:
+    stats = probe.measure()
+    accelerator.log(stats, step=step)
+    probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl
+    return stats
+
+
+def progress_bar(total: int, disable: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def tracker_hparams(cfg: Config) -> dict:
+    return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "lr": cfg.optim.lr, "text_encoder_lr": cfg.text_encoder_lr,
+            "batch_size": cfg.train.batch_size, "max_steps": cfg.train.max_steps, "init": cfg.lora.init,
+            "learnable_alpha": cfg.lora.learnable_alpha, "resolution": cfg.data.resolution}

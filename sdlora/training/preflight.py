@@ -1,0 +1,43 @@
+"""Checks that run before the model loads (paths, optional packages) and right after it (settings only the
+model can judge), so a run that cannot work stops in seconds with one line, and --dry-run stops with it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from sdlora.errors import UserError
+
+OPTIONAL_OPTIMISERS = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
+
+
+def before_model(cfg) -> None:
+    """Config facts that need the filesystem or the installed packages, but no model."""
+    needed = OPTIONAL_OPTIMISERS.get(cfg.optim.optimizer)
+    if needed and importlib.util.find_spec(needed[0]) is None:
+        raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
+                        f"(pip install 'sdlora[{needed[1]}]')")
+    for i, subset in enumerate(cfg.data_subsets()):
+        root = Path(subset.path).expanduser()
+        key = "data.path" if cfg.data.path is not None else f"data.subsets.{i}.path"
+        if not root.is_dir():
+            raise UserError(f"{key}: no such folder: {root}" if not root.exists() else f"{key}: {root} is not a folder")
+    out = Path(cfg.output.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output.dir: {out} exists and is not a folder")
+    if cfg.lora.init_alphas_from and not Path(cfg.lora.init_alphas_from).expanduser().is_file():
+        raise UserError(f"lora.init_alphas_from: no such file: {cfg.lora.init_alphas_from}")
+
+
+def against_model(cfg, comps) -> None:
+    """Settings whose limits only the loaded model knows."""
+    steps = comps.noise_scheduler.config.num_train_timesteps
+    if cfg.loss.max_timestep is not None and cfg.loss.max_timestep > steps:
+        raise UserError(f"loss.max_timestep: {cfg.loss.max_timestep} is beyond the model's {steps} training "
+                        f"timesteps (allowed: {cfg.loss.min_timestep + 1} to {steps})")
+    if cfg.loss.min_timestep >= steps:
+        raise UserError(f"loss.min_timestep: {cfg.loss.min_timestep} must be < the model's {steps} training timesteps")
+    layers = comps.text_encoder.config.num_hidden_layers
+    if cfg.text_encoder.clip_skip > layers:
+        raise UserError(f"text_encoder.clip_skip: {cfg.text_encoder.clip_skip} is more than the text encoder's "
+                        f"{layers} layers (allowed: 1 to {layers})")

@@ -1,0 +1,106 @@
+"""Sample images during training, from the LIVE model: the UNet and text encoder being trained, adapters on.
+
+The images land in `<output.dir>/samples/step_NNNNNN/` (one PNG per prompt plus `grid.png`) and in
+TensorBoard. Prompts are encoded with `sdlora.model.text.encode`, exactly as the loop conditions the UNet
+(clip_skip included), and handed to the pipeline as embeddings. Sampling runs in eval mode, with the global
+RNGs forked so the training run continues exactly as it would have without samples.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import torch
+
+from sdlora.util import atomic
+from sdlora.model.text import encode, tokenize
+
+
+def sample_due(step: int, max_steps: int, sample_cfg) -> bool:
+    """Every `sample.every_steps` steps, and at the last step (when sampling is on)."""
+    every = sample_cfg.every_steps
+    return bool(every and sample_cfg.prompts) and (step % every == 0 or step == max_steps)
+
+
+def inference_scheduler(noise_scheduler):
+    """DDIM (eta 0: deterministic) built from the model's own scheduler config (beta schedule, prediction type)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler.config)
+
+
+@torch.no_grad()
+def generate(cfg, comps, unet, text_encoder, device, autocast=None) -> list:
+    """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models."""
+    from diffusers import StableDiffusionPipeline
+
+    s = cfg.sample
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
+                                   scheduler=inference_scheduler(comps.noise_scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    clip_skip = cfg.text_encoder.clip_skip
+    prompts = list(s.prompts)
+    cond = encode(text_encoder, tokenize(comps.tokenizer, prompts).to(device), clip_skip)
+    uncond = encode(text_encoder, tokenize(comps.tokenizer, [s.negative_prompt] * len(prompts)).to(device), clip_skip)
+    dtype = next(unet.parameters()).dtype
+    generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
+    with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+        images = pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=uncond.to(dtype),
+                      num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                      height=s.height or cfg.data.resolution, width=s.width or cfg.data.resolution,
+                      generator=generator, output_type="pil").images
+    return images
+
+
+def make_grid(images: list, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_samples(images: list, folder: Path) -> list[Path]:
+    """`NN.png` per prompt plus `grid.png`, each written atomically."""
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(folder / f"{i:02d}.png")
+        atomic.write_bytes(paths[-1], _png_bytes(img))
+    atomic.write_bytes(folder / "grid.png", _png_bytes(make_grid(images)))
+    return paths
+
+
+def sample_during_training(cfg, comps, accelerator, unet, text_encoder, out: Path, step: int) -> Path:
+    """Rank 0 only: generate with the live models in eval mode, save, log to TensorBoard, restore train mode."""
+    import numpy as np
+
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    was_training = (unet.training, text_encoder.training)
+    unet.eval()
+    text_encoder.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            images = generate(cfg, comps, unet, text_encoder, accelerator.device, accelerator.autocast())
+    finally:
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
+    folder = out / "samples" / f"step_{step:06d}"
+    save_samples(images, folder)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.stack([np.asarray(i) for i in images])}, step=step, dataformats="NHWC")
+    return folder
