@@ -54,7 +54,7 @@ from sdlora.lora import build_param_groups, inject_all  # noqa: E402
 from sdlora.model.components import Components  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.model.text import encode  # noqa: E402
-from sdlora.training.loop import place_models  # noqa: E402
+from sdlora.training.placement import place_models  # noqa: E402
 
 CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sd_v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "train":
         from sdlora.config import load_config
-        from sdlora.training.signals import TrainingInterrupted
         from sdlora.training.loop import train
+        from sdlora.training.signals import TrainingInterrupted
 
         cfg = load_config(args.config, args.overrides)
         try:

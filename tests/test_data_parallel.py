@@ -68,7 +68,7 @@ def test_two_processes_end_with_the_single_process_adapter(make_config, tmp_path
 def test_global_batch_draws_do_not_depend_on_the_process_count():
     from types import SimpleNamespace
 
-    from sdlora.training.loop import GlobalBatchDraws
+    from sdlora.training.draws import GlobalBatchDraws
 
     def draws(num_processes, index, batch_size):
         gen = torch.Generator().manual_seed(0)

@@ -19,7 +19,8 @@ from sdlora.lora import inject_all
 from sdlora.model.loading import load_components
 from sdlora.model.text import encode, tokenize
 from sdlora.training.text_cache import TextEncoderOutputCache, make_text_cache
-from sdlora.training.loop import place_models, train
+from sdlora.training.loop import train
+from sdlora.training.placement import place_models
 
 # fp32; recomputation, memory layout and thread count only reorder float sums. A reordered sum's error is about
 # eps32 (6e-8) times the sum of the magnitudes of its terms, which is the scale of the gradients that do not

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.weights import AdapterWeights, ModuleDelta, split_name
-from sdlora.util.atomic import save_safetensors
-from sdlora.errors import UserError
 from sdlora.adapter.run_record import RunRecord
+from sdlora.adapter.weights import AdapterWeights, ModuleDelta, split_name
+from sdlora.errors import UserError
 from sdlora.model.families import family_of_version
+from sdlora.util.atomic import save_safetensors
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.util.atomic import save_safetensors
 from sdlora.errors import UserError
+from sdlora.util.atomic import save_safetensors
 
 COMPONENTS = ("unet", "text_encoder")
 

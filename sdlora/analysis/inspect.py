@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.analysis import maths as analysis
 from sdlora.adapter.io import file_layout, load_adapter
 from sdlora.adapter.weights import AdapterWeights, split_name
+from sdlora.analysis import maths as analysis
 from sdlora.errors import UserError
 from sdlora.util.tables import format_table
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora.analysis import maths as analysis
 from sdlora.adapter.io import file_layout, load_adapter, save_adapter
 from sdlora.adapter.weights import AdapterWeights, ModuleDelta
-from sdlora.errors import UserError
+from sdlora.analysis import maths as analysis
 from sdlora.analysis.inspect import BaseModel
+from sdlora.errors import UserError
 from sdlora.util.tables import format_table
 
 

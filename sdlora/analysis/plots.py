@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from sdlora.util.atomic import write_bytes
 from sdlora.errors import UserError
+from sdlora.util.atomic import write_bytes
 
 
 def _pyplot():

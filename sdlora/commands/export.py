@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora.adapter.io import LAYOUTS, load_adapter, save_adapter
+from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
 from sdlora.training.export import DTYPES
-from sdlora.adapter.run_record import RunRecord
 
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
 
@@ -73,8 +73,8 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
 def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str | None,
                    model_cfg: dict) -> None:
     from sdlora.adapter.merge import merge_adapter, pipeline_scheduler, save_merged_diffusers, single_file_carry
-    from sdlora.model.single_file import save_single_file
     from sdlora.model.loading import load_components
+    from sdlora.model.single_file import save_single_file
 
     if not base:
         raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora.util.atomic import write_json
 from sdlora.errors import UserError
+from sdlora.util.atomic import write_json
 
 
 def run_inspect(args) -> int:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from sdlora.data.buckets import crop_offset
-from sdlora.util.atomic import file_sha256
 from sdlora.data.latent_cache import DiskLatentStore, vae_fingerprint
 from sdlora.data.samples import ENCODE_CHUNK, cache_key, load_pixels
+from sdlora.util.atomic import file_sha256
 
 Key = tuple[int, bool]  # (sample index, flipped)
 

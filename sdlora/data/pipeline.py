@@ -12,13 +12,13 @@ from typing import Iterator
 
 import torch
 
-from sdlora.errors import UserError
 from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
 from sdlora.data.captions import base_caption, count_truncated, transform_caption
 from sdlora.data.images import BadImage, open_checked
-from sdlora.data.samples import Sample, load_pixels
 from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
+from sdlora.data.samples import Sample, load_pixels
 from sdlora.data.sources import Item, Note, Rejected, discover
+from sdlora.errors import UserError
 
 MAX_LISTED = 50  # skipped files printed at start; the rest are counted
 

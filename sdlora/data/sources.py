@@ -19,17 +19,17 @@ holds NUL or other control characters (UTF-16 saved without a mark reads as text
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # type only: the config imports the data package
     from sdlora.config import SubsetConfig
-from sdlora.errors import UserError
+
 from sdlora.data.images import IMAGE_EXTS, is_image_file
+from sdlora.errors import UserError
 
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 METADATA = "metadata.jsonl"

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sdlora.errors import UserError
-from sdlora.model.families import SD1, ModelFamily
 from sdlora.lora.layers import LoRALayer
-
+from sdlora.model.families import SD1, ModelFamily
 
 
 def rule_pattern(match: str, family: ModelFamily = SD1) -> re.Pattern:

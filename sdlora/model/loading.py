@@ -11,7 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-
 from sdlora.errors import UserError
 from sdlora.model.components import Components
 from sdlora.model.families import SUPPORTED, family_of_unet

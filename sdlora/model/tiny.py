@@ -12,6 +12,7 @@ import torch
 from sdlora.errors import UserError
 from sdlora.model.loading import _quiet_loaders
 
+
 # ------------------------------------------------------------------------------------------ tiny model
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's byte-to-unicode table, as the 256 symbols a byte-level BPE vocabulary starts with."""

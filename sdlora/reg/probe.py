@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.reg.embedding_norm import base_embeddings, token_norms
 from sdlora.model.text import content_mask, encode, tokenize
+from sdlora.reg.embedding_norm import base_embeddings, token_norms
 
 DEFAULT_PROBE_PROMPTS = [
     "a bowl of fruit on a kitchen table",

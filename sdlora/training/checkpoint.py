@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.errors import UserError
 from sdlora.util import atomic
 from sdlora.util.atomic import file_sha256
-from sdlora.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, ModuleDelta, save_native
 from sdlora.lora.layers import LoRALayer
-from sdlora.adapter.run_record import RunRecord
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -2,39 +2,44 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sdlora.util import atomic
-from sdlora.training import preflight
-from sdlora.util.allocator import keep_freed_cpu_memory
+from sdlora.adapter.run_record import RunRecord
 from sdlora.config import Config, dump_yaml
-from sdlora.errors import UserError
-from sdlora.training.export import export_adapter
-from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise
 from sdlora.lora import build_param_groups, inject_all, trainable_count
 from sdlora.lora.layers import LoRALayer
 from sdlora.model.components import Components
 from sdlora.model.loading import load_components
-from sdlora.training.optim import make_lr_scheduler, make_optimizer
-from sdlora.reg.probe import DriftProbe
-from sdlora.adapter.run_record import RunRecord
 from sdlora.model.text import tokenize
+from sdlora.reg.probe import DriftProbe
+from sdlora.training import preflight
+from sdlora.training.checkpoint import Checkpointer, find_checkpoint
+from sdlora.training.draws import GlobalBatchDraws
+from sdlora.training.export import export_adapter
+from sdlora.training.losses import diffusion_loss, diffusion_target
+from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
+from sdlora.training.optim import make_lr_scheduler, make_optimizer
+from sdlora.training.placement import WEIGHT_DTYPES, place_models
+from sdlora.training.run_folder import (
+    check_output_dir,
+    clear_previous_run,
+    finish_run,
+    mark_failed,
+    mark_running,
+    stop_early,
+    stop_nonfinite_weights,
+    write_final_adapter,
+)
+from sdlora.training.sampling import sample_due, sample_during_training
+from sdlora.training.signals import GracefulStop
 from sdlora.training.text_cache import make_text_cache
-from sdlora.training.checkpoint import Checkpointer, checkpoints_dir, find_checkpoint
-from sdlora.training.signals import GracefulStop, TrainingInterrupted, signal_name
+from sdlora.util import atomic
+from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.util.jsonl_log import JsonlLog
-from sdlora.errors import NonFiniteWeights
-from sdlora.training.nonfinite import NonFiniteCounter, NonFiniteLoss, agree, all_finite, grads_finite
-from sdlora.training.sampling import sample_during_training, sample_due
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -276,38 +281,6 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> bool:
-    """Refuse to write into a folder that holds a run unless told to; True if the old run is to be cleared.
-
-    A run that failed before saving anything (a config, model or data error) holds nothing to lose, so the
-    corrected command may reuse its folder without --overwrite.
-    """
-    marker = out / "run.json"
-    if resume:
-        return False
-    if overwrite:
-        return True
-    if not marker.is_file():
-        return False
-    status = json.loads(marker.read_text() or "{}").get("status", "unknown")
-    if status == "failed" and not saved_anything(out):
-        return True
-    hint = "--resume to continue it" if status != "failed" else "--resume to continue from its last checkpoint"
-    raise UserError(f"output.dir {out} already holds a {status} run; pass --overwrite to replace it (or {hint})")
-
-
-def saved_anything(out: Path) -> bool:
-    ckpts = checkpoints_dir(out)
-    return (out / "adapter.safetensors").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
-
-
-def clear_previous_run(out: Path) -> None:
-    """--overwrite without --resume: the old run's checkpoints and logs go, so nothing resumes or extends them."""
-    import shutil
-
-    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
-    for name in ("metrics.jsonl", "probe.jsonl"):
-        (out / name).unlink(missing_ok=True)
 
 
 def step_scalars(loss, diff_loss, reg) -> dict:
@@ -330,139 +303,6 @@ def resume_from(checkpointer: Checkpointer, folder: Path, nonfinite: NonFiniteCo
     nonfinite.load_state_dict(state.get("counters", {}))
     say(f"sdlora: resumed from {folder} at step {state['step']}")
     return int(state["step"])
-
-
-def stop_early(out: Path, step: int, checkpoint: Path, export, main: bool, nonfinite: NonFiniteCounter,
-               signum: int | None, say) -> None:
-    """After the stop checkpoint: write the adapter, mark the run, and raise what the CLI turns into an exit code."""
-    if main:
-        write_final_adapter(export, out / "adapter.safetensors", step, checkpoint, None)
-    resume_cmd = f"sdlora train --config {out / 'config.yaml'} --resume latest"
-    if nonfinite.exhausted:
-        if main:
-            atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
-        raise NonFiniteLoss(f"training stopped at step {step}: {nonfinite.consecutive} consecutive non-finite steps "
-                            f"(loss or gradients; train.max_nonfinite_steps); the last good state is in {checkpoint} and "
-                            f"{out / 'adapter.safetensors'} (lower optim.lr, or try mixed_precision bf16 / no)")
-    if main:
-        atomic.write_json(out / "run.json", {"status": "interrupted", "steps": step})
-    raise TrainingInterrupted(f"interrupted by {signal_name(signum)} after step {step}; checkpoint {checkpoint} and "
-                              f"adapter {out / 'adapter.safetensors'} saved; resume with: {resume_cmd}", signum)
-
-
-def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
-    """Step `step`'s update made the LoRA weights non-finite: nothing is saved; the message names the newest
-    intact checkpoint (every saved tensor is finite: checkpoints refuse anything else)."""
-    from sdlora.training.checkpoint import verify_checkpoint, list_checkpoints
-
-    good = next((p for p in reversed(list_checkpoints(out)) if verify_checkpoint(p) is None), None)
-    where = f"the last good state is in {good}" if good else "no checkpoint was saved before it"
-    if main:
-        atomic.write_json(out / "run.json", {"status": "stopped_nonfinite", "steps": step})
-    raise NonFiniteWeights(f"training stopped: the update of step {step} made LoRA weights non-finite "
-                           f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
-
-
-def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None) -> None:
-    """The run's adapter; a write that fails (full disk, read-only folder) is one line naming the intact
-    checkpoint and the command that writes the same adapter from it."""
-    try:
-        export(path, step, report)
-    except OSError as e:
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        if checkpoint is None:
-            raise UserError(f"the adapter could not be written to {path}: {reason}; no checkpoint holds it") from None
-        dtype = f" --dtype {cfg.export.dtype}" if cfg is not None and cfg.export.dtype != "fp32" else ""
-        raise UserError(f"the adapter could not be written to {path}: {reason}; the trained state at step {step} is "
-                        f"intact in checkpoint {checkpoint}; once there is room, write the adapter with: sdlora export "
-                        f"{checkpoint} --format diffusers --out {path}{dtype}") from None
-
-
-def mark_running(out: Path) -> None:
-    atomic.write_json(out / "run.json", {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def mark_failed(out: Path, error: BaseException) -> None:
-    """Only a run still marked running: interrupted and non-finite stops have written their own status. A
-    KeyboardInterrupt (a second Ctrl-C, which stops at once, possibly mid-save) marks it interrupted."""
-    marker = out / "run.json"
-    try:
-        status = json.loads(marker.read_text()).get("status")
-    except (OSError, ValueError):
-        return
-    if status != "running":
-        return
-    if isinstance(error, KeyboardInterrupt):
-        state = {"status": "interrupted", "stopped": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "note": "stopped at once by a second signal; --resume latest continues from the newest intact checkpoint"}
-    else:
-        state = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
-                 "failed": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
-        atomic.write_json(marker, state)
-
-
-def finish_run(out: Path, step: int, seconds: float) -> None:
-    atomic.write_json(out / "run.json", {"status": "finished", "steps": step, "seconds": round(seconds, 2),
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
-    """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
-    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
-    comps.vae.requires_grad_(False)
-    fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
-    for model in (comps.unet, comps.text_encoder, comps.vae):
-        model.to(device=device, dtype=weight_dtype)
-    with torch.no_grad():
-        for (name, key), value in fp32.items():
-            t = getattr(layers[name], key)
-            if isinstance(t, torch.nn.Parameter):
-                t.data = value.to(device=device, dtype=torch.float32)
-            else:  # a buffer: Module.to replaced it
-                setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
-    comps.vae.eval()
-    comps.text_encoder.train(cfg.text_encoder.train)
-    comps.unet.train()
-    if not cfg.text_encoder.train:
-        comps.text_encoder.eval()
-    if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
-        comps.unet.enable_gradient_checkpointing()
-        if cfg.text_encoder.train:
-            comps.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.channels_last:
-        comps.unet.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        comps.unet.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
-
-
-class GlobalBatchDraws:
-    """Noise, latent-sampling eps and timesteps drawn for the whole global batch, then this process's slice.
-
-    Every process draws the same numbers from the same generator, so process r's samples get exactly the
-    draws they would get in a one-process run with batch_size x num_processes: the result does not depend
-    on the process count.
-    """
-
-    def __init__(self, generator: torch.Generator, local: torch.Tensor, batch_size: int, accelerator):
-        self.gen, self.like = generator, local
-        self.start = accelerator.process_index * batch_size
-        self.n, self.total = local.shape[0], batch_size * accelerator.num_processes
-        self.total = max(self.total, self.start + self.n)
-
-    def _mine(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.start:self.start + self.n]
-
-    def randn(self) -> torch.Tensor:
-        t = self.like
-        return self._mine(torch.randn((self.total, *t.shape[1:]), generator=self.gen, device=t.device, dtype=t.dtype))
-
-    def noise(self, noise_offset: float) -> torch.Tensor:
-        t = self.like
-        return self._mine(sample_noise(t.new_empty((self.total, *t.shape[1:])), noise_offset, self.gen))
-
-    def timesteps(self, low: int, high: int) -> torch.Tensor:
-        return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))
 
 
 def make_data(cfg: Config, comps: Components, accelerator, say):

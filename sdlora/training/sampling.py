@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.util import atomic
 from sdlora.model.text import encode, tokenize
+from sdlora.util import atomic
 
 
 def sample_due(step: int, max_steps: int, sample_cfg) -> bool:

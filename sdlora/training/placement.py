@@ -1,0 +1,40 @@
+"""Putting the model on its device and dtype for training: frozen weights in the training dtype, adapter tensors
+in fp32, train/eval modes, and the memory options (gradient checkpointing, channels_last, compile)."""
+
+from __future__ import annotations
+
+import torch
+
+from sdlora.lora.layers import LoRALayer
+from sdlora.model.components import Components
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
+    """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
+    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
+    comps.vae.requires_grad_(False)
+    fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
+    for model in (comps.unet, comps.text_encoder, comps.vae):
+        model.to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        for (name, key), value in fp32.items():
+            t = getattr(layers[name], key)
+            if isinstance(t, torch.nn.Parameter):
+                t.data = value.to(device=device, dtype=torch.float32)
+            else:  # a buffer: Module.to replaced it
+                setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
+    comps.vae.eval()
+    comps.text_encoder.train(cfg.text_encoder.train)
+    comps.unet.train()
+    if not cfg.text_encoder.train:
+        comps.text_encoder.eval()
+    if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
+        comps.unet.enable_gradient_checkpointing()
+        if cfg.text_encoder.train:
+            comps.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.channels_last:
+        comps.unet.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        comps.unet.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
