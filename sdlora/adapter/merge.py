@@ -11,30 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.weights import AdapterWeights, split_name
-from sdlora.errors import UserError, WriteError
-
-
-def _module(model: torch.nn.Module, component: str, path: str) -> torch.nn.Module:
-    candidates = [path] + ([f"text_model.{path}"] if component == "text_encoder" else [])  # transformers 4 and 5
-    for p in candidates:
-        with contextlib.suppress(AttributeError):
-            return model.get_submodule(p)
-    raise UserError(f"adapter module {component}.{path} does not exist in the base model (wrong --base?)")
-
-
-@torch.no_grad()
-def merge_adapter(adapter: AdapterWeights, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own."""
-    models = {"unet": unet, "text_encoder": text_encoder}
-    for name, delta in adapter.modules.items():
-        component, path = split_name(name)
-        weight = _module(models[component], component, path).weight
-        dw = delta.delta_weight().to(torch.float64)
-        if dw.shape != weight.shape:
-            raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "
-                            f"{tuple(weight.shape)} (wrong --base?)")
-        weight.copy_((weight.to(torch.float64) + dw).to(weight.dtype))
+from sdlora.errors import WriteError
 
 
 def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):

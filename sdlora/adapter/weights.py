@@ -22,25 +22,10 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapter.algebra import balance_factors
+from sdlora.adapter.names import COMPONENTS, canonical_name, split_name  # noqa: F401  (re-exported)
 from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
-
-COMPONENTS = ("unet", "text_encoder")
-
-
-def canonical_name(component: str, module_path: str) -> str:
-    """`("text_encoder", "text_model.encoder.layers.0...")` -> `text_encoder.encoder.layers.0...`."""
-    if component == "text_encoder":
-        module_path = module_path.removeprefix("text_model.")
-    return f"{component}.{module_path}"
-
-
-def split_name(name: str) -> tuple[str, str]:
-    component, _, path = name.partition(".")
-    if component not in COMPONENTS:
-        raise ValueError(f"not a canonical module name: {name}")
-    return component, path
-
 
 @dataclass
 class ModuleDelta:
@@ -84,22 +69,6 @@ class AdapterWeights:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def balance_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same product up @ down with each rank component's column of `up` and row of `down` scaled to equal norms.
-
-    With the scale folded into `up`, a small scale (rank 32, alpha 1: 1/32) times a young B puts `up` deep in
-    fp16's subnormal range, where it keeps only a few significant bits. Splitting each component's magnitude
-    evenly between the factors puts both near the geometric mean of their norms, so a 16-bit file keeps 16-bit
-    precision; and, unlike a kohya `.alpha`, it needs nothing from the loader (diffusers ignores per-module alphas
-    of attention and text-encoder modules, and offset-init exports carry two scales in one module). Computed in
-    float64; components with a zero factor are left as they are.
-    """
-    d, u = down.flatten(1).double(), up.flatten(1).double()
-    nd, nu = torch.linalg.vector_norm(d, dim=1), torch.linalg.vector_norm(u, dim=0)
-    k = torch.where((nd > 0) & (nu > 0), torch.sqrt(nd / nu.clamp_min(1e-300)), torch.ones_like(nd))
-    return (d / k[:, None]).reshape(down.shape).to(down.dtype), (u * k).reshape(up.shape).to(up.dtype)
 
 
 # --------------------------------------------------------------------------------------- native layout

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapter.algebra import factored_singular_values, find_module
 from sdlora.adapter.io import file_layout, load_adapter
-from sdlora.adapter.weights import AdapterWeights, split_name
+from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
 from sdlora.errors import UserError
 from sdlora.util.tables import format_table
@@ -33,17 +34,8 @@ class BaseModel:
         self._base_u: dict[str, torch.Tensor] = {}
 
     def module(self, name: str) -> torch.nn.Module:
-        component, path = split_name(name)
-        model = self.comps.unet if component == "unet" else self.comps.text_encoder
-        candidates = [path] if component == "unet" else [path, f"text_model.{path}"]  # transformers 4 has text_model.
-        for p in candidates:
-            try:
-                module = model.get_submodule(p)
-            except AttributeError:
-                continue
-            if isinstance(getattr(module, "weight", None), torch.Tensor):
-                return module
-        raise UserError(f"adapter module {name} has no weight in the base model {self.path} (a different base model?)")
+        model = self.comps.unet if name.startswith("unet.") else self.comps.text_encoder
+        return find_module(model, name, where=f"the base model {self.path}")
 
     def weight(self, name: str, delta_shape: torch.Size) -> torch.Tensor:
         w = self.module(name).weight.detach()
@@ -82,7 +74,7 @@ def group_of(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- report
 def module_entry(name: str, m, base: BaseModel | None, top_k: int, epsilon: float) -> dict:
     delta = analysis.as_matrix(m.up) @ analysis.as_matrix(m.down)  # float64, (out, in·kh·kw)
-    s = analysis.factored_singular_values(m.down, m.up)
+    s = factored_singular_values(m.down, m.up)
     dw_norm = float(torch.linalg.vector_norm(delta))
     entry = {"name": name, "group": group_of(name), "kind": "conv" if m.is_conv else "linear", "rank": m.rank,
              "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(m.delta_weight().shape),

@@ -15,26 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """(out, in) or (out, in, kh, kw) -> (out, in·kh·kw) in float64."""
-    return w.detach().reshape(w.shape[0], -1).to(torch.float64)
-
-
-# Below this fraction of ‖up‖_F·‖down‖_F a singular value of up @ down is rounding, not update: fp32 factors
-# carry ~1e-7 relative error, and offset-init exports [s·B | -s0·B0]·[A; A0] of an untrained module cancel to ~1e-15.
-ZERO_TOLERANCE = 1e-6
-
-
-def factored_singular_values(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Singular values of up @ down without forming it (QR of both factors, SVD of the small r x r core);
-    those below ZERO_TOLERANCE · ‖up‖_F · ‖down‖_F are set to 0."""
-    u2, d2 = as_matrix(up), as_matrix(down)
-    _, ru = torch.linalg.qr(u2)
-    _, rd = torch.linalg.qr(d2.T)
-    s = torch.linalg.svdvals(ru @ rd.T)
-    tol = ZERO_TOLERANCE * torch.linalg.vector_norm(u2) * torch.linalg.vector_norm(d2)
-    return torch.where(s > tol, s, torch.zeros_like(s))
+from sdlora.adapter.algebra import as_matrix, dense_to_rank
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -103,22 +84,6 @@ class MitigatedModule:
     truncation_error: float  # ‖ΔW' − ΔW''‖_F / ‖ΔW'‖_F (ΔW'' = the rank-r refactoring)
 
 
-def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`rank` factors (down (rank, in'), up (out, rank)) of a dense matrix, split √σ each side,
-    and the relative Frobenius error of the truncation."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    total = torch.linalg.vector_norm(s)
-    err = float(torch.linalg.vector_norm(s[rank:]) / total) if total > 0 else 0.0
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    up = u[:, :k] * root
-    down = root[:, None] * vh[:k]
-    if k < rank:  # a matrix narrower than the rank: pad with zero components so the rank is kept
-        up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], 1)
-        down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], 0)
-    return down, up, err
-
-
 def mitigate_intruders(w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, lam: float, *, top_k: int = 10,
                        epsilon: float = 0.5, base_u: torch.Tensor | None = None) -> MitigatedModule:
     """Scale the intruder directions of W0 + up·down by `lam` and refactor the new ΔW to the same rank.
@@ -137,7 +102,7 @@ def mitigate_intruders(w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, l
         return MitigatedModule(down, up, before.count, before.count, sv_before, sv_before, 0.0)
     ui, si, vi = before.u[:, idx], before.singular_values[idx], before.v[:, idx]
     new_delta = delta - (1.0 - lam) * (ui * si) @ vi.T
-    new_down, new_up, err = refactor(new_delta, down.shape[0])
+    new_down, new_up, err = dense_to_rank(new_delta, down.shape[0])
     written = w0m + new_up @ new_down
     after = find_intruders(w0m, new_up @ new_down, top_k=top_k, epsilon=epsilon, base_u=u0)
     sv_after = [float(ui[:, j] @ written @ vi[:, j]) for j in range(len(idx))]

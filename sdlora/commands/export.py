@@ -72,7 +72,8 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
 
 def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str | None,
                    model_cfg: dict) -> None:
-    from sdlora.adapter.merge import merge_adapter, pipeline_scheduler, save_merged_diffusers, single_file_carry
+    from sdlora.adapter.algebra import merge_adapter
+    from sdlora.adapter.merge import pipeline_scheduler, save_merged_diffusers, single_file_carry
     from sdlora.model.loading import load_components
     from sdlora.model.single_file import save_single_file
 

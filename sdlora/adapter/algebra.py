@@ -1,0 +1,117 @@
+"""Adapter algebra: plain tensor maths on low-rank updates and on models, shared by export, inspect and merging.
+
+- `factored_svd` / `factor_to_rank` / `factored_singular_values`: the SVD of up @ down without forming it
+  (QR of both factors, SVD of the r x r core), and the best rank-r refactoring of it (Eckart-Young).
+- `dense_to_rank`: the best rank-r factors of a dense matrix.
+- `balance_factors`: the same product with each rank component's magnitude split evenly between the factors.
+- `find_module` / `merge_adapter`: an adapter's modules in a model, and W += ΔW in place.
+
+Everything is computed in float64; conv factors are flattened to matrices and reshaped back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sdlora.adapter.names import split_name
+from sdlora.errors import UserError
+
+# Below this fraction of ‖up‖_F·‖down‖_F a singular value of up @ down is rounding, not update: fp32 factors
+# carry ~1e-7 relative error, and offset-init exports [s·B | -s0·B0]·[A; A0] of an untrained module cancel to ~1e-15.
+ZERO_TOLERANCE = 1e-6
+
+
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """(out, in) or (out, in, kh, kw) -> (out, in·kh·kw) in float64."""
+    return w.detach().reshape(w.shape[0], -1).to(torch.float64)
+
+
+def factored_svd(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of up @ down (out x in', in float64) from the factors: down (r, in, ...), up (out, r, ...)."""
+    d2, u2 = down.flatten(1).double(), up.flatten(1).double()
+    qu, ru = torch.linalg.qr(u2)
+    qd, rd = torch.linalg.qr(d2.T)
+    uu, s, vh = torch.linalg.svd(ru @ rd.T)
+    return qu @ uu, s, vh @ qd.T
+
+
+def factor_to_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factorisation of up @ down, split √σ each side, in fp32 and the factors' shapes; returns
+    (down, up, relative Frobenius error of the truncation)."""
+    u, s, vh = factored_svd(down, up)
+    total = torch.linalg.norm(s)
+    err = float(torch.linalg.norm(s[rank:]) / total) if total > 0 else 0.0
+    root = torch.sqrt(s[:rank])
+    new_up = u[:, :rank] * root
+    new_down = root[:, None] * vh[:rank]
+    return (new_down.reshape(rank, *down.shape[1:]).float(), new_up.reshape(up.shape[0], rank, *up.shape[2:]).float(), err)
+
+
+def factored_singular_values(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Singular values of up @ down without forming it; those below ZERO_TOLERANCE · ‖up‖_F · ‖down‖_F are 0."""
+    u2, d2 = as_matrix(up), as_matrix(down)
+    _, ru = torch.linalg.qr(u2)
+    _, rd = torch.linalg.qr(d2.T)
+    s = torch.linalg.svdvals(ru @ rd.T)
+    tol = ZERO_TOLERANCE * torch.linalg.vector_norm(u2) * torch.linalg.vector_norm(d2)
+    return torch.where(s > tol, s, torch.zeros_like(s))
+
+
+def dense_to_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors (down (rank, in'), up (out, rank)) of a dense matrix, split √σ each side,
+    and the relative Frobenius error of the truncation."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    total = torch.linalg.vector_norm(s)
+    err = float(torch.linalg.vector_norm(s[rank:]) / total) if total > 0 else 0.0
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    up = u[:, :k] * root
+    down = root[:, None] * vh[:k]
+    if k < rank:  # a matrix narrower than the rank: pad with zero components so the rank is kept
+        up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], 1)
+        down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], 0)
+    return down, up, err
+
+
+def balance_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product up @ down with each rank component's column of `up` and row of `down` scaled to equal norms.
+
+    With the scale folded into `up`, a small scale (rank 32, alpha 1: 1/32) times a young B puts `up` deep in
+    fp16's subnormal range, where it keeps only a few significant bits. Splitting each component's magnitude
+    evenly between the factors puts both near the geometric mean of their norms, so a 16-bit file keeps 16-bit
+    precision; and, unlike a kohya `.alpha`, it needs nothing from the loader (diffusers ignores per-module alphas
+    of attention and text-encoder modules, and offset-init exports carry two scales in one module). Computed in
+    float64; components with a zero factor are left as they are.
+    """
+    d, u = down.flatten(1).double(), up.flatten(1).double()
+    nd, nu = torch.linalg.vector_norm(d, dim=1), torch.linalg.vector_norm(u, dim=0)
+    k = torch.where((nd > 0) & (nu > 0), torch.sqrt(nd / nu.clamp_min(1e-300)), torch.ones_like(nd))
+    return (d / k[:, None]).reshape(down.shape).to(down.dtype), (u * k).reshape(up.shape).to(up.dtype)
+
+
+def find_module(model: torch.nn.Module, name: str, *, where: str = "the base model") -> torch.nn.Module:
+    """The module of canonical name `name` (`unet.<path>` / `text_encoder.<path>`) in that component's model,
+    with or without transformers 4's `text_model.` level; a UserError naming it when the model has none."""
+    component, path = split_name(name)
+    candidates = [path] + ([f"text_model.{path}"] if component == "text_encoder" else [])
+    for p in candidates:
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(p)
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                return module
+    raise UserError(f"adapter module {name} does not exist in {where} (a different base model?)")
+
+
+@torch.no_grad()
+def merge_adapter(adapter, unet: torch.nn.Module, text_encoder: torch.nn.Module, *, where: str = "the base model") -> None:
+    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own."""
+    models = {"unet": unet, "text_encoder": text_encoder}
+    for name, delta in adapter.modules.items():
+        weight = find_module(models[split_name(name)[0]], name, where=where).weight
+        dw = delta.delta_weight().to(torch.float64)
+        if dw.shape != weight.shape:
+            raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "
+                            f"{tuple(weight.shape)} (wrong --base?)")
+        weight.copy_((weight.to(torch.float64) + dw).to(weight.dtype))
