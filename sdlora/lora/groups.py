@@ -85,13 +85,8 @@ def build_param_groups(layers: dict[str, LoRALayer], cfg, family: ModelFamily = 
     for name, layer in layers.items():
         a = assignment[name]
         label = _label(name, a.rule, cfg)
-        for pname, p in layer.trainable_parameters().items():
-            if pname == "lora_A":
-                lr, wd, part = a.lr, cfg.optim.weight_decay, "A"
-            elif pname == "lora_B":
-                lr, wd, part = a.lr * cfg.optim.b_lr_ratio, cfg.optim.weight_decay, "B"
-            else:
-                lr, wd, part = (a.lr if cfg.optim.alpha_lr is None else cfg.optim.alpha_lr), 0.0, "alpha"
+        for role, p in layer.trainable_by_role().items():
+            lr, wd, part = role_rate(role, a.lr, cfg)
             key = (lr, wd, part == "alpha")
             g = buckets.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "labels": OrderedDict()})
             g["params"].append(p)
@@ -103,6 +98,17 @@ def build_param_groups(layers: dict[str, LoRALayer], cfg, family: ModelFamily = 
     return ParamGroups(groups, assignment)
 
 
+# How each parameter role trains: (rate, weight decay, the label part logs show, e.g. `lr/unet.up:B`).
+def role_rate(role: str, module_lr: float, cfg) -> tuple[float, float, str]:
+    if role == "down":
+        return module_lr, cfg.optim.weight_decay, "A"
+    if role == "up":
+        return module_lr * cfg.optim.b_lr_ratio, cfg.optim.weight_decay, "B"
+    if role == "scale":
+        return (module_lr if cfg.optim.alpha_lr is None else cfg.optim.alpha_lr), 0.0, "alpha"
+    raise ValueError(f"unknown parameter role {role!r}")
+
+
 def trainable_count(layers: dict[str, LoRALayer]) -> int:
     return sum(p.numel() for layer in layers.values() for p in layer.trainable_parameters().values())
 
@@ -112,6 +118,6 @@ def freeze_check(*models: nn.Module) -> list[str]:
     bad = []
     for model in models:
         for n, p in model.named_parameters():
-            if p.requires_grad and not any(k in n for k in ("lora_A", "lora_B", "alpha")):
+            if p.requires_grad and not any(k in n for k in LoRALayer.PARAMETER_ROLES):
                 bad.append(n)
     return bad

@@ -66,12 +66,24 @@ def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_c
         base = model.get_submodule(path)
         name = canonical_name(component, path)
         gen = torch.Generator().manual_seed(_name_seed(seed, name))
-        cls = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+        cls = layer_class(lora_cfg.type, base)
         layer = cls(base, spec.rank, spec.alpha, scaling=lora_cfg.scaling, init=lora_cfg.init,
                     learnable_alpha=lora_cfg.learnable_alpha, train_a=lora_cfg.train_a, generator=gen)
         _replace(model, path, layer)
         layers[name] = layer
     return layers
+
+
+# (lora.type, base module type) -> layer class. A new adapter kind adds its rows here; nothing else asks which
+# class a layer is.
+LAYER_CLASSES: dict[tuple[str, type], type[LoRALayer]] = {("lora", nn.Linear): LoRALinear, ("lora", nn.Conv2d): LoRAConv2d}
+
+
+def layer_class(kind: str, base: nn.Module) -> type[LoRALayer]:
+    for (k, module_type), cls in LAYER_CLASSES.items():
+        if k == kind and isinstance(base, module_type):
+            return cls
+    raise UserError(f"lora.type {kind!r} cannot adapt a {type(base).__name__} module")
 
 
 def _name_seed(seed: int, name: str) -> int:

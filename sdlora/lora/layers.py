@@ -109,9 +109,18 @@ class LoRALayer(nn.Module):
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.ADAPTER_TENSORS if getattr(self, n) is not None}
 
+    # The role of each trained tensor, so that optimiser groups and reports never ask a tensor's name:
+    # "down" trains at the module's rate, "up" at optim.b_lr_ratio times it (LoRA+), "scale" at optim.alpha_lr
+    # without weight decay. A new adapter kind maps its own tensors to these roles.
+    PARAMETER_ROLES = {"lora_A": "down", "lora_B": "up", "alpha": "scale"}
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in (("lora_A", self.lora_A), ("lora_B", self.lora_B), ("alpha", self.alpha))
-                if isinstance(p, nn.Parameter) and p.requires_grad}
+        """Trained tensors by attribute name (frozen ones, e.g. a fixed alpha or a frozen A, are left out)."""
+        return {n: p for n in self.PARAMETER_ROLES if isinstance(p := getattr(self, n), nn.Parameter) and p.requires_grad}
+
+    def trainable_by_role(self) -> dict[str, nn.Parameter]:
+        """Trained tensors by role (see PARAMETER_ROLES)."""
+        return {self.PARAMETER_ROLES[n]: p for n, p in self.trainable_parameters().items()}
 
     # -- per kind ------------------------------------------------------------------------------------
     kind = "abstract"

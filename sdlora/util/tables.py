@@ -20,11 +20,11 @@ def plan_table(layers, groups, cfg) -> str:
     rate_of = {id(p): g["lr"] for g in groups.groups for p in g["params"]}
     rows, total = [], 0
     for name, layer in layers.items():
-        params = layer.trainable_parameters()
+        params = layer.trainable_by_role()
         n = sum(p.numel() for p in params.values())
         total += n
-        rates = "/".join(f"{rate_of[id(params[k])]:.2e}" if k in params else "frozen" for k in ("lora_A", "lora_B", "alpha")
-                         if k != "alpha" or cfg.lora.learnable_alpha)
+        rates = "/".join(f"{rate_of[id(params[k])]:.2e}" if k in params else "frozen" for k in ("down", "up", "scale")
+                         if k != "scale" or cfg.lora.learnable_alpha)
         rows.append([name, layer.kind, layer.rank, f"{float(layer.alpha):g}", layer.init_scheme, rates, f"{n:,}"])
     table = format_table(["module", "kind", "rank", "alpha", "init", "lr A/B" + ("/alpha" if cfg.lora.learnable_alpha else ""), "params"],
                          rows, "lllrlrr")
