@@ -5,9 +5,9 @@ conv, penalty, clip skip 2), then writes the kohya, merged-diffusers and merged-
 one sha256 per file over its tensors (name, dtype, shape, bytes) and one over its metadata without the fields
 that hold a time or a path. A redesign that changes no behaviour prints the same lines before and after it:
 
-    python3 scripts/export_fingerprint.py --work /tmp/fp-old > old.txt   # on the old commit
-    python3 scripts/export_fingerprint.py --work /tmp/fp-new > new.txt   # on the new one
-    diff old.txt new.txt
+    python3 scripts/export_fingerprint.py --work /tmp/fp > old.txt   # on the old commit
+    python3 scripts/export_fingerprint.py --work /tmp/fp > new.txt   # on the new one (the same --work: paths
+    diff old.txt new.txt                                              # are part of the metadata)
 
 Run it on one thread (OMP_NUM_THREADS=1): CPU runs are bit-identical only then (docs/reliability.md).
 """
