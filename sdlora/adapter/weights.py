@@ -17,7 +17,7 @@ Native layout keys: `unet.<path>.lora_A.weight` (down) / `.lora_B.weight` (up) a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,7 +64,7 @@ class AdapterWeights:
         mods = {}
         for n, m in self.modules.items():
             down, up = balance_factors(m.down, m.up) if dtype in HALF_DTYPES else (m.down, m.up)
-            mods[n] = ModuleDelta(down.to(dtype), up.to(dtype), m.scale, m.alpha, m.trained_rank)
+            mods[n] = replace(m, down=down.to(dtype), up=up.to(dtype))  # every other field carried as it is
         return AdapterWeights(mods, dict(self.metadata))
 
 

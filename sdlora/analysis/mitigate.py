@@ -8,10 +8,11 @@ its metadata plus a `sdlora.mitigate_intruders` record, and is written atomicall
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from sdlora.adapter.io import file_layout, load_adapter, save_adapter
-from sdlora.adapter.weights import AdapterWeights, ModuleDelta
+from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
 from sdlora.analysis.inspect import BaseModel
 from sdlora.errors import UserError
@@ -35,7 +36,7 @@ def mitigate_adapter(path: str | Path, base: BaseModel, lam: float, out: str | P
         w0 = base.weight(name, m.delta_weight().shape)
         r = analysis.mitigate_intruders(w0, m.down, m.up, lam, top_k=top_k, epsilon=epsilon,
                                         base_u=base.base_u(name, w0))
-        modules[name] = ModuleDelta(r.down, r.up, m.scale, m.alpha, m.trained_rank)
+        modules[name] = replace(m, down=r.down, up=r.up)
         changes.append({"name": name, "intruders_before": r.intruders_before, "intruders_after": r.intruders_after,
                         "singular_values_before": r.singular_values_before,
                         "singular_values_after": r.singular_values_after, "truncation_error": r.truncation_error})
