@@ -128,7 +128,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_check
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(sdlora.atomic.os, "fsync", fsync)
+    monkeypatch.setattr(sdlora.util.atomic.os, "fsync", fsync)
     with pytest.raises(UserError, match=r"step 4 .*disk is full.*step_000002 is intact"):
         train(cfg, log=quiet)
     monkeypatch.undo()

@@ -43,7 +43,7 @@ def test_a_second_ctrl_c_during_the_stop_save_marks_the_run_interrupted(make_con
             os.kill(os.getpid(), signal.SIGINT)  # real signal: the loop finishes step 3 and saves
         return loss
 
-    fsync_dir = sdlora.atomic._fsync_dir
+    fsync_dir = sdlora.util.atomic._fsync_dir
 
     def second_ctrl_c_mid_save(folder):
         if state["first"] and ".staging-step_000003" in str(folder):
@@ -52,7 +52,7 @@ def test_a_second_ctrl_c_during_the_stop_save_marks_the_run_interrupted(make_con
             time.sleep(5)
         fsync_dir(folder)
 
-    monkeypatch.setattr(sdlora.atomic, "_fsync_dir", second_ctrl_c_mid_save)
+    monkeypatch.setattr(sdlora.util.atomic, "_fsync_dir", second_ctrl_c_mid_save)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, fault_hook=first_ctrl_c, log=quiet)
     status = json.loads((out / "run.json").read_text())
