@@ -82,6 +82,8 @@ class DataConfig(CaptionOptions):
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    masked_loss: bool = Field(False, description="Weight the diffusion loss by a per-image mask (docs/data.md): a same-name file in data.mask_dir, else the image's alpha channel, else 1 everywhere; resized and cropped with the image, averaged per latent cell.")
+    mask_dir: Optional[str] = Field(None, description="Folder of loss masks named like the images (cat.jpg -> cat.png; white = 1, black = 0). Needs data.masked_loss.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -95,6 +97,8 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
+        if self.mask_dir is not None and not self.masked_loss:
+            raise ValueError("data.mask_dir is set but data.masked_loss is off (set data.masked_loss: true)")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:

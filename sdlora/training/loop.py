@@ -187,7 +187,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             with accelerator.autocast():
                 pred = unet(noisy, timesteps, **family.unet_kwargs(embeddings)).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
-            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"])
+            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"],
+                                       batch.get("loss_mask"))
             loss = diff_loss
             if regulariser is not None:
                 reg = regulariser(input_ids, embeddings)
