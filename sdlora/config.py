@@ -82,6 +82,7 @@ class DataConfig(CaptionOptions):
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    max_token_length: Literal[75, 150, 225] = Field(75, description="Caption tokens the text encoder sees: 75 (one CLIP window, as always), or 150/225: the caption cut in 75-token chunks, each with its own start/end tokens, encoded apart and concatenated (AUTOMATIC1111's layout; docs/data.md).")
     masked_loss: bool = Field(False, description="Weight the diffusion loss by a per-image mask (docs/data.md): a same-name file in data.mask_dir, else the image's alpha channel, else 1 everywhere; resized and cropped with the image, averaged per latent cell.")
     mask_dir: Optional[str] = Field(None, description="Folder of loss masks named like the images (cat.jpg -> cat.png; white = 1, black = 0). Needs data.masked_loss.")
 

@@ -85,13 +85,13 @@ class EmbeddingNormRegulariser:
 
     def __init__(self, text_encoder, tokenizer, cfg):
         self.cfg = cfg.reg.embedding_norm
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id, self.window = tokenizer.eos_token_id, tokenizer.model_max_length
         self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size)
 
     def __call__(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> PenaltyResult:
         base = self.cache.norms(input_ids)
         if self.cfg.tokens == "content":
-            mask = content_mask(input_ids, self.eos_token_id)
+            mask = content_mask(input_ids, self.eos_token_id, self.window)  # per 77-token chunk for long captions
         else:
             mask = torch.ones_like(input_ids, dtype=torch.bool)
         result = embedding_norm_penalty(embeddings, base, mask, norm=self.cfg.norm, reduce=self.cfg.reduce)

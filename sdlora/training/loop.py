@@ -142,7 +142,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps.text_encoder, comps.tokenizer, say)
     text_cache = make_text_cache(cfg, text_encoder)
-    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
+    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
+                       cfg.data.max_token_length) if main else None
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
     record = RunRecord.from_training(cfg, comps)  # what every exported file says about this run
@@ -178,7 +179,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             noise = draws.noise(cfg.loss.noise_offset)
             timesteps = draws.timesteps(cfg.loss.min_timestep, t_max)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            input_ids = tokenize(comps.tokenizer, batch["captions"]).to(accelerator.device)
+            input_ids = tokenize(comps.tokenizer, batch["captions"], cfg.data.max_token_length).to(accelerator.device)
             if text_cache is not None:
                 embeddings = text_cache(input_ids)
             else:
