@@ -116,6 +116,13 @@ class OutputConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- train
+class EmaConfig(Section):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the adapter weights, exported as adapter_ema.safetensors beside adapter.safetensors (and in every checkpoint).")
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema = decay · ema + (1 − decay) · weights after each step (0.999 averages about the last 1000 steps).")
+    start_step: int = Field(0, ge=0, description="Before this step the average just follows the weights.")
+    device: Literal["same", "cpu"] = Field("same", description="Where the average lives: the training device, or the CPU (saves accelerator memory, costs a copy per step).")
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="Optimiser steps to train.")
     batch_size: int = Field(1, ge=1, description="Images per step per process.")
@@ -127,6 +134,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the UNet.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a non-finite loss (each is skipped).")
     log_every: int = Field(1, ge=1, description="Log scalars every N steps.")
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
 
 # ---------------------------------------------------------------------------------------------- optim

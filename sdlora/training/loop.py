@@ -19,6 +19,7 @@ from sdlora.reg.probe import DriftProbe
 from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
+from sdlora.training.ema import export_ema, make_ema
 from sdlora.training.export import export_adapter
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
@@ -151,8 +152,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     def export(path, at_step, report=None):
         export_adapter(layers, path, cfg, record, steps=at_step, report=report)
 
+    ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
     checkpointer = Checkpointer(out, accelerator, layers, optimizer, lr_scheduler, noise_gen, export,
-                                keep_last=cfg.checkpoint.keep_last, data=data)
+                                keep_last=cfg.checkpoint.keep_last, data=data, ema=ema)
     nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
     step = 0
     if resume is not None:
@@ -228,6 +230,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         applied_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's rates, logged below
         lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
+        if ema is not None:
+            ema.update(step)
         nonfinite.record(verdict.finite)
         if not verdict.finite:
             say(f"sdlora: step {step}: {verdict.reason}, step skipped ({nonfinite.consecutive} in a row, "
@@ -276,6 +280,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     adapter_path = out / "adapter.safetensors"
     if main:
         write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
+        if ema is not None:
+            export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)
         say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
     accelerator.end_training()
