@@ -294,6 +294,24 @@ class SampleConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------------ validation
+class ValidationConfig(Section):
+    every_steps: int = Field(0, ge=0, description="Compute the validation loss every N steps and at the last (0 = off); logged as validation/loss to metrics.jsonl and the tracker.")
+    path: Optional[str] = Field(None, description="Folder of held-out images with captions (read like data.path).")
+    num_images: int = Field(0, ge=0, description="Instead of a folder: hold this many images of the dataset out of training (a pick seeded by validation.seed).")
+    timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
+    seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")
+    with_probe: bool = Field(False, description="Also run the drift probe at validation steps.")
+    with_samples: bool = Field(False, description="Also write samples (sample.prompts) at validation steps.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ValidationConfig":
+        if self.every_steps and (self.path is None) == (self.num_images == 0):
+            raise ValueError("validation.every_steps needs exactly one of validation.path (a folder) or "
+                             "validation.num_images (held out of the dataset)")
+        return self
+
+
 # ----------------------------------------------------------------------------------------- checkpoint
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
@@ -320,6 +338,7 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     reg: RegConfig = Field(default_factory=RegConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -330,6 +349,8 @@ class Config(Section):
         if self.optim.warmup_steps > self.train.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps "
                              f"({self.train.max_steps}): the rate would never reach optim.lr")
+        if self.validation.with_samples and not self.sample.prompts:
+            raise ValueError("validation.with_samples needs sample.prompts")
         lora = self.lora
         unet_targets = bool(lora.unet_targets) or (lora.conv and bool(lora.conv_targets))
         te_targets = self.text_encoder.train and bool(lora.text_encoder_targets)

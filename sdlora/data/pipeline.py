@@ -40,6 +40,11 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     subsets = cfg.data_subsets()
     notes: list[Note] = []
     samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
+    held_out = []
+    if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
+        from sdlora.training.validation import split_held_out
+
+        samples, held_out = split_held_out(samples, cfg.validation.num_images, cfg.validation.seed)
     say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
     for line in note_lines(notes):
         say(line)
@@ -62,6 +67,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
             f"and will be truncated")
     result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
                           latent_factor=2 ** (len(comps.vae.config.block_out_channels) - 1))
+    result.held_out = held_out
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result
@@ -113,6 +119,7 @@ class TrainingData:
         self.cfg = cfg
         self.latent_factor = latent_factor  # pixels per latent cell along a side (the VAE's downscale)
         self.samples = samples
+        self.held_out: list[Sample] = []  # validation.num_images taken out of training
         self.skipped = skipped
         self.num_images = len(samples)
         self.num_processes, self.process_index = num_processes, process_index

@@ -38,6 +38,7 @@ from sdlora.training.run_folder import (
 from sdlora.training.sampling import sample_due, sample_during_training
 from sdlora.training.signals import GracefulStop
 from sdlora.training.text_cache import make_text_cache
+from sdlora.training.validation import make_validation, validation_due
 from sdlora.util import atomic
 from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.util.jsonl_log import JsonlLog
@@ -145,6 +146,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     text_cache = make_text_cache(cfg, text_encoder)
     probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
                        cfg.data.max_token_length) if main else None
+    validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
     record = RunRecord.from_training(cfg, comps)  # what every exported file says about this run
@@ -251,10 +253,15 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 metrics_log.append(step, metrics)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{next(iter(applied_lrs.values())):.2e}", refresh=False)
         sums, micro_batches = {}, 0
-        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
+        validating = validation_due(step, cfg)
+        if validation is not None and validating:  # the unwrapped models: only the main process runs it
+            run_validation(validation, comps, accelerator, metrics_log, step)
+        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)
+                                  or (validating and cfg.validation.with_probe)):
             run_probe(probe, accelerator, probe_log, step)
         must_stop = nonfinite.exhausted or verdict.stop_signal
-        saving = must_stop or checkpoint_due(step, cfg) or sample_due(step, cfg.train.max_steps, cfg.sample)
+        sampling = sample_due(step, cfg.train.max_steps, cfg.sample) or (validating and cfg.validation.with_samples)
+        saving = must_stop or checkpoint_due(step, cfg) or sampling
         if saving and not bool(weights_finite):  # one more host sync, only at steps that write or sample
             stop_nonfinite_weights(out, step, main, say)
         if must_stop or checkpoint_due(step, cfg):
@@ -262,7 +269,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             if main:
                 metrics_log.flush()
                 probe_log.flush()
-        if main and sample_due(step, cfg.train.max_steps, cfg.sample):
+        if main and sampling:
             sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
         if must_stop:
             stop.uninstall()
@@ -336,6 +343,13 @@ def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) ->
     accelerator.log(stats, step=step)
     probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl
     return stats
+
+
+def run_validation(validation, comps, accelerator, metrics_log: JsonlLog, step: int) -> float:
+    value = validation.measure(comps.unet, comps.text_encoder, accelerator)
+    accelerator.log({"validation/loss": value}, step=step)
+    metrics_log.append(step, {"validation/loss": value})  # its own record in metrics.jsonl
+    return value
 
 
 def progress_bar(total: int, disable: bool, initial: int = 0):
