@@ -252,7 +252,18 @@ class EmbeddingNormConfig(Section):
     norm: Literal["l2", "l1"] = Field("l2", description="Vector norm of each token embedding.")
     tokens: Literal["all", "content"] = Field("all", description="All positions, or up to and including the end-of-text token.")
     reduce: Literal["per_token", "mean"] = Field("per_token", description="mean_t |‖E_t‖-‖E0_t‖| (per_token) or |mean_t ‖E_t‖ - mean_t ‖E0_t‖| (mean).")
-    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms are kept in memory (LRU).")
+    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms (base embeddings, with the direction term) are kept in memory (LRU).")
+    direction_weight: float = Field(0.0, ge=0.0, description="Weight of the direction term mean_t (1 - cos(E_t, E0_t)) (0 = off; docs/embedding-norm.md).")
+    direction_prompts: Literal["batch", "pinned", "both"] = Field("batch", description="Which text the direction term holds: the batch's captions, reg.embedding_norm.pinned_prompts (one more text-encoder pass per step), or both (the mean of the two).")
+    pinned_prompts: list[str] = Field(default_factory=list, description="Prompts (or terms) whose embedding direction is held when direction_prompts is pinned or both.")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "EmbeddingNormConfig":
+        if self.direction_weight and self.direction_prompts != "batch" and not self.pinned_prompts:
+            raise ValueError(f"reg.embedding_norm.direction_prompts={self.direction_prompts} needs "
+                             "reg.embedding_norm.pinned_prompts")
+        _no_blank(self.pinned_prompts, "reg.embedding_norm.pinned_prompts")
+        return self
 
 
 class RegConfig(Section):

@@ -198,6 +198,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             if regulariser is not None:
                 reg = regulariser(input_ids, embeddings)
                 loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
+                if reg.direction is not None:
+                    loss = loss + cfg.reg.embedding_norm.direction_weight * reg.direction
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
@@ -305,6 +307,8 @@ def step_scalars(loss, diff_loss, reg) -> dict:
         scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
                         "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
                         "embedding_norm/relative_drift": reg.relative_drift.detach()})
+        if reg.direction is not None:
+            scalars["embedding_norm/direction"] = reg.direction.detach()
     return {k: v.float() for k, v in scalars.items()}
 
 
@@ -330,7 +334,7 @@ def make_data(cfg: Config, comps: Components, accelerator, say):
 def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
     from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
 
-    if cfg.reg.embedding_norm.weight == 0:
+    if cfg.reg.embedding_norm.weight == 0 and cfg.reg.embedding_norm.direction_weight == 0:
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
