@@ -42,7 +42,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
     held_out = []
     if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
-        from sdlora.training.validation import split_held_out
+        from sdlora.data.held_out import split_held_out
 
         samples, held_out = split_held_out(samples, cfg.validation.num_images, cfg.validation.seed)
     say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")

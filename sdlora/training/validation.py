@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sdlora.data.captions import base_caption
@@ -30,14 +29,6 @@ class HeldOutImage:
     noise: torch.Tensor  # (K, C, h, w)
     timesteps: torch.Tensor  # (K,)
     caption: str
-
-
-def split_held_out(samples: list, count: int, seed: int) -> tuple[list, list]:
-    """(training, held out): `count` samples picked by a generator seeded with `seed`, order kept."""
-    if count >= len(samples):
-        raise UserError(f"validation.num_images: {count} leaves no training images (the data has {len(samples)})")
-    picked = set(np.random.default_rng(seed).choice(len(samples), size=count, replace=False).tolist())
-    return ([s for i, s in enumerate(samples) if i not in picked], [s for i, s in enumerate(samples) if i in picked])
 
 
 def held_out_samples(cfg, training_data, say) -> list:
