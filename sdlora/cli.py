@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--base", default=None, help="base model for merged formats (default: the run's model.path)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--ema", action="store_true", help="from a run or checkpoint folder: its adapter_ema.safetensors "
+                                                      "(train.ema) instead of adapter.safetensors")
     _common(p)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
@@ -116,7 +118,7 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from sdlora.commands.export import run_export
 
-        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base)
+        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

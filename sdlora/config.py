@@ -82,6 +82,9 @@ class DataConfig(CaptionOptions):
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    max_token_length: Literal[75, 150, 225] = Field(75, description="Caption tokens the text encoder sees: 75 (one CLIP window, as always), or 150/225: the caption cut in 75-token chunks, each with its own start/end tokens, encoded apart and concatenated (AUTOMATIC1111's layout; docs/data.md).")
+    masked_loss: bool = Field(False, description="Weight the diffusion loss by a per-image mask (docs/data.md): a same-name file in data.mask_dir, else the image's alpha channel, else 1 everywhere; resized and cropped with the image, averaged per latent cell.")
+    mask_dir: Optional[str] = Field(None, description="Folder of loss masks named like the images (cat.jpg -> cat.png; white = 1, black = 0). Needs data.masked_loss.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -95,6 +98,8 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
+        if self.mask_dir is not None and not self.masked_loss:
+            raise ValueError("data.mask_dir is set but data.masked_loss is off (set data.masked_loss: true)")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:
@@ -111,6 +116,13 @@ class OutputConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- train
+class EmaConfig(Section):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the adapter weights, exported as adapter_ema.safetensors beside adapter.safetensors (and in every checkpoint).")
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema = decay · ema + (1 − decay) · weights after each step (0.999 averages about the last 1000 steps).")
+    start_step: int = Field(0, ge=0, description="Before this step the average just follows the weights.")
+    device: Literal["same", "cpu"] = Field("same", description="Where the average lives: the training device, or the CPU (saves accelerator memory, costs a copy per step).")
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="Optimiser steps to train.")
     batch_size: int = Field(1, ge=1, description="Images per step per process.")
@@ -122,6 +134,7 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the UNet.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with a non-finite loss (each is skipped).")
     log_every: int = Field(1, ge=1, description="Log scalars every N steps.")
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
 
 # ---------------------------------------------------------------------------------------------- optim
@@ -239,7 +252,18 @@ class EmbeddingNormConfig(Section):
     norm: Literal["l2", "l1"] = Field("l2", description="Vector norm of each token embedding.")
     tokens: Literal["all", "content"] = Field("all", description="All positions, or up to and including the end-of-text token.")
     reduce: Literal["per_token", "mean"] = Field("per_token", description="mean_t |‖E_t‖-‖E0_t‖| (per_token) or |mean_t ‖E_t‖ - mean_t ‖E0_t‖| (mean).")
-    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms are kept in memory (LRU).")
+    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms (base embeddings, with the direction term) are kept in memory (LRU).")
+    direction_weight: float = Field(0.0, ge=0.0, description="Weight of the direction term mean_t (1 - cos(E_t, E0_t)) (0 = off; docs/embedding-norm.md).")
+    direction_prompts: Literal["batch", "pinned", "both"] = Field("batch", description="Which text the direction term holds: the batch's captions, reg.embedding_norm.pinned_prompts (one more text-encoder pass per step), or both (the mean of the two).")
+    pinned_prompts: list[str] = Field(default_factory=list, description="Prompts (or terms) whose embedding direction is held when direction_prompts is pinned or both.")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "EmbeddingNormConfig":
+        if self.direction_weight and self.direction_prompts != "batch" and not self.pinned_prompts:
+            raise ValueError(f"reg.embedding_norm.direction_prompts={self.direction_prompts} needs "
+                             "reg.embedding_norm.pinned_prompts")
+        _no_blank(self.pinned_prompts, "reg.embedding_norm.pinned_prompts")
+        return self
 
 
 class RegConfig(Section):
@@ -281,6 +305,24 @@ class SampleConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------------ validation
+class ValidationConfig(Section):
+    every_steps: int = Field(0, ge=0, description="Compute the validation loss every N steps and at the last (0 = off); logged as validation/loss to metrics.jsonl and the tracker.")
+    path: Optional[str] = Field(None, description="Folder of held-out images with captions (read like data.path).")
+    num_images: int = Field(0, ge=0, description="Instead of a folder: hold this many images of the dataset out of training (a pick seeded by validation.seed).")
+    timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
+    seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")
+    with_probe: bool = Field(False, description="Also run the drift probe at validation steps.")
+    with_samples: bool = Field(False, description="Also write samples (sample.prompts) at validation steps.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ValidationConfig":
+        if self.every_steps and (self.path is None) == (self.num_images == 0):
+            raise ValueError("validation.every_steps needs exactly one of validation.path (a folder) or "
+                             "validation.num_images (held out of the dataset)")
+        return self
+
+
 # ----------------------------------------------------------------------------------------- checkpoint
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
@@ -307,6 +349,7 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     reg: RegConfig = Field(default_factory=RegConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -317,6 +360,8 @@ class Config(Section):
         if self.optim.warmup_steps > self.train.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps "
                              f"({self.train.max_steps}): the rate would never reach optim.lr")
+        if self.validation.with_samples and not self.sample.prompts:
+            raise ValueError("validation.with_samples needs sample.prompts")
         lora = self.lora
         unet_targets = bool(lora.unet_targets) or (lora.conv and bool(lora.conv_targets))
         te_targets = self.text_encoder.train and bool(lora.text_encoder_targets)

@@ -1,7 +1,8 @@
 """`sdlora export SOURCE --format F --out PATH`: a trained adapter in every format other tools read.
 
 SOURCE is an adapter .safetensors file, a run folder (output.dir, holding adapter.safetensors) or a
-checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors). The base model
+checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors; with --ema, the
+adapter_ema.safetensors that train.ema writes beside it). The base model
 (needed by the merged formats) is the run's `model.path`, from the adapter's run record
 (`sdlora.adapter.run_record`), unless --base names another.
 """
@@ -19,15 +20,20 @@ from sdlora.training.export import DTYPES
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
 
 
-def resolve_adapter_file(source: str | Path) -> Path:
+def resolve_adapter_file(source: str | Path, ema: bool = False) -> Path:
     p = Path(source).expanduser()
+    name = "adapter_ema.safetensors" if ema else "adapter.safetensors"
     if p.is_file():
+        if ema:
+            raise UserError(f"export --ema: give a run or checkpoint folder, or the {name} file itself without --ema")
         return p
     if p.is_dir():
-        if (p / "adapter.safetensors").is_file():
-            return p / "adapter.safetensors"
+        if (p / name).is_file():
+            return p / name
         hint = " (its checkpoints/step_NNNNNN/ folders hold one each)" if (p / "checkpoints").is_dir() else ""
-        raise UserError(f"export: {p} holds no adapter.safetensors{hint}")
+        if ema:
+            hint = " (it is written when train.ema.enabled is on)"
+        raise UserError(f"export: {p} holds no {name}{hint}")
     raise UserError(f"export: no such file or folder: {p}")
 
 
@@ -49,7 +55,7 @@ def _tag_frequencies(cfg: dict) -> dict[str, dict[str, int]]:
 
 
 def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = False, base: str | None = None,
-               report=print) -> Path:
+               report=print, ema: bool = False) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"export --format {fmt!r}: allowed {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -57,7 +63,7 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise UserError(f"export: {out} exists; pass --force to replace it")
-    adapter = load_adapter(resolve_adapter_file(source))
+    adapter = load_adapter(resolve_adapter_file(source, ema))
     record = RunRecord.from_metadata(adapter.metadata)  # None for another trainer's file
     cfg = record.config if record is not None else {}
     torch_dtype = DTYPES[dtype]

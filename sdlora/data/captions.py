@@ -46,10 +46,9 @@ def base_caption(caption: str, opts: CaptionOptions) -> str:
     return f"{opts.prefix}{caption}{opts.suffix}"
 
 
-def count_truncated(captions: list[str], tokenizer) -> int:
-    """Captions longer than the text encoder's window (75 content tokens for CLIP)."""
+def count_truncated(captions: list[str], tokenizer, max_token_length: int = 75) -> int:
+    """Captions longer than `max_token_length` content tokens (75: the CLIP window; 150, 225: chunked)."""
     if not captions:
         return 0
-    limit = tokenizer.model_max_length
-    ids = tokenizer(list(captions), truncation=False, padding=False).input_ids
-    return sum(len(x) > limit for x in ids)
+    ids = tokenizer(list(captions), truncation=False, padding=False, add_special_tokens=False).input_ids
+    return sum(len(x) > max_token_length for x in ids)

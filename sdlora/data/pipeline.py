@@ -15,8 +15,9 @@ import torch
 from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
 from sdlora.data.captions import base_caption, count_truncated, transform_caption
 from sdlora.data.images import BadImage, open_checked
+from sdlora.data.masks import load_mask
 from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
-from sdlora.data.samples import Sample, load_pixels
+from sdlora.data.samples import Sample, center_offset, load_pixels
 from sdlora.data.sources import Item, Note, Rejected, discover
 from sdlora.errors import UserError
 
@@ -39,6 +40,11 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     subsets = cfg.data_subsets()
     notes: list[Note] = []
     samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
+    held_out = []
+    if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
+        from sdlora.data.held_out import split_held_out
+
+        samples, held_out = split_held_out(samples, cfg.validation.num_images, cfg.validation.seed)
     say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
     for line in note_lines(notes):
         say(line)
@@ -53,11 +59,15 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     for s in samples:
         counts[s.geo.bucket] = counts.get(s.geo.bucket, 0) + s.item.repeats
     say(bucket_table(counts))
-    truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples], comps.tokenizer)
+    limit = data.max_token_length
+    truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
+                                comps.tokenizer, limit)
     if truncated:
-        say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's "
-            f"{comps.tokenizer.model_max_length - 2} tokens and will be truncated")
-    result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index)
+        say(f"sdlora: {truncated} of {len(samples)} captions are longer than {limit} tokens (data.max_token_length) "
+            f"and will be truncated")
+    result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
+                          latent_factor=2 ** (len(comps.vae.config.block_out_channels) - 1))
+    result.held_out = held_out
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result
@@ -104,9 +114,12 @@ def scan(entries: list[Item | Rejected], data, buckets) -> tuple[list[Sample], l
 
 # ------------------------------------------------------------------------------------------- the data
 class TrainingData:
-    def __init__(self, cfg, samples: list[Sample], skipped, *, num_processes: int = 1, process_index: int = 0):
+    def __init__(self, cfg, samples: list[Sample], skipped, *, num_processes: int = 1, process_index: int = 0,
+                 latent_factor: int = 8):
         self.cfg = cfg
+        self.latent_factor = latent_factor  # pixels per latent cell along a side (the VAE's downscale)
         self.samples = samples
+        self.held_out: list[Sample] = []  # validation.num_images taken out of training
         self.skipped = skipped
         self.num_images = len(samples)
         self.num_processes, self.process_index = num_processes, process_index
@@ -115,6 +128,7 @@ class TrainingData:
         self.vae_encodes = 0  # images passed through the VAE encoder by this object (cache fill + on the fly)
         self.cache_hits = 0  # cache entries read from disk
         self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.masks: dict[tuple[int, bool], torch.Tensor] | None = None  # filled with the latent cache (masked_loss)
         self._epoch, self._index = 0, 0
         self._plan: tuple[int, list[list[int]]] | None = None
 
@@ -182,9 +196,18 @@ class TrainingData:
         return {**self._common(slots), "latent_mean": torch.stack(means), "latent_std": torch.stack(stds)}
 
     def _common(self, slots: list[Slot]) -> dict:
-        return {"captions": [s.caption for s in slots],
-                "loss_weight": torch.tensor([self.samples[s.sample].item.loss_weight for s in slots], dtype=torch.float32),
-                "image_paths": [str(self.samples[s.sample].item.path) for s in slots]}
+        common = {"captions": [s.caption for s in slots],
+                  "loss_weight": torch.tensor([self.samples[s.sample].item.loss_weight for s in slots], dtype=torch.float32),
+                  "image_paths": [str(self.samples[s.sample].item.path) for s in slots]}
+        if self.cfg.data.masked_loss:
+            common["loss_mask"] = torch.stack([self.mask(s) for s in slots])
+        return common
+
+    def mask(self, slot: Slot) -> torch.Tensor:
+        """(1, h, w) loss mask at latent resolution (data/masks.py); from the cache when latents are cached."""
+        if self.masks is not None:
+            return self.masks[(slot.sample, slot.flip)]
+        return load_mask(self.samples[slot.sample], slot.offset, slot.flip, self.cfg.data, self.latent_factor)
 
     def _pixels_batch(self, slots: list[Slot]) -> dict:
         pixels = torch.stack([self.pixels(self.samples[s.sample], s.offset, s.flip) for s in slots])
@@ -208,6 +231,9 @@ class TrainingData:
         from sdlora.data.cache_fill import fill_latent_cache
 
         self.latents = fill_latent_cache(self, vae, say)
+        if self.cfg.data.masked_loss:  # cached with the latents: a cached run never reads an image or a mask again
+            self.masks = {(i, flip): load_mask(self.samples[i], center_offset(self.samples[i]), flip, self.cfg.data,
+                                               self.latent_factor) for i, flip in self.latents}
 
 
 class _EpochBatches(torch.utils.data.Dataset):

@@ -45,6 +45,11 @@ def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> to
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def center_offset(sample: Sample) -> tuple[int, int]:
+    """The crop of a cached latent (cached latents need data.crop=center)."""
+    return crop_offset(sample.geo, "center", np.random.default_rng(0))
+
+
 def cache_key(sample: Sample, flip: bool, content_sha256: str, vae_id: str) -> str:
-    offset = crop_offset(sample.geo, "center", np.random.default_rng(0))
+    offset = center_offset(sample)
     return entry_key(content_sha256, sample.geo.bucket, sample.geo.resized, offset, flip, vae_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.lora.layers import adapters_disabled
-from sdlora.model.text import content_mask, encode
+from sdlora.model.text import content_mask, encode, tokenize
 
 
 def token_norms(embeddings: torch.Tensor, norm: str = "l2") -> torch.Tensor:
@@ -31,10 +31,12 @@ def base_embeddings(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> to
 
 
 class BaseNormCache:
-    """‖E0_t‖ per distinct token sequence; least recently used entries are dropped past `capacity`."""
+    """‖E0_t‖ per distinct token sequence (or, with `keep_embeddings`, E0 itself, for the direction term);
+    least recently used entries are dropped past `capacity`."""
 
-    def __init__(self, text_encoder, clip_skip: int, norm: str, capacity: int):
+    def __init__(self, text_encoder, clip_skip: int, norm: str, capacity: int, keep_embeddings: bool = False):
         self.text_encoder, self.clip_skip, self.norm, self.capacity = text_encoder, clip_skip, norm, capacity
+        self.keep_embeddings = keep_embeddings
         self.entries: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
         self.hits = self.misses = 0
 
@@ -43,7 +45,9 @@ class BaseNormCache:
         found = {k: self.entries[k] for k in keys if k in self.entries}
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
-            fresh = token_norms(base_embeddings(self.text_encoder, input_ids[missing], self.clip_skip), self.norm)
+            fresh = base_embeddings(self.text_encoder, input_ids[missing], self.clip_skip)
+            if not self.keep_embeddings:
+                fresh = token_norms(fresh, self.norm)
             found.update((keys[i], row) for i, row in zip(missing, fresh))
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -61,6 +65,14 @@ class PenaltyResult:
     mean_norm: torch.Tensor
     mean_base_norm: torch.Tensor
     relative_drift: torch.Tensor
+    direction: torch.Tensor | None = None  # unweighted 1 - cos term, when direction_weight > 0
+
+
+def direction_penalty(embeddings: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over captions of mean_t (1 − cos(E_t, E0_t)) over masked positions: holds the direction, not the norm."""
+    cos = torch.nn.functional.cosine_similarity(embeddings.float(), base.float(), dim=-1)
+    m = mask.to(cos.dtype)
+    return (((1.0 - cos) * m).sum(1) / m.sum(1).clamp_min(1.0)).mean()
 
 
 def embedding_norm_penalty(embeddings: torch.Tensor, base_norms: torch.Tensor, mask: torch.Tensor, *, norm: str = "l2",
@@ -85,14 +97,32 @@ class EmbeddingNormRegulariser:
 
     def __init__(self, text_encoder, tokenizer, cfg):
         self.cfg = cfg.reg.embedding_norm
-        self.eos_token_id = tokenizer.eos_token_id
-        self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size)
+        self.eos_token_id, self.window = tokenizer.eos_token_id, tokenizer.model_max_length
+        self.text_encoder, self.clip_skip = text_encoder, cfg.text_encoder.clip_skip
+        self.direction = self.cfg.direction_weight > 0
+        self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size,
+                                   keep_embeddings=self.direction)
+        self.pinned_ids = None
+        if self.direction and self.cfg.direction_prompts in ("pinned", "both"):
+            self.pinned_ids = tokenize(tokenizer, list(self.cfg.pinned_prompts), cfg.data.max_token_length)
+
+    def mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.tokens == "content":
+            return content_mask(input_ids, self.eos_token_id, self.window)  # per 77-token chunk for long captions
+        return torch.ones_like(input_ids, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> PenaltyResult:
         base = self.cache.norms(input_ids)
-        if self.cfg.tokens == "content":
-            mask = content_mask(input_ids, self.eos_token_id)
-        else:
-            mask = torch.ones_like(input_ids, dtype=torch.bool)
-        result = embedding_norm_penalty(embeddings, base, mask, norm=self.cfg.norm, reduce=self.cfg.reduce)
+        mask = self.mask(input_ids)
+        base_norms = token_norms(base, self.cfg.norm) if self.direction else base
+        result = embedding_norm_penalty(embeddings, base_norms, mask, norm=self.cfg.norm, reduce=self.cfg.reduce)
+        if self.direction:
+            terms = []
+            if self.cfg.direction_prompts in ("batch", "both"):
+                terms.append(direction_penalty(embeddings, base, mask))
+            if self.pinned_ids is not None:  # one more text-encoder pass per step, with gradients
+                ids = self.pinned_ids.to(input_ids.device)
+                live = encode(self.text_encoder, ids, self.clip_skip)
+                terms.append(direction_penalty(live, self.cache.norms(ids), self.mask(ids)))
+            result.direction = sum(terms) / len(terms)
         return result

@@ -29,11 +29,12 @@ DEFAULT_PROBE_PROMPTS = [
 
 
 class DriftProbe:
-    def __init__(self, text_encoder, tokenizer, prompts: list[str] | None = None, clip_skip: int = 1):
+    def __init__(self, text_encoder, tokenizer, prompts: list[str] | None = None, clip_skip: int = 1,
+                 max_token_length: int | None = None):
         self.text_encoder, self.clip_skip = text_encoder, clip_skip
         self.prompts = list(prompts or DEFAULT_PROBE_PROMPTS)
-        self.input_ids = tokenize(tokenizer, self.prompts)
-        self.mask = content_mask(self.input_ids, tokenizer.eos_token_id)
+        self.input_ids = tokenize(tokenizer, self.prompts, max_token_length)  # chunked like the training captions
+        self.mask = content_mask(self.input_ids, tokenizer.eos_token_id, tokenizer.model_max_length)
         self._base: torch.Tensor | None = None
 
     def _device(self):

@@ -6,6 +6,7 @@ A checkpoint is a folder `<output.dir>/checkpoints/step_NNNNNN/` holding
     lora_state.safetensors  every adapter tensor (A, B, alpha, offset factors) as trained, fp32
     optimizer.pt            the optimiser state (moments, step counts, per-group rates)
     trainer_state.json      step, LR-scheduler state, data-order position, non-finite counters
+    ema.safetensors         with train.ema: the averaged adapter tensors (fp32), and adapter_ema.safetensors
     rng_rank{i}.pt          per process: torch / CUDA / Python / NumPy RNGs and the trainer's noise generator
     manifest.json           name, size and SHA-256 of every file above, written LAST
 
@@ -192,6 +193,7 @@ class Checkpointer:
     export: object
     keep_last: int = 3
     data: object = None
+    ema: object = None  # training/ema.AdapterEMA when train.ema is on
     saved: list[Path] = field(default_factory=list)
 
     def save(self, step: int, counters: dict | None = None) -> Path:
@@ -233,6 +235,11 @@ class Checkpointer:
                  "num_processes": self.accelerator.num_processes}
         atomic.write_json(folder / "trainer_state.json", state)
         self.export(folder / "adapter.safetensors", step)
+        if self.ema is not None:
+            from sdlora.training.ema import export_ema
+
+            atomic.save_safetensors(folder / "ema.safetensors", self.ema.state_dict())
+            export_ema(self.ema, self.export, folder / "adapter_ema.safetensors", step)
 
     def require_finite(self, step: int) -> None:
         from sdlora.util.finite import require_finite
@@ -275,6 +282,11 @@ class Checkpointer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.data is not None and state.get("data") is not None:
             self.data.load_state_dict(state["data"])
+        if self.ema is not None:
+            if (folder / "ema.safetensors").is_file():
+                self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+            else:  # a checkpoint saved before train.ema was turned on: the average starts here
+                self.ema.reset()
         rng = torch.load(folder / f"rng_rank{self.accelerator.process_index}.pt", map_location="cpu", weights_only=False)
         restore_rng_state(rng, self.noise_gen)
         return state

@@ -19,6 +19,7 @@ from sdlora.reg.probe import DriftProbe
 from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
+from sdlora.training.ema import export_ema, make_ema
 from sdlora.training.export import export_adapter
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
@@ -37,6 +38,7 @@ from sdlora.training.run_folder import (
 from sdlora.training.sampling import sample_due, sample_during_training
 from sdlora.training.signals import GracefulStop
 from sdlora.training.text_cache import make_text_cache
+from sdlora.training.validation import make_validation, validation_due
 from sdlora.util import atomic
 from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.util.jsonl_log import JsonlLog
@@ -142,7 +144,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps.text_encoder, comps.tokenizer, say)
     text_cache = make_text_cache(cfg, text_encoder)
-    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip) if main else None
+    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
+                       cfg.data.max_token_length) if main else None
+    validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
     record = RunRecord.from_training(cfg, comps)  # what every exported file says about this run
@@ -150,8 +154,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     def export(path, at_step, report=None):
         export_adapter(layers, path, cfg, record, steps=at_step, report=report)
 
+    ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
     checkpointer = Checkpointer(out, accelerator, layers, optimizer, lr_scheduler, noise_gen, export,
-                                keep_last=cfg.checkpoint.keep_last, data=data)
+                                keep_last=cfg.checkpoint.keep_last, data=data, ema=ema)
     nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
     step = 0
     if resume is not None:
@@ -178,7 +183,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             noise = draws.noise(cfg.loss.noise_offset)
             timesteps = draws.timesteps(cfg.loss.min_timestep, t_max)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            input_ids = tokenize(comps.tokenizer, batch["captions"]).to(accelerator.device)
+            input_ids = tokenize(comps.tokenizer, batch["captions"], cfg.data.max_token_length).to(accelerator.device)
             if text_cache is not None:
                 embeddings = text_cache(input_ids)
             else:
@@ -187,11 +192,14 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             with accelerator.autocast():
                 pred = unet(noisy, timesteps, **family.unet_kwargs(embeddings)).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
-            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"])
+            diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"],
+                                       batch.get("loss_mask"))
             loss = diff_loss
             if regulariser is not None:
                 reg = regulariser(input_ids, embeddings)
                 loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
+                if reg.direction is not None:
+                    loss = loss + cfg.reg.embedding_norm.direction_weight * reg.direction
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
@@ -226,6 +234,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         applied_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # this step's rates, logged below
         lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
+        if ema is not None:
+            ema.update(step)
         nonfinite.record(verdict.finite)
         if not verdict.finite:
             say(f"sdlora: step {step}: {verdict.reason}, step skipped ({nonfinite.consecutive} in a row, "
@@ -245,10 +255,15 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 metrics_log.append(step, metrics)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{next(iter(applied_lrs.values())):.2e}", refresh=False)
         sums, micro_batches = {}, 0
-        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)):
+        validating = validation_due(step, cfg)
+        if validation is not None and validating:  # the unwrapped models: only the main process runs it
+            run_validation(validation, comps, accelerator, metrics_log, step)
+        if probe is not None and (step == cfg.train.max_steps or (cfg.reg.probe_every and step % cfg.reg.probe_every == 0)
+                                  or (validating and cfg.validation.with_probe)):
             run_probe(probe, accelerator, probe_log, step)
         must_stop = nonfinite.exhausted or verdict.stop_signal
-        saving = must_stop or checkpoint_due(step, cfg) or sample_due(step, cfg.train.max_steps, cfg.sample)
+        sampling = sample_due(step, cfg.train.max_steps, cfg.sample) or (validating and cfg.validation.with_samples)
+        saving = must_stop or checkpoint_due(step, cfg) or sampling
         if saving and not bool(weights_finite):  # one more host sync, only at steps that write or sample
             stop_nonfinite_weights(out, step, main, say)
         if must_stop or checkpoint_due(step, cfg):
@@ -256,7 +271,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             if main:
                 metrics_log.flush()
                 probe_log.flush()
-        if main and sample_due(step, cfg.train.max_steps, cfg.sample):
+        if main and sampling:
             sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
         if must_stop:
             stop.uninstall()
@@ -274,6 +289,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     adapter_path = out / "adapter.safetensors"
     if main:
         write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
+        if ema is not None:
+            export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)
         say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
     accelerator.end_training()
@@ -290,6 +307,8 @@ def step_scalars(loss, diff_loss, reg) -> dict:
         scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
                         "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
                         "embedding_norm/relative_drift": reg.relative_drift.detach()})
+        if reg.direction is not None:
+            scalars["embedding_norm/direction"] = reg.direction.detach()
     return {k: v.float() for k, v in scalars.items()}
 
 
@@ -315,7 +334,7 @@ def make_data(cfg: Config, comps: Components, accelerator, say):
 def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
     from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
 
-    if cfg.reg.embedding_norm.weight == 0:
+    if cfg.reg.embedding_norm.weight == 0 and cfg.reg.embedding_norm.direction_weight == 0:
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
@@ -328,6 +347,13 @@ def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) ->
     accelerator.log(stats, step=step)
     probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl
     return stats
+
+
+def run_validation(validation, comps, accelerator, metrics_log: JsonlLog, step: int) -> float:
+    value = validation.measure(comps.unet, comps.text_encoder, accelerator)
+    accelerator.log({"validation/loss": value}, step=step)
+    metrics_log.append(step, {"validation/loss": value})  # its own record in metrics.jsonl
+    return value
 
 
 def progress_bar(total: int, disable: bool, initial: int = 0):

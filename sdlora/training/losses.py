@@ -30,18 +30,23 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return clipped / s
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 0.1) -> torch.Tensor:
-    """Mean over all but the batch dimension, in fp32."""
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 0.1,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over all but the batch dimension, in fp32; a (B, 1, h, w) `mask` weights each latent cell (all
+    channels) first, and the mean stays over every element (kohya's masked loss: a mask of ones is no mask)."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
         elem = F.mse_loss(pred, target, reduction="none")
     else:
         elem = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
+    if mask is not None:
+        elem = elem * mask.to(elem.device, elem.dtype)
     return elem.flatten(1).mean(1)
 
 
-def diffusion_loss(pred, target, timesteps, noise_scheduler, loss_cfg, loss_weight: torch.Tensor | None = None):
-    per = per_sample_loss(pred, target, loss_cfg.type, loss_cfg.huber_delta)
+def diffusion_loss(pred, target, timesteps, noise_scheduler, loss_cfg, loss_weight: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None):
+    per = per_sample_loss(pred, target, loss_cfg.type, loss_cfg.huber_delta, mask)
     if loss_cfg.min_snr_gamma is not None:
         per = per * min_snr_weights(noise_scheduler, timesteps, loss_cfg.min_snr_gamma)
     if loss_weight is not None:

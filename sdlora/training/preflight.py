@@ -22,6 +22,10 @@ def before_model(cfg) -> None:
         key = "data.path" if cfg.data.path is not None else f"data.subsets.{i}.path"
         if not root.is_dir():
             raise UserError(f"{key}: no such folder: {root}" if not root.exists() else f"{key}: {root} is not a folder")
+    if cfg.validation.every_steps and cfg.validation.path and not Path(cfg.validation.path).expanduser().is_dir():
+        raise UserError(f"validation.path: no such folder: {cfg.validation.path}")
+    if cfg.data.mask_dir and not Path(cfg.data.mask_dir).expanduser().is_dir():
+        raise UserError(f"data.mask_dir: no such folder: {cfg.data.mask_dir}")
     out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")

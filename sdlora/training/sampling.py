@@ -43,8 +43,10 @@ def generate(cfg, comps, unet, text_encoder, device, autocast=None) -> list:
     pipe.set_progress_bar_config(disable=True)
     clip_skip = cfg.text_encoder.clip_skip
     prompts = list(s.prompts)
-    cond = encode(text_encoder, tokenize(comps.tokenizer, prompts).to(device), clip_skip)
-    uncond = encode(text_encoder, tokenize(comps.tokenizer, [s.negative_prompt] * len(prompts)).to(device), clip_skip)
+    length = cfg.data.max_token_length
+    cond = encode(text_encoder, tokenize(comps.tokenizer, prompts, length).to(device), clip_skip)
+    uncond = encode(text_encoder, tokenize(comps.tokenizer, [s.negative_prompt] * len(prompts), length).to(device),
+                    clip_skip)
     dtype = next(unet.parameters()).dtype
     generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):

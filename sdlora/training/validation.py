@@ -1,0 +1,99 @@
+"""Validation loss (`validation`): the diffusion loss on held-out images with fixed latents, noise and timesteps.
+
+The held-out images are a folder (`validation.path`) or `validation.num_images` images taken out of the
+training set (a seeded pick, the same for every run of the same data and seed). Each is centre-cropped to its
+bucket, unflipped, with its caption as written (prefix and suffix, no dropout or shuffling), and encoded once
+by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` timesteps spread evenly
+over the training range and one noise tensor per timestep from a generator seeded with `validation.seed`
+(on the CPU: the same numbers on every device). All of it is fixed at start, so the loss at a step depends
+only on the weights at that step: it compares across runs of the same data and across a kill-and-resume. It
+uses no global RNG, so turning it on does not change training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdlora.data.captions import base_caption
+from sdlora.data.samples import center_offset, load_pixels
+from sdlora.errors import UserError
+from sdlora.model.text import tokenize
+from sdlora.training.losses import diffusion_loss, diffusion_target
+
+
+@dataclass
+class HeldOutImage:
+    latents: torch.Tensor  # (K, C, h, w): the scaled latent mean, repeated per timestep
+    noise: torch.Tensor  # (K, C, h, w)
+    timesteps: torch.Tensor  # (K,)
+    caption: str
+
+
+def held_out_samples(cfg, training_data, say) -> list:
+    """The validation images: the folder's, or those build_training_data held out of training."""
+    if cfg.validation.path is None:
+        return training_data.held_out
+    from sdlora.config import SubsetConfig
+    from sdlora.data.buckets import bucket_sizes
+    from sdlora.data.pipeline import scan
+    from sdlora.data.sources import discover
+
+    shared = {k: getattr(cfg.data, k) for k in ("caption_extension", "prefix", "suffix")}
+    subsets = [SubsetConfig(path=cfg.validation.path, **shared)]
+    samples, skipped = scan(discover(subsets, 1.0), cfg.data, bucket_sizes(cfg.data))
+    if not samples:
+        raise UserError(f"validation.path: no usable images in {cfg.validation.path}")
+    if skipped:
+        say(f"sdlora: validation: {len(skipped)} images skipped (first: {skipped[0][0]}: {skipped[0][1]})")
+    return samples
+
+
+class ValidationLoss:
+    def __init__(self, cfg, comps, samples: list, t_max: int):
+        self.cfg, self.comps = cfg, comps
+        v = cfg.validation
+        gen = torch.Generator().manual_seed(v.seed)
+        vae = comps.vae
+        params = next(vae.parameters())
+        spread = torch.linspace(cfg.loss.min_timestep, t_max - 1, v.timesteps).round().long()
+        self.images = []
+        for sample in samples:
+            pixels = load_pixels(sample, center_offset(sample), False, cfg.data)[None]
+            with torch.no_grad():
+                mean = vae.encode(pixels.to(params.device, params.dtype)).latent_dist.mean.float().cpu()
+            latents = (mean * vae.config.scaling_factor).expand(v.timesteps, -1, -1, -1).contiguous()
+            noise = torch.randn(latents.shape, generator=gen)
+            caption = base_caption(sample.item.caption, cfg.data)
+            self.images.append(HeldOutImage(latents, noise, spread.clone(), caption))
+
+    @torch.no_grad()
+    def measure(self, unet, text_encoder, accelerator) -> float:
+        """The mean loss over every held-out image and timestep, with the live (adapted) models."""
+        scheduler, family, device = self.comps.noise_scheduler, self.comps.family, accelerator.device
+        total = 0.0
+        for image in self.images:
+            latents, noise, t = image.latents.to(device), image.noise.to(device), image.timesteps.to(device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            ids = tokenize(self.comps.tokenizer, [image.caption] * len(t), self.cfg.data.max_token_length).to(device)
+            embeddings = family.encode(text_encoder, ids, self.cfg.text_encoder.clip_skip)
+            with accelerator.autocast():
+                pred = unet(noisy, t, **family.unet_kwargs(embeddings)).sample
+            target = diffusion_target(scheduler, latents, noise, t)
+            total += float(diffusion_loss(pred, target, t, scheduler, self.cfg.loss))
+        return total / len(self.images)
+
+
+def make_validation(cfg, comps, training_data, t_max: int, say) -> ValidationLoss | None:
+    if not cfg.validation.every_steps:
+        return None
+    samples = held_out_samples(cfg, training_data, say)
+    say(f"sdlora: validation: {len(samples)} held-out images x {cfg.validation.timesteps} timesteps every "
+        f"{cfg.validation.every_steps} steps")
+    return ValidationLoss(cfg, comps, samples, t_max)
+
+
+def validation_due(step: int, cfg) -> bool:
+    every = cfg.validation.every_steps
+    return bool(every) and (step % every == 0 or step == cfg.train.max_steps)
