@@ -1,4 +1,4 @@
-"""`sdlora train | demo | make-tiny-model | export | inspect`.
+"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract`.
 
 Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
 """
@@ -15,6 +15,13 @@ from sdlora.errors import UserError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default="diffusers", choices=["diffusers", "kohya"], help="key layout of --out (default diffusers)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model for merged formats (default: the run's model.path)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     _common(p)
+
+    p = sub.add_parser("merge", help="several adapters as one: exact (concat) or re-factored to a rank (svd)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (native or kohya layout)")
+    p.add_argument("--out", required=True, help="the merged adapter (.safetensors)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
+    p.add_argument("--method", default="concat", choices=["concat", "svd"],
+                   help="concat: exact, rank = sum of ranks; svd: the weighted sum at --rank (default concat)")
+    p.add_argument("--rank", type=int, help="rank of the svd merge")
+    _output_options(p)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
@@ -117,6 +133,12 @@ def _dispatch(args) -> int:
         from sdlora.commands.export import run_export
 
         run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base)
+        return 0
+    if args.command == "merge":
+        from sdlora.commands.merge import run_merge
+
+        run_merge(args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank, layout=args.layout,
+                  dtype=args.dtype, force=args.force)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

@@ -1,0 +1,145 @@
+"""`sdlora merge | resize | extract` and `lora.init_from`: the adapter toolbox on real tiny models and real files.
+
+Adapters here are injected LoRA layers whose factors were moved away from their initial values (as in
+test_formats_export): every factor and alpha carries information without the time of a training run.
+Float tolerances: the maths is float64 on fp32 factors, so a product differs from its float64 reference by
+fp32 rounding of the factors (~1e-7 relative, any x86 CPU); model outputs through diffusers are compared at 1e-5
+absolute, the tolerance every export test of the project uses (outputs are O(1)).
+"""
+
+import pytest
+import torch
+
+from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
+from sdlora.adapter.algebra import merge_adapter
+from sdlora.adapter.io import file_layout, load_adapter
+from sdlora.adapter.run_record import RunRecord
+from sdlora.cli import main
+from sdlora.commands.merge import run_merge
+from sdlora.config import validate
+from sdlora.errors import UserError
+from sdlora.lora import inject_all
+from sdlora.model.loading import load_components
+from sdlora.training.export import export_adapter
+
+TOL = 1e-5
+REL = 1e-6  # float64 maths on fp32 factors: rounding only
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def _adapter_file(tiny_model, root, *, seed, init="zero", conv=False, rank=4, alpha=4.0, te=True):
+    """An exported adapter of a perturbed injection (native layout) and the model it came from."""
+    cfg = validate({"model": {"path": str(tiny_model)}, "data": {"path": str(root), "resolution": 64},
+                    "output": {"dir": str(root / f"run{seed}")}, "train": {"seed": seed},
+                    "text_encoder": {"train": te},
+                    "lora": {"rank": rank, "alpha": alpha, "init": init, "conv": conv, "learnable_alpha": True},
+                    "log": {"tracker": "none"}})
+    comps = load_components(cfg.model.path)
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.add_(0.2 * torch.randn(layer.lora_A.shape, generator=g))
+            layer.lora_B.add_(0.2 * torch.randn(layer.lora_B.shape, generator=g))
+            layer.alpha.mul_(1.0 + 0.5 * float(torch.rand((), generator=g)))
+    path = root / f"adapter{seed}.safetensors"
+    export_adapter(layers, path, cfg, RunRecord.from_training(cfg, comps), steps=10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model, tmp_path_factory):
+    """A (linear, text encoder too) and B (conv + linear, UNet only): modules that only one of them has."""
+    root = tmp_path_factory.mktemp("toolbox")
+    return (_adapter_file(tiny_model, root, seed=1, init="compensated"),
+            _adapter_file(tiny_model, root, seed=2, conv=True, rank=3, alpha=1.5, te=False))
+
+
+@pytest.fixture(scope="module")
+def shared_pipe(tiny_model):
+    return load_pipeline(tiny_model)
+
+
+def _dense_sum(paths, weights):
+    out = {}
+    for p, w in zip(paths, weights):
+        for n, m in load_adapter(p).modules.items():
+            out[n] = out.get(n, 0) + w * m.delta_weight().double()
+    return out
+
+
+def _outputs_with_deltas(tiny_model, deltas):
+    """The base model with the dense updates added (float64), the reference for what a loader must produce."""
+    comps = load_components(str(tiny_model))
+    with torch.no_grad():
+        for name, dw in deltas.items():
+            component, path = name.split(".", 1)
+            model = comps.unet if component == "unet" else comps.text_encoder
+            w = model.get_submodule(path).weight
+            w.copy_((w.double() + dw.reshape(w.shape)).float())
+    return model_outputs(comps.unet, comps.text_encoder, comps.tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------- merge
+def test_concat_merge_is_the_exact_weighted_sum_at_the_sum_of_ranks(two_adapters, tmp_path):
+    weights = [1.0, -0.7]
+    merged, rows = run_merge([str(p) for p in two_adapters], tmp_path / "m.safetensors", weights=weights, report=quiet)
+    expected = _dense_sum(two_adapters, weights)
+    assert set(merged.modules) == set(expected)
+    written = load_adapter(tmp_path / "m.safetensors")
+    a, b = (load_adapter(p).modules for p in two_adapters)
+    for name, dw in expected.items():
+        assert written.modules[name].rank == (a[name].rank if name in a else 0) + (b[name].rank if name in b else 0)
+        got = written.modules[name].delta_weight().double()
+        assert float((got - dw).norm()) <= REL * float(dw.norm()), name
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_merged_file_loads_in_diffusers_as_both_updates_added(two_adapters, tiny_model, shared_pipe, tmp_path, layout):
+    weights = [0.8, 1.2]
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *map(str, two_adapters), "--out", str(out), "--weights", "0.8", "1.2", "--layout", layout]) == 0
+    assert file_layout(out) == layout
+    reference = _outputs_with_deltas(tiny_model, _dense_sum(two_adapters, weights))
+    shared_pipe.load_lora_weights(str(out))
+    try:
+        diff = max_abs_diff(reference, pipeline_outputs(shared_pipe))
+    finally:
+        shared_pipe.unload_lora_weights()
+    assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
+
+
+def test_svd_merge_is_the_best_rank_r_sum_and_reports_its_error(two_adapters, tmp_path):
+    merged, rows = run_merge([str(p) for p in two_adapters], tmp_path / "m.safetensors", method="svd", rank=3,
+                             report=quiet)
+    expected = _dense_sum(two_adapters, [1.0, 1.0])
+    errors = {r["name"]: r["relative_error"] for r in rows}
+    for name, dw in expected.items():
+        m = dw.flatten(1)
+        s = torch.linalg.svdvals(m)
+        best = float(s[3:].norm() / s.norm())  # Eckart-Young: the best rank-3 error
+        got = merged.modules[name].delta_weight().double().flatten(1)
+        assert merged.modules[name].rank == 3
+        assert abs(errors[name] - best) <= 1e-6, name
+        assert abs(float((got - m).norm() / m.norm()) - best) <= 1e-5, name  # the factors are that truncation
+    assert max(errors.values()) > 1e-3  # the case truncates something (ranks 8 + 3 -> 3)
+
+
+def test_merge_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsys):
+    a, b = map(str, two_adapters)
+    out = tmp_path / "m.safetensors"
+    cases = [([a, b, "--out", str(out), "--method", "svd"], "needs --rank"),
+             ([a, b, "--out", str(out), "--rank", "2"], "--method svd only"),
+             ([a, b, "--out", str(out), "--weights", "1"], "1 weights for 2 adapters"),
+             ([a, "--out", str(out)], "at least two"),
+             ([a, str(tmp_path / "missing.safetensors"), "--out", str(out)], "not found")]
+    for argv, message in cases:
+        assert main(["merge", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    out.write_bytes(b"precious")
+    assert main(["merge", a, b, "--out", str(out)]) == 2
+    assert out.read_bytes() == b"precious" and "--force" in capsys.readouterr().err
