@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank of the svd merge")
     _output_options(p)
 
+    p = sub.add_parser("resize", help="an adapter at a lower rank, fixed or chosen per module (kohya's rules)")
+    p.add_argument("adapter", help="adapter .safetensors (native or kohya layout)")
+    p.add_argument("--out", required=True, help="the resized adapter (.safetensors)")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=float, help="this rank in every module")
+    rule.add_argument("--sv-ratio", type=float, metavar="X", help="per module: keep every singular value >= σ_max / X")
+    rule.add_argument("--sv-fro", type=float, metavar="X", help="per module: the fewest components keeping share X of |dW|_F")
+    rule.add_argument("--sv-cumulative", type=float, metavar="X", help="per module: the fewest components keeping share X of Σσ")
+    p.add_argument("--max-rank", type=int, help="with a per-module rule: no module above this rank")
+    _output_options(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -139,6 +150,13 @@ def _dispatch(args) -> int:
 
         run_merge(args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank, layout=args.layout,
                   dtype=args.dtype, force=args.force)
+        return 0
+    if args.command == "resize":
+        from sdlora.commands.resize import run_resize
+
+        rule = next(r for r in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(args, r) is not None)
+        run_resize(args.adapter, args.out, rule, getattr(args, rule), max_rank=args.max_rank, layout=args.layout,
+                   dtype=args.dtype, force=args.force)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

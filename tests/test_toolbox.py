@@ -143,3 +143,72 @@ def test_merge_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsy
     out.write_bytes(b"precious")
     assert main(["merge", a, b, "--out", str(out)]) == 2
     assert out.read_bytes() == b"precious" and "--force" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ resize
+def test_resize_at_full_rank_keeps_every_factor_exactly(two_adapters, tmp_path):
+    from sdlora.commands.resize import run_resize
+
+    resized, rows = run_resize(two_adapters[1], tmp_path / "r.safetensors", "rank", 3, report=quiet)
+    original = load_adapter(two_adapters[1]).modules
+    written = load_adapter(tmp_path / "r.safetensors").modules
+    for name, m in original.items():
+        assert torch.equal(written[name].down, m.down) and torch.equal(written[name].up, m.up), name
+    assert all(r["retained"] == 1.0 for r in rows)
+
+
+def _spectrum_adapter(singular_values):
+    """One linear module whose ΔW has exactly these singular values (orthonormal factors)."""
+    from sdlora.adapter.weights import AdapterWeights, ModuleDelta
+
+    s = torch.tensor(singular_values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(40, len(s), generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(30, len(s), generator=g, dtype=torch.float64)).Q
+    return AdapterWeights({"unet.x": ModuleDelta((v.T).float(), (u * s).float())})
+
+
+@pytest.mark.parametrize("rule, value, rank", [
+    ("sv_ratio", 5.0, 3),        # 8, 4, 2 >= 8/5 = 1.6; 1 is not
+    ("sv_ratio", 3.0, 2),        # 8, 4 >= 8/3 = 2.67
+    ("sv_ratio", 9.0, 4),
+    ("sv_fro", 0.99, 3),         # sqrt(84/85) = 0.9941 >= 0.99 > sqrt(80/85) = 0.970
+    ("sv_cumulative", 0.9, 3),   # 14/15 = 0.933 >= 0.9 > 12/15 = 0.8
+    ("sv_cumulative", 1.0, 4),
+    ("rank", 2, 2),
+])
+def test_dynamic_rank_rules_keep_what_kohyas_rules_keep(rule, value, rank):
+    from sdlora.commands.resize import resize_adapter
+
+    resized, rows = resize_adapter(_spectrum_adapter([8.0, 4.0, 2.0, 1.0]), rule, value)
+    assert rows[0]["rank"] == rank and resized.modules["unet.x"].rank == rank
+    kept = torch.tensor([64.0, 16.0, 4.0, 1.0])[:rank].sum() / 85.0
+    assert abs(rows[0]["retained"] - float(kept.sqrt())) <= 1e-6
+
+
+def test_resize_per_module_rule_on_a_real_adapter_matches_the_dense_truncation(two_adapters, tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    assert main(["resize", str(two_adapters[0]), "--out", str(out), "--sv-fro", "0.9", "--max-rank", "5",
+                 "--layout", "kohya"]) == 0
+    assert "kept |dW|_F" in capsys.readouterr().out
+    original, written = load_adapter(two_adapters[0]).modules, load_adapter(out).modules
+    ranks = set()
+    for name, m in original.items():
+        dw = m.delta_weight().double().flatten(1)
+        s = torch.linalg.svdvals(dw)
+        k = written[name].rank
+        ranks.add(k)
+        share = torch.cumsum(s**2, 0) / (s**2).sum()
+        assert k == min(5, int((share < 0.81 * (1 - 1e-12)).sum()) + 1), name
+        got = written[name].delta_weight().double().flatten(1)
+        assert abs(float((got - dw).norm()) - float(s[k:].norm())) <= 1e-5 * float(dw.norm()), name
+    assert len(ranks) > 1  # the rule chose different ranks for different modules
+
+
+def test_resize_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsys):
+    a = str(two_adapters[0])
+    for argv, message in [(["--sv-fro", "1.5"], "(0, 1]"), (["--sv-ratio", "0.5"], "at least 1"),
+                          (["--rank", "0"], ">= 1"), (["--rank", "2", "--max-rank", "0"], "--max-rank")]:
+        assert main(["resize", a, "--out", str(tmp_path / "r.safetensors"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
