@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rank", type=int, help="with a per-module rule: no module above this rank")
     _output_options(p)
 
+    p = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (base and fine-tuned)")
+    p.add_argument("--base", required=True, help="the base model (diffusers folder or single file)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model (diffusers folder or single file)")
+    p.add_argument("--rank", required=True, type=int, help="rank of every extracted module")
+    p.add_argument("--out", required=True, help="the extracted adapter (.safetensors)")
+    p.add_argument("--conv", action="store_true", help="also the UNet's 3x3 convolutions (resnets, down/upsamplers)")
+    p.add_argument("--conv-rank", type=int, help="rank of the 3x3 convolutions (default: --rank)")
+    p.add_argument("--min-diff", type=float, default=0.0, metavar="X",
+                   help="leave out modules with |dW|_F <= X * |W0|_F (default 0: only unchanged modules)")
+    p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
+    _output_options(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -157,6 +169,13 @@ def _dispatch(args) -> int:
         rule = next(r for r in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(args, r) is not None)
         run_resize(args.adapter, args.out, rule, getattr(args, rule), max_rank=args.max_rank, layout=args.layout,
                    dtype=args.dtype, force=args.force)
+        return 0
+    if args.command == "extract":
+        from sdlora.commands.extract import run_extract
+
+        run_extract(args.base, args.tuned, args.out, args.rank, conv=args.conv, conv_rank=args.conv_rank,
+                    min_diff=args.min_diff, config_dir=args.config_dir, layout=args.layout, dtype=args.dtype,
+                    force=args.force)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

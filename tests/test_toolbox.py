@@ -212,3 +212,81 @@ def test_resize_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, caps
         assert main(["resize", a, "--out", str(tmp_path / "r.safetensors"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------- extract
+@pytest.fixture(scope="module")
+def trained_and_merged(tiny_model, shapes_data, tmp_path_factory):
+    """A few training steps of a UNet (linear + conv) and text-encoder LoRA, and the model merged from it. Orthogonal
+    init: with B = 0 at the start a few modules move by less than fp32's rounding of W0 in 4 steps, and no
+    extraction from an fp32 checkpoint can recover those to 1e-4 relative."""
+    from sdlora.commands.export import run_export
+    from sdlora.training.loop import train
+
+    root = tmp_path_factory.mktemp("extract")
+    cfg = validate({"model": {"path": str(tiny_model)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(root / "run")}, "train": {"max_steps": 4, "batch_size": 2, "seed": 0},
+                    "optim": {"lr": 2e-2, "max_grad_norm": None},
+                    "lora": {"rank": 4, "alpha": 4, "conv": True, "init": "orthogonal"}, "log": {"tracker": "none"}})
+    train(cfg, log=quiet)
+    run_export(root / "run", "merged-diffusers", root / "merged", report=quiet)
+    return root / "run" / "adapter.safetensors", root / "merged"
+
+
+def test_extract_from_a_merged_model_recovers_the_lora_delta(trained_and_merged, tiny_model, tmp_path):
+    from sdlora.commands.extract import run_extract
+
+    lora, merged = trained_and_merged
+    out = tmp_path / "x.safetensors"
+    extracted, rows = run_extract(tiny_model, merged, out, 4, conv=True, report=quiet)
+    trained = load_adapter(lora).modules
+    written = load_adapter(out).modules
+    assert set(written) == set(trained)  # exactly the trained modules differ; nothing else is extracted
+    for name, m in trained.items():
+        dw = m.delta_weight().double()
+        got = written[name].delta_weight().double()
+        # W_tuned = fl32(W0 + ΔW): the difference carries fp32 rounding of W0 (~6e-8·|W0|), far below 1e-4·|ΔW|
+        assert float((got - dw).norm()) <= 1e-4 * float(dw.norm()), (name, float(dw.norm()))
+    assert max(r["relative_error"] for r in rows) <= 1e-4
+
+
+def test_extract_at_a_lower_rank_reports_the_measured_error(trained_and_merged, tiny_model, tmp_path, capsys):
+    lora, merged = trained_and_merged
+    out = tmp_path / "x.safetensors"
+    assert main(["extract", "--base", str(tiny_model), "--tuned", str(merged), "--rank", "2", "--out", str(out),
+                 "--layout", "kohya"]) == 0
+    assert "rel.error" in capsys.readouterr().out
+    trained, written = load_adapter(lora).modules, load_adapter(out).modules
+    assert file_layout(out) == "kohya" and not any(written[n].is_conv and written[n].down.shape[-1] == 3 for n in written)
+    for name, m in written.items():
+        dw = trained[name].delta_weight().double().flatten(1)
+        s = torch.linalg.svdvals(dw)
+        got = m.delta_weight().double().flatten(1)
+        best = float(s[2:].norm() / s.norm())  # Eckart-Young at rank 2
+        assert abs(float((got - dw).norm() / dw.norm()) - best) <= 1e-4, name
+
+
+def test_extracted_adapter_loads_in_diffusers_as_the_tuned_model(trained_and_merged, tiny_model, shared_pipe, tmp_path):
+    from sdlora.commands.extract import run_extract
+
+    _, merged = trained_and_merged
+    out = tmp_path / "x.safetensors"
+    run_extract(tiny_model, merged, out, 4, conv=True, report=quiet)
+    tuned = load_components(str(merged))
+    reference = model_outputs(tuned.unet, tuned.text_encoder, tuned.tokenizer)
+    shared_pipe.load_lora_weights(str(out))
+    try:
+        diff = max_abs_diff(reference, pipeline_outputs(shared_pipe))
+    finally:
+        shared_pipe.unload_lora_weights()
+    assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
+
+
+def test_extract_of_identical_models_is_a_one_line_error(tiny_model, tmp_path, capsys):
+    assert main(["extract", "--base", str(tiny_model), "--tuned", str(tiny_model), "--rank", "2",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nothing written" in err and "\n" not in err
+    assert main(["extract", "--base", str(tmp_path / "nope"), "--tuned", str(tiny_model), "--rank", "2",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--base: no such file" in capsys.readouterr().err

@@ -36,11 +36,14 @@ def carried_metadata(meta: dict[str, str], command: str, provenance: dict) -> di
     return kept
 
 
-def write_adapter(adapter: AdapterWeights, out: Path, layout: str, dtype: str) -> None:
-    """Atomically, in `layout`; a 16-bit dtype balances each module's factors first (AdapterWeights.to)."""
+def write_adapter(adapter: AdapterWeights, out: Path, layout: str, dtype: str, *,
+                  base_model_version: str | None = None) -> None:
+    """Atomically, in `layout`; a 16-bit dtype balances each module's factors first (AdapterWeights.to). A file
+    without a run record names its base model by `base_model_version` (else the input's ss_base_model_version)."""
     from sdlora.training.export import DTYPES
 
-    save_adapter(adapter.to(DTYPES[dtype]), out, layout)
+    version = base_model_version or adapter.metadata.get("ss_base_model_version")
+    save_adapter(adapter.to(DTYPES[dtype]), out, layout, base_model_version=version)
 
 
 def module_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
