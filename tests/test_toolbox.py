@@ -290,3 +290,62 @@ def test_extract_of_identical_models_is_a_one_line_error(tiny_model, tmp_path, c
     assert main(["extract", "--base", str(tmp_path / "nope"), "--tuned", str(tiny_model), "--rank", "2",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--base: no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- init_from
+def _init_from_config(tiny_model, tmp_path, path, **lora):
+    return validate({"model": {"path": str(tiny_model)}, "data": {"path": str(tmp_path), "resolution": 64},
+                     "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 2, "batch_size": 2, "seed": 0},
+                     "lora": {"rank": 2, "alpha": 2, "init_from": str(path), "learnable_alpha": True, **lora},
+                     "log": {"tracker": "none"}})
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_init_from_starts_from_the_files_update_with_its_rank_and_alpha(two_adapters, tiny_model, tmp_path, layout):
+    from sdlora.commands.export import run_export
+
+    source = two_adapters[1]  # zero init, rank 3, a learned alpha: the file's alpha describes its factors
+    path = tmp_path / "start.safetensors"
+    run_export(source, layout, path, report=quiet)
+    cfg = _init_from_config(tiny_model, tmp_path, path, init="compensated", text_encoder_targets=["q_proj"])
+    comps = load_components(cfg.model.path)
+    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    file_modules = load_adapter(source).modules
+    for name, m in file_modules.items():
+        assert layers[name].rank == m.rank and abs(float(layers[name].alpha.detach()) - m.alpha) <= 1e-6 * abs(m.alpha), name
+    # targets the file lacks (text-encoder q_proj here) start fresh, with the config's rank and init
+    fresh = [n for n in layers if n not in file_modules]
+    assert fresh and all(layers[n].rank == 2 and layers[n].init_scheme == "compensated" for n in fresh)
+    comps.unet.eval(), comps.text_encoder.eval()
+    ours = model_outputs(comps.unet, comps.text_encoder, comps.tokenizer)
+    reference = _outputs_with_deltas(tiny_model, {n: m.delta_weight().double() for n, m in file_modules.items()})
+    diff = max_abs_diff(reference, ours)
+    assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
+
+
+def test_training_continues_from_an_offset_init_export_at_its_rank(two_adapters, tiny_model, shapes_data, tmp_path):
+    from sdlora.training.loop import train
+
+    source = two_adapters[0]  # compensated init: exported at rank 2r = 8 with the alpha of rank 4 recorded
+    cfg = _init_from_config(tiny_model, tmp_path, source)
+    cfg = validate({**cfg.to_dict(), "data": {"path": str(shapes_data), "resolution": 64}})
+    train(cfg, log=quiet)
+    before, after = load_adapter(source).modules, load_adapter(tmp_path / "run" / "adapter.safetensors").modules
+    assert set(after) == set(before)
+    for name, m in before.items():
+        assert after[name].rank == m.rank == 8
+        # started at alpha 8 (scale 1: the recorded alpha belongs to rank 4, not to these factors); two steps of
+        # optim.alpha_lr move a learnable alpha by far less than 0.01
+        assert abs(after[name].alpha - 8.0) <= 1e-2, after[name].alpha
+    moved = [float((after[n].delta_weight() - m.delta_weight()).norm() / m.delta_weight().norm()) for n, m in before.items()]
+    assert 0 < max(moved) < 0.5  # trained on from the file's update, not from scratch
+
+
+def test_init_from_errors_name_the_key(two_adapters, tiny_model, tmp_path):
+    cfg = _init_from_config(tiny_model, tmp_path, two_adapters[0])
+    cfg = validate({**cfg.to_dict(), "text_encoder": {"train": False}})
+    comps = load_components(cfg.model.path)
+    with pytest.raises(UserError, match="lora.init_from: .* text_encoder.train"):
+        inject_all(comps.unet, comps.text_encoder, cfg)
+    with pytest.raises(Exception, match="drop lora.init_alphas_from"):
+        validate({**cfg.to_dict(), "lora": {**cfg.to_dict()["lora"], "init_alphas_from": str(two_adapters[0])}})
