@@ -349,3 +349,20 @@ def test_init_from_errors_name_the_key(two_adapters, tiny_model, tmp_path):
         inject_all(comps.unet, comps.text_encoder, cfg)
     with pytest.raises(Exception, match="drop lora.init_alphas_from"):
         validate({**cfg.to_dict(), "lora": {**cfg.to_dict()["lora"], "init_alphas_from": str(two_adapters[0])}})
+
+
+# ------------------------------------------------------------------------------------------ truncated SVD
+def test_randomised_top_svd_matches_the_full_svd_on_a_decaying_spectrum():
+    """A weight-like spectrum σ_i = 1 / (1 + i/10) (σ_10 / σ_20 = 1.5): the randomised path (used because
+    10 + oversampling < 200 / 2) gives the top-10 singular values to 1e-6 relative and the same vectors."""
+    from sdlora.adapter.algebra import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.linalg.qr(torch.randn(400, 200, generator=g, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64)).Q
+    s0 = 1.0 / (1.0 + torch.arange(200, dtype=torch.float64) / 10)
+    m = (u0 * s0) @ v0.T
+    u, s, vh = top_svd(m, 10)
+    assert torch.allclose(s, s0[:10], rtol=1e-6, atol=0)
+    assert float((u.T @ u0[:, :10]).abs().diagonal().min()) >= 1 - 1e-6
+    assert float((vh @ v0[:, :10]).abs().diagonal().min()) >= 1 - 1e-6
