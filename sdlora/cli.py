@@ -1,4 +1,4 @@
-"""`sdlora train | demo | make-tiny-model | export | inspect`.
+"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract`.
 
 Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
 """
@@ -15,6 +15,13 @@ from sdlora.errors import UserError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default="diffusers", choices=["diffusers", "kohya"], help="key layout of --out (default diffusers)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +72,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="from a run or checkpoint folder: its adapter_ema.safetensors "
                                                       "(train.ema) instead of adapter.safetensors")
     _common(p)
+
+    p = sub.add_parser("merge", help="several adapters as one: exact (concat) or re-factored to a rank (svd)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (native or kohya layout)")
+    p.add_argument("--out", required=True, help="the merged adapter (.safetensors)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
+    p.add_argument("--method", default="concat", choices=["concat", "svd"],
+                   help="concat: exact, rank = sum of ranks; svd: the weighted sum at --rank (default concat)")
+    p.add_argument("--rank", type=int, help="rank of the svd merge")
+    _output_options(p)
+
+    p = sub.add_parser("resize", help="an adapter at a lower rank, fixed or chosen per module (kohya's rules)")
+    p.add_argument("adapter", help="adapter .safetensors (native or kohya layout)")
+    p.add_argument("--out", required=True, help="the resized adapter (.safetensors)")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=float, help="this rank in every module")
+    rule.add_argument("--sv-ratio", type=float, metavar="X", help="per module: keep every singular value >= σ_max / X")
+    rule.add_argument("--sv-fro", type=float, metavar="X", help="per module: the fewest components keeping share X of |dW|_F")
+    rule.add_argument("--sv-cumulative", type=float, metavar="X", help="per module: the fewest components keeping share X of Σσ")
+    p.add_argument("--max-rank", type=int, help="with a per-module rule: no module above this rank")
+    _output_options(p)
+
+    p = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (base and fine-tuned)")
+    p.add_argument("--base", required=True, help="the base model (diffusers folder or single file)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model (diffusers folder or single file)")
+    p.add_argument("--rank", required=True, type=int, help="rank of every extracted module")
+    p.add_argument("--out", required=True, help="the extracted adapter (.safetensors)")
+    p.add_argument("--conv", action="store_true", help="also the UNet's 3x3 convolutions (resnets, down/upsamplers)")
+    p.add_argument("--conv-rank", type=int, help="rank of the 3x3 convolutions (default: --rank)")
+    p.add_argument("--min-diff", type=float, default=0.0, metavar="X",
+                   help="leave out modules with |dW|_F <= X * |W0|_F (default 0: only unchanged modules)")
+    p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
+    _output_options(p)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
@@ -119,6 +158,26 @@ def _dispatch(args) -> int:
         from sdlora.commands.export import run_export
 
         run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema)
+        return 0
+    if args.command == "merge":
+        from sdlora.commands.merge import run_merge
+
+        run_merge(args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank, layout=args.layout,
+                  dtype=args.dtype, force=args.force)
+        return 0
+    if args.command == "resize":
+        from sdlora.commands.resize import run_resize
+
+        rule = next(r for r in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(args, r) is not None)
+        run_resize(args.adapter, args.out, rule, getattr(args, rule), max_rank=args.max_rank, layout=args.layout,
+                   dtype=args.dtype, force=args.force)
+        return 0
+    if args.command == "extract":
+        from sdlora.commands.extract import run_extract
+
+        run_extract(args.base, args.tuned, args.out, args.rank, conv=args.conv, conv_rank=args.conv_rank,
+                    min_diff=args.min_diff, config_dir=args.config_dir, layout=args.layout, dtype=args.dtype,
+                    force=args.force)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

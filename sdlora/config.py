@@ -210,6 +210,7 @@ class LoraConfig(Section):
     conv_alpha: Optional[float] = Field(None, description="Alpha of conv adapters, not 0 (default: lora.alpha).")
     learnable_alpha: bool = Field(False, description="Train each module's alpha (fp32, rate optim.alpha_lr).")
     init_alphas_from: Optional[str] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
+    init_from: Optional[str] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA).")
@@ -222,6 +223,8 @@ class LoraConfig(Section):
             if value is not None and value == 0:
                 raise ValueError(f"lora.{key}: 0 makes the adapter's scale alpha/r zero and nothing trains "
                                  f"(allowed: any non-zero number; alpha = rank gives scale 1)")
+        if self.init_from and self.init_alphas_from:
+            raise ValueError("lora.init_from takes each module's alpha from its file: drop lora.init_alphas_from")
         return self
 
 

@@ -52,14 +52,15 @@ def load_adapter(path: str | Path) -> AdapterWeights:
 
 
 def save_adapter(adapter: AdapterWeights, path: str | Path, layout: str, *, keep_metadata: bool = False,
-                 tag_frequencies: dict | None = None) -> None:
+                 tag_frequencies: dict | None = None, base_model_version: str | None = None) -> None:
     """Write `adapter` atomically in `layout`. kohya: fresh ss_*/modelspec metadata from the adapter's run record,
     or with `keep_metadata` the adapter's own metadata kept as it is (a file rewritten in place, e.g. by
-    intruder mitigation), with its content hashes recomputed."""
+    intruder mitigation), with its content hashes recomputed. `base_model_version` names the base model of a
+    file without a run record (kohya's ss_base_model_version: sd_v1, sd_v2, sd_v2_v)."""
     if layout == "diffusers":
         save_native(adapter, path)
     elif layout == "kohya" and not keep_metadata:
-        save_kohya(adapter, path, tag_frequencies=tag_frequencies)
+        save_kohya(adapter, path, tag_frequencies=tag_frequencies, base_model_version=base_model_version)
     elif layout == "kohya":
         sd, meta = to_kohya_state_dict(adapter), dict(adapter.metadata)
         if "sshs_model_hash" in meta:  # the tensors changed: stale hashes would misidentify the file in A1111

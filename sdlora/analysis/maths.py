@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.adapter.algebra import as_matrix, dense_to_rank
+from sdlora.adapter.algebra import as_matrix, dense_to_rank, top_svd
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -66,9 +66,9 @@ def find_intruders(w0: torch.Tensor, delta: torch.Tensor, *, top_k: int = 10, ep
     if w0m.shape != dm.shape:
         raise ValueError(f"W0 {tuple(w0m.shape)} and ΔW {tuple(dm.shape)} differ in shape")
     u0 = left_singular_vectors(w0m) if base_u is None else base_u
-    u, s, vh = torch.linalg.svd(w0m + dm, full_matrices=False)
-    k = min(top_k, s.numel())
-    u, s, v = u[:, :k], s[:k], vh[:k].T
+    # Only the top k of W0 + ΔW are asked: a randomised SVD on large weights (top_svd), a full one on small ones.
+    u, s, vh = top_svd(w0m + dm, min(top_k, *w0m.shape))
+    v = vh.T
     cos = max_abs_cosines(u, u0)
     return IntruderResult(s, u, v, cos, cos < epsilon)
 

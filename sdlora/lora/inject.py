@@ -7,6 +7,7 @@ least one module, or the config is wrong.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class LayerSpec:
     rank: int
     alpha: float
     rank_key: str = "lora.rank"  # the config key the rank came from, for messages
+    start: object = None  # lora.init_from: the file's ModuleDelta (factors with the scale folded into up)
 
 
 def _matches(target: str, path: str) -> bool:
@@ -67,8 +69,10 @@ def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_c
         name = canonical_name(component, path)
         gen = torch.Generator().manual_seed(_name_seed(seed, name))
         cls = layer_class(lora_cfg.type, base)
-        layer = cls(base, spec.rank, spec.alpha, scaling=lora_cfg.scaling, init=lora_cfg.init,
+        layer = cls(base, spec.rank, spec.alpha, scaling=lora_cfg.scaling, init="zero" if spec.start else lora_cfg.init,
                     learnable_alpha=lora_cfg.learnable_alpha, train_a=lora_cfg.train_a, generator=gen)
+        if spec.start is not None:
+            start_from(layer, spec.start, name)
         _replace(model, path, layer)
         layers[name] = layer
     return layers
@@ -116,6 +120,8 @@ def inject_all(unet: nn.Module, text_encoder: nn.Module, cfg) -> dict[str, LoRAL
     plans = {"unet": (unet, plan_unet(unet, cfg.lora))}
     if cfg.text_encoder.train:
         plans["text_encoder"] = (text_encoder, plan_text_encoder(text_encoder, cfg.lora))
+    if cfg.lora.init_from:
+        plan_from_adapter(plans, cfg.lora.init_from, cfg)
     if cfg.lora.init_alphas_from:
         # Alphas are set before the layers are built: offset inits fold s0 = alpha0 / r into the base.
         apply_previous_alphas({c: specs for c, (_, specs) in plans.items()}, cfg.lora.init_alphas_from)
@@ -132,6 +138,8 @@ def check_ranks(model: nn.Module, component: str, specs: dict[str, LayerSpec], i
     from sdlora.lora.init import max_rank
 
     for path, spec in specs.items():
+        if spec.start is not None:  # built with the zero init, then given the file's factors: any rank fits
+            continue
         weight = model.get_submodule(path).weight
         out, k = weight.shape[0], weight[0].numel()
         limit = max_rank(init, out, k)
@@ -159,3 +167,38 @@ def apply_previous_alphas(plans: dict[str, dict[str, LayerSpec]], path: str) -> 
                         "a zero scale trains nothing")
     for n, spec in wanted.items():
         spec.alpha = float(previous[n].alpha)
+
+
+def plan_from_adapter(plans: dict, path: str, cfg) -> None:
+    """lora.init_from: every module of the adapter file joins the plan with the file's rank, alpha and factors
+    (a module the targets also chose takes the file's); modules the targets add and the file lacks start fresh."""
+    from sdlora.adapter.algebra import find_module
+    from sdlora.adapter.io import load_adapter
+    from sdlora.adapter.names import split_name
+
+    adapter = load_adapter(path)
+    for name, m in adapter.modules.items():
+        component, module_path = split_name(name)
+        if component not in plans:
+            raise UserError(f"lora.init_from: {path} adapts the text encoder ({name}); set text_encoder.train: true "
+                            "to continue it")
+        model, specs = plans[component]
+        base = find_module(model, name, where="the model (lora.init_from: an adapter for another base model?)")
+        path_in_model = next(p for p, mod in model.named_modules() if mod is base)
+        if base.weight.numel() != m.delta_weight().numel():
+            raise UserError(f"lora.init_from: module {name} of {path} has shape {tuple(m.delta_weight().shape)}; "
+                            f"the model's weight is {tuple(base.weight.shape)}")
+        rank = m.rank
+        # The file's alpha where it describes these factors (an sdlora file exported at 2r records alpha for r);
+        # otherwise the alpha that makes the scale 1. Either way the factors give the file's ΔW exactly.
+        denominator = rank if cfg.lora.scaling == "standard" else math.sqrt(rank)
+        alpha = m.alpha if m.alpha and (m.trained_rank in (None, rank)) else denominator
+        specs[path_in_model] = LayerSpec(rank, float(alpha), "lora.init_from", start=m)
+
+
+@torch.no_grad()
+def start_from(layer: LoRALayer, m, name: str) -> None:
+    """Give `layer` the factors of `m` (scale folded into up): A = down, B = up / s, so s·B·A = ΔW of the file."""
+    s = layer.scale_value()
+    layer.lora_A.copy_(m.down.float().reshape(layer.lora_A.shape))
+    layer.lora_B.copy_((m.up.double() / s).float().reshape(layer.lora_B.shape))

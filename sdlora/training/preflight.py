@@ -29,8 +29,9 @@ def before_model(cfg) -> None:
     out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")
-    if cfg.lora.init_alphas_from and not Path(cfg.lora.init_alphas_from).expanduser().is_file():
-        raise UserError(f"lora.init_alphas_from: no such file: {cfg.lora.init_alphas_from}")
+    for key in ("init_alphas_from", "init_from"):
+        if getattr(cfg.lora, key) and not Path(getattr(cfg.lora, key)).expanduser().is_file():
+            raise UserError(f"lora.{key}: no such file: {getattr(cfg.lora, key)}")
 
 
 def against_model(cfg, comps) -> None:
