@@ -89,6 +89,8 @@ class EmbeddingNormRegulariser:
         self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size)
 
     def __call__(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> PenaltyResult:
+        if isinstance(input_ids, (list, tuple)):  # the loop's one-per-text-encoder list (one encoder here)
+            (input_ids,) = input_ids
         base = self.cache.norms(input_ids)
         if self.cfg.tokens == "content":
             mask = content_mask(input_ids, self.eos_token_id)
