@@ -175,3 +175,43 @@ def test_export_reproduces_the_trained_model_in_the_sdxl_pipeline(sdxl_config, t
     assert all(v <= TOL for v in diff.values()), diff
     moved = max_abs_diff(ours, base)  # the run changed every output the comparison checks, by far more than TOL
     assert all(v > 100 * TOL for v in moved.values()), moved
+
+
+# ------------------------------------------------------------------------------------------- kohya layout
+def test_kohya_sdxl_file_uses_the_original_block_names_and_loads_exactly_in_diffusers(sdxl_config, tiny_sdxl, tmp_path):
+    from safetensors import safe_open
+
+    from sdlora.adapter.io import load_adapter, save_adapter
+
+    cfg = sdxl_config(lora={"init": "compensated", "learnable_alpha": True, "conv": True, "alpha": 3},
+                      optim={"alpha_lr": 1e-2})
+    result = train(cfg)
+    c = result.components
+    for m in (c.unet, c.text_encoder, c.text_encoder_2):
+        m.eval()
+    ours = sdxl_model_outputs(c.unet, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
+    native = load_adapter(result.adapter_path)
+    path = tmp_path / "kohya.safetensors"
+    save_adapter(native, path, "kohya")
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    stems = {k.split(".")[0] for k in keys}
+    assert {s.split("_")[1] for s in stems} == {"unet", "te1", "te2"}
+    unet = [s for s in stems if s.startswith("lora_unet_")]
+    # SDXL's original names: down_blocks.1.attentions.0 is input_blocks.4.1, up_blocks.0.attentions.2 output_blocks.2.1
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in unet
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_k" in unet
+    assert "lora_unet_middle_block_1_proj_in" in unet
+    assert not any("down_blocks" in s or "up_blocks" in s or "mid_block" in s for s in unet)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    # Read back by us: the same deltas, module by module
+    back = load_adapter(path)
+    assert set(back.modules) == set(native.modules)
+    for n, m in native.modules.items():
+        torch.testing.assert_close(back.modules[n].delta_weight(), m.delta_weight(), rtol=0, atol=1e-7)
+    # Loaded by diffusers' kohya converter: the trained model's outputs
+    pipe = load_sdxl_pipeline(tiny_sdxl)
+    pipe.load_lora_weights(str(path))
+    diff = max_abs_diff(ours, sdxl_pipeline_outputs(pipe))
+    assert all(v <= TOL for v in diff.values()), diff

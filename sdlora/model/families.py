@@ -38,6 +38,10 @@ class ModelFamily:
     kohya_prefixes: dict = field(default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"})
     pipeline_class: str = "StableDiffusionPipeline"
     v_version_suffix: bool = False  # kohya writes `<version>_v` for v-prediction models (SD 2.x only)
+    # The UNet's block structure where kohya names UNet modules by their original (LDM) names (SDXL): kohya's SDXL
+    # scripts train the original UNet, so its files say input_blocks.4.1 for diffusers' down_blocks.1.attentions.0.
+    # None: kohya uses diffusers' names (SD 1.x/2.x).
+    kohya_unet_layout: dict | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = (
         (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
@@ -194,6 +198,8 @@ SDXL = SDXLFamily(
     text_encoders=("text_encoder", "text_encoder_2"),
     kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
     pipeline_class="StableDiffusionXLPipeline",
+    kohya_unet_layout={"layers_per_block": 2, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
     block_groups=(
         (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
         (r"^text_encoder_2\.layers\.(\d+)$", r"^text_encoder_2\.encoder\.layers\.{0}\."),

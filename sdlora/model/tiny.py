@@ -160,8 +160,8 @@ TINY_SDXL_TE1, TINY_SDXL_TE2, TINY_SDXL_PROJECTION, TINY_SDXL_TIME_DIM = 32, 48,
 
 
 def make_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, v_prediction: bool = False) -> Path:
-    """A tiny diffusers SDXL folder (StableDiffusionXLPipeline layout): SDXL's block kinds (no attention in the
-    first down block, linear proj_in/out, transformer depth growing with depth, text_time micro-conditioning),
+    """A tiny diffusers SDXL folder (StableDiffusionXLPipeline layout): SDXL's block structure (two layers per block,
+    no attention in the first down block, so SDXL's original block names are those of the real model; linear proj_in/out, transformer depth growing with depth, text_time micro-conditioning),
     CLIPTextModel + CLIPTextModelWithProjection, the second tokenizer padding with "!"."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -185,7 +185,7 @@ def make_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, v_prediction: bool
     text_encoder_2 = CLIPTextModelWithProjection(te_config(TINY_SDXL_TE2, "gelu", TINY_SDXL_PROJECTION,
                                                            tokenizer_2.pad_token_id))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8,  # SDXL's blocks
         block_out_channels=(32, 32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
