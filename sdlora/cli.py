@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v"])
+    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"])
     _common(p)
 
     p = sub.add_parser("inspect", help="what an adapter did to the model: per-module norms, effective rank, intruders")

@@ -139,9 +139,9 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- optim
 class LrRule(Section):
-    match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up) or a regular expression searched in the module name.")
+    match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up; SDXL also text_encoder_2, text_encoder_2.layers.N, unet.input, unet.middle, unet.output) or a regular expression searched in the module name.")
     lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
-    lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the component's base rate (optim.lr or optim.text_encoder_lr).")
+    lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the component's base rate (optim.lr, optim.text_encoder_lr or optim.text_encoder_2_lr).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LrRule":
@@ -158,6 +158,7 @@ class OptimConfig(Section):
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
     lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
+    text_encoder_2_lr: Optional[float] = Field(None, ge=0.0, description="SDXL: learning rate of the second text encoder's (OpenCLIP bigG) adapters (default: optim.text_encoder_lr).")
     alpha_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of learnable alphas (default: the module's rate).")
     b_lr_ratio: float = Field(1.0, gt=0.0, description="B's rate = ratio x A's rate (LoRA+).")
     lr_rules: list[LrRule] = Field(default_factory=list, description="Ordered per-layer rate rules; first match wins; a rule matching nothing is an error.")
@@ -183,6 +184,7 @@ class OptimConfig(Section):
                 raise ValueError(f"optim.betas: {b} is out of range (each beta must be in [0, 1))")
         if self.optimizer == "prodigy":
             rates = [("optim.lr", self.lr), ("optim.text_encoder_lr", self.text_encoder_lr),
+                     ("optim.text_encoder_2_lr", self.text_encoder_2_lr),
                      ("optim.alpha_lr", self.alpha_lr)] + [(f"optim.lr_rules.{i}.lr", r.lr) for i, r in enumerate(self.lr_rules)]
             for key, lr in rates:
                 if lr is not None and lr != 0 and not PRODIGY_LR_RANGE[0] <= lr <= PRODIGY_LR_RANGE[1]:
@@ -376,6 +378,11 @@ class Config(Section):
     @property
     def text_encoder_lr(self) -> float:
         return self.optim.lr if self.optim.text_encoder_lr is None else self.optim.text_encoder_lr
+
+    @property
+    def text_encoder_2_lr(self) -> float:
+        """SDXL's second text encoder: its own rate, else the first encoder's."""
+        return self.text_encoder_lr if self.optim.text_encoder_2_lr is None else self.optim.text_encoder_2_lr
 
     def data_subsets(self) -> list[SubsetConfig]:
         """data.path as a one-entry subset list, else data.subsets; a caption option a subset does not set

@@ -35,3 +35,37 @@ def pipeline_outputs(pipe, **kw):
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return model_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer, **kw)
+
+
+SDXL_SIZES = torch.tensor([[96.0, 80.0, 4.0, 0.0, 64.0, 64.0], [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])  # time_ids
+
+
+@torch.no_grad()
+def sdxl_model_outputs(unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, clip_skip: int = 1,
+                       seed: int = 123) -> dict[str, torch.Tensor]:
+    """SDXL: each encoder's penultimate hidden states, encoder 2's pooled embedding, and the UNet's prediction on
+    fixed latents conditioned on them and on fixed micro-conditioning."""
+    from sdlora.model.families import SDXL
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = [tokenize(t, PROMPTS) for t in (tokenizer, tokenizer_2)]
+    cond = SDXL.encode([text_encoder, text_encoder_2], ids, clip_skip)
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    pred = unet(latents, t, cond.hidden, added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": SDXL_SIZES}).sample
+    return {"text_encoder": cond.per_encoder[0].float(), "text_encoder_2": cond.per_encoder[1].float(),
+            "pooled": cond.pooled.float(), "unet": pred.float()}
+
+
+def load_sdxl_pipeline(model_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_pipeline_outputs(pipe, **kw):
+    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval()
+    return sdxl_model_outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, **kw)

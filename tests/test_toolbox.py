@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from outputs import load_pipeline, max_abs_diff, model_outputs, pipeline_outputs
-from sdlora.adapter.algebra import merge_adapter
+
 from sdlora.adapter.io import file_layout, load_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.cli import main

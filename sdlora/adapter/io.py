@@ -14,11 +14,11 @@ from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
 
 LAYOUTS = ("diffusers", "kohya")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 def detect_layout(keys) -> str:
-    """`kohya` when every key is lora_unet_* / lora_te_*, else `diffusers` (the native layout)."""
+    """`kohya` when every key is lora_unet_* / lora_te_* (SDXL: lora_te1_* / lora_te2_*), else `diffusers` (the native layout)."""
     keys = list(keys)
     return "kohya" if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) else "diffusers"
 

@@ -2,6 +2,9 @@
 
 Keys: `lora_unet_<diffusers module path, dots as _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
 and `lora_te_text_model_<path>` for the CLIP text encoder (kohya names it as transformers 4 did).
+SDXL: `lora_unet_<original (LDM) module path>` (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`: kohya's SDXL
+scripts train the original UNet; the table is model/ldm_keys.py's, the one diffusers' converter inverts),
+`lora_te1_text_model_<path>` (CLIP-L) and `lora_te2_text_model_<path>` (OpenCLIP bigG).
 
 Writing: every scale is already folded into `up` (see adapter.py), so `.alpha` = rank, which makes
 alpha / rank = 1 in every loader (diffusers honours per-module alphas only for some modules, so a
@@ -26,7 +29,8 @@ import torch
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, ModuleDelta, split_name
 from sdlora.errors import UserError
-from sdlora.model.families import family_of_version
+from sdlora.model.families import SD1, SDXL, ModelFamily, family_of_version
+from sdlora.model.ldm_keys import _rename, unet_pairs
 from sdlora.util.atomic import save_safetensors
 
 UNET_PREFIX = "lora_unet_"
@@ -41,22 +45,42 @@ conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time
 encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
 layer_norm1 layer_norm2 token_embedding position_embedding
 """.split())
+# The original UNet's (SDXL's kohya names), on top of the above.
+LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
+input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
+""".split())
+SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+
+
+_PAIRS: dict[str, list] = {}
+
+
+def _ldm_pairs(family: ModelFamily) -> list:
+    if family.name not in _PAIRS:
+        _PAIRS[family.name] = unet_pairs(family.kohya_unet_layout)
+    return _PAIRS[family.name]
 
 # Native resolutions, for files that carry no RunRecord (not trained by sdlora).
 
 
 # ------------------------------------------------------------------------------------------- names
-def kohya_name(name: str) -> str:
-    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+def kohya_name(name: str, family: ModelFamily = SD1) -> str:
+    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (SD 1.x/2.x);
+    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`."""
     component, path = split_name(name)
+    prefix = family.kohya_prefixes[component]
     if component == "unet":
-        return UNET_PREFIX + path.replace(".", "_")
-    return TE_PREFIX + TE_MODEL_LEVEL + path.replace(".", "_")
+        if family.kohya_unet_layout is not None:
+            path = _rename(path, _ldm_pairs(family), forward=True) or path
+        return prefix + path.replace(".", "_")
+    return prefix + TE_MODEL_LEVEL + path.replace(".", "_")
 
 
 @lru_cache(maxsize=None)
-def _split_identifiers(flat: str) -> tuple[str, ...] | None:
+def _split_identifiers(flat: str, ldm: bool = False) -> tuple[str, ...] | None:
     """Split `attn1_to_out_0` into ('attn1', 'to_out', '0'): the fewest known identifiers and indices."""
+    known = LDM_IDENTIFIERS if ldm else IDENTIFIERS
     words = flat.split("_")
     n = len(words)
     best: list[tuple[str, ...] | None] = [None] * (n + 1)
@@ -64,7 +88,7 @@ def _split_identifiers(flat: str) -> tuple[str, ...] | None:
     for i in range(n - 1, -1, -1):
         for j in range(n, i, -1):
             part = "_".join(words[i:j])
-            if (part.isdigit() or part in IDENTIFIERS) and best[j] is not None:
+            if (part.isdigit() or part in known) and best[j] is not None:
                 cand = (part,) + best[j]
                 if best[i] is None or len(cand) < len(best[i]):
                     best[i] = cand
@@ -76,35 +100,55 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
 
     With `module_names` (canonical names of a model at hand) the name is looked up exactly instead.
     """
+    ldm = False
     if stem.startswith(UNET_PREFIX):
         component, flat = "unet", stem[len(UNET_PREFIX):]
+        ldm = flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
+    elif stem.startswith(SDXL_PREFIXES):
+        component = "text_encoder" if stem.startswith("lora_te1_") else "text_encoder_2"
+        flat = stem[len("lora_te1_"):].removeprefix(TE_MODEL_LEVEL)
     elif stem.startswith(TE_PREFIX):
         component, flat = "text_encoder", stem[len(TE_PREFIX):].removeprefix(TE_MODEL_LEVEL)
     else:
-        raise UserError(f"kohya key {stem!r}: expected a lora_unet_ or lora_te_ prefix (SD 1.x/2.x)")
+        raise UserError(f"kohya key {stem!r}: expected a lora_unet_, lora_te_, lora_te1_ or lora_te2_ prefix")
+    if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
+        parts = _split_identifiers(flat, True)
+        path = _rename(".".join(parts), _ldm_pairs(SDXL), forward=False) if parts is not None else None
+        if path is None:
+            raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SDXL UNet")
+        return f"unet.{path}"
     if module_names is not None:
         for name in module_names:
             if name.startswith(component + ".") and name[len(component) + 1:].replace(".", "_") == flat:
                 return name
     parts = _split_identifiers(flat)
     if parts is None:
-        raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SD 1.x/2.x UNet or CLIP text encoder")
+        raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SD UNet or CLIP text encoder")
     return f"{component}." + ".".join(parts)
 
 
 # ------------------------------------------------------------------------------------ state dicts
+def adapter_family(adapter: AdapterWeights) -> ModelFamily:
+    """The family an adapter was trained on: its run record's, else SDXL for a second text encoder, else SD 1.x/2.x."""
+    record = RunRecord.from_metadata(adapter.metadata)
+    if record is not None:
+        return record.family
+    return SDXL if any(n.startswith("text_encoder_2.") for n in adapter.modules) else SD1
+
+
 def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
     """Kohya keys; scales are already in `up`, so `.alpha` = rank (scale 1 in every loader)."""
     sd = {}
+    family = adapter_family(adapter)
     for name, m in adapter.modules.items():
-        k = kohya_name(name)
+        k = kohya_name(name, family)
         sd[f"{k}.lora_down.weight"] = m.down
         sd[f"{k}.lora_up.weight"] = m.up
         sd[f"{k}.alpha"] = torch.tensor(float(m.rank), dtype=m.down.dtype)
     return sd
 
 
-_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te)_.+?)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *,
@@ -113,8 +157,6 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
     meta = dict(meta or {})
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
-        if key.startswith(("lora_te1_", "lora_te2_")):
-            raise UserError(f"kohya key {key!r} belongs to an SDXL LoRA; sdlora reads SD 1.x/2.x LoRAs")
         m = _KOHYA_KEY.match(key)
         if m is None:
             raise UserError(f"kohya key {key!r} is not a plain LoRA key (allowed endings: .lora_down.weight, "

@@ -8,10 +8,12 @@ component (`balance_factors`), which keeps both factors in the 16-bit normal ran
 Module names are canonical and independent of library versions:
   `unet.<module path>`            e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
   `text_encoder.<module path>`    e.g. text_encoder.encoder.layers.0.self_attn.q_proj
+  `text_encoder_2.<module path>`  SDXL's second text encoder, the same paths
 (the `text_model.` level that transformers 4 has and transformers 5 dropped is not part of the name).
 
 Native layout keys: `unet.<path>.lora_A.weight` (down) / `.lora_B.weight` (up) and
-`text_encoder.text_model.<path>.lora_A.weight`; diffusers strips `text_model.` where the model has none.
+`text_encoder.text_model.<path>.lora_A.weight` (and `text_encoder_2.text_model.<path>...`, the prefix
+`StableDiffusionXLPipeline.load_lora_weights` reads); diffusers strips `text_model.` where the model has none.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sdlora.adapter.algebra import balance_factors
-from sdlora.adapter.names import COMPONENTS, canonical_name, split_name  # noqa: F401  (re-exported)
+from sdlora.adapter.names import COMPONENTS, TEXT_ENCODERS, canonical_name, split_name  # noqa: F401  (re-exported)
 from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
 
@@ -74,7 +76,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------- native layout
 def native_prefix(name: str) -> str:
     component, path = split_name(name)
-    return f"text_encoder.text_model.{path}" if component == "text_encoder" else name
+    return f"{component}.text_model.{path}" if component in TEXT_ENCODERS else name
 
 
 def native_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
@@ -104,7 +106,7 @@ def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapt
                 stem = key[: -len(suffix)]
                 component, _, path = stem.partition(".")
                 if component not in COMPONENTS:
-                    raise UserError(f"adapter key {key!r}: expected a unet. or text_encoder. prefix")
+                    raise UserError(f"adapter key {key!r}: expected a unet., text_encoder. or text_encoder_2. prefix")
                 bucket[canonical_name(component, path)] = t
                 break
         else:

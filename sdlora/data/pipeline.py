@@ -196,9 +196,13 @@ class TrainingData:
         return {**self._common(slots), "latent_mean": torch.stack(means), "latent_std": torch.stack(stds)}
 
     def _common(self, slots: list[Slot]) -> dict:
+        sizes = [size_conditioning(self.samples[s.sample], s.offset, s.flip) for s in slots]
+        original, crop, target = (torch.tensor(list(v), dtype=torch.float32) for v in zip(*sizes))
         common = {"captions": [s.caption for s in slots],
                   "loss_weight": torch.tensor([self.samples[s.sample].item.loss_weight for s in slots], dtype=torch.float32),
-                  "image_paths": [str(self.samples[s.sample].item.path) for s in slots]}
+                  "image_paths": [str(self.samples[s.sample].item.path) for s in slots],
+                  # SDXL's micro-conditioning (families.SDXLFamily.unet_kwargs); other families ignore them
+                  "original_size": original, "crop_top_left": crop, "target_size": target}
         if self.cfg.data.masked_loss:
             common["loss_mask"] = torch.stack([self.mask(s) for s in slots])
         return common
@@ -234,6 +238,18 @@ class TrainingData:
         if self.cfg.data.masked_loss:  # cached with the latents: a cached run never reads an image or a mask again
             self.masks = {(i, flip): load_mask(self.samples[i], center_offset(self.samples[i]), flip, self.cfg.data,
                                                self.latent_factor) for i, flip in self.latents}
+
+
+def size_conditioning(sample: Sample, offset: tuple[int, int], flip: bool) -> tuple[tuple, tuple, tuple]:
+    """SDXL's size and crop conditioning of one image as cut into its batch, each (height, width)-ordered as SDXL
+    reads them: the original size (upright, before any resize), the crop's top-left corner in the resized image
+    (as SDXL's training and diffusers' SDXL example measure it), and the target size (the bucket). A flipped image
+    is cropped from the mirrored side, so its left offset is measured from the other edge."""
+    (w, h), (bw, bh), (rw, _) = sample.size, sample.geo.bucket, sample.geo.resized
+    left, top = offset
+    if flip:
+        left = rw - bw - left
+    return (h, w), (top, left), (bh, bw)
 
 
 class _EpochBatches(torch.utils.data.Dataset):

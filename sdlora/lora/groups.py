@@ -1,8 +1,9 @@
 """Optimiser parameter groups: per-layer learning rates from ordered rules, LoRA+ B ratio, alpha rate.
 
 A rule's `match` is a named group of the model family (model/families.py: text_encoder, text_encoder.layers.N,
-unet, unet.down, unet.mid, unet.up, unet.down.N, unet.up.N for SD 1.x/2.x) or a regular expression searched
-in the canonical module name.
+unet, unet.down, unet.mid, unet.up, unet.down.N, unet.up.N for SD 1.x/2.x; SDXL adds text_encoder_2,
+text_encoder_2.layers.N and its original block names unet.input / unet.middle / unet.output (.N)) or a regular
+expression searched in the canonical module name.
 The first matching rule wins. One optimiser group per distinct (rate, weight decay); each group's name
 says which rates it carries, so logs read `lr/unet.up:B`.
 """
@@ -49,8 +50,17 @@ class ParamGroups:
         return {g["name"]: g["lr"] for g in self.groups}
 
 
+def component_of(name: str) -> str:
+    """`unet`, `text_encoder` or `text_encoder_2`: the component a canonical module name belongs to."""
+    return name.partition(".")[0]
+
+
 def component_lr(name: str, cfg) -> float:
-    return cfg.text_encoder_lr if name.startswith("text_encoder.") else cfg.optim.lr
+    """The component's base rate: optim.lr, optim.text_encoder_lr, or (SDXL) optim.text_encoder_2_lr."""
+    component = component_of(name)
+    if component == "text_encoder_2":
+        return cfg.text_encoder_2_lr
+    return cfg.text_encoder_lr if component == "text_encoder" else cfg.optim.lr
 
 
 def assign_rates(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> dict[str, Assignment]:
@@ -74,7 +84,7 @@ def assign_rates(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -
 def _label(name: str, rule: int | None, cfg) -> str:
     if rule is not None:
         return f"rule{rule}:{cfg.optim.lr_rules[rule].match}"
-    return "text_encoder" if name.startswith("text_encoder.") else "unet"
+    return component_of(name)
 
 
 def build_param_groups(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> ParamGroups:

@@ -113,13 +113,19 @@ def plan_text_encoder(text_encoder: nn.Module, lora_cfg) -> dict[str, LayerSpec]
             for p in find_targets(text_encoder, lora_cfg.text_encoder_targets, (nn.Linear,), key="lora.text_encoder_targets")}
 
 
-def inject_all(unet: nn.Module, text_encoder: nn.Module, cfg) -> dict[str, LoRALayer]:
-    """Freeze both models and inject LoRA per the config; returns every layer by canonical name."""
+def inject_all(unet: nn.Module, text_encoders, cfg) -> dict[str, LoRALayer]:
+    """Freeze the models and inject LoRA per the config; returns every layer by canonical name. `text_encoders` is
+    one text encoder (component `text_encoder`) or a dict component -> model (`Components.text_encoders`; SDXL:
+    `text_encoder` and `text_encoder_2`, each adapted with the same targets)."""
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = {"text_encoder": text_encoders}
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for text_encoder in text_encoders.values():
+        text_encoder.requires_grad_(False)
     plans = {"unet": (unet, plan_unet(unet, cfg.lora))}
     if cfg.text_encoder.train:
-        plans["text_encoder"] = (text_encoder, plan_text_encoder(text_encoder, cfg.lora))
+        for component, text_encoder in text_encoders.items():
+            plans[component] = (text_encoder, plan_text_encoder(text_encoder, cfg.lora))
     if cfg.lora.init_from:
         plan_from_adapter(plans, cfg.lora.init_from, cfg)
     if cfg.lora.init_alphas_from:

@@ -18,6 +18,21 @@ class Components:
     noise_scheduler: object  # DDPMScheduler built from the model's scheduler config
     source: str  # what was loaded, for metadata
     family: ModelFamily = SD1
+    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection)
+    tokenizer_2: object = None  # SDXL's second tokenizer (pads with "!")
+
+    @property
+    def text_encoders(self) -> dict[str, "torch.nn.Module"]:
+        """The family's text encoders by component name (`text_encoder`, and `text_encoder_2` for SDXL), in the
+        order the family's conditioning reads them."""
+        parts = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: parts[name] for name in self.family.text_encoders}
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder, in the same order."""
+        parts = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
+        return [parts[name] for name in self.family.text_encoders]
 
     @property
     def prediction_type(self) -> str:

@@ -27,7 +27,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str  # sd1 | sd2
+    name: str  # sd1 | sd2 | sdxl
     title: str  # for messages: "SD 1.x"
     kohya_version: str  # kohya's ss_base_model_version for epsilon models; "_v" is added for v-prediction
     modelspec_architecture: str  # ModelSpec's architecture for epsilon models
@@ -37,6 +37,11 @@ class ModelFamily:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # components that carry text-encoder LoRA
     kohya_prefixes: dict = field(default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"})
     pipeline_class: str = "StableDiffusionPipeline"
+    v_version_suffix: bool = False  # kohya writes `<version>_v` for v-prediction models (SD 2.x only)
+    # The UNet's block structure where kohya names UNet modules by their original (LDM) names (SDXL): kohya's SDXL
+    # scripts train the original UNet, so its files say input_blocks.4.1 for diffusers' down_blocks.1.attentions.0.
+    # None: kohya uses diffusers' names (SD 1.x/2.x).
+    kohya_unet_layout: dict | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = (
         (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
@@ -53,7 +58,7 @@ class ModelFamily:
     def base_model_version(self, prediction_type: str) -> str:
         """kohya's ss_base_model_version (`sd_v1`, `sd_v2`, `sd_v2_v`); also names the bundled config folder.
         kohya has no v-prediction SD 1.x version string: such a model is `sd_v1` with ss_v_parameterization."""
-        v = prediction_type == "v_prediction" and self.name != "sd1"
+        v = prediction_type == "v_prediction" and self.v_version_suffix
         return self.kohya_version + ("_v" if v else "")
 
     def architecture(self, prediction_type: str) -> str:
@@ -93,28 +98,124 @@ class ModelFamily:
         return None
 
     # -- conditioning -----------------------------------------------------------------------------------------
-    def encode(self, text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """The UNet's `encoder_hidden_states` for token ids: (batch, 77, hidden)."""
+    def encode(self, text_encoders, input_ids, clip_skip: int = 1):
+        """The conditioning for token ids (one tensor or a list of one per text encoder, as `text_encoders`):
+        SD 1.x/2.x: the UNet's `encoder_hidden_states`, (batch, 77, hidden)."""
         from sdlora.model.text import encode
 
-        return encode(text_encoder, input_ids, clip_skip)
+        text_encoder, ids = _only(text_encoders), _only(input_ids)
+        return encode(text_encoder, ids, clip_skip)
 
-    def unet_kwargs(self, embeddings: torch.Tensor) -> dict:
-        """Keyword arguments of `UNet2DConditionModel.forward` that carry the conditioning."""
+    def unet_kwargs(self, embeddings, batch: dict | None = None) -> dict:
+        """Keyword arguments of `UNet2DConditionModel.forward` that carry the conditioning of `batch`."""
         return {"encoder_hidden_states": embeddings}
 
     # -- recognition --------------------------------------------------------------------------------------
     def matches_unet(self, unet_config) -> bool:
+        if unet_config.get("addition_embed_type") == "text_time":
+            return False
         sd2 = unet_config.get("cross_attention_dim") == 1024 or bool(unet_config.get("use_linear_projection"))
         return sd2 == (self.name == "sd2")
+
+
+def _only(x):
+    """The single element of a one-element list or tuple (SD 1.x/2.x have one text encoder), or `x` itself."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != 1:
+            raise ValueError(f"expected one text encoder's input, got {len(x)}")
+        return x[0]
+    return x
+
+
+@dataclass
+class SDXLConditioning:
+    """What SDXL's text side gives the UNet, plus each encoder's own tokens (the regulariser and probe read them)."""
+
+    hidden: torch.Tensor  # (batch, 77, 768 + 1280): both encoders' penultimate states side by side
+    pooled: torch.Tensor  # (batch, 1280): text_encoder_2's projected pooled embedding (text_embeds)
+    per_encoder: tuple  # (text_encoder's tokens, text_encoder_2's tokens), each (batch, 77, width)
+
+    def rows(self, index) -> "SDXLConditioning":
+        return SDXLConditioning(self.hidden[index], self.pooled[index], tuple(e[index] for e in self.per_encoder))
+
+
+def sdxl_hidden_state(out, clip_skip: int) -> torch.Tensor:
+    """SDXL reads the penultimate layer (`hidden_states[-2]`, no final layer norm) at clip_skip=1, the default;
+    clip_skip=N takes `hidden_states[-(N + 1)]`, as diffusers' `encode_prompt(clip_skip=N - 1)` does."""
+    return out.hidden_states[-(clip_skip + 1)]
+
+
+def micro_conditioning(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
+    """SDXL's `time_ids`: (batch, 6) = original (h, w), crop top-left (top, left), target (h, w), as
+    `StableDiffusionXLPipeline._get_add_time_ids` lays them out."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
+@dataclass(frozen=True)
+class SDXLFamily(ModelFamily):
+    """SDXL: two text encoders (CLIP-L and OpenCLIP bigG) side by side, a pooled embedding and micro-conditioning.
+
+    Caption dropout (and any empty caption) conditions the UNet on zeros, hidden states and pooled embedding
+    alike, as SDXL was trained (its embedders' `ucg_rate` zeroes their output) and as its pipeline's
+    `force_zeros_for_empty_prompt` samples the unconditional branch; the six micro-conditioning numbers stay."""
+
+    def encode(self, text_encoders, input_ids, clip_skip: int = 1) -> SDXLConditioning:
+        te1, te2 = text_encoders
+        ids1, ids2 = input_ids
+        out1 = te1(ids1, output_hidden_states=True, return_dict=True)
+        out2 = te2(ids2, output_hidden_states=True, return_dict=True)
+        h1, h2 = sdxl_hidden_state(out1, clip_skip), sdxl_hidden_state(out2, clip_skip)
+        return SDXLConditioning(torch.cat([h1, h2], dim=-1), out2.text_embeds, (h1, h2))
+
+    def unet_kwargs(self, embeddings: SDXLConditioning, batch: dict | None = None) -> dict:
+        if batch is None:
+            raise ValueError("SDXL conditioning needs the batch's original sizes and crops")
+        device, dtype = embeddings.hidden.device, embeddings.hidden.dtype
+        hidden, pooled = embeddings.hidden, embeddings.pooled
+        if "captions" in batch:
+            keep = torch.tensor([bool(c) for c in batch["captions"]], device=device)
+            if not bool(keep.all()):  # dropped or empty captions: zeroed conditioning (see the class docstring)
+                hidden = hidden * keep[:, None, None].to(dtype)
+                pooled = pooled * keep[:, None].to(pooled.dtype)
+        time_ids = micro_conditioning(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}}
+
+    def matches_unet(self, unet_config) -> bool:
+        return unet_config.get("addition_embed_type") == "text_time"
 
 
 SD1 = ModelFamily(name="sd1", title="SD 1.x", kohya_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
                   modelspec_architecture_v="stable-diffusion-v1", resolution=512, resolution_v=512)
 SD2 = ModelFamily(name="sd2", title="SD 2.x", kohya_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
-                  modelspec_architecture_v="stable-diffusion-v2-768-v", resolution=512, resolution_v=768)
-FAMILIES = {f.name: f for f in (SD1, SD2)}
-SUPPORTED = f"sdlora trains {' and '.join(f.title for f in FAMILIES.values())} (StableDiffusionPipeline) models"
+                  modelspec_architecture_v="stable-diffusion-v2-768-v", resolution=512, resolution_v=768,
+                  v_version_suffix=True)
+# kohya and ModelSpec have one name for SDXL base and its v-prediction fine-tunes (ss_v_parameterization and
+# modelspec.prediction_type tell them apart).
+SDXL = SDXLFamily(
+    name="sdxl", title="SDXL", kohya_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
+    modelspec_architecture_v="stable-diffusion-xl-v1-base", resolution=1024, resolution_v=1024,
+    text_encoders=("text_encoder", "text_encoder_2"),
+    kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    pipeline_class="StableDiffusionXLPipeline",
+    kohya_unet_layout={"layers_per_block": 2, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
+    block_groups=(
+        (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
+        (r"^text_encoder_2\.layers\.(\d+)$", r"^text_encoder_2\.encoder\.layers\.{0}\."),
+        (r"^text_encoder$", r"^text_encoder\."),
+        (r"^text_encoder_2$", r"^text_encoder_2\."),
+        (r"^unet$", r"^unet\."),
+        # SDXL's original names (input / middle / output blocks) and diffusers' (down / mid / up) for one thing
+        (r"^unet\.(?:down|input)$", r"^unet\.(down_blocks\.|conv_in)"),
+        (r"^unet\.(?:down|input)\.(\d+)$", r"^unet\.down_blocks\.{0}\."),
+        (r"^unet\.(?:mid|middle)$", r"^unet\.mid_block\."),
+        (r"^unet\.(?:up|output)$", r"^unet\.(up_blocks\.|conv_out)"),
+        (r"^unet\.(?:up|output)\.(\d+)$", r"^unet\.up_blocks\.{0}\."),
+    ),
+)
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+SUPPORTED = "sdlora trains SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"
 
 
 def family_named(name: str) -> ModelFamily:
@@ -134,6 +235,6 @@ def family_of_version(version: str) -> tuple[ModelFamily, str]:
     """(family, prediction type) from kohya's ss_base_model_version (`sd_v1`, `sd_v2`, `sd_v2_v`)."""
     for f in FAMILIES.values():
         for prediction in PREDICTION_TYPES:
-            if f.base_model_version(prediction) == version and (prediction == "epsilon" or f.name != "sd1"):
+            if f.base_model_version(prediction) == version and (prediction == "epsilon" or f.v_version_suffix):
                 return f, prediction
-    raise UserError(f"base model version {version!r}: allowed sd_v1, sd_v2, sd_v2_v")
+    raise UserError(f"base model version {version!r}: allowed sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0")

@@ -16,6 +16,7 @@ from sdlora.model.components import Components
 from sdlora.model.families import SUPPORTED, family_of_unet
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 # What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
 try:
@@ -62,7 +63,7 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
         latent = comps.unet.config.in_channels
         if comps.vae.config.latent_channels != latent:
             raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
-                            f"the model's UNet takes {latent} (an SD 1.x/2.x VAE is needed)")
+                            f"the model's UNet takes {latent} (an SD VAE is needed)")
     if prediction_type and prediction_type != comps.prediction_type:
         set_prediction_type(comps, prediction_type)
     return comps
@@ -77,25 +78,32 @@ def set_prediction_type(comps: Components, prediction_type: str) -> None:
 
 def _load_diffusers_folder(path: Path) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if not is_diffusers_folder(path):
         raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json with a unet/ subfolder)")
-    check_family(path)
-    missing = [p for p in MODEL_PARTS if not (path / p).is_dir()]
+    sdxl = check_family(path)
+    parts = MODEL_PARTS + (SDXL_PARTS if sdxl else ())
+    missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
-        raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(MODEL_PARTS)})")
+        raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(parts)})")
+    text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        if sdxl:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         local_files_only=True)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
     except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: {path} could not be loaded: {first[:300]}") from None
     check_unet(unet, vae, path)
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), family=family_of_unet(unet))
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), family=family_of_unet(unet),
+                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 
@@ -108,18 +116,25 @@ def _json_or_empty(p: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def check_family(path: Path) -> None:
-    """Refuse, before any weight loads, a diffusers folder of a family sdlora cannot train (SDXL first of all:
-    it loads, then its UNet fails at the first step asking for added_cond_kwargs)."""
+def check_family(path: Path) -> bool:
+    """Refuse, before any weight loads, a diffusers folder of a family sdlora cannot train; True for SDXL (its
+    second text encoder and tokenizer are then needed)."""
     index = _json_or_empty(path / "model_index.json")
     unet_cfg = _json_or_empty(path / "unet" / "config.json")
     pipeline = str(index.get("_class_name", ""))
-    if "XL" in pipeline or "text_encoder_2" in index or unet_cfg.get("addition_embed_type") == "text_time":
-        raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_encoder_2 / text_time UNet'}); "
-                        f"{SUPPORTED}; SDXL is not supported yet")
+    text_time = unet_cfg.get("addition_embed_type") == "text_time"
+    if text_time or "XL" in pipeline or "text_encoder_2" in index:
+        if not (text_time and "text_encoder_2" in index and "tokenizer_2" in index):
+            raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_time UNet'}) without both of its "
+                            "parts: needs a text_time UNet and text_encoder_2 / tokenizer_2 in model_index.json")
+        if index.get("text_encoder") in (None, [None, None]):
+            raise UserError(f"model.path: {path} is an SDXL {pipeline or 'model'} without the first text encoder "
+                            f"(the refiner?); {SUPPORTED}: the base model and its fine-tunes")
+        return True
     if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
         kind = unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type")
         raise UserError(f"model.path: {path} is a {pipeline or 'UNet'} with extra conditioning ({kind}); {SUPPORTED}")
+    return False
 
 
 def check_unet(unet, vae, where) -> None:

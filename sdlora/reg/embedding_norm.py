@@ -112,6 +112,8 @@ class EmbeddingNormRegulariser:
         return torch.ones_like(input_ids, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> PenaltyResult:
+        if isinstance(input_ids, (list, tuple)):  # the loop's one-per-text-encoder list (one encoder here)
+            (input_ids,) = input_ids
         base = self.cache.norms(input_ids)
         mask = self.mask(input_ids)
         base_norms = token_norms(base, self.cfg.norm) if self.direction else base

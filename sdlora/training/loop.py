@@ -106,7 +106,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
     preflight.against_model(cfg, comps)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.unet, comps.text_encoders, cfg)
     groups = build_param_groups(layers, cfg, comps.family)
     if dry_run:
         from sdlora.util.tables import plan_table
@@ -123,12 +123,15 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # ---- optimiser and schedule
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
-    trained = [comps.unet] + ([comps.text_encoder] if cfg.text_encoder.train else [])
+    encoders = list(comps.text_encoders.values())  # the family's text encoders, in the order its conditioning reads
+    trained = [comps.unet] + (encoders if cfg.text_encoder.train else [])
     # The LR schedule is stepped here once per optimiser step (Accelerate's wrapper would step it once
     # per process under data parallelism).
     prepared = accelerator.prepare(*trained, optimizer)  # the data is sharded by sdlora.data, not by Accelerate
     unet = prepared[0]
-    text_encoder = prepared[1] if cfg.text_encoder.train else comps.text_encoder
+    if cfg.text_encoder.train:
+        encoders = list(prepared[1:-1])
+    text_encoder = encoders[0]
     optimizer = prepared[-1]
 
     if main:
@@ -142,10 +145,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     params = [p for g in groups.groups for p in g["params"]]
     # The regulariser's base-norm misses and the probe run on some processes only: they use the unwrapped
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
-    regulariser = make_regulariser(cfg, comps.text_encoder, comps.tokenizer, say)
-    text_cache = make_text_cache(cfg, text_encoder)
-    probe = DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
-                       cfg.data.max_token_length) if main else None
+    regulariser = make_regulariser(cfg, comps, say)
+    text_cache = make_text_cache(cfg, encoders)
+    probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
     # ---- checkpoints and resume: everything stateful is saved together and restored before the first batch
@@ -183,14 +185,15 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             noise = draws.noise(cfg.loss.noise_offset)
             timesteps = draws.timesteps(cfg.loss.min_timestep, t_max)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            input_ids = tokenize(comps.tokenizer, batch["captions"], cfg.data.max_token_length).to(accelerator.device)
+            input_ids = [tokenize(t, batch["captions"], cfg.data.max_token_length).to(accelerator.device)
+                         for t in comps.tokenizers]
             if text_cache is not None:
                 embeddings = text_cache(input_ids)
             else:
                 with torch.set_grad_enabled(cfg.text_encoder.train):
-                    embeddings = family.encode(text_encoder, input_ids, cfg.text_encoder.clip_skip)
+                    embeddings = family.encode(encoders, input_ids, cfg.text_encoder.clip_skip)
             with accelerator.autocast():
-                pred = unet(noisy, timesteps, **family.unet_kwargs(embeddings)).sample
+                pred = unet(noisy, timesteps, **family.unet_kwargs(embeddings, batch)).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
             diff_loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss, batch["loss_weight"],
                                        batch.get("loss_mask"))
@@ -331,7 +334,7 @@ def make_data(cfg: Config, comps: Components, accelerator, say):
                                process_index=accelerator.process_index, say=say)
 
 
-def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
+def make_regulariser(cfg: Config, comps: Components, say):
     from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
 
     if cfg.reg.embedding_norm.weight == 0 and cfg.reg.embedding_norm.direction_weight == 0:
@@ -339,7 +342,14 @@ def make_regulariser(cfg: Config, text_encoder, tokenizer, say):
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
         return None
-    return EmbeddingNormRegulariser(text_encoder, tokenizer, cfg)
+    return EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+
+
+def make_probe(cfg: Config, comps: Components) -> DriftProbe | None:
+    if len(comps.text_encoders) > 1:
+        return None  # SDXL: the two-encoder probe is not built yet
+    return DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
+                      cfg.data.max_token_length)
 
 
 def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) -> dict:

@@ -16,7 +16,8 @@ def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight
     compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
     comps.vae.requires_grad_(False)
     fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
-    for model in (comps.unet, comps.text_encoder, comps.vae):
+    encoders = list(comps.text_encoders.values())
+    for model in (comps.unet, *encoders, comps.vae):
         model.to(device=device, dtype=weight_dtype)
     with torch.no_grad():
         for (name, key), value in fp32.items():
@@ -26,14 +27,14 @@ def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight
             else:  # a buffer: Module.to replaced it
                 setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
     comps.vae.eval()
-    comps.text_encoder.train(cfg.text_encoder.train)
+    for text_encoder in encoders:
+        text_encoder.train(cfg.text_encoder.train)
     comps.unet.train()
-    if not cfg.text_encoder.train:
-        comps.text_encoder.eval()
     if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
         comps.unet.enable_gradient_checkpointing()
         if cfg.text_encoder.train:
-            comps.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for text_encoder in encoders:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.channels_last:
         comps.unet.to(memory_format=torch.channels_last)
     if cfg.train.compile:

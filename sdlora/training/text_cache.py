@@ -25,7 +25,9 @@ class TextEncoderOutputCache:
         self.hits = self.misses = 0
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids) -> torch.Tensor:
+        if isinstance(input_ids, (list, tuple)):  # the loop's one-per-text-encoder list (one encoder here)
+            (input_ids,) = input_ids
         keys = [row.cpu().numpy().tobytes() for row in input_ids]
         found = {k: self.entries[k] for k in keys if k in self.entries}
         missing = list(dict.fromkeys(k for k in keys if k not in found))  # distinct, in order
@@ -43,8 +45,13 @@ class TextEncoderOutputCache:
         return torch.stack([found[k] for k in keys])
 
 
-def make_text_cache(cfg, text_encoder):
-    """The cache when the text encoder is frozen and data.cache_text_encoder_outputs is on, else None."""
+def make_text_cache(cfg, text_encoders):
+    """The cache when the text encoder is frozen and data.cache_text_encoder_outputs is on, else None.
+    `text_encoders`: one encoder, or the family's list of them (SDXL's two are not cached yet)."""
+    if isinstance(text_encoders, (list, tuple)):
+        if len(text_encoders) > 1:
+            return None
+        (text_encoders,) = text_encoders
     if cfg.text_encoder.train or not cfg.data.cache_text_encoder_outputs:
         return None
-    return TextEncoderOutputCache(text_encoder, cfg.text_encoder.clip_skip)
+    return TextEncoderOutputCache(text_encoders, cfg.text_encoder.clip_skip)

@@ -31,5 +31,7 @@ def plan_table(layers, groups, cfg) -> str:
     n_unet = sum(1 for n in layers if n.startswith("unet."))
     groups_txt = "\n".join(f"  {g['name']}: lr {g['lr']:.3e}, {sum(p.numel() for p in g['params']):,} params"
                            for g in groups.groups)
-    return (f"{table}\n\n{len(layers)} modules ({n_unet} UNet, {len(layers) - n_unet} text encoder), "
+    n_te2 = sum(1 for n in layers if n.startswith("text_encoder_2."))
+    te = f"{len(layers) - n_unet - n_te2} text encoder" + (f", {n_te2} text encoder 2" if n_te2 else "")
+    return (f"{table}\n\n{len(layers)} modules ({n_unet} UNet, {te}), "
             f"{total:,} trainable parameters\noptimiser groups:\n{groups_txt}")
