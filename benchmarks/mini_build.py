@@ -32,8 +32,8 @@ from sdlora.mini.data import digit_renders  # noqa: E402
 PRESETS = {
     # the shipped model: the feasibility check
     "mini": dict(n_images=6000, vae_channels=(32, 64, 64), vae_steps=500, vae_batch=32, vae_lr=1e-3,
-                 unet_channels=(64, 128), te_width=64, te_layers=2, steps=2400, batch=64, lr=5e-4,
-                 caption_dropout=0.1, save_every=500),
+                 unet_channels=(64, 128), te_width=64, te_layers=2, steps=2400, batch=32, lr=5e-4,
+                 caption_dropout=0.1, save_every=200),
     # a few steps of everything, to check the script end to end
     "check": dict(n_images=256, vae_channels=(32, 64, 64), vae_steps=5, vae_batch=32, vae_lr=1e-3,
                   unet_channels=(64, 128), te_width=64, te_layers=2, steps=6, batch=64, lr=5e-4,
@@ -107,6 +107,8 @@ def train_vae(p, pixels, out: Path, seed: int, record: dict):
 
     if (out / "vae" / "config.json").is_file():
         log("VAE: found a finished one, reusing it")
+        if (out / "vae_record.json").is_file():
+            record.update(json.loads((out / "vae_record.json").read_text()))
         return AutoencoderKL.from_pretrained(out / "vae")
     torch.manual_seed(seed)
     vae = make_vae(p["vae_channels"])
@@ -141,11 +143,12 @@ def train_vae(p, pixels, out: Path, seed: int, record: dict):
     record["vae"] = {"steps": p["vae_steps"], "seconds": round(time.perf_counter() - t0, 1),
                      "final_mse": float(np.mean(losses[-25:])), "scaling_factor": float(1.0 / std)}
     vae.save_pretrained(out / "vae")
+    (out / "vae_record.json").write_text(json.dumps({k: record[k] for k in ("vae", "vae_params")}))
     log(f"VAE saved: mse {record['vae']['final_mse']:.4f}, scaling factor {1 / std:.3f}")
     return vae
 
 
-def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict):
+def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict, max_seconds: float | None = None):
     tokenizer = make_tokenizer()
     torch.manual_seed(seed + 2)
     te = make_text_encoder(tokenizer, p["te_width"], p["te_layers"])
@@ -178,6 +181,10 @@ def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict):
     te.train()
     t0 = time.perf_counter() - seconds
     for step in range(start, p["steps"]):
+        if max_seconds and time.perf_counter() - t0 > max_seconds:
+            log(f"stopping at step {step}: the --max-seconds budget ({max_seconds}s) is spent")
+            record["stopped_early_at_step"] = step
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, p["steps"], p["lr"])
         idx = torch.randint(len(ids), (p["batch"],), generator=gen)
@@ -208,7 +215,7 @@ def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict):
             torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                         "step": done, "losses": losses, "seconds": time.perf_counter() - t0}, tmp)
             tmp.replace(ckpt)
-    record["unet_te"] = {"steps": p["steps"], "seconds": round(time.perf_counter() - t0, 1),
+    record["unet_te"] = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 1),
                          "final_loss": float(np.mean(losses[-100:])),
                          "loss_every_100": [round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)]}
     return unet.eval(), te.eval(), tokenizer
@@ -221,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, help="override the preset's UNet + text encoder steps")
+    ap.add_argument("--batch", type=int, help="override the preset's UNet + text encoder batch size")
+    ap.add_argument("--max-seconds", type=float, help="stop the UNet + text encoder phase after this long (recorded)")
     ap.add_argument("--unet-channels", help="override, e.g. 128,256 (a bigger build on a GPU machine)")
     ap.add_argument("--install", action="store_true", help="copy the fp16 model to sdlora/resources/mini")
     args = ap.parse_args(argv)
@@ -229,11 +238,13 @@ def main(argv=None) -> int:
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"] = args.steps
+    if args.batch:
+        p["batch"] = args.batch
     if args.unet_channels:
         p["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"preset": args.preset, "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
+    record = {"command": " ".join(sys.argv), "preset": args.preset, "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
               "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
               "data": f"sklearn load_digits, {p['n_images']} renders at 32 px (sdlora.mini.data.digit_renders, "
                       f"seed {args.seed}), held-out colour/digit pairs excluded"}
@@ -243,7 +254,7 @@ def main(argv=None) -> int:
     log(f"data: {len(images)} renders, e.g. {caps[0]!r}")
     vae = train_vae(p, pixels, out, args.seed, record)
     vae.eval().requires_grad_(False)
-    unet, te, tokenizer = train_unet_te(p, vae, pixels, caps, out, args.seed, record)
+    unet, te, tokenizer = train_unet_te(p, vae, pixels, caps, out, args.seed, record, args.max_seconds)
     record["seconds"] = round(time.perf_counter() - t_all, 1)
     save_model(out / "model", vae, unet, te, tokenizer)
     (out / "build.json").write_text(json.dumps(record, indent=1))
