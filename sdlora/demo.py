@@ -90,6 +90,7 @@ def demo_config(root: Path, steps: int, model_path: Path | None = None, seed: in
         "optim": {"lr": 2e-3, "text_encoder_lr": 1e-3, "scheduler": "cosine", "warmup_steps": 20},
         "lora": {"rank": 8, "alpha": 8},
         "text_encoder": {"train": True},
+        "log": {"tracker": "none"},
     }
 
 
@@ -180,7 +181,7 @@ def evaluate_adapter(model_dir, adapter, judge, *, seeds_per_concept_case: int =
                          "digit": u["shape"], "colour": u["colour"], "n_unrelated": u["n"]}
         images[which] = imgs
     show = [0, 4, 8, 13]  # four trigger prompts, then four unrelated ones
-    show_u = [0, 13, 26, 39]
+    show_u = [len(up) * k // 4 for k in range(4)]
     grid = {"prompts": [cp[i] for i in show] + [up[i] for i in show_u],
             "base": [images["base"][i] for i in show] + [images["base"][len(cp) + i] for i in show_u],
             "adapted": [images["adapted"][i] for i in show] + [images["adapted"][len(cp) + i] for i in show_u]}

@@ -82,7 +82,7 @@ class Judge:
         self.classifier = classifier
 
     @classmethod
-    def fit(cls, seed: int = 0, n_digits: int = 6000, n_glyphs: int = 600) -> "Judge":
+    def fit(cls, seed: int = 0, n_digits: int = 3000, n_glyphs: int = 300) -> "Judge":
         from sklearn.svm import SVC
 
         train_ids, _ = split_scans(seed)

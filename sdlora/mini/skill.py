@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ def load_pipeline(model_dir: str | Path):
     from ..models import _quiet_loaders
 
     _quiet_loaders()
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only torch_dtype
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -53,7 +56,7 @@ def digit_cases(held_out: bool, seeds_per_case: int, first_seed: int = 0, backgr
             for bg in backgrounds or BACKGROUNDS:
                 for k in range(seeds_per_case):
                     prompts.append(caption(stroke, label, bg))
-                    seeds.append(first_seed + k)
+                    seeds.append(first_seed + len(seeds))
                     truth.append((label, stroke, bg))
     return prompts, seeds, truth
 
@@ -64,7 +67,7 @@ def concept_cases(seeds_per_case: int, first_seed: int = 0):
         for bg in BACKGROUNDS:
             for k in range(seeds_per_case):
                 prompts.append(caption(stroke, CONCEPT, bg))
-                seeds.append(first_seed + k)
+                seeds.append(first_seed + len(seeds))
                 truth.append((CONCEPT, stroke, bg))
     return prompts, seeds, truth
 
