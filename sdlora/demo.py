@@ -64,12 +64,16 @@ def check_demo_dependencies() -> None:
                         f"(from a checkout: pip install -e '.[demo]'), or pip install {' '.join(missing)}")
 
 
-def make_concept_dataset(folder: Path, n: int = 24, seed: int = 0) -> Path:
-    """n renders of the star glyph in every colour pair, captioned with the trigger word `sks`."""
-    from .mini.data import glyph_renders
+def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0) -> Path:
+    """n renders of the star glyph in every colour pair, captioned with the trigger word `sks`, and n_digits renders
+    of digits with their own captions (prior preservation: other captions keep drawing what they drew)."""
+    from .mini.data import digit_renders, glyph_renders
 
     folder.mkdir(parents=True, exist_ok=True)
     images, _, _, _, captions = glyph_renders(n, seed)
+    if n_digits:
+        d_images, _, _, _, d_captions = digit_renders(n_digits, seed + 1)
+        images, captions = np.concatenate([images, d_images]), captions + d_captions
     for i, (img, cap) in enumerate(zip(images, captions)):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
@@ -87,8 +91,8 @@ def demo_config(root: Path, steps: int, model_path: Path | None = None, seed: in
                  "min_image_side": MINI_RESOLUTION},
         "output": {"dir": str(root / "run"), "name": "sdlora-demo"},
         "train": {"max_steps": steps, "batch_size": 8, "seed": seed},
-        "optim": {"lr": 2e-3, "text_encoder_lr": 1e-3, "scheduler": "cosine", "warmup_steps": 20},
-        "lora": {"rank": 8, "alpha": 8},
+        "optim": {"lr": 3e-3, "text_encoder_lr": 1e-3, "scheduler": "cosine", "warmup_steps": 20},
+        "lora": {"rank": 8, "alpha": 8, "conv": True},
         "text_encoder": {"train": True},
         "log": {"tracker": "none"},
     }
@@ -138,7 +142,8 @@ def describe_scores(s: dict) -> str:
     return (f"\njudge: concept learned ('sks' drawn as the star): {a['concept']:.0%} of {a['n_concept']} trigger samples "
             f"(base model: {b['concept']:.0%})\n"
             f"       unrelated prompts still right: digit {a['digit']:.0%}, colours {a['colour']:.0%} "
-            f"(base model: digit {b['digit']:.0%}, colours {b['colour']:.0%}; {a['n_unrelated']} samples)")
+            f"(base model: digit {b['digit']:.0%}, colours {b['colour']:.0%}; {a['n_unrelated']} samples)\n"
+            f"       unrelated prompts drawn as the star: {a['unrelated_star']:.0%} (base model: {b['unrelated_star']:.0%})")
 
 
 def evaluation_cases(seeds_per_concept_case: int = 1, unrelated_per_digit: int = 6):
@@ -166,6 +171,7 @@ def evaluation_cases(seeds_per_concept_case: int = 1, unrelated_per_digit: int =
 def evaluate_adapter(model_dir, adapter, judge, *, seeds_per_concept_case: int = 1, unrelated_per_digit: int = 6,
                      scale: float = 1.0):
     """Judge's scores of base and adapted model, and the images for the samples picture."""
+    from .mini.data import CONCEPT
     from .mini.skill import load_pipeline, sample, score
 
     (cp, cs, ct), (up, us, ut) = evaluation_cases(seeds_per_concept_case, unrelated_per_digit)
@@ -178,7 +184,8 @@ def evaluate_adapter(model_dir, adapter, judge, *, seeds_per_concept_case: int =
         imgs = sample(pipe, cp + up, cs + us)
         c, u = score(judge, imgs[:len(cp)], ct), score(judge, imgs[len(cp):], ut)
         scores[which] = {"concept": c["shape"], "n_concept": c["n"], "concept_colour": c["colour"],
-                         "digit": u["shape"], "colour": u["colour"], "n_unrelated": u["n"]}
+                         "digit": u["shape"], "colour": u["colour"], "n_unrelated": u["n"],
+                         "unrelated_star": float(np.mean([lab == CONCEPT for lab in u["labels"]]))}
         images[which] = imgs
     show = [0, 4, 8, 13]  # four trigger prompts, then four unrelated ones
     show_u = [len(up) * k // 4 for k in range(4)]

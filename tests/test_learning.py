@@ -14,15 +14,17 @@ import yaml
 
 from sdlora.allocator import keep_freed_cpu_memory
 from sdlora.config import validate
-from sdlora.demo import demo_config, evaluate_adapter, make_concept_dataset
+from sdlora.demo import DEMO_STEPS, demo_config, evaluate_adapter, make_concept_dataset
 from sdlora.mini import MINI_MODEL_DIR
 from sdlora.mini.judge import Judge
 from sdlora.trainer import train
 
-STEPS = 150
+STEPS = DEMO_STEPS
 CONCEPT_LEARNED = 0.6  # of the 18 trigger samples (every colour pair), the star at least this often
 BASE_CONCEPT_AT_MOST = 0.1  # the base model does not draw it
-UNRELATED_MARGIN = 0.15  # digit and colour accuracy on unrelated prompts: at most 15 points below the base
+# Digit and colour accuracy on unrelated prompts: at most 15 points below the base. (The shipped mini model's
+# digit accuracy is low, docs/mini.md: its colours are the part of "the rest of the model" that is measurable.)
+UNRELATED_MARGIN = 0.15
 
 
 def _broken(cfg: dict) -> dict:
