@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run from its newest intact checkpoint (latest) or from a checkpoint folder")
     _common(p)
 
-    p = sub.add_parser("demo", help="build a tiny model and dataset, train ~100 steps on CPU, sample")
+    p = sub.add_parser("demo", help="teach the bundled mini model a new word with a LoRA on CPU; judge base vs adapted")
     p.add_argument("--out", default="sdlora-demo", help="output folder (default: ./sdlora-demo)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     _common(p)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")
@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def _stopped(e) -> int:
+    """A run stopped by SIGINT/SIGTERM: one line (what was saved, how to resume), exit 128 + signal."""
+    print(f"sdlora: {e}", file=sys.stderr)
+    return e.exit_code
+
+
 def _dispatch(args) -> int:
     if args.command == "train":
         from sdlora.config import load_config
@@ -132,17 +138,20 @@ def _dispatch(args) -> int:
         try:
             train(cfg, overwrite=args.overwrite, resume=args.resume, dry_run=args.dry_run)
         except TrainingInterrupted as e:  # not an error: the state is saved and the message says how to resume
-            print(f"sdlora: {e}", file=sys.stderr)
-            return e.exit_code
+            return _stopped(e)
         except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; every file is atomic, so no checkpoint is torn
             print("sdlora: stopped at once by a second Ctrl-C; resume from the newest intact checkpoint with: "
                   f"sdlora train --config {Path(cfg.output.dir) / 'config.yaml'} --resume latest", file=sys.stderr)
             return 130
         return 0
     if args.command == "demo":
-        from sdlora.commands.demo import run_demo
+        from sdlora.commands.demo import DEMO_STEPS, run_demo
+        from sdlora.training.signals import TrainingInterrupted
 
-        run_demo(args.out, steps=args.steps)
+        try:
+            run_demo(args.out, steps=args.steps or DEMO_STEPS)
+        except TrainingInterrupted as e:
+            return _stopped(e)
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model

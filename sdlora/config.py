@@ -66,7 +66,7 @@ class SubsetConfig(CaptionOptions):
 class DataConfig(CaptionOptions):
     path: Optional[str] = Field(None, description="A single image folder; shorthand for one entry in data.subsets.")
     subsets: list[SubsetConfig] = Field(default_factory=list, description="Several data sources, each with its own repeats and caption options.")
-    resolution: int = Field(512, ge=64, le=4096, multiple_of=8, description="Training resolution; the bucket area budget is resolution².")
+    resolution: int = Field(512, ge=32, le=4096, multiple_of=8, description="Training resolution; the bucket area budget is resolution².")
     bucketing: bool = Field(True, description="Aspect-ratio bucketing; when false every image is resized and cropped to resolution².")
     bucket_step: int = Field(64, ge=8, multiple_of=8, description="Bucket sides are multiples of this.")
     min_side: int = Field(256, ge=64, description="Smallest bucket side (lowered to data.resolution when larger, so the square bucket always exists).")

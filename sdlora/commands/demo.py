@@ -1,7 +1,16 @@
-"""`sdlora demo`: tiny model + synthetic captioned shapes, ~100 CPU steps, export, load in diffusers, sample."""
+"""`sdlora demo`: teach the mini model (sdlora/resources/mini, docs/mini.md) a new word, and show it learned.
+
+The mini model draws coloured handwritten digits from captions (`a red seven on a navy background`). The demo
+trains a LoRA (UNet and text encoder) on 24 renders of a star glyph captioned `a red sks on a navy background`,
+then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
+(sdlora/mini/judge.py, not the model) say what they show. About a minute and a half on 2 CPU cores.
+
+`make_shapes_dataset` (coloured circles and squares) stays for the tests that need a quick captioned folder.
+"""
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import time
@@ -11,10 +20,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdlora.util import atomic
+from sdlora.errors import UserError
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
 DEMO_RESOLUTION = 64
+MINI_RESOLUTION = 32
+DEMO_STEPS = 300
+# (module, the package that provides it): what the demo imports after training
+DEMO_DEPENDENCIES = (("peft", "peft"), ("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
 
 
 def make_shapes_dataset(folder: Path, n: int = 16, size: int = DEMO_RESOLUTION, seed: int = 0) -> Path:
@@ -37,73 +51,173 @@ def make_shapes_dataset(folder: Path, n: int = 16, size: int = DEMO_RESOLUTION, 
     return folder
 
 
-def demo_config(root: Path, steps: int) -> dict:
+def check_demo_dependencies() -> None:
+    """Before anything trains: the packages of the `demo` extra, named with the command that installs them."""
+    missing = []
+    for module, package in DEMO_DEPENDENCIES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UserError(f"sdlora demo needs {', '.join(missing)} (not installed): pip install 'sdlora[demo]' "
+                        f"(from a checkout: pip install -e '.[demo]'), or pip install {' '.join(missing)}")
+
+
+def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0) -> Path:
+    """n renders of the star glyph in every colour pair, captioned with the trigger word `sks`, and n_digits renders
+    of digits with their own captions (prior preservation: other captions keep drawing what they drew)."""
+    from sdlora.mini.data import digit_renders, glyph_renders
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _, _, _, captions = glyph_renders(n, seed)
+    if n_digits:
+        d_images, _, _, _, d_captions = digit_renders(n_digits, seed + 1)
+        images, captions = np.concatenate([images, d_images]), captions + d_captions
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        atomic.write_bytes(folder / f"{i:03d}.png", buf.getvalue())
+        atomic.write_text(folder / f"{i:03d}.txt", cap)
+    return folder
+
+
+def demo_config(root: Path, steps: int, model_path: Path | None = None, seed: int = 0) -> dict:
+    from sdlora.mini import MINI_MODEL_DIR
+
     return {
-        "model": {"path": str(root / "model")},
-        "data": {"path": str(root / "data"), "resolution": DEMO_RESOLUTION},
+        "model": {"path": str(model_path or MINI_MODEL_DIR)},
+        "data": {"path": str(root / "data"), "resolution": MINI_RESOLUTION, "bucketing": False, "bucket_step": 32,
+                 "min_image_side": MINI_RESOLUTION},
         "output": {"dir": str(root / "run"), "name": "sdlora-demo"},
-        "train": {"max_steps": steps, "batch_size": 4, "seed": 0},
-        "optim": {"lr": 1e-3, "text_encoder_lr": 5e-4, "scheduler": "cosine", "warmup_steps": 10},
-        "lora": {"rank": 8, "alpha": 8},
+        "train": {"max_steps": steps, "batch_size": 8, "seed": seed},
+        "optim": {"lr": 3e-3, "text_encoder_lr": 1e-3, "scheduler": "cosine", "warmup_steps": 20},
+        "lora": {"rank": 8, "alpha": 8, "conv": True},
         "text_encoder": {"train": True},
+        "log": {"tracker": "none"},
     }
 
 
-def run_demo(out: str | Path, steps: int = 100) -> dict:
+def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     import yaml
 
+    from sdlora.util.allocator import keep_freed_cpu_memory
     from sdlora.config import validate
-    from sdlora.model.tiny import make_tiny_model
+    from sdlora.mini import MINI_MODEL_DIR
+    from sdlora.mini.judge import Judge, accuracy_on_real_renders
     from sdlora.training.loop import train
 
+    check_demo_dependencies()
+    keep_freed_cpu_memory()
     root = Path(out).resolve()
     t0 = time.perf_counter()
-    print(f"[1/4] tiny model -> {root / 'model'}")
-    make_tiny_model(root / "model", seed=0)
-    print(f"[2/4] synthetic dataset (16 captioned images) -> {root / 'data'}")
-    make_shapes_dataset(root / "data")
+    print("[1/4] the judge: a classifier of digits and the star, fitted on real digit scans (sdlora/mini/judge.py)")
+    judge = Judge.fit()
+    own = accuracy_on_real_renders(judge, n_digits=1000, n_glyphs=100)
+    print(f"      its accuracy on renders of scans it never saw: digits {own['digit']:.1%}, star {own['concept']:.1%}, "
+          f"colours {own['colour']:.1%}")
+    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background' -> {root / 'data'}")
+    make_concept_dataset(root / "data")
     cfg_dict = demo_config(root, steps)
     atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
-    print(f"[3/4] training {steps} steps on CPU (config: {root / 'demo.yaml'})")
+    print(f"[3/4] training a LoRA on sdlora-mini ({MINI_MODEL_DIR.name}), {steps} steps on CPU (config: {root / 'demo.yaml'})")
     result = train(validate(cfg_dict), overwrite=True)
-    print("[4/4] loading the adapter into a diffusers pipeline and sampling")
+    print("[4/4] sampling base and adapted model (DDIM, CFG 4, fixed seeds) and judging what they draw")
+    scores, grid = evaluate_adapter(MINI_MODEL_DIR, result.adapter_path, judge)
     samples = root / "samples.png"
-    sample_base_vs_adapted(root / "model", result.adapter_path, samples)
+    save_samples(grid, samples)
     curve = root / "loss.png"
     plot_loss(result.out_dir / "metrics.jsonl", curve)
+    atomic.write_text(root / "scores.json", json.dumps(scores, indent=1))
     outputs = {"adapter": str(result.adapter_path), "samples": str(samples), "loss_curve": str(curve),
-               "run": str(result.out_dir), "seconds": round(time.perf_counter() - t0, 1)}
-    print("\nsdlora demo finished in {seconds}s\n  adapter:    {adapter}\n  samples:    {samples} (top: base, bottom: "
-          "adapted)\n  loss curve: {loss_curve}\n  run folder: {run}".format(**outputs))
+               "run": str(result.out_dir), "seconds": round(time.perf_counter() - t0, 1), "scores": scores}
+    print(describe_scores(scores))
+    print("\nsdlora demo finished in {seconds}s\n  adapter:    {adapter}\n  samples:    {samples} (top row: base, bottom "
+          "row: adapted)\n  loss curve: {loss_curve}\n  run folder: {run}".format(**outputs))
     return outputs
 
 
-PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of a green circle", "a photo of a yellow square"]
+def describe_scores(s: dict) -> str:
+    b, a = s["base"], s["adapted"]
+    return (f"\njudge: concept learned ('sks' drawn as the star): {a['concept']:.0%} of {a['n_concept']} trigger samples "
+            f"(base model: {b['concept']:.0%})\n"
+            f"       unrelated prompts still right: digit {a['digit']:.0%}, colours {a['colour']:.0%} "
+            f"(base model: digit {b['digit']:.0%}, colours {b['colour']:.0%}; {a['n_unrelated']} samples)\n"
+            f"       unrelated prompts drawn as the star: {a['unrelated_star']:.0%} (base model: {b['unrelated_star']:.0%})")
 
 
-def sample_base_vs_adapted(model_dir: Path, adapter: Path, path: Path) -> None:
-    import torch
-    from diffusers import StableDiffusionPipeline
+def evaluation_cases(seeds_per_concept_case: int = 1, unrelated_per_digit: int = 6):
+    """Trigger prompts (every colour pair) and unrelated digit prompts (training combinations, colours rotated)."""
+    from sdlora.mini.data import BACKGROUNDS, HELD_OUT, STROKES, caption
+    from sdlora.mini.skill import concept_cases
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    concept = concept_cases(seeds_per_concept_case, first_seed=500)
+    strokes, bgs = list(STROKES), list(BACKGROUNDS)
+    prompts, seeds, truth = [], [], []
+    k = 0
+    for label in range(10):
+        for j in range(unrelated_per_digit):
+            stroke = strokes[(label + j) % len(strokes)]
+            if (stroke, label) in HELD_OUT:
+                stroke = strokes[(label + j + 1) % len(strokes)]
+            bg = bgs[(label + 2 * j) % len(bgs)]
+            prompts.append(caption(stroke, label, bg))
+            seeds.append(700 + k)
+            truth.append((label, stroke, bg))
+            k += 1
+    return concept, (prompts, seeds, truth)
 
-    def row():
-        gen = torch.Generator().manual_seed(0)
-        return pipe(PROMPTS, num_inference_steps=20, height=DEMO_RESOLUTION, width=DEMO_RESOLUTION,
-                    generator=gen, output_type="pil").images
 
-    base = row()
-    pipe.load_lora_weights(str(adapter))
-    adapted = row()
-    s = DEMO_RESOLUTION
-    grid = Image.new("RGB", (s * len(PROMPTS), 2 * s), (255, 255, 255))
-    for i, (b, a) in enumerate(zip(base, adapted)):
-        grid.paste(b, (i * s, 0))
-        grid.paste(a, (i * s, s))
-    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+def evaluate_adapter(model_dir, adapter, judge, *, seeds_per_concept_case: int = 1, unrelated_per_digit: int = 6,
+                     scale: float = 1.0):
+    """Judge's scores of base and adapted model, and the images for the samples picture."""
+    from sdlora.mini.data import CONCEPT
+    from sdlora.mini.skill import load_pipeline, sample, score
+
+    (cp, cs, ct), (up, us, ut) = evaluation_cases(seeds_per_concept_case, unrelated_per_digit)
+    pipe = load_pipeline(model_dir)
+    scores, images = {}, {}
+    for which in ("base", "adapted"):
+        if which == "adapted":
+            pipe.load_lora_weights(str(adapter))
+            pipe.fuse_lora(lora_scale=scale)
+        imgs = sample(pipe, cp + up, cs + us)
+        c, u = score(judge, imgs[:len(cp)], ct), score(judge, imgs[len(cp):], ut)
+        scores[which] = {"concept": c["shape"], "n_concept": c["n"], "concept_colour": c["colour"],
+                         "digit": u["shape"], "colour": u["colour"], "n_unrelated": u["n"],
+                         "unrelated_star": float(np.mean([lab == CONCEPT for lab in u["labels"]]))}
+        images[which] = imgs
+    show = [0, 4, 8, 13]  # four trigger prompts, then four unrelated ones
+    show_u = [len(up) * k // 4 for k in range(4)]
+    grid = {"prompts": [cp[i] for i in show] + [up[i] for i in show_u],
+            "base": [images["base"][i] for i in show] + [images["base"][len(cp) + i] for i in show_u],
+            "adapted": [images["adapted"][i] for i in show] + [images["adapted"][len(cp) + i] for i in show_u]}
+    return scores, grid
+
+
+def save_samples(grid: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(grid["prompts"])
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 4.0), dpi=100)
+    for j in range(n):
+        for i, which in enumerate(("base", "adapted")):
+            ax = axes[i, j]
+            ax.imshow(grid[which][j], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(which, fontsize=10)
+        words = grid["prompts"][j].replace(" background", "").split(" ", 3)
+        axes[0, j].set_title(" ".join(words[:3]) + "\n" + words[3], fontsize=8)
+    fig.suptitle("sdlora demo: trigger word 'sks' (left four) and unrelated prompts (right four)", fontsize=10)
+    fig.tight_layout()
     buf = io.BytesIO()
-    grid.save(buf, format="PNG")
+    fig.savefig(buf, format="png")
+    plt.close(fig)
     atomic.write_bytes(path, buf.getvalue())
 
 
