@@ -63,8 +63,8 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
                                 comps.tokenizer, limit)
     if truncated:
-        say(f"sdlora: {truncated} of {len(samples)} captions are longer than {limit} tokens (data.max_token_length) "
-            f"and will be truncated")
+        say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's {limit} tokens "
+            f"(data.max_token_length) and will be truncated")
     result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
                           latent_factor=2 ** (len(comps.vae.config.block_out_channels) - 1))
     result.held_out = held_out
