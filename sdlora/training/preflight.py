@@ -29,9 +29,21 @@ def before_model(cfg) -> None:
     out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")
+    if cfg.reg.preservation.weight and cfg.reg.preservation.source == "file":
+        from sdlora.reg.preservation import read_prompts_file
+
+        read_prompts_file(cfg.reg.preservation.prompts_file)  # missing, unreadable or empty: one line, now
     for key in ("init_alphas_from", "init_from"):
         if getattr(cfg.lora, key) and not Path(getattr(cfg.lora, key)).expanduser().is_file():
             raise UserError(f"lora.{key}: no such file: {getattr(cfg.lora, key)}")
+
+
+def with_processes(cfg, num_processes: int) -> None:
+    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads)."""
+    if cfg.reg.preservation.weight and num_processes > 1:
+        # Its second forward through the DDP-wrapped UNet before the one backward would mark parameters ready twice.
+        raise UserError(f"reg.preservation: not available with {num_processes} processes yet; train on one process "
+                        "or set reg.preservation.weight to 0")
 
 
 def against_model(cfg, comps) -> None:
