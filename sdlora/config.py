@@ -364,7 +364,7 @@ class ExportConfig(Section):
 
 
 class LogConfig(Section):
-    tracker: Literal["tensorboard", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate).")
+    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate): TensorBoard files under <output.dir>/logs, Weights & Biases (project sdlora, run output.name; needs pip install 'sdlora[wandb]'), or none; metrics.jsonl is written either way.")
 
 
 class Config(Section):

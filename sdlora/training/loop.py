@@ -139,7 +139,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     if main:
         atomic.write_text(out / "config.yaml", dump_yaml(cfg))
         if accelerator.trackers:
-            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg))
+            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg), init_kwargs=tracker_init_kwargs(cfg, out))
     # One stream for all processes: each draws the whole global batch and keeps its slice (see GlobalBatchDraws).
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
     scheduler, family = comps.noise_scheduler, comps.family  # the family turns token ids into the UNet's conditioning
@@ -379,6 +379,11 @@ def progress_bar(total: int, disable: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def tracker_init_kwargs(cfg: Config, out: Path) -> dict:
+    """wandb: the run is named output.name and keeps its files in the run folder, beside TensorBoard's."""
+    return {"wandb": {"name": cfg.output.name, "dir": str(out / "logs")}} if cfg.log.tracker == "wandb" else {}
 
 
 def tracker_hparams(cfg: Config) -> dict:

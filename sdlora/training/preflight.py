@@ -17,6 +17,9 @@ def before_model(cfg) -> None:
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
                         f"(pip install 'sdlora[{needed[1]}]')")
+    if cfg.log.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("log.tracker: wandb needs wandb, which is not installed (pip install 'sdlora[wandb]', "
+                        "or log.tracker: tensorboard)")
     for i, subset in enumerate(cfg.data_subsets()):
         root = Path(subset.path).expanduser()
         key = "data.path" if cfg.data.path is not None else f"data.subsets.{i}.path"
