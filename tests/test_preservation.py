@@ -189,3 +189,32 @@ def test_file_source_reads_one_prompt_per_line(make_config, tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a red car  \n")
     cfg = make_config(reg={"preservation": {"weight": 1.0, "source": "file", "prompts_file": str(tmp_path / "p.txt")}})
     assert preservation_prompts(cfg, []) == ["a cat", "a red car"]
+
+
+def test_sdxl_target_is_the_base_models_prediction_and_training_logs_it(tmp_path, shapes_data):
+    """SDXL: both text encoders and the UNet disabled together; the step's size conditioning is kept."""
+    from sdlora.config import validate
+    from sdlora.model.tiny import make_tiny_sdxl
+
+    path = make_tiny_sdxl(tmp_path / "sdxl", seed=0)
+    cfg = validate({"model": {"path": str(path)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 2, "batch_size": 2, "seed": 0},
+                    "optim": {"lr": 1e-3, "max_grad_norm": None}, "lora": {"rank": 4, "alpha": 4, "init": "principal"},
+                    "log": {"tracker": "none"},
+                    "reg": {"preservation": {"weight": 1.0, "source": "prompts", "prompts": PROMPTS}}})
+    comps, _ = adapted_model(cfg)
+    pres = Preservation(cfg, comps, PROMPTS)
+    noisy, t = step_inputs(comps, 2)
+    batch = {"captions": PROMPTS[:2], "original_size": torch.tensor([[64, 64], [80, 64]]),
+             "crop_top_left": torch.tensor([[0, 0], [8, 0]]), "target_size": torch.tensor([[64, 64], [64, 64]])}
+    target, _ = pres.base_prediction(noisy, t, pres.token_ids(PROMPTS[:2], "cpu"), batch)
+    fresh = load_components(str(path))
+    with torch.no_grad():
+        ids = [tokenize(tok, PROMPTS[:2]) for tok in fresh.tokenizers]
+        cond = fresh.family.encode(list(fresh.text_encoders.values()), ids)
+        reference = fresh.unet(noisy, t, **fresh.family.unet_kwargs(cond, batch)).sample
+    # principal init: the disabled path re-adds the fp32-rounded offset (see the SD test): ~1e-7 of the scale.
+    assert float((target - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    out = train(cfg, log=quiet)
+    rows = [json.loads(line) for line in (out.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["preservation/loss"] >= 0 for r in rows) and rows[1]["preservation/loss"] > 0
