@@ -271,8 +271,32 @@ class EmbeddingNormConfig(Section):
         return self
 
 
+class PreservationConfig(Section):
+    weight: float = Field(0.0, ge=0.0, description="Output preservation without a regularisation set (0 = off; docs/training.md): weight · MSE(adapted prediction, base prediction) on preservation prompts, with the step's noisy latents and timesteps; the base prediction has every adapter (UNet and text encoder) disabled.")
+    source: Literal["empty", "prompts", "file", "captions"] = Field("empty", description="Preservation prompts: the empty prompt, reg.preservation.prompts, one prompt per line of reg.preservation.prompts_file, or the dataset's captions with reg.preservation.trigger_words removed.")
+    prompts: list[str] = Field(default_factory=list, description="The prompts of source=prompts (text unrelated to what is trained, e.g. class words).")
+    prompts_file: Optional[str] = Field(None, description="A UTF-8 text file, one prompt per line (blank lines skipped), for source=file.")
+    trigger_words: list[str] = Field(default_factory=list, description="Words removed from the dataset's captions for source=captions (whole words, case-sensitive; a tag left empty is dropped).")
+    every_steps: int = Field(1, ge=1, description="Add the term every N steps (each time: a UNet forward without gradient, one with, and their text-encoder passes).")
+
+    @model_validator(mode="after")
+    def _source(self) -> "PreservationConfig":
+        needs = {"prompts": ("prompts", self.prompts), "file": ("prompts_file", self.prompts_file),
+                 "captions": ("trigger_words", self.trigger_words)}
+        for source, (key, value) in needs.items():
+            if self.source == source and not value:
+                raise ValueError(f"reg.preservation.source={source} needs reg.preservation.{key}")
+            if self.source != source and value:
+                raise ValueError(f"reg.preservation.{key} is set but reg.preservation.source is {self.source} "
+                                 f"(set source: {source}, or drop {key})")
+        _no_blank(self.prompts, "reg.preservation.prompts")
+        _no_blank(self.trigger_words, "reg.preservation.trigger_words")
+        return self
+
+
 class RegConfig(Section):
     embedding_norm: EmbeddingNormConfig = Field(default_factory=EmbeddingNormConfig)
+    preservation: PreservationConfig = Field(default_factory=PreservationConfig)
     probe_prompts: Optional[list[str]] = Field(None, description="Prompts of the drift probe (default: a built-in list of everyday prompts).")
     probe_every: int = Field(0, ge=0, description="Run the drift probe every N steps (0 = only at the end).")
 
@@ -340,7 +364,7 @@ class ExportConfig(Section):
 
 
 class LogConfig(Section):
-    tracker: Literal["tensorboard", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate).")
+    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate): TensorBoard files under <output.dir>/logs, Weights & Biases (project sdlora, run output.name; needs pip install 'sdlora[wandb]'), or none; metrics.jsonl is written either way.")
 
 
 class Config(Section):

@@ -218,6 +218,16 @@ def test_a_missing_optional_optimiser_is_named_before_the_model_loads(shapes_dat
     assert "optim.optimizer: prodigy needs prodigyopt" in lines[0] and "pip install 'sdlora[prodigy]'" in lines[0]
 
 
+def test_a_missing_wandb_is_named_before_the_model_loads(shapes_data, tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    code, lines = run_cli(tmp_path, yaml_for(tmp_path / "no-model", shapes_data, tmp_path, "").replace(
+        "tracker: none", "tracker: wandb"))
+    assert code == 2 and len(lines) == 1, lines  # the model path does not exist: nothing was loaded first
+    assert "log.tracker: wandb needs wandb" in lines[0] and "pip install 'sdlora[wandb]'" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------ the schema sweep: config alone
 @pytest.mark.parametrize("extra, message", [
     ({"optim": {"warmup_steps": 200}, "train": {"max_steps": 100}}, "optim.warmup_steps (200) must be <= train.max_steps (100)"),

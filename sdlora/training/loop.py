@@ -15,6 +15,7 @@ from sdlora.lora.layers import LoRALayer
 from sdlora.model.components import Components
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
+from sdlora.reg.preservation import make_preservation
 from sdlora.reg.probe import DriftProbe
 from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
@@ -71,6 +72,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
         log_with=None if cfg.log.tracker == "none" or dry_run else cfg.log.tracker,
         project_dir=str(out / "logs"),
     )
+    preflight.with_processes(cfg, accelerator.num_processes)
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     if accelerator.device.type == "cpu":
@@ -137,7 +139,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     if main:
         atomic.write_text(out / "config.yaml", dump_yaml(cfg))
         if accelerator.trackers:
-            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg))
+            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg), init_kwargs=tracker_init_kwargs(cfg, out))
     # One stream for all processes: each draws the whole global batch and keeps its slice (see GlobalBatchDraws).
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
     scheduler, family = comps.noise_scheduler, comps.family  # the family turns token ids into the UNet's conditioning
@@ -147,6 +149,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders)
+    preservation = make_preservation(cfg, comps, data)  # reg.preservation: None when its weight is 0
     probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
@@ -203,11 +206,15 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
                 if reg.direction is not None:
                     loss = loss + cfg.reg.embedding_norm.direction_weight * reg.direction
+            kept = None
+            if preservation is not None and preservation.due(step + 1):  # the base prediction on the same noisy latents
+                kept = preservation(unet, encoders, noisy, timesteps, batch, step + 1, accelerator.autocast)
+                loss = loss + cfg.reg.preservation.weight * kept
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
             micro_batches += 1
-            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None).items():
+            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None, kept).items():
                 sums[name] = sums[name] + value if name in sums else value
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
             if accelerator.sync_gradients:
@@ -303,9 +310,11 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def step_scalars(loss, diff_loss, reg) -> dict:
+def step_scalars(loss, diff_loss, reg, preservation=None) -> dict:
     """One micro-batch's logged scalars (detached, on the device)."""
     scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
+    if preservation is not None:
+        scalars["preservation/loss"] = preservation.detach()  # unweighted; only at steps where the term ran
     if reg is not None:
         scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
                         "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
@@ -370,6 +379,11 @@ def progress_bar(total: int, disable: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def tracker_init_kwargs(cfg: Config, out: Path) -> dict:
+    """wandb: the run is named output.name and keeps its files in the run folder, beside TensorBoard's."""
+    return {"wandb": {"name": cfg.output.name, "dir": str(out / "logs")}} if cfg.log.tracker == "wandb" else {}
 
 
 def tracker_hparams(cfg: Config) -> dict:

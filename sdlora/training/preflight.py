@@ -17,6 +17,9 @@ def before_model(cfg) -> None:
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
                         f"(pip install 'sdlora[{needed[1]}]')")
+    if cfg.log.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("log.tracker: wandb needs wandb, which is not installed (pip install 'sdlora[wandb]', "
+                        "or log.tracker: tensorboard)")
     for i, subset in enumerate(cfg.data_subsets()):
         root = Path(subset.path).expanduser()
         key = "data.path" if cfg.data.path is not None else f"data.subsets.{i}.path"
@@ -29,9 +32,21 @@ def before_model(cfg) -> None:
     out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")
+    if cfg.reg.preservation.weight and cfg.reg.preservation.source == "file":
+        from sdlora.reg.preservation import read_prompts_file
+
+        read_prompts_file(cfg.reg.preservation.prompts_file)  # missing, unreadable or empty: one line, now
     for key in ("init_alphas_from", "init_from"):
         if getattr(cfg.lora, key) and not Path(getattr(cfg.lora, key)).expanduser().is_file():
             raise UserError(f"lora.{key}: no such file: {getattr(cfg.lora, key)}")
+
+
+def with_processes(cfg, num_processes: int) -> None:
+    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads)."""
+    if cfg.reg.preservation.weight and num_processes > 1:
+        # Its second forward through the DDP-wrapped UNet before the one backward would mark parameters ready twice.
+        raise UserError(f"reg.preservation: not available with {num_processes} processes yet; train on one process "
+                        "or set reg.preservation.weight to 0")
 
 
 def against_model(cfg, comps) -> None:
