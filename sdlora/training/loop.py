@@ -15,7 +15,7 @@ from sdlora.lora.layers import LoRALayer
 from sdlora.model.components import Components
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
-from sdlora.reg.probe import DriftProbe
+from sdlora.reg.probe import family_probe
 from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
@@ -199,15 +199,13 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                                        batch.get("loss_mask"))
             loss = diff_loss
             if regulariser is not None:
-                reg = regulariser(input_ids, embeddings)
-                loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
-                if reg.direction is not None:
-                    loss = loss + cfg.reg.embedding_norm.direction_weight * reg.direction
+                reg = regulariser(input_ids, embeddings)  # each of the family's text outputs held on its own
+                loss = regulariser.add_to(diff_loss, reg)
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
             micro_batches += 1
-            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None).items():
+            for name, value in step_scalars(loss, diff_loss, regulariser, reg if regulariser is not None else None).items():
                 sums[name] = sums[name] + value if name in sums else value
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
             if accelerator.sync_gradients:
@@ -251,7 +249,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             losses.append(loss_value)
             metrics.update({f"lr/{name}": lr for name, lr in applied_lrs.items()})
             if regulariser is not None:
-                metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
+                metrics.update(regulariser.cache_hits())
             accelerator.log(metrics, step=step)
             metrics["nonfinite_steps"] = nonfinite.total
             if main:
@@ -303,15 +301,11 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def step_scalars(loss, diff_loss, reg) -> dict:
+def step_scalars(loss, diff_loss, regulariser, reg) -> dict:
     """One micro-batch's logged scalars (detached, on the device)."""
     scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
     if reg is not None:
-        scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
-                        "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
-                        "embedding_norm/relative_drift": reg.relative_drift.detach()})
-        if reg.direction is not None:
-            scalars["embedding_norm/direction"] = reg.direction.detach()
+        scalars.update(regulariser.scalars(reg))
     return {k: v.float() for k, v in scalars.items()}
 
 
@@ -335,24 +329,23 @@ def make_data(cfg: Config, comps: Components, accelerator, say):
 
 
 def make_regulariser(cfg: Config, comps: Components, say):
-    from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
+    from sdlora.reg.embedding_norm import TextRegulariser
 
-    if cfg.reg.embedding_norm.weight == 0 and cfg.reg.embedding_norm.direction_weight == 0:
+    en = cfg.reg.embedding_norm
+    if en.direction_weight == 0 and not any(en.weight_of(output) for output, _, _ in comps.family.text_outputs):
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
         return None
-    return EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+    return TextRegulariser(comps.family, comps.text_encoders, dict(zip(comps.text_encoders, comps.tokenizers)), cfg)
 
 
-def make_probe(cfg: Config, comps: Components) -> DriftProbe | None:
-    if len(comps.text_encoders) > 1:
-        return None  # SDXL: the two-encoder probe is not built yet
-    return DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
-                      cfg.data.max_token_length)
+def make_probe(cfg: Config, comps: Components):
+    return family_probe(comps.family, comps.text_encoders, dict(zip(comps.text_encoders, comps.tokenizers)),
+                        cfg.reg.probe_prompts, cfg.text_encoder.clip_skip, cfg.data.max_token_length)
 
 
-def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) -> dict:
+def run_probe(probe, accelerator, probe_log: JsonlLog, step: int) -> dict:
     stats = probe.measure()
     accelerator.log(stats, step=step)
     probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl
