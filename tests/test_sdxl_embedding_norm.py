@@ -6,36 +6,17 @@ import json
 import pytest
 import torch
 
-from sdlora.config import validate
 from sdlora.lora import inject_all
 from sdlora.model.families import SDXL
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
-from sdlora.model.tiny import make_tiny_sdxl
 from sdlora.reg.embedding_norm import TextRegulariser
 from sdlora.reg.probe import family_probe
 from sdlora.training.loop import train
+from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401 (fixtures)
 
 CAPTIONS = ["a photo of a red circle", "a photo of a blue square, white background", "sks person"]
 OUTPUTS = ("text_encoder", "text_encoder_2", "pooled")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model", seed=0)
-
-
-@pytest.fixture
-def sdxl_config(tiny_sdxl, shapes_data, tmp_path):
-    from conftest import deep_update
-
-    def build(extra: dict | None = None, **kw):
-        d = {"model": {"path": str(tiny_sdxl)}, "data": {"path": str(shapes_data), "resolution": 64},
-             "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 6, "batch_size": 2, "seed": 0},
-             "optim": {"lr": 1e-3, "max_grad_norm": None}, "lora": {"rank": 4, "alpha": 4}, "log": {"tracker": "none"}}
-        return validate(deep_update(deep_update(d, extra or {}), kw))
-
-    return build
 
 
 def _adapted(sdxl_config, tiny_sdxl, **embedding_norm):

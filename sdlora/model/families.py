@@ -152,6 +152,22 @@ class SDXLConditioning:
     def rows(self, index) -> "SDXLConditioning":
         return SDXLConditioning(self.hidden[index], self.pooled[index], tuple(e[index] for e in self.per_encoder))
 
+    def row(self, i: int) -> "SDXLConditioning":
+        """Caption i's conditioning, copied (a cache entry must not keep the whole batch alive); the per-encoder
+        tokens are views of its hidden states, which hold them side by side."""
+        hidden = self.hidden[i].clone()
+        return SDXLConditioning(hidden, self.pooled[i].clone(), tuple(hidden.split(self.widths(), dim=-1)))
+
+    def widths(self) -> list[int]:
+        return [e.shape[-1] for e in self.per_encoder]
+
+    @staticmethod
+    def stack(rows: list["SDXLConditioning"]) -> "SDXLConditioning":
+        """The batch of single captions' conditionings (`row`), in order."""
+        hidden = torch.stack([r.hidden for r in rows])
+        return SDXLConditioning(hidden, torch.stack([r.pooled for r in rows]),
+                                tuple(hidden.split(rows[0].widths(), dim=-1)))
+
 
 def sdxl_hidden_state(out, clip_skip: int) -> torch.Tensor:
     """SDXL reads the penultimate layer (`hidden_states[-2]`, no final layer norm) at clip_skip=1, the default;

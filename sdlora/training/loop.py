@@ -146,7 +146,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # The regulariser's base-norm misses and the probe run on some processes only: they use the unwrapped
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps, say)
-    text_cache = make_text_cache(cfg, encoders)
+    text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
     probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
