@@ -131,7 +131,6 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     unet = prepared[0]
     if cfg.text_encoder.train:
         encoders = list(prepared[1:-1])
-    text_encoder = encoders[0]
     optimizer = prepared[-1]
 
     if main:
@@ -273,7 +272,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 metrics_log.flush()
                 probe_log.flush()
         if main and sampling:
-            sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
+            sample_during_training(cfg, comps, accelerator, unet, encoders, out, step)
         if must_stop:
             stop.uninstall()
             progress.close()
