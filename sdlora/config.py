@@ -253,7 +253,9 @@ class LossConfig(Section):
 
 # ------------------------------------------------------------------------------------------------ reg
 class EmbeddingNormConfig(Section):
-    weight: float = Field(0.0, ge=0.0, description="Penalty weight (0 = off).")
+    weight: float = Field(0.0, ge=0.0, description="Penalty weight (0 = off); SDXL: of the first text encoder's (CLIP-L) tokens.")
+    text_encoder_2_weight: Optional[float] = Field(None, ge=0.0, description="SDXL: penalty weight of the second text encoder's (OpenCLIP bigG) tokens (default: reg.embedding_norm.weight).")
+    pooled_weight: Optional[float] = Field(None, ge=0.0, description="SDXL: penalty weight of the pooled embedding's norm (default: reg.embedding_norm.text_encoder_2_weight).")
     norm: Literal["l2", "l1"] = Field("l2", description="Vector norm of each token embedding.")
     tokens: Literal["all", "content"] = Field("all", description="All positions, or up to and including the end-of-text token.")
     reduce: Literal["per_token", "mean"] = Field("per_token", description="mean_t |‖E_t‖-‖E0_t‖| (per_token) or |mean_t ‖E_t‖ - mean_t ‖E0_t‖| (mean).")
@@ -261,6 +263,15 @@ class EmbeddingNormConfig(Section):
     direction_weight: float = Field(0.0, ge=0.0, description="Weight of the direction term mean_t (1 - cos(E_t, E0_t)) (0 = off; docs/embedding-norm.md).")
     direction_prompts: Literal["batch", "pinned", "both"] = Field("batch", description="Which text the direction term holds: the batch's captions, reg.embedding_norm.pinned_prompts (one more text-encoder pass per step), or both (the mean of the two).")
     pinned_prompts: list[str] = Field(default_factory=list, description="Prompts (or terms) whose embedding direction is held when direction_prompts is pinned or both.")
+
+    def weight_of(self, output: str) -> float:
+        """The penalty weight of one of the family's text outputs (`text_encoder`, SDXL's `text_encoder_2`, `pooled`)."""
+        if output == "text_encoder":
+            return self.weight
+        second = self.weight if self.text_encoder_2_weight is None else self.text_encoder_2_weight
+        if output == "text_encoder_2":
+            return second
+        return second if self.pooled_weight is None else self.pooled_weight
 
     @model_validator(mode="after")
     def _pinned(self) -> "EmbeddingNormConfig":

@@ -11,7 +11,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.*"))
 
 def test_the_ready_configs_are_there():
     names = {p.name for p in CONFIGS}
-    assert {"sd15-character.yaml", "sd15-style.yaml", "sd2-768v.yaml"} <= names
+    assert {"sd15-character.yaml", "sd15-style.yaml", "sd2-768v.yaml", "sdxl-character.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -37,6 +37,9 @@ class ModelFamily:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # components that carry text-encoder LoRA
     kohya_prefixes: dict = field(default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"})
     pipeline_class: str = "StableDiffusionPipeline"
+    # The text-side outputs the UNet reads, each held on its own by the embedding-norm penalty and measured by the
+    # drift probe: (name, the text encoder that computes it, per token (False: one vector per caption)).
+    text_outputs: tuple = (("text_encoder", "text_encoder", True),)
     v_version_suffix: bool = False  # kohya writes `<version>_v` for v-prediction models (SD 2.x only)
     # The UNet's block structure where kohya names UNet modules by their original (LDM) names (SDXL): kohya's SDXL
     # scripts train the original UNet, so its files say input_blocks.4.1 for diffusers' down_blocks.1.attentions.0.
@@ -110,6 +113,17 @@ class ModelFamily:
         """Keyword arguments of `UNet2DConditionModel.forward` that carry the conditioning of `batch`."""
         return {"encoder_hidden_states": embeddings}
 
+    def text_output(self, name: str, embeddings) -> torch.Tensor:
+        """One of `text_outputs` out of `encode`'s result, (batch, tokens, width) (tokens = 1 for a pooled one)."""
+        return embeddings
+
+    def encode_text_output(self, name: str, text_encoder, input_ids, clip_skip: int = 1) -> torch.Tensor:
+        """One of `text_outputs` from its own encoder alone, as `text_output` gives it (the penalty's base-norm
+        cache and the drift probe run it with the adapters off)."""
+        from sdlora.model.text import encode
+
+        return encode(text_encoder, input_ids, clip_skip)
+
     # -- recognition --------------------------------------------------------------------------------------
     def matches_unet(self, unet_config) -> bool:
         if unet_config.get("addition_embed_type") == "text_time":
@@ -137,6 +151,22 @@ class SDXLConditioning:
 
     def rows(self, index) -> "SDXLConditioning":
         return SDXLConditioning(self.hidden[index], self.pooled[index], tuple(e[index] for e in self.per_encoder))
+
+    def row(self, i: int) -> "SDXLConditioning":
+        """Caption i's conditioning, copied (a cache entry must not keep the whole batch alive); the per-encoder
+        tokens are views of its hidden states, which hold them side by side."""
+        hidden = self.hidden[i].clone()
+        return SDXLConditioning(hidden, self.pooled[i].clone(), tuple(hidden.split(self.widths(), dim=-1)))
+
+    def widths(self) -> list[int]:
+        return [e.shape[-1] for e in self.per_encoder]
+
+    @staticmethod
+    def stack(rows: list["SDXLConditioning"]) -> "SDXLConditioning":
+        """The batch of single captions' conditionings (`row`), in order."""
+        hidden = torch.stack([r.hidden for r in rows])
+        return SDXLConditioning(hidden, torch.stack([r.pooled for r in rows]),
+                                tuple(hidden.split(rows[0].widths(), dim=-1)))
 
 
 def sdxl_hidden_state(out, clip_skip: int) -> torch.Tensor:
@@ -181,6 +211,15 @@ class SDXLFamily(ModelFamily):
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}}
 
+    def text_output(self, name: str, embeddings: SDXLConditioning) -> torch.Tensor:
+        if name == "pooled":
+            return embeddings.pooled[:, None, :]
+        return embeddings.per_encoder[("text_encoder", "text_encoder_2").index(name)]
+
+    def encode_text_output(self, name: str, text_encoder, input_ids, clip_skip: int = 1) -> torch.Tensor:
+        out = text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        return out.text_embeds[:, None, :] if name == "pooled" else sdxl_hidden_state(out, clip_skip)
+
     def matches_unet(self, unet_config) -> bool:
         return unet_config.get("addition_embed_type") == "text_time"
 
@@ -198,6 +237,8 @@ SDXL = SDXLFamily(
     text_encoders=("text_encoder", "text_encoder_2"),
     kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
     pipeline_class="StableDiffusionXLPipeline",
+    text_outputs=(("text_encoder", "text_encoder", True), ("text_encoder_2", "text_encoder_2", True),
+                  ("pooled", "text_encoder_2", False)),
     kohya_unet_layout={"layers_per_block": 2, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
     block_groups=(

@@ -3,14 +3,19 @@
 It measures de-generalisation whether or not the embedding-norm penalty is on: mean relative token-norm
 drift |‖E‖−‖E0‖| / ‖E0‖ and mean cosine similarity between E and E0, over content tokens (up to and
 including the end-of-text token) of prompts unrelated to typical training subjects.
+
+A family with several text outputs (SDXL) gets one probe per output (`family_probe`): `probe/<value>` for the
+first text encoder, `probe/<output>/<value>` for the others (`text_encoder_2`, `pooled`).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from sdlora.model.text import content_mask, encode, tokenize
-from sdlora.reg.embedding_norm import base_embeddings, token_norms
+from sdlora.reg.embedding_norm import _encode_output, base_embeddings, token_norms
 
 DEFAULT_PROBE_PROMPTS = [
     "a bowl of fruit on a kitchen table",
@@ -30,11 +35,16 @@ DEFAULT_PROBE_PROMPTS = [
 
 class DriftProbe:
     def __init__(self, text_encoder, tokenizer, prompts: list[str] | None = None, clip_skip: int = 1,
-                 max_token_length: int | None = None):
+                 max_token_length: int | None = None, *, family=None, output: str = "text_encoder"):
+        """`family` and `output`: which of the family's `text_outputs` this measures (default: SD 1.x/2.x's one)."""
         self.text_encoder, self.clip_skip = text_encoder, clip_skip
+        self.encode_fn = encode if family is None else partial(_encode_output, family, output)
+        self.prefix = "probe/" if output == "text_encoder" else f"probe/{output}/"
         self.prompts = list(prompts or DEFAULT_PROBE_PROMPTS)
         self.input_ids = tokenize(tokenizer, self.prompts, max_token_length)  # chunked like the training captions
-        self.mask = content_mask(self.input_ids, tokenizer.eos_token_id, tokenizer.model_max_length)
+        per_token = family is None or dict((n, t) for n, _, t in family.text_outputs)[output]
+        self.mask = (content_mask(self.input_ids, tokenizer.eos_token_id, tokenizer.model_max_length) if per_token
+                     else torch.ones(len(self.prompts), 1, dtype=torch.bool))  # pooled: one vector per prompt
         self._base: torch.Tensor | None = None
 
     def _device(self):
@@ -44,14 +54,33 @@ class DriftProbe:
     def measure(self) -> dict[str, float]:
         ids = self.input_ids.to(self._device())
         if self._base is None:  # the base embeddings never change: computed once
-            self._base = base_embeddings(self.text_encoder, ids, self.clip_skip)
+            self._base = base_embeddings(self.text_encoder, ids, self.clip_skip, self.encode_fn)
         was_training = self.text_encoder.training
         self.text_encoder.eval()
         try:
-            e = encode(self.text_encoder, ids, self.clip_skip).float()
+            e = self.encode_fn(self.text_encoder, ids, self.clip_skip).float()
         finally:
             self.text_encoder.train(was_training)
-        return drift_stats(e, self._base, self.mask.to(e.device))
+        stats = drift_stats(e, self._base, self.mask.to(e.device))
+        return {self.prefix + k.removeprefix("probe/"): v for k, v in stats.items()}
+
+
+class DriftProbes:
+    """One DriftProbe per text output of the family; `measure` gives all their values in one dict."""
+
+    def __init__(self, probes: list[DriftProbe]):
+        self.probes = probes
+
+    def measure(self) -> dict[str, float]:
+        return {k: v for probe in self.probes for k, v in probe.measure().items()}
+
+
+def family_probe(family, text_encoders: dict, tokenizers: dict, prompts=None, clip_skip: int = 1,
+                 max_token_length: int | None = None):
+    """The drift probe of every text output of `family` (a plain DriftProbe where it has one)."""
+    probes = [DriftProbe(text_encoders[component], tokenizers[component], prompts, clip_skip, max_token_length,
+                         family=family, output=output) for output, component, _ in family.text_outputs]
+    return probes[0] if len(probes) == 1 else DriftProbes(probes)
 
 
 def drift_stats(e: torch.Tensor, e0: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

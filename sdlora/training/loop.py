@@ -16,7 +16,7 @@ from sdlora.model.components import Components
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
 from sdlora.reg.preservation import make_preservation
-from sdlora.reg.probe import DriftProbe
+from sdlora.reg.probe import family_probe
 from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
@@ -133,7 +133,6 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     unet = prepared[0]
     if cfg.text_encoder.train:
         encoders = list(prepared[1:-1])
-    text_encoder = encoders[0]
     optimizer = prepared[-1]
 
     if main:
@@ -148,7 +147,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # The regulariser's base-norm misses and the probe run on some processes only: they use the unwrapped
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps, say)
-    text_cache = make_text_cache(cfg, encoders)
+    text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
     preservation = make_preservation(cfg, comps, data)  # reg.preservation: None when its weight is 0
     probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
@@ -202,10 +201,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                                        batch.get("loss_mask"))
             loss = diff_loss
             if regulariser is not None:
-                reg = regulariser(input_ids, embeddings)
-                loss = diff_loss + cfg.reg.embedding_norm.weight * reg.penalty
-                if reg.direction is not None:
-                    loss = loss + cfg.reg.embedding_norm.direction_weight * reg.direction
+                reg = regulariser(input_ids, embeddings)  # each of the family's text outputs held on its own
+                loss = regulariser.add_to(diff_loss, reg)
             kept = None
             if preservation is not None and preservation.due(step + 1):  # the base prediction on the same noisy latents
                 kept = preservation(unet, encoders, noisy, timesteps, batch, step + 1, accelerator.autocast)
@@ -214,7 +211,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 loss = fault_hook(step + 1, loss)
             accelerator.backward(loss)
             micro_batches += 1
-            for name, value in step_scalars(loss, diff_loss, reg if regulariser is not None else None, kept).items():
+            for name, value in step_scalars(loss, diff_loss, regulariser, reg if regulariser is not None else None,
+                                            kept).items():
                 sums[name] = sums[name] + value if name in sums else value
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
             if accelerator.sync_gradients:
@@ -258,7 +256,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
             losses.append(loss_value)
             metrics.update({f"lr/{name}": lr for name, lr in applied_lrs.items()})
             if regulariser is not None:
-                metrics["embedding_norm/cache_hits"] = regulariser.cache.hits
+                metrics.update(regulariser.cache_hits())
             accelerator.log(metrics, step=step)
             metrics["nonfinite_steps"] = nonfinite.total
             if main:
@@ -282,7 +280,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 metrics_log.flush()
                 probe_log.flush()
         if main and sampling:
-            sample_during_training(cfg, comps, accelerator, unet, text_encoder, out, step)
+            sample_during_training(cfg, comps, accelerator, unet, encoders, out, step)
         if must_stop:
             stop.uninstall()
             progress.close()
@@ -310,17 +308,13 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def step_scalars(loss, diff_loss, reg, preservation=None) -> dict:
+def step_scalars(loss, diff_loss, regulariser, reg, preservation=None) -> dict:
     """One micro-batch's logged scalars (detached, on the device)."""
     scalars = {"loss": loss.detach(), "diffusion_loss": diff_loss.detach()}
     if preservation is not None:
         scalars["preservation/loss"] = preservation.detach()  # unweighted; only at steps where the term ran
     if reg is not None:
-        scalars.update({"embedding_norm/penalty": reg.penalty.detach(), "embedding_norm/mean_norm": reg.mean_norm.detach(),
-                        "embedding_norm/mean_base_norm": reg.mean_base_norm.detach(),
-                        "embedding_norm/relative_drift": reg.relative_drift.detach()})
-        if reg.direction is not None:
-            scalars["embedding_norm/direction"] = reg.direction.detach()
+        scalars.update(regulariser.scalars(reg))
     return {k: v.float() for k, v in scalars.items()}
 
 
@@ -344,24 +338,23 @@ def make_data(cfg: Config, comps: Components, accelerator, say):
 
 
 def make_regulariser(cfg: Config, comps: Components, say):
-    from sdlora.reg.embedding_norm import EmbeddingNormRegulariser
+    from sdlora.reg.embedding_norm import TextRegulariser
 
-    if cfg.reg.embedding_norm.weight == 0 and cfg.reg.embedding_norm.direction_weight == 0:
+    en = cfg.reg.embedding_norm
+    if en.direction_weight == 0 and not any(en.weight_of(output) for output, _, _ in comps.family.text_outputs):
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
         return None
-    return EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+    return TextRegulariser(comps.family, comps.text_encoders, dict(zip(comps.text_encoders, comps.tokenizers)), cfg)
 
 
-def make_probe(cfg: Config, comps: Components) -> DriftProbe | None:
-    if len(comps.text_encoders) > 1:
-        return None  # SDXL: the two-encoder probe is not built yet
-    return DriftProbe(comps.text_encoder, comps.tokenizer, cfg.reg.probe_prompts, cfg.text_encoder.clip_skip,
-                      cfg.data.max_token_length)
+def make_probe(cfg: Config, comps: Components):
+    return family_probe(comps.family, comps.text_encoders, dict(zip(comps.text_encoders, comps.tokenizers)),
+                        cfg.reg.probe_prompts, cfg.text_encoder.clip_skip, cfg.data.max_token_length)
 
 
-def run_probe(probe: DriftProbe, accelerator, probe_log: JsonlLog, step: int) -> dict:
+def run_probe(probe, accelerator, probe_log: JsonlLog, step: int) -> dict:
     stats = probe.measure()
     accelerator.log(stats, step=step)
     probe_log.append(step, stats)  # rewritten atomically at flushes, like metrics.jsonl

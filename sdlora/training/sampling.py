@@ -1,9 +1,11 @@
 """Sample images during training, from the LIVE model: the UNet and text encoder being trained, adapters on.
 
 The images land in `<output.dir>/samples/step_NNNNNN/` (one PNG per prompt plus `grid.png`) and in
-TensorBoard. Prompts are encoded with `sdlora.model.text.encode`, exactly as the loop conditions the UNet
-(clip_skip included), and handed to the pipeline as embeddings. Sampling runs in eval mode, with the global
-RNGs forked so the training run continues exactly as it would have without samples.
+TensorBoard. Prompts are encoded by the family (`family.encode`), exactly as the loop conditions the UNet
+(clip_skip included), and handed to the family's `pipeline_class` as embeddings (SDXL: both encoders' hidden
+states and the pooled embedding; the pipeline adds the micro-conditioning of an uncropped image at the sample
+size, as at inference). Sampling runs in eval mode, with the global RNGs forked so the training run continues
+exactly as it would have without samples.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.model.text import encode, tokenize
+from sdlora.model.text import tokenize
 from sdlora.util import atomic
 
 
@@ -32,26 +34,39 @@ def inference_scheduler(noise_scheduler):
 
 
 @torch.no_grad()
-def generate(cfg, comps, unet, text_encoder, device, autocast=None) -> list:
-    """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models."""
-    from diffusers import StableDiffusionPipeline
+def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
+    """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models; `text_encoders` is the
+    family's list of them (or SD 1.x/2.x's one)."""
+    import diffusers
 
-    s = cfg.sample
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=text_encoder, tokenizer=comps.tokenizer, unet=unet,
-                                   scheduler=inference_scheduler(comps.noise_scheduler), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    s, family = cfg.sample, comps.family
+    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+    parts = {"text_encoder": encoders[0], "tokenizer": comps.tokenizer}
+    if len(encoders) > 1:
+        parts.update(text_encoder_2=encoders[1], tokenizer_2=comps.tokenizer_2, add_watermarker=False)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, family.pipeline_class)(vae=comps.vae, unet=unet,
+                                                     scheduler=inference_scheduler(comps.noise_scheduler), **parts)
     pipe.set_progress_bar_config(disable=True)
-    clip_skip = cfg.text_encoder.clip_skip
     prompts = list(s.prompts)
-    length = cfg.data.max_token_length
-    cond = encode(text_encoder, tokenize(comps.tokenizer, prompts, length).to(device), clip_skip)
-    uncond = encode(text_encoder, tokenize(comps.tokenizer, [s.negative_prompt] * len(prompts), length).to(device),
-                    clip_skip)
+
+    def conditioning(texts):
+        ids = [tokenize(t, texts, cfg.data.max_token_length).to(device) for t in comps.tokenizers]
+        return family.encode(encoders, ids, cfg.text_encoder.clip_skip)
+
+    cond, uncond = conditioning(prompts), conditioning([s.negative_prompt] * len(prompts))
     dtype = next(unet.parameters()).dtype
+    if len(encoders) > 1:  # SDXL: an empty negative prompt is zeros, as SDXL was trained (families.SDXLFamily)
+        if not s.negative_prompt:
+            uncond = type(uncond)(uncond.hidden * 0, uncond.pooled * 0, uncond.per_encoder)
+        embeds = {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype),
+                  "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
+    else:
+        embeds = {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
     generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-        images = pipe(prompt_embeds=cond.to(dtype), negative_prompt_embeds=uncond.to(dtype),
-                      num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+        images = pipe(**embeds, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                       height=s.height or cfg.data.resolution, width=s.width or cfg.data.resolution,
                       generator=generator, output_type="pil").images
     return images
@@ -85,21 +100,22 @@ def save_samples(images: list, folder: Path) -> list[Path]:
     return paths
 
 
-def sample_during_training(cfg, comps, accelerator, unet, text_encoder, out: Path, step: int) -> Path:
+def sample_during_training(cfg, comps, accelerator, unet, text_encoders, out: Path, step: int) -> Path:
     """Rank 0 only: generate with the live models in eval mode, save, log to TensorBoard, restore train mode."""
     import numpy as np
 
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    was_training = (unet.training, text_encoder.training)
-    unet.eval()
-    text_encoder.eval()
+    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+    models = [accelerator.unwrap_model(m) for m in [unet] + encoders]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            images = generate(cfg, comps, unet, text_encoder, accelerator.device, accelerator.autocast())
+            images = generate(cfg, comps, models[0], models[1:], accelerator.device, accelerator.autocast())
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     folder = out / "samples" / f"step_{step:06d}"
     save_samples(images, folder)
     for tracker in accelerator.trackers:
