@@ -10,7 +10,7 @@ from sdlora.model.families import SDXL
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
 from sdlora.training.loop import train
-from sdlora.training.text_cache import TextEncoderOutputCache, make_text_cache
+from sdlora.training.text_cache import TextEncoderOutputCache
 from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401 (fixtures)
 
 PROMPTS = ["a photo of a red circle", "sks person", "a photo of a red circle", "a green square"]
