@@ -199,3 +199,22 @@ def test_an_input_axis_dora_scale_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="input-axis DoRA") as e:
         load_adapter(tmp_path / "in.safetensors")
     assert "\n" not in str(e.value)
+
+
+def test_init_from_continues_a_dora_file_exactly_and_refuses_another_kind(trained_dora, make_config):
+    """lora.init_from with a DoRA file: A, B and m from the file, so the step-0 model is the file's; as a plain LoRA
+    run it would drop m, so that is a one-line error."""
+    result, ours = trained_dora
+    with pytest.raises(UserError, match="holds dora modules .*set lora.type: dora"):
+        cfg = make_config(lora={"init_from": str(result.adapter_path), "conv": True})
+        inject_all(*_comps(cfg), cfg)
+    cfg = make_config(lora={"type": "dora", "init_from": str(result.adapter_path), "conv": True})
+    comps = load_components(cfg.model.path)
+    inject_all(comps.unet, comps.text_encoder, cfg)
+    diff = max_abs_diff(ours, model_outputs(comps.unet, comps.text_encoder, comps.tokenizer))
+    assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
+
+
+def _comps(cfg):
+    comps = load_components(cfg.model.path)
+    return comps.unet, comps.text_encoder

@@ -186,6 +186,8 @@ def plan_from_adapter(plans: dict, path: str, cfg) -> None:
 
     adapter = load_adapter(path)
     for name, m in adapter.modules.items():
+        if m.kind != cfg.lora.type:  # continuing in another kind would drop (or invent) tensors
+            raise UserError(f"lora.init_from: {path} holds {m.kind} modules ({name}); set lora.type: {m.kind}")
         component, module_path = split_name(name)
         if component not in plans:
             raise UserError(f"lora.init_from: {path} adapts the text encoder ({name}); set text_encoder.train: true "
@@ -210,3 +212,6 @@ def start_from(layer: LoRALayer, m, name: str) -> None:
     s = layer.scale_value()
     layer.lora_A.copy_(m.down.float().reshape(layer.lora_A.shape))
     layer.lora_B.copy_((m.up.double() / s).float().reshape(layer.lora_B.shape))
+    for role, t in m.tensors().items():  # a kind's own tensors (DoRA's magnitude) as they are
+        if role not in ("down", "up"):
+            getattr(layer, role).copy_(t.float().reshape(getattr(layer, role).shape))
