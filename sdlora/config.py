@@ -201,7 +201,7 @@ DEFAULT_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"
 
 
 class LoraConfig(Section):
-    type: Literal["lora"] = Field("lora", description="Adapter kind: lora (low-rank W0 + s·B·A; linear and conv). Other kinds are planned.")
+    type: Literal["lora", "dora"] = Field("lora", description="Adapter kind: lora (low-rank W0 + s·B·A; linear and conv) or dora (weight-decomposed: m ⊙ (W0 + s·B·A) / its norm per output feature, m trained at the module's rate). LoKr and LoHa are planned.")
     rank: int = Field(16, ge=1, description="Rank r of Linear adapters.")
     alpha: float = Field(16.0, description="Initial alpha, not 0; scale = alpha / r (standard) or alpha / sqrt(r) (rank_stabilized).")
     unet_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_UNET_TARGETS), description="UNet Linear modules to adapt: a name ending (to_q) or a regular expression (re:...).")

@@ -191,7 +191,7 @@ def merge_adapter(adapter, unet: torch.nn.Module, text_encoder: torch.nn.Module,
     models = {"unet": unet, "text_encoder": text_encoder}
     for name, delta in adapter.modules.items():
         weight = find_module(models[split_name(name)[0]], name, where=where).weight
-        dw = delta.delta_weight().to(torch.float64)
+        dw = delta.delta_weight(weight).to(torch.float64)
         if dw.shape != weight.shape:
             raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "
                             f"{tuple(weight.shape)} (wrong --base?)")

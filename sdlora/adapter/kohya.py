@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sdlora.adapter.run_record import RunRecord
-from sdlora.adapter.weights import AdapterWeights, ModuleDelta, split_name
+from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
 from sdlora.errors import UserError
 from sdlora.model.families import SD1, SDXL, ModelFamily, family_of_version
 from sdlora.model.ldm_keys import _rename, unet_pairs
@@ -137,45 +137,50 @@ def adapter_family(adapter: AdapterWeights) -> ModelFamily:
 
 
 def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
-    """Kohya keys; scales are already in `up`, so `.alpha` = rank (scale 1 in every loader)."""
+    """Kohya/LyCORIS keys (each kind's KOHYA_KEYS); scales are already in `up`, so `.alpha` = rank (scale 1 in
+    every loader)."""
     sd = {}
     family = adapter_family(adapter)
     for name, m in adapter.modules.items():
         k = kohya_name(name, family)
-        sd[f"{k}.lora_down.weight"] = m.down
-        sd[f"{k}.lora_up.weight"] = m.up
+        for role, suffix in m.KOHYA_KEYS.items():
+            sd[f"{k}.{suffix}"] = m.file_tensor(role, "kohya")
         sd[f"{k}.alpha"] = torch.tensor(float(m.rank), dtype=m.down.dtype)
     return sd
 
 
-_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+_SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.KOHYA_KEYS.values()} | {"alpha"}, key=len, reverse=True)
+_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>" +
+                        "|".join(re.escape(x) for x in _SUFFIXES) + ")$")
 
 
 def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *,
                           module_names: frozenset[str] | None = None) -> AdapterWeights:
-    """Read a kohya LoRA (ours or another trainer's): alpha / rank folded into `up`, canonical names."""
+    """Read a kohya LoRA or LyCORIS DoRA (ours or another trainer's): alpha / rank folded into `up`, canonical names."""
     meta = dict(meta or {})
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         m = _KOHYA_KEY.match(key)
         if m is None:
             raise UserError(f"kohya key {key!r} is not a plain LoRA key (allowed endings: .lora_down.weight, "
-                            ".lora_up.weight, .alpha; LoHa/LoKr/DoRA/Tucker files are not supported)")
+                            ".lora_up.weight, .alpha, .dora_scale (DoRA); LoHa/LoKr/Tucker files are not supported)")
         parts.setdefault(m["stem"], {})[m["kind"]] = t
     info = json.loads(meta.get("sdlora.modules", "{}"))
     modules = {}
     for stem, p in sorted(parts.items()):
         if "lora_down.weight" not in p or "lora_up.weight" not in p:
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
+        cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         rank = down.shape[0]
         alpha = float(p["alpha"]) if "alpha" in p else float(rank)
         scale = alpha / rank
         name = canonical_from_kohya(stem, module_names)
         own = info.get(name, {})
-        modules[name] = ModuleDelta(
-            down, (up.float() * scale).to(up.dtype) if scale != 1.0 else up,
-            scale=own.get("scale", scale), alpha=own.get("alpha", alpha), trained_rank=own.get("rank", rank))
+        tensors = {role: p[suffix] for role, suffix in cls.KOHYA_KEYS.items()}
+        tensors["up"] = (up.float() * scale).to(up.dtype) if scale != 1.0 else up
+        modules[name] = cls.from_file_tensors(tensors, "kohya", stem, scale=own.get("scale", scale),
+                                              alpha=own.get("alpha", alpha), trained_rank=own.get("rank", rank))
     return AdapterWeights(modules, meta)
 
 
@@ -224,9 +229,12 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     if conv_ranks:
         conv_dim = conv_ranks.most_common(1)[0][0]
         network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
+    dora = "dora" in adapter.kinds()
+    if dora:  # LyCORIS' description of a DoRA network (kohya's own networks.lora has no DoRA)
+        network_args.update({"algo": "lora", "dora_wd": "True", "wd_on_out": "True"})
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is in the factors (see to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",

@@ -73,15 +73,21 @@ def group_of(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- report
 def module_entry(name: str, m, base: BaseModel | None, top_k: int, epsilon: float) -> dict:
-    delta = analysis.as_matrix(m.up) @ analysis.as_matrix(m.down)  # float64, (out, in·kh·kw)
-    s = factored_singular_values(m.down, m.up)
+    w0 = base.weight(name, m.weight_shape) if base is not None else None
+    if m.NEEDS_BASE:  # e.g. DoRA: ΔW is dense and depends on W0
+        if w0 is None:
+            raise UserError(f"inspect: module {name} is {m.kind}, whose update depends on the base weight; give --base")
+        delta = analysis.as_matrix(m.delta_weight(w0))
+        s = torch.linalg.svdvals(delta)
+    else:
+        delta = analysis.as_matrix(m.up) @ analysis.as_matrix(m.down)  # float64, (out, in·kh·kw)
+        s = factored_singular_values(m.down, m.up)
     dw_norm = float(torch.linalg.vector_norm(delta))
     entry = {"name": name, "group": group_of(name), "kind": "conv" if m.is_conv else "linear", "rank": m.rank,
-             "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(m.delta_weight().shape),
+             "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(m.weight_shape),
              "dw_norm": dw_norm, "effective_rank": analysis.effective_rank(s),
              "w0_norm": None, "relative_norm": None, "intruders": None, "intruder_singular_values": None}
     if base is not None:
-        w0 = base.weight(name, m.delta_weight().shape)
         w0_norm = analysis.frobenius(w0)
         result = analysis.find_intruders(w0, delta, top_k=top_k, epsilon=epsilon, base_u=base.base_u(name, w0))
         entry.update(w0_norm=w0_norm, relative_norm=dw_norm / w0_norm if w0_norm > 0 else None,
@@ -136,7 +142,7 @@ def text_encoder_drift(adapter: AdapterWeights, base: BaseModel) -> dict | None:
         for n in names:
             w = base.module(n).weight
             saved[n] = w.detach().clone()
-            w.add_(adapter.modules[n].delta_weight().reshape(w.shape).to(w.dtype))
+            w.add_(adapter.modules[n].delta_weight(w).reshape(w.shape).to(w.dtype))
         stats = probe.measure()
     finally:
         for n, w0 in saved.items():

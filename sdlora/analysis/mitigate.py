@@ -30,10 +30,11 @@ def mitigate_adapter(path: str | Path, base: BaseModel, lam: float, out: str | P
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; choose a new file name or pass --overwrite")
     adapter = load_adapter(path)
+    adapter.require_low_rank("--mitigate-intruders")
     layout = file_layout(path)
     modules, changes = {}, []
     for name, m in adapter.modules.items():
-        w0 = base.weight(name, m.delta_weight().shape)
+        w0 = base.weight(name, m.weight_shape)
         r = analysis.mitigate_intruders(w0, m.down, m.up, lam, top_k=top_k, epsilon=epsilon,
                                         base_u=base.base_u(name, w0))
         modules[name] = replace(m, down=r.down, up=r.up)

@@ -64,6 +64,8 @@ def run_merge(paths: list[str], out, *, weights: list[float] | None = None, meth
         raise UserError(f"merge --weights: {len(weights)} weights for {len(paths)} adapters")
     out = check_output("merge", out, force=force, layout=layout, dtype=dtype)
     adapters = [load_adapter(p) for p in paths]
+    for a in adapters:
+        a.require_low_rank("merge")
     versions = {v for a, p in zip(adapters, paths) if (v := _family_of(a, p))}
     if len({v.removesuffix("_v") for v in versions}) > 1:
         raise UserError(f"merge: the adapters were trained on different model families ({', '.join(sorted(versions))})")

@@ -51,6 +51,7 @@ def run_resize(path, out, rule: str, value: float, *, max_rank: int | None = Non
     check_rule(rule, value, max_rank)
     out = check_output("resize", out, force=force, layout=layout, dtype=dtype)
     adapter = load_adapter(path)
+    adapter.require_low_rank("resize")
     resized, rows = resize_adapter(adapter, rule, value, max_rank)
     resized.metadata = carried_metadata(adapter.metadata, "resize", {"rule": rule, "value": value, "max_rank": max_rank})
     write_adapter(resized, out, layout, dtype)

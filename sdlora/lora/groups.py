@@ -116,6 +116,8 @@ def role_rate(role: str, module_lr: float, cfg) -> tuple[float, float, str]:
         return module_lr * cfg.optim.b_lr_ratio, cfg.optim.weight_decay, "B"
     if role == "scale":
         return (module_lr if cfg.optim.alpha_lr is None else cfg.optim.alpha_lr), 0.0, "alpha"
+    if role == "magnitude":  # DoRA's m: the module's rate; no decay (it would pull every weight towards 0)
+        return module_lr, 0.0, "m"
     raise ValueError(f"unknown parameter role {role!r}")
 
 
@@ -124,10 +126,13 @@ def trainable_count(layers: dict[str, LoRALayer]) -> int:
 
 
 def freeze_check(*models: nn.Module) -> list[str]:
-    """Names of parameters that require grad but are not LoRA parameters (should be empty)."""
+    """Names of parameters that require grad but are not adapter parameters (should be empty)."""
+    from sdlora.lora.layers import lora_layers
+
     bad = []
     for model in models:
+        ours = {id(p) for _, layer in lora_layers(model) for p in layer.trainable_parameters().values()}
         for n, p in model.named_parameters():
-            if p.requires_grad and not any(k in n for k in LoRALayer.PARAMETER_ROLES):
+            if p.requires_grad and id(p) not in ours:
                 bad.append(n)
     return bad

@@ -16,6 +16,7 @@ from torch import nn
 
 from sdlora.adapter.weights import canonical_name
 from sdlora.errors import UserError
+from sdlora.lora.dora import DoRAConv2d, DoRALinear
 from sdlora.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
 
 
@@ -80,7 +81,8 @@ def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_c
 
 # (lora.type, base module type) -> layer class. A new adapter kind adds its rows here; nothing else asks which
 # class a layer is.
-LAYER_CLASSES: dict[tuple[str, type], type[LoRALayer]] = {("lora", nn.Linear): LoRALinear, ("lora", nn.Conv2d): LoRAConv2d}
+LAYER_CLASSES: dict[tuple[str, type], type[LoRALayer]] = {("lora", nn.Linear): LoRALinear, ("lora", nn.Conv2d): LoRAConv2d,
+                                                          ("dora", nn.Linear): DoRALinear, ("dora", nn.Conv2d): DoRAConv2d}
 
 
 def layer_class(kind: str, base: nn.Module) -> type[LoRALayer]:
@@ -184,6 +186,8 @@ def plan_from_adapter(plans: dict, path: str, cfg) -> None:
 
     adapter = load_adapter(path)
     for name, m in adapter.modules.items():
+        if m.kind != cfg.lora.type:  # continuing in another kind would drop (or invent) tensors
+            raise UserError(f"lora.init_from: {path} holds {m.kind} modules ({name}); set lora.type: {m.kind}")
         component, module_path = split_name(name)
         if component not in plans:
             raise UserError(f"lora.init_from: {path} adapts the text encoder ({name}); set text_encoder.train: true "
@@ -191,8 +195,8 @@ def plan_from_adapter(plans: dict, path: str, cfg) -> None:
         model, specs = plans[component]
         base = find_module(model, name, where="the model (lora.init_from: an adapter for another base model?)")
         path_in_model = next(p for p, mod in model.named_modules() if mod is base)
-        if base.weight.numel() != m.delta_weight().numel():
-            raise UserError(f"lora.init_from: module {name} of {path} has shape {tuple(m.delta_weight().shape)}; "
+        if base.weight.numel() != math.prod(m.weight_shape):
+            raise UserError(f"lora.init_from: module {name} of {path} has shape {tuple(m.weight_shape)}; "
                             f"the model's weight is {tuple(base.weight.shape)}")
         rank = m.rank
         # The file's alpha where it describes these factors (an sdlora file exported at 2r records alpha for r);
@@ -208,3 +212,6 @@ def start_from(layer: LoRALayer, m, name: str) -> None:
     s = layer.scale_value()
     layer.lora_A.copy_(m.down.float().reshape(layer.lora_A.shape))
     layer.lora_B.copy_((m.up.double() / s).float().reshape(layer.lora_B.shape))
+    for role, t in m.tensors().items():  # a kind's own tensors (DoRA's magnitude) as they are
+        if role not in ("down", "up"):
+            getattr(layer, role).copy_(t.float().reshape(getattr(layer, role).shape))

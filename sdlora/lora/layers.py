@@ -122,8 +122,15 @@ class LoRALayer(nn.Module):
         """Trained tensors by role (see PARAMETER_ROLES)."""
         return {self.PARAMETER_ROLES[n]: p for n, p in self.trainable_parameters().items()}
 
+    def to_record(self, down: torch.Tensor, up: torch.Tensor, **info):
+        """The exported record of this layer (adapter/weights.py) from its export factors and report fields."""
+        from sdlora.adapter.weights import ModuleDelta
+
+        return ModuleDelta(down, up, **info)
+
     # -- per kind ------------------------------------------------------------------------------------
-    kind = "abstract"
+    adapter_kind = "lora"  # lora.type
+    kind = "abstract"  # the module kind: linear or conv
 
     def _shape_a(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 
 from sdlora.adapter.algebra import factor_to_rank
 from sdlora.adapter.run_record import RunRecord
-from sdlora.adapter.weights import AdapterWeights, ModuleDelta, save_native
+from sdlora.adapter.weights import AdapterWeights, save_native
 from sdlora.lora.layers import LoRALayer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,8 +24,8 @@ def adapter_from_layers(layers: dict[str, LoRALayer], *, reduce_to_rank: bool = 
             down, up, err = factor_to_rank(down, up, layer.rank)
             if report is not None:
                 report(f"export.reduce_rank: {name}: rank {2 * layer.rank} -> {layer.rank}, relative error {err:.2e}")
-        modules[name] = ModuleDelta(down, up, scale=layer.scale_value(), alpha=float(layer.alpha.detach()),
-                                    trained_rank=layer.rank)
+        modules[name] = layer.to_record(down, up, scale=layer.scale_value(), alpha=float(layer.alpha.detach()),
+                                        trained_rank=layer.rank)
     return AdapterWeights(modules)
 
 
