@@ -6,37 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
+from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401  (fixtures)
 from outputs import load_sdxl_pipeline, max_abs_diff, sdxl_model_outputs, sdxl_pipeline_outputs
 from sdlora.config import validate
 from sdlora.lora import build_param_groups, inject_all
 from sdlora.model.families import SDXL, family_of_version
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
-from sdlora.model.tiny import make_tiny_sdxl
 from sdlora.training.loop import train
 
 # fp32 on CPU: trained and reloaded models compute the same sums in the same order; what is left is the
 # rounding of the factor product B·A against diffusers' own (1e-7 relative on O(1) outputs).
 TOL = 1e-5
 INITS = ["zero", "orthogonal", "compensated", "principal"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model", seed=0)
-
-
-@pytest.fixture
-def sdxl_config(tiny_sdxl, shapes_data, tmp_path):
-    from conftest import deep_update
-
-    def build(extra: dict | None = None, **kw):
-        d = {"model": {"path": str(tiny_sdxl)}, "data": {"path": str(shapes_data), "resolution": 64},
-             "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 6, "batch_size": 2, "seed": 0},
-             "optim": {"lr": 1e-3, "max_grad_norm": None}, "lora": {"rank": 4, "alpha": 4}, "log": {"tracker": "none"}}
-        return validate(deep_update(deep_update(d, extra or {}), kw))
-
-    return build
 
 
 # ------------------------------------------------------------------------------------------- loading

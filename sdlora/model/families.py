@@ -46,16 +46,7 @@ class ModelFamily:
     # None: kohya uses diffusers' names (SD 1.x/2.x).
     kohya_unet_layout: dict | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
-    block_groups: tuple = (
-        (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
-        (r"^text_encoder$", r"^text_encoder\."),
-        (r"^unet$", r"^unet\."),
-        (r"^unet\.down$", r"^unet\.(down_blocks\.|conv_in)"),
-        (r"^unet\.down\.(\d+)$", r"^unet\.down_blocks\.{0}\."),
-        (r"^unet\.mid$", r"^unet\.mid_block\."),
-        (r"^unet\.up$", r"^unet\.(up_blocks\.|conv_out)"),
-        (r"^unet\.up\.(\d+)$", r"^unet\.up_blocks\.{0}\."),
-    )
+    block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
 
     # -- names and metadata for a (family, prediction type) ------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:
@@ -224,11 +215,27 @@ class SDXLFamily(ModelFamily):
         return unet_config.get("addition_embed_type") == "text_time"
 
 
+
+def block_groups(text_encoders: tuple[str, ...], unet_names: dict[str, str] | None = None) -> tuple:
+    """`optim.lr_rules` named groups -> regular expressions over canonical module names: each text encoder and its
+    layers, the UNet, and its down / mid / up blocks (`unet_names` gives other words for them, e.g. SDXL's input)."""
+    names = {"down": "down", "mid": "mid", "up": "up", **(unet_names or {})}
+    groups = [(rf"^{te}\.layers\.(\d+)$", rf"^{te}\.encoder\.layers\.{{0}}\.") for te in text_encoders]
+    groups += [(rf"^{te}$", rf"^{te}\.") for te in text_encoders]
+    groups += [(r"^unet$", r"^unet\."),
+               (rf"^unet\.{names['down']}$", r"^unet\.(down_blocks\.|conv_in)"),
+               (rf"^unet\.{names['down']}\.(\d+)$", r"^unet\.down_blocks\.{0}\."),
+               (rf"^unet\.{names['mid']}$", r"^unet\.mid_block\."),
+               (rf"^unet\.{names['up']}$", r"^unet\.(up_blocks\.|conv_out)"),
+               (rf"^unet\.{names['up']}\.(\d+)$", r"^unet\.up_blocks\.{0}\.")]
+    return tuple(groups)
+
 SD1 = ModelFamily(name="sd1", title="SD 1.x", kohya_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
-                  modelspec_architecture_v="stable-diffusion-v1", resolution=512, resolution_v=512)
+                  modelspec_architecture_v="stable-diffusion-v1", resolution=512, resolution_v=512,
+                  block_groups=block_groups(("text_encoder",)))
 SD2 = ModelFamily(name="sd2", title="SD 2.x", kohya_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
                   modelspec_architecture_v="stable-diffusion-v2-768-v", resolution=512, resolution_v=768,
-                  v_version_suffix=True)
+                  v_version_suffix=True, block_groups=block_groups(("text_encoder",)))
 # kohya and ModelSpec have one name for SDXL base and its v-prediction fine-tunes (ss_v_parameterization and
 # modelspec.prediction_type tell them apart).
 SDXL = SDXLFamily(
@@ -241,19 +248,9 @@ SDXL = SDXLFamily(
                   ("pooled", "text_encoder_2", False)),
     kohya_unet_layout={"layers_per_block": 2, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")},
-    block_groups=(
-        (r"^text_encoder\.layers\.(\d+)$", r"^text_encoder\.encoder\.layers\.{0}\."),
-        (r"^text_encoder_2\.layers\.(\d+)$", r"^text_encoder_2\.encoder\.layers\.{0}\."),
-        (r"^text_encoder$", r"^text_encoder\."),
-        (r"^text_encoder_2$", r"^text_encoder_2\."),
-        (r"^unet$", r"^unet\."),
-        # SDXL's original names (input / middle / output blocks) and diffusers' (down / mid / up) for one thing
-        (r"^unet\.(?:down|input)$", r"^unet\.(down_blocks\.|conv_in)"),
-        (r"^unet\.(?:down|input)\.(\d+)$", r"^unet\.down_blocks\.{0}\."),
-        (r"^unet\.(?:mid|middle)$", r"^unet\.mid_block\."),
-        (r"^unet\.(?:up|output)$", r"^unet\.(up_blocks\.|conv_out)"),
-        (r"^unet\.(?:up|output)\.(\d+)$", r"^unet\.up_blocks\.{0}\."),
-    ),
+    # SDXL's original names (input / middle / output blocks) and diffusers' (down / mid / up) for one thing
+    block_groups=block_groups(("text_encoder", "text_encoder_2"), {"down": "(?:down|input)", "mid": "(?:mid|middle)",
+                                                                  "up": "(?:up|output)"}),
 )
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 SUPPORTED = "sdlora trains SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"
