@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlora.data.images import IMAGE_EXTENSIONS
+from sdlora.data.samples import cut_to_bucket
 from sdlora.errors import UserError
 
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
@@ -63,19 +64,14 @@ def mask_identity(image: Path, mask_dir: str | None) -> str:
 
 def load_mask(sample, offset: tuple[int, int], flip: bool, data, latent_factor: int) -> torch.Tensor:
     """(1, bucket_h / f, bucket_w / f) in [0, 1]: the mask through the image's resize, crop and flip, then area-pooled."""
-    (bw, bh), resized = sample.geo.bucket, sample.geo.resized
+    bw, bh = sample.geo.bucket
     mask = read_mask(sample.item.path, data.mask_dir)
     if mask is None:
         return torch.ones(1, bh // latent_factor, bw // latent_factor)
     if mask.size != sample.size:
         raise UserError(f"loss mask of {sample.item.path} is {mask.size[0]}x{mask.size[1]}, the image "
                         f"{sample.size[0]}x{sample.size[1]} (a mask must match its image's size)")
-    if mask.size != resized:
-        mask = mask.resize(resized, Image.BILINEAR)
-    left, top = offset
-    mask = mask.crop((left, top, left + bw, top + bh))
-    if flip:
-        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    mask = cut_to_bucket(mask, sample, offset, flip, Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
     return latent_mask(pixels, latent_factor)[0]
 

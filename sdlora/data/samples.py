@@ -34,15 +34,20 @@ def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> to
         raise UserError(f"{sample.item.path} changed since the data scan: {e}") from None
     if img.size != sample.size:
         raise UserError(f"{sample.item.path} changed since the data scan: {img.size} != {sample.size}")
-    (bw, bh), resized = sample.geo.bucket, sample.geo.resized
-    if img.size != resized:
-        img = img.resize(resized, Image.LANCZOS)
-    left, top = offset
-    img = img.crop((left, top, left + bw, top + bh))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    img = cut_to_bucket(img, sample, offset, flip, Image.LANCZOS)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def cut_to_bucket(img: Image.Image, sample: Sample, offset: tuple[int, int], flip: bool, resample) -> Image.Image:
+    """Resize to cover the sample's bucket, crop at `offset` (left, top), maybe mirror: the one geometry an image
+    and its loss mask both go through."""
+    (bw, bh), resized = sample.geo.bucket, sample.geo.resized
+    if img.size != resized:
+        img = img.resize(resized, resample)
+    left, top = offset
+    img = img.crop((left, top, left + bw, top + bh))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
 
 def center_offset(sample: Sample) -> tuple[int, int]:
