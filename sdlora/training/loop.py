@@ -148,7 +148,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
-    preservation = make_preservation(cfg, comps, data)  # reg.preservation: None when its weight is 0
+    # reg.preservation: None when its weight is 0; each process draws its slice of the global batch's prompts
+    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes)
     probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
