@@ -33,11 +33,11 @@ PRESETS = {
     # the shipped model: the feasibility check
     "mini": dict(n_images=6000, vae_channels=(32, 64, 64), vae_steps=500, vae_batch=32, vae_lr=1e-3,
                  unet_channels=(64, 128), te_width=64, te_layers=2, steps=3000, batch=64, lr=5e-4,
-                 caption_dropout=0.1, save_every=200, te_embed_std=0.5),
+                 caption_dropout=0.1, save_every=200, te_embed_std=0.5, jitter=3, min_snr_gamma=5.0),
     # a few steps of everything, to check the script end to end
     "check": dict(n_images=256, vae_channels=(32, 64, 64), vae_steps=5, vae_batch=32, vae_lr=1e-3,
                   unet_channels=(64, 128), te_width=64, te_layers=2, steps=6, batch=64, lr=5e-4,
-                  caption_dropout=0.1, save_every=3, te_embed_std=0.02),
+                  caption_dropout=0.1, save_every=3, te_embed_std=0.5, jitter=3, min_snr_gamma=5.0),
 }
 CLIP_TOKENIZER = Path(__file__).resolve().parent.parent / "sdlora" / "resources" / "clip_tokenizer"
 
@@ -227,7 +227,12 @@ def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict, 
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = te(tok).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        gamma = p.get("min_snr_gamma")
+        if gamma:  # min-SNR-γ weighting for epsilon prediction, min(SNR, γ) / SNR (Hang et al., ICCV 2023)
+            snr = (a / (1 - a)).flatten()
+            per_sample = per_sample * snr.clamp(max=gamma) / snr
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,9 +290,9 @@ def main(argv=None) -> int:
     record = {"command": " ".join(sys.argv), "preset": args.preset, "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
               "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
               "data": f"sklearn load_digits, {p['n_images']} renders at 32 px (sdlora.mini.data.digit_renders, "
-                      f"seed {args.seed}), held-out colour/digit pairs excluded"}
+                      f"seed {args.seed}, centred with jitter {p.get('jitter')} px), held-out colour/digit pairs excluded"}
     t_all = time.perf_counter()
-    images, labels, strokes, bgs, caps = digit_renders(p["n_images"], args.seed)
+    images, labels, strokes, bgs, caps = digit_renders(p["n_images"], args.seed, jitter=p.get("jitter"))
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     log(f"data: {len(images)} renders, e.g. {caps[0]!r}")
     vae = train_vae(p, pixels, out, args.seed, record)

@@ -67,13 +67,18 @@ def _mask_from_glyph(side: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render(mask_small: np.ndarray | None, stroke: str, background: str, rng: np.random.Generator,
-           *, glyph: bool = False) -> np.ndarray:
-    """One 32x32 RGB uint8 image: a digit scan (or the glyph) of random size and position, in the given colours."""
+           *, glyph: bool = False, jitter: int | None = None) -> np.ndarray:
+    """One 32x32 RGB uint8 image: a digit scan (or the glyph) of random size (20-28 px) in the given colours,
+    anywhere in the frame (`jitter` None) or centred up to `jitter` px off in each direction (kept in the frame)."""
     side = int(rng.integers(20, 29))
     cover = _mask_from_glyph(side, rng) if glyph else _mask_from_scan(mask_small, side)
     cover = np.clip(cover * 1.3, 0.0, 1.0)
     alpha = np.zeros((SIZE, SIZE), np.float32)
-    x, y = (int(rng.integers(0, SIZE - side + 1)) for _ in range(2))
+    if jitter is None:
+        x, y = (int(rng.integers(0, SIZE - side + 1)) for _ in range(2))
+    else:
+        c = (SIZE - side) // 2
+        x, y = (int(np.clip(c + rng.integers(-jitter, jitter + 1), 0, SIZE - side)) for _ in range(2))
     alpha[y:y + side, x:x + side] = cover
     fg = np.array(STROKES[stroke], np.float32)
     bg = np.array(BACKGROUNDS[background], np.float32)
@@ -82,8 +87,10 @@ def render(mask_small: np.ndarray | None, stroke: str, background: str, rng: np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def digit_renders(n: int, seed: int, *, scan_ids: np.ndarray | None = None, include_held_out: bool = False):
-    """n renders of digit scans: (images uint8 (n, 32, 32, 3), labels, strokes, backgrounds, captions)."""
+def digit_renders(n: int, seed: int, *, scan_ids: np.ndarray | None = None, include_held_out: bool = False,
+                  jitter: int | None = None):
+    """n renders of digit scans: (images uint8 (n, 32, 32, 3), labels, strokes, backgrounds, captions).
+    `jitter`: see `render` (the model's training data is centred, jitter 3; the judge learns any position)."""
     scans, labels = digit_scans()
     rng = np.random.default_rng(seed)
     ids = np.arange(len(scans)) if scan_ids is None else np.asarray(scan_ids)
@@ -95,7 +102,7 @@ def digit_renders(n: int, seed: int, *, scan_ids: np.ndarray | None = None, incl
         bg = bg_names[rng.integers(len(bg_names))]
         if not include_held_out and (stroke, int(labels[i])) in HELD_OUT:
             continue
-        images.append(render(scans[i], stroke, bg, rng))
+        images.append(render(scans[i], stroke, bg, rng, jitter=jitter))
         out_labels.append(int(labels[i]))
         strokes.append(stroke)
         bgs.append(bg)
