@@ -185,7 +185,8 @@ def test_fisher_resize_at_full_rank_is_exact_and_keeps_more_weighted_energy_belo
 
 def test_stored_fisher_round_trips_through_both_layouts(fisher_adapters, tmp_path):
     a = load_adapter(fisher_adapters[0])
-    fisher = RowFisher.from_metadata(a.metadata)
+    fisher = _random_fisher(a, 99)  # in memory, never written: the file must give back these float32 values
+    a.metadata = with_fisher(a.metadata, fisher)
     for layout in ("diffusers", "kohya"):
         out = tmp_path / f"{layout}.safetensors"
         save_adapter(a, out, layout)
@@ -226,9 +227,13 @@ def test_fisher_inputs_are_refused_in_one_line_exit_2(fisher_adapters, two_plain
 
 
 @pytest.fixture(scope="module")
-def two_plain(tiny_model, tmp_path_factory):
-    """An adapter without a stored Fisher (another trainer's, say)."""
-    return _adapter_file(tiny_model, tmp_path_factory.mktemp("plain"), seed=3)
+def two_plain(fisher_adapters, tmp_path_factory):
+    """An adapter without a stored Fisher (another trainer's, say): A's file with the Fisher left out."""
+    a = load_adapter(fisher_adapters[0])
+    del a.metadata[METADATA_KEY]
+    path = tmp_path_factory.mktemp("plain") / "plain.safetensors"
+    save_adapter(a, path, "diffusers")
+    return path
 
 
 # ------------------------------------------------------------------------------------------- the estimate
@@ -286,10 +291,16 @@ def test_train_stores_the_row_fisher_the_training_layers_give(fisher_run):
             ref[n] += g.double().pow(2).flatten(1).sum(1)
     for w in weights.values():
         w.requires_grad_(False)
+    ref = {n: r / 3 for n, r in ref.items()}
+    largest = max(float(r.norm()) for r in ref.values())
+    checked = 0
     for n, r in ref.items():
-        r = r / 3
-        assert float(r.sum()) > 0, n
-        assert float((fisher.modules[n].double() - r).norm()) <= 1e-3 * float(r.norm()), n
+        # A module whose gradient is analytically zero (self-attention q/k at the tiny UNet's 1x1 middle: softmax over
+        # one token) holds rounding noise, ~1e-20 against the largest module's norm: compared on that scale.
+        floor = 1e-9 * largest
+        assert float((fisher.modules[n].double() - r).norm()) <= 1e-3 * float(r.norm()) + floor, n
+        checked += float(r.norm()) > 1e3 * floor
+    assert checked >= 0.8 * len(ref)  # most modules are checked at 1e-3 relative
 
 
 def test_fisher_data_folder_gives_the_same_estimate_and_feeds_resize(fisher_run, tiny_model, shapes_data, tmp_path,
@@ -307,3 +318,10 @@ def test_fisher_data_folder_gives_the_same_estimate_and_feeds_resize(fisher_run,
     again = fisher_from_data(load_adapter(result.adapter_path), str(tiny_model), str(shapes_data), samples=3)
     for n, f in stored.modules.items():
         assert float((again.modules[n].double() - f.double()).norm()) <= 1e-5 * float(f.double().norm()), n
+    # a prompts file: latents the adapted model samples itself, then the same estimate
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\nsks person on a blue background\n")
+    from_prompts = fisher_from_data(load_adapter(result.adapter_path), str(tiny_model), str(prompts), samples=2)
+    assert set(from_prompts.modules) == set(stored.modules) and from_prompts.data == "prompts.txt"
+    assert all(bool(torch.isfinite(f).all()) for f in from_prompts.modules.values())
+    assert sum(float(f.sum()) for f in from_prompts.modules.values()) > 0
