@@ -55,6 +55,7 @@ def train_concept(root: Path, name: str, concept: int, steps: int, fisher_sample
     make_concept_dataset(folder / "data", concept=concept, seed=seed)
     cfg = demo_config(folder, steps, seed=seed)
     cfg["export"] = {"fisher_samples": fisher_samples}
+    cfg["optim"]["warmup_steps"] = min(cfg["optim"]["warmup_steps"], steps)
     cfg["output"]["name"] = f"stacked-{name}"
     return train(validate(cfg), overwrite=True, log=quiet).adapter_path
 

@@ -141,6 +141,8 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     if not path.exists():
         raise UserError(f"--fisher-data: no such folder or prompts file: {source}")
     comps = load_components(str(base), config_dir=config_dir)
+    for part in (comps.unet, comps.text_encoder, comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
+        part.to(torch.float32)
     record = RunRecord.from_metadata(adapter.metadata)
     res = resolution or (record.resolution if record else comps.family.resolution)
     if path.is_dir():
@@ -169,8 +171,8 @@ def store_run_fisher(cfg, adapter_path: Path, device, say=print) -> RowFisher:
     m = cfg.model
     comps = load_components(m.path, vae_path=m.vae_path, config_dir=m.config_dir, allow_pickle=m.allow_pickle,
                             prediction_type=m.prediction_type)
-    for part in (comps.unet, comps.text_encoder, comps.vae):
-        part.to(device)
+    for part in (comps.unet, comps.text_encoder, comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
+        part.to(device, torch.float32)
     examples = folder_examples(comps, cfg.data_subsets(), cfg.data)
     merge_adapter(adapter, comps.unet, comps.text_encoder)
     fisher = estimate_row_fisher(comps, adapter, examples, samples=cfg.export.fisher_samples, seed=cfg.train.seed,
