@@ -325,3 +325,19 @@ def test_fisher_data_folder_gives_the_same_estimate_and_feeds_resize(fisher_run,
     assert set(from_prompts.modules) == set(stored.modules) and from_prompts.data == "prompts.txt"
     assert all(bool(torch.isfinite(f).all()) for f in from_prompts.modules.values())
     assert sum(float(f.sum()) for f in from_prompts.modules.values()) > 0
+
+
+def test_dense_fwsvd_for_dora_merges_equals_the_factored_one():
+    """The dense path (DoRA modules in a merge) and the factored path give the same rank-k update and errors
+    (1e-9 relative: float64 SVDs of the same matrix; shapes small enough for the full SVD in `top_svd`)."""
+    from sdlora.adapter.algebra import fisher_dense_to_rank, fisher_to_rank
+
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(6, 40, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64)
+    f = torch.exp(3 * torch.randn(30, generator=g, dtype=torch.float64))
+    f[:4] = 0
+    d1, u1, ew1, e1 = fisher_to_rank(down, up, f, 3)
+    d2, u2, ew2, e2 = fisher_dense_to_rank(up @ down, f, 3)
+    ref = (u2 @ d2).double()
+    assert float((u1.double() @ d1.double() - ref).norm()) <= 1e-6 * float(ref.norm())  # d1, u1: fp32 factors
+    assert abs(ew1 - ew2) <= 1e-9 and abs(e1 - e2) <= 1e-9
