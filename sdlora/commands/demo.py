@@ -64,13 +64,14 @@ def check_demo_dependencies() -> None:
                         f"(from a checkout: pip install -e '.[demo]'), or pip install {' '.join(missing)}")
 
 
-def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0) -> Path:
-    """n renders of the star glyph in every colour pair, captioned with the trigger word `sks`, and n_digits renders
-    of digits with their own captions (prior preservation: other captions keep drawing what they drew)."""
-    from sdlora.mini.data import digit_renders, glyph_renders
+def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0, concept: int | None = None) -> Path:
+    """n renders of the star glyph (or `concept`: mini.data.CONCEPT_2, the heart) in every colour pair, captioned
+    with its trigger word (`sks`, `zwx`), and n_digits renders of digits with their own captions (prior preservation:
+    other captions keep drawing what they drew)."""
+    from sdlora.mini.data import CONCEPT, digit_renders, glyph_renders
 
     folder.mkdir(parents=True, exist_ok=True)
-    images, _, _, _, captions = glyph_renders(n, seed)
+    images, _, _, _, captions = glyph_renders(n, seed, concept=CONCEPT if concept is None else concept)
     if n_digits:
         d_images, _, _, _, d_captions = digit_renders(n_digits, seed + 1)
         images, captions = np.concatenate([images, d_images]), captions + d_captions

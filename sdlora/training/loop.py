@@ -22,6 +22,7 @@ from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
 from sdlora.training.ema import export_ema, make_ema
 from sdlora.training.export import export_adapter
+from sdlora.training.fisher import store_run_fisher
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
 from sdlora.training.optim import make_lr_scheduler, make_optimizer
@@ -298,6 +299,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     adapter_path = out / "adapter.safetensors"
     if main:
         write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
+        if cfg.export.fisher_samples:
+            store_run_fisher(cfg, adapter_path, accelerator.device, say)
         if ema is not None:
             export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)
