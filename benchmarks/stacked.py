@@ -22,7 +22,6 @@ docs/toolbox.md).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from sdlora.commands.merge import run_merge  # noqa: E402
 from sdlora.commands.resize import run_resize  # noqa: E402
 from sdlora.config import validate  # noqa: E402
 from sdlora.mini import MINI_MODEL_DIR  # noqa: E402
-from sdlora.mini.data import CONCEPT, CONCEPT_2, TRIGGERS  # noqa: E402
+from sdlora.mini.data import CONCEPT, CONCEPT_2  # noqa: E402
 from sdlora.mini.judge import Judge, accuracy_on_real_renders  # noqa: E402
 from sdlora.mini.skill import concept_cases, digit_cases, load_pipeline, sample, score  # noqa: E402
 from sdlora.training.loop import train  # noqa: E402

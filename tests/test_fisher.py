@@ -16,7 +16,6 @@ from sdlora.adapter.io import load_adapter, save_adapter
 from sdlora.cli import main
 from sdlora.commands.merge import merge_adapters, run_merge
 from sdlora.commands.resize import resize_adapter, run_resize
-from sdlora.errors import UserError
 
 TOL = 1e-5
 TE_TOL = 1e-4  # see test_fisher_merged_file_loads_in_diffusers_as_the_weighted_average
