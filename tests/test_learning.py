@@ -14,7 +14,7 @@ import yaml
 
 from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.config import validate
-from sdlora.commands.demo import DEMO_STEPS, demo_config, evaluate_adapter, make_concept_dataset
+from sdlora.commands.demo import DEMO_STEPS, demo_recipe, evaluate_adapter, make_demo_data
 from sdlora.mini import MINI_MODEL_DIR
 from sdlora.mini.judge import Judge
 from sdlora.training.loop import train
@@ -42,8 +42,8 @@ def _broken(cfg: dict) -> dict:
 def scores(tmp_path_factory):
     keep_freed_cpu_memory()
     root = tmp_path_factory.mktemp("learn")
-    make_concept_dataset(root / "data")
-    cfg = _broken(demo_config(root, STEPS))
+    make_demo_data(root / "data")
+    cfg = _broken(demo_recipe(root, STEPS))
     cfg["log"] = {"tracker": "none"}
     result = train(validate(cfg), log=lambda *a: None)
     judged, _ = evaluate_adapter(MINI_MODEL_DIR, result.adapter_path, Judge.fit(), unrelated_per_digit=3)
