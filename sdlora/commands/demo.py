@@ -2,8 +2,9 @@
 
 The mini model draws coloured handwritten digits from captions (`a red seven on a navy background`). The demo
 trains a LoRA (UNet and text encoder) on 24 renders of a star glyph captioned `a red sks on a navy background`,
-then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
-(sdlora/mini/judge.py, not the model) say what they show. About a minute and a half on 2 CPU cores.
+beside 24 digit renders with their own captions and with output preservation on the captions without `sks` (so
+the digits stay digits: docs/quality.md shows what happens without), then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
+(sdlora/mini/judge.py, not the model) say what they show. About two and a half minutes on 2 CPU cores.
 
 `make_shapes_dataset` (coloured circles and squares) stays for the tests that need a quick captioned folder.
 """
@@ -26,7 +27,7 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), 
 SHAPES = ("circle", "square")
 DEMO_RESOLUTION = 64
 MINI_RESOLUTION = 32
-DEMO_STEPS = 300
+DEMO_STEPS = 450
 # (module, the package that provides it): what the demo imports after training
 DEMO_DEPENDENCIES = (("peft", "peft"), ("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
 
@@ -138,7 +139,8 @@ def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     own = accuracy_on_real_renders(judge, n_digits=1000, n_glyphs=100)
     print(f"      its accuracy on renders of scans it never saw: digits {own['digit']:.1%}, star {own['concept']:.1%}, "
           f"colours {own['colour']:.1%}")
-    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background' -> {root / 'data'}")
+    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background', beside "
+          f"{DEMO_PRIOR_IMAGES} digit renders with their captions -> {root / 'data'}")
     make_demo_data(root / "data")
     cfg_dict = demo_recipe(root, steps)
     atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))

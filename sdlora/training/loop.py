@@ -207,7 +207,11 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 loss = regulariser.add_to(diff_loss, reg)
             kept = None
             if preservation is not None and preservation.due(step + 1):  # the base prediction on the same noisy latents
-                kept = preservation(unet, encoders, noisy, timesteps, batch, step + 1, accelerator.autocast)
+                # The unwrapped modules: a second forward through a DDP wrapper before the one backward would mark
+                # its parameters ready twice; through the module itself, autograd sums both uses' gradients into
+                # one accumulation per parameter, and DDP averages that sum across processes as usual.
+                kept = preservation(accelerator.unwrap_model(unet), [accelerator.unwrap_model(e) for e in encoders],
+                                    noisy, timesteps, batch, step + 1, accelerator.autocast)
                 loss = loss + cfg.reg.preservation.weight * kept
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)

@@ -42,11 +42,8 @@ def before_model(cfg) -> None:
 
 
 def with_processes(cfg, num_processes: int) -> None:
-    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads)."""
-    if cfg.reg.preservation.weight and num_processes > 1:
-        # Its second forward through the DDP-wrapped UNet before the one backward would mark parameters ready twice.
-        raise UserError(f"reg.preservation: not available with {num_processes} processes yet; train on one process "
-                        "or set reg.preservation.weight to 0")
+    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads).
+    None today: every feature trains on any number of processes (tests/test_data_parallel.py)."""
 
 
 def against_model(cfg, comps) -> None:
