@@ -74,9 +74,12 @@ ROWS = {
              {"reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
     "dir": (f"+ penalty ({PENALTY}) and its direction term (1.0)",
             {"reg": {"embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
+    "prior": ("+ 24 digit renders with their captions beside the stars (DreamBooth-style prior images) "
+              "and output preservation (as row pres)",
+              {"_prior_images": 24, "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
-DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "ema", "pres", "dir"]
+DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "ema", "pres", "dir", "prior"]
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -122,10 +125,12 @@ def steps_to_learn(curve: list[tuple[int, float]]) -> int | None:
 def row_config(key: str, root: Path, steps: int, seed: int, data: Path, bootstrap: str | None) -> dict:
     """The demo's config with the row's changes; `bootstrap`: the adapter whose alphas row b' starts from."""
     changes = copy.deepcopy(ROWS[key][1])
+    prior_images = changes.pop("_prior_images", 0)
     if "init_alphas_from" in changes.get("lora", {}):
         changes["lora"]["init_alphas_from"] = bootstrap
     cfg = deep_update(demo_config(root, steps, seed=seed), changes)
-    cfg["data"]["path"] = str(data)
+    cfg["data"]["path"] = str(make_concept_dataset(data.with_name(f"data_prior{prior_images}"), n_digits=prior_images)
+                              if prior_images else data)
     cfg["checkpoint"] = {"every_steps": CHECK_EVERY, "keep_last": steps // CHECK_EVERY + 1}
     return cfg
 
@@ -245,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"rows {' '.join(QUICK)}, seed 0")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--one-seed", nargs="*", choices=list(ROWS), default=[],
+                    help="rows run with the first seed only (the table marks them: no spread)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="build/quality")
     ap.add_argument("--combine", nargs="+", metavar="QUALITY_JSON",
@@ -284,7 +291,8 @@ def main(argv=None) -> int:
             lr = max(FULL_FT_RATES, key=lambda x: pick(tuning[x]))
             results["full_finetune_tuning"] = {f"{k:g}": v for k, v in tuning.items()}
             label = f"{label}: {lr:g}"
-            runs = [tuning[lr]] + [full_finetune(s, args.steps, lr, data, pipe, judge, names, out) for s in seeds[1:]]
+            runs = [tuning[lr]] + [full_finetune(s, args.steps, lr, data, pipe, judge, names, out)
+                                   for s in ([] if key in args.one_seed else seeds[1:])]
         else:
             try:  # a kind or key this version does not have: the row is skipped, and the table says so
                 validate(row_config(key, out / "probe", args.steps, 0, data, None))
@@ -292,7 +300,7 @@ def main(argv=None) -> int:
                 results["skipped"][key] = f"{label}: {e}".splitlines()[0]
                 print("skipped", key, e, flush=True)
                 continue
-            for seed in seeds:
+            for seed in seeds[:1] if key in args.one_seed else seeds:
                 done[(key, seed)] = run_lora(key, seed, args.steps, out, data, pipe, judge, base_model, done)
                 runs.append(done[(key, seed)])
                 print(key, seed, {k: v for k, v in runs[-1].items() if k not in ("curve", "adapter")}, flush=True)
@@ -345,8 +353,9 @@ def format_table(results: dict) -> str:
              "unrelated drawn as the star | TE drift | intruders | steps to learn | s/step |", "|---" * 11 + "|"]
     for key, runs in results["rows"].items():
         col = lambda k: [r.get(k) for r in runs]  # noqa: E731
+        one = " (1 seed)" if len(runs) == 1 and len(results["seeds"]) > 1 else ""
         lines.append(
-            f"| {key} {results['labels'][key]} | {_cell(col('concept'))} | {_cell(col('train_digit'), rel=b['train_digit'])} | "
+            f"| {key} {results['labels'][key]}{one} | {_cell(col('concept'))} | {_cell(col('train_digit'), rel=b['train_digit'])} | "
             f"{_cell(col('train_colour'), rel=b['train_colour'])} | {_cell(col('held_digit'), rel=b['held_digit'])} | "
             f"{_cell(col('held_colour'), rel=b['held_colour'])} | {_cell(col('unrelated_as_concept'))} | "
             f"{_cell(col('drift'), pct=False)} | {_cell(col('intruders'), pct=False, digits='.0f')} | "
