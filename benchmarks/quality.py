@@ -74,12 +74,16 @@ ROWS = {
              {"reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
     "dir": (f"+ penalty ({PENALTY}) and its direction term (1.0)",
             {"reg": {"embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
+    "pres+": (f"+ output preservation (as row pres) with the penalty ({PENALTY}) and its direction term (as row dir): "
+              "both halves of the model protected",
+              {"reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]},
+                       "embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
     "prior": ("+ 24 digit renders with their captions beside the stars (DreamBooth-style prior images) "
               "and output preservation (as row pres)",
               {"_prior_images": 24, "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
-DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "ema", "pres", "dir", "prior"]
+DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "ema", "pres", "dir", "pres+", "prior"]
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -158,6 +162,7 @@ def run_lora(key: str, seed: int, steps: int, out: Path, data: Path, pipe, judge
     judged.update(seconds_per_step=seconds_per_step, drift=drift["drift"] if drift else None,
                   intruders=sum(g["intruders"] or 0 for g in report["groups"] if g["group"] != "all"),
                   curve=curve, steps_to_learn=steps_to_learn(curve), adapter=str(adapter))
+    judged["seed"] = seed
     (root / "scores.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -225,6 +230,7 @@ def full_finetune(seed: int, steps: int, lr: float, data: Path, pipe, judge, ada
     judged.update(seconds_per_step=train_seconds / steps, curve=curve, steps_to_learn=steps_to_learn(curve), lr=lr)
     root = out / f"g_lr{lr:g}_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
+    judged["seed"] = seed
     (root / "scores.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -254,12 +260,15 @@ def main(argv=None) -> int:
                     help="rows run with the first seed only (the table marks them: no spread)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="build/quality")
+    ap.add_argument("--untimed", nargs="*", default=[], metavar="QUALITY_JSON",
+                    help="with --combine: the parts (also given to --combine) that ran beside other jobs; their seconds per step are left out of the "
+                         "s/step column (their judged columns are kept)")
     ap.add_argument("--combine", nargs="+", metavar="QUALITY_JSON",
                     help="only write one table (OUT/quality.json, .md) from the quality.json of runs made apart, "
                          "e.g. two processes with OMP_NUM_THREADS=1 on two cores, each with its own --rows and --out")
     args = ap.parse_args(argv)
     if args.combine:
-        return combine(args.combine, Path(args.out))
+        return combine(args.combine, Path(args.out), untimed=args.untimed)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     keys = args.rows or (QUICK if args.quick else DEFAULT_ROWS)
     if "b'" in keys and "b" not in keys:
@@ -314,11 +323,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def combine(paths: list[str], out: Path) -> int:
+def combine(paths: list[str], out: Path, untimed: list[str] = ()) -> int:
+    """One table from runs made apart; a row's runs from several parts are kept together (each seed once). Parts
+    also named in `untimed` ran beside other jobs: their runs are marked so the s/step column leaves them out."""
+    untimed = {Path(p).resolve() for p in untimed}
     parts = [json.loads(Path(p).read_text()) for p in paths]
+    for path, part in zip(paths, parts):
+        for runs in part.get("rows", {}).values():
+            for run in runs:
+                run["timed"] = Path(path).resolve() not in untimed
     results = dict(parts[0])
-    for key in ("rows", "labels", "skipped"):
+    for key in ("labels", "skipped"):
         results[key] = {k: v for part in parts for k, v in part.get(key, {}).items()}
+    # a row run in several parts (more seeds added later) keeps every part's runs, each seed once
+    results["rows"], seen = {}, set()
+    for part in parts:
+        for k, runs in part.get("rows", {}).items():
+            for i, run in enumerate(runs):
+                seed = run.get("seed", part["seeds"][i] if i < len(part["seeds"]) else None)
+                if (k, seed) not in seen:
+                    seen.add((k, seed))
+                    results["rows"].setdefault(k, []).append(dict(run, seed=seed))
+    results["seeds"] = sorted({s for part in parts for s in part["seeds"]})
     order = [k for k in DEFAULT_ROWS if k in results["rows"]]
     results["rows"] = {k: results["rows"][k] for k in order}
     results["command"] = [part["command"] for part in parts]
@@ -347,6 +373,12 @@ def _cell(vals, pct=True, rel=None, digits=".3g"):
     return cell + (f" ({missing} never)" if missing else "")
 
 
+def _seconds(runs: list[dict]) -> str:
+    """The s/step cell: runs made beside other jobs ("timed": False) are left out."""
+    timed = [r["seconds_per_step"] for r in runs if r.get("timed", True) and r.get("seconds_per_step") is not None]
+    return _cell(timed, pct=False, digits=".2f") if timed else "not timed"
+
+
 def format_table(results: dict) -> str:
     b = results["base"]
     lines = ["| row | concept | unrelated: digit, training combos | colours | digit, held-out combos | colours | "
@@ -359,7 +391,7 @@ def format_table(results: dict) -> str:
             f"{_cell(col('train_colour'), rel=b['train_colour'])} | {_cell(col('held_digit'), rel=b['held_digit'])} | "
             f"{_cell(col('held_colour'), rel=b['held_colour'])} | {_cell(col('unrelated_as_concept'))} | "
             f"{_cell(col('drift'), pct=False)} | {_cell(col('intruders'), pct=False, digits='.0f')} | "
-            f"{_cell(col('steps_to_learn'), pct=False, digits='.0f')} | {_cell(col('seconds_per_step'), pct=False, digits='.2f')} |")
+            f"{_cell(col('steps_to_learn'), pct=False, digits='.0f')} | {_seconds(runs)} |")
     lines.append(f"\nbase model: digit {b['train_digit']:.0%} / colours {b['train_colour']:.0%} on the training-combination "
                  f"prompts, digit {b['held_digit']:.0%} / colours {b['held_colour']:.0%} on the held-out ones; concept "
                  f"{b['concept']:.0%}; unrelated drawn as the star {b['unrelated_as_concept']:.0%}. Unrelated columns: "
