@@ -357,12 +357,37 @@ def test_init_from_continues_the_file_exactly_and_refuses_another_kind(trained, 
     assert all(abs(float(layers[n].alpha.detach()) - a) <= 1e-6 for n, a in trained_alphas.items())
 
 
-def test_tools_on_low_rank_factors_refuse_them(trained, tmp_path):
+def test_merge_refactors_them_as_a_lora_and_concat_resize_and_mitigation_refuse_them(trained, tiny_model, tmp_path):
+    """merge --method svd combines the dense updates (no --base: ΔW does not depend on W0) and factors the sum as a
+    plain LoRA: the file with itself at 0.5 + 0.5 at full rank is its own update, up to fp32 rounding of the stored
+    SVD factors (~1e-7 relative; 1e-5 of ‖ΔW‖_F leaves a wide margin). concat, resize and --mitigate-intruders
+    work on up @ down and refuse the kind in one line."""
+    from sdlora.analysis.inspect import BaseModel
+    from sdlora.analysis.mitigate import mitigate_adapter
+    from sdlora.commands.merge import run_merge
     from sdlora.commands.resize import run_resize
 
     kind, result, _ = trained
-    with pytest.raises(UserError, match=f"resize works on plain LoRA adapters; this one holds {kind} modules"):
-        run_resize(result.adapter_path, tmp_path / "r.safetensors", "rank", 2, report=lambda *_: None)
+    path, quiet = str(result.adapter_path), (lambda *_: None)
+    run_merge([path, path], tmp_path / "m.safetensors", weights=[0.5, 0.5], method="svd", rank=10_000, report=quiet)
+    merged, adapter = load_adapter(tmp_path / "m.safetensors"), load_adapter(path)
+    assert merged.kinds() == {"lora"} and set(merged.modules) == set(adapter.modules)
+    for name, m in adapter.modules.items():
+        exact, got = m.delta_weight(), merged.modules[name].delta_weight()
+        assert got.shape == exact.shape, name
+        assert float(torch.linalg.vector_norm(got.double() - exact)) <= 1e-5 * float(torch.linalg.vector_norm(exact))
+    title = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    refusals = [(lambda: run_merge([path, path], tmp_path / "c.safetensors", report=quiet),
+                 f"merge --method concat: module .* is a {title}, whose update is a"),
+                (lambda: run_resize(path, tmp_path / "r.safetensors", "rank", 2, report=quiet),
+                 f"resize: module .* is a {title}, whose update is a .*resize takes LoRA and DoRA"),
+                (lambda: mitigate_adapter(path, BaseModel(str(tiny_model)), 0.5, tmp_path / "i.safetensors"),
+                 f"--mitigate-intruders works on plain LoRA adapters; this one holds {kind} modules")]
+    for call, message in refusals:
+        with pytest.raises(UserError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not any((tmp_path / f).exists() for f in ("c.safetensors", "r.safetensors", "i.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------ what is refused

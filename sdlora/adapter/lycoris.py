@@ -53,6 +53,8 @@ class LoHaDelta(AdapterDelta):
     w2b: torch.Tensor
 
     kind: ClassVar[str] = "loha"
+    TITLE: ClassVar[str] = "LoHa"
+    UPDATE: ClassVar[str] = "is a Hadamard product of two rank-r products (rank up to r²), not up @ down"
     TENSORS: ClassVar[tuple[str, ...]] = ("w1a", "w1b", "w2a", "w2b")
     NATIVE_KEYS: ClassVar[dict[str, str]] = {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b"}
     KOHYA_KEYS: ClassVar[dict[str, str]] = NATIVE_KEYS
@@ -106,6 +108,8 @@ class LoKrDelta(AdapterDelta):
     w2b: torch.Tensor | None = None
 
     kind: ClassVar[str] = "lokr"
+    TITLE: ClassVar[str] = "LoKr"
+    UPDATE: ClassVar[str] = "is a Kronecker product (rank up to rank(w1)·rank(w2)), not up @ down"
     TENSORS: ClassVar[tuple[str, ...]] = ("w1", "w1a", "w1b", "w2", "w2a", "w2b")
     NATIVE_KEYS: ClassVar[dict[str, str]] = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b",
                                              "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b"}

@@ -32,11 +32,14 @@ class AdapterDelta:
     shape: tuple[int, ...] | None = field(default=None, kw_only=True)
 
     kind: ClassVar[str] = "abstract"
+    TITLE: ClassVar[str] = "adapter"  # the kind's name in messages
+    UPDATE: ClassVar[str] = ""  # what ΔW is, for messages: "whose update {UPDATE}"
     TENSORS: ClassVar[tuple[str, ...]] = ()
     NATIVE_KEYS: ClassVar[dict[str, str]] = {}
     KOHYA_KEYS: ClassVar[dict[str, str]] = {}
     KEY_SETS: ClassVar[tuple[frozenset[str], ...] | None] = None  # None: exactly TENSORS
     NEEDS_BASE: ClassVar[bool] = False  # whether ΔW depends on the base weight (then `delta_weight(base)` needs it)
+    FACTORED: ClassVar[bool] = False  # whether ΔW = up @ down exactly (fields down, up): merge/resize cut the factors
     NETWORK_ARGS: ClassVar[dict[str, str]] = {}  # LyCORIS' ss_network_args for a kohya file ({}: kohya's networks.lora)
     DIFFUSERS_READS: ClassVar[bool] = True  # whether StableDiffusionPipeline.load_lora_weights reads the native layout
 
@@ -132,6 +135,9 @@ class ModuleDelta(AdapterDelta):
     up: torch.Tensor
 
     kind: ClassVar[str] = "lora"
+    TITLE: ClassVar[str] = "LoRA"
+    UPDATE: ClassVar[str] = "is up @ down"
+    FACTORED: ClassVar[bool] = True
     TENSORS: ClassVar[tuple[str, ...]] = ("down", "up")
     NATIVE_KEYS: ClassVar[dict[str, str]] = {"down": "lora_A.weight", "up": "lora_B.weight"}
     KOHYA_KEYS: ClassVar[dict[str, str]] = {"down": "lora_down.weight", "up": "lora_up.weight"}
@@ -184,10 +190,13 @@ class DoRADelta(ModuleDelta):
     magnitude: torch.Tensor | None = None
 
     kind: ClassVar[str] = "dora"
+    TITLE: ClassVar[str] = "DoRA"
+    UPDATE: ClassVar[str] = "depends on W0 and is not low-rank"
     TENSORS: ClassVar[tuple[str, ...]] = ("down", "up", "magnitude")
     NATIVE_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.NATIVE_KEYS, "magnitude": "lora_magnitude_vector"}
     KOHYA_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.KOHYA_KEYS, "magnitude": "dora_scale"}
     NEEDS_BASE: ClassVar[bool] = True
+    FACTORED: ClassVar[bool] = False  # down, up are V's update; ΔW itself is dense
     NETWORK_ARGS: ClassVar[dict[str, str]] = {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"}
 
     def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
