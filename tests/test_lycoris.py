@@ -325,6 +325,46 @@ def test_diffusers_does_not_read_these_kinds_and_the_diffusers_layout_export_say
     assert "\n" not in str(e.value) and not (tmp_path / "d.safetensors").exists()
 
 
+def test_diffusers_unet_loader_reads_the_linear_lokr_modules_exactly(trained, tiny_model, tmp_path):
+    """What diffusers 0.42 does read: UNet2DConditionModel.load_lora_adapter (loaders/peft.py) builds a peft LoKr from
+    `.lokr_` keys (utils/peft_utils._create_lokr_config, alpha = r: scale 1, as sdlora writes it), for Linear modules;
+    a conv module's 4-d lokr_w2 fails there, and no LoHa or text-encoder LoKr loader exists. The native file's UNet
+    Linear modules read to within fp32 rounding of outputs of O(1) (measured 1.8e-6; the update moves them by 0.18).
+    The run's Linear modules all have a full w2, so every other one is given a rank-1 w2a @ w2b (of the same norm)
+    to read both forms."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from sdlora.adapter.weights import AdapterWeights, save_native
+
+    kind, result, _ = trained
+    adapter = load_adapter(result.adapter_path)
+    linear = sorted(n for n, m in adapter.modules.items() if n.startswith("unet.") and not m.is_conv)
+    pipe, comps, base = load_pipeline(tiny_model), load_components(str(tiny_model)), load_components(str(tiny_model))
+    if kind == "loha":
+        with pytest.raises(Exception):
+            pipe.unet.load_lora_adapter(load_file(str(result.adapter_path)), prefix="unet")
+        return
+    g = torch.Generator().manual_seed(0)
+    mods = {n: adapter.modules[n] for n in linear}
+    for n in linear[::2]:
+        m = mods[n]
+        a, b = torch.randn(m.w2.shape[0], 1, generator=g), torch.randn(1, m.w2.shape[1], generator=g)
+        k = float(torch.linalg.vector_norm(m.w2) / torch.linalg.vector_norm(a @ b))
+        mods[n] = replace(m, w2=None, w2a=a * k, w2b=b)
+    unet_only = AdapterWeights(mods)
+    assert {m.w2 is None for m in mods.values()} == {True, False}
+    save_native(unet_only, tmp_path / "unet.safetensors")
+    pipe.unet.load_lora_adapter(load_file(str(tmp_path / "unet.safetensors")), prefix="unet")
+    merge_adapter(unet_only, comps.unet, comps.text_encoder)
+    ref = model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer)
+    got = model_outputs(pipe.unet.eval(), comps.text_encoder.eval(), comps.tokenizer)
+    plain = model_outputs(base.unet.eval(), base.text_encoder.eval(), base.tokenizer)
+    assert max_abs_diff(ref, got)["unet"] <= TOL
+    assert max_abs_diff(ref, plain)["unet"] > 1000 * TOL  # the adapter does move the output
+
+
 def test_inspect_reads_them_through_their_dense_update(trained, tiny_model):
     from sdlora.analysis.inspect import BaseModel, inspect_adapter
 
