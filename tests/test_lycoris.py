@@ -398,13 +398,14 @@ def test_init_from_continues_the_file_exactly_and_refuses_another_kind(trained, 
 
 
 def test_merge_refactors_them_as_a_lora_and_concat_resize_and_mitigation_refuse_them(trained, tiny_model, tmp_path):
-    """merge --method svd combines the dense updates (no --base: ΔW does not depend on W0) and factors the sum as a
-    plain LoRA: the file with itself at 0.5 + 0.5 at full rank is its own update, up to fp32 rounding of the stored
+    """merge --method svd (and fisher) combines the dense updates (no --base: ΔW does not depend on W0) and factors
+    the sum as a plain LoRA: the file with itself at 0.5 + 0.5 at full rank is its own update, up to fp32 rounding of the stored
     SVD factors (~1e-7 relative; 1e-5 of ‖ΔW‖_F leaves a wide margin). concat, resize and --mitigate-intruders
     work on up @ down and refuse the kind in one line."""
     from sdlora.analysis.inspect import BaseModel
     from sdlora.analysis.mitigate import mitigate_adapter
-    from sdlora.commands.merge import run_merge
+    from sdlora.adapter.fisher import RowFisher
+    from sdlora.commands.merge import merge_adapters, run_merge
     from sdlora.commands.resize import run_resize
 
     kind, result, _ = trained
@@ -415,6 +416,14 @@ def test_merge_refactors_them_as_a_lora_and_concat_resize_and_mitigation_refuse_
     for name, m in adapter.modules.items():
         exact, got = m.delta_weight(), merged.modules[name].delta_weight()
         assert got.shape == exact.shape, name
+        assert float(torch.linalg.vector_norm(got.double() - exact)) <= 1e-5 * float(torch.linalg.vector_norm(exact))
+    # fisher: the same through algebra.fisher_dense_to_rank, with a made-up row Fisher (any positive one: the
+    # Fisher-weighted average of one update with itself is that update, and full rank keeps it)
+    g = torch.Generator().manual_seed(0)
+    fisher = RowFisher({n: torch.rand(m.weight_shape[0], generator=g) + 0.1 for n, m in adapter.modules.items()})
+    by_fisher, _ = merge_adapters([adapter, adapter], [0.5, 0.5], "fisher", 10_000, [fisher, fisher])
+    for name, m in adapter.modules.items():
+        exact, got = m.delta_weight(), by_fisher.modules[name].delta_weight()
         assert float(torch.linalg.vector_norm(got.double() - exact)) <= 1e-5 * float(torch.linalg.vector_norm(exact))
     title = {"loha": "LoHa", "lokr": "LoKr"}[kind]
     refusals = [(lambda: run_merge([path, path], tmp_path / "c.safetensors", report=quiet),
