@@ -68,6 +68,7 @@ ROWS = {
     "g": ("full fine-tune of UNet and text encoder (rate tuned for it)", None),
     "dora": ("DoRA instead of LoRA", {"lora": {"type": "dora"}}),
     "lokr": ("LoKr instead of LoRA", {"lora": {"type": "lokr"}}),
+    "loha": ("LoHa instead of LoRA", {"lora": {"type": "loha"}}),
     "ema": ("+ EMA of the adapter (decay 0.98 from step 100), the EMA export judged",
             {"train": {"ema": {"enabled": True, "decay": 0.98, "start_step": 100}}}),
     "pres": ("+ output preservation (weight 1, the captions without the trigger word)",
@@ -83,7 +84,8 @@ ROWS = {
               {"_prior_images": 24, "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
-DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "ema", "pres", "dir", "pres+", "prior"]
+DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",
+                "prior"]
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -114,11 +116,31 @@ def concept_score(pipe, judge) -> float:
 
 
 def with_adapter(pipe, path, fn):
-    pipe.load_lora_weights(str(path))
+    """fn() with the adapter at `path` applied: through diffusers' loader where it reads the kind, else (LoHa, LoKr)
+    merged into the weights in float64 and the touched weights restored afterwards."""
+    import torch
+
+    from sdlora.adapter.algebra import find_module, merge_adapter
+    from sdlora.adapter.io import load_adapter
+    from sdlora.adapter.names import split_name
+
+    adapter = load_adapter(path)
+    if all(m.DIFFUSERS_READS for m in adapter.modules.values()):
+        pipe.load_lora_weights(str(path))
+        try:
+            return fn()
+        finally:
+            pipe.unload_lora_weights()
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    weights = [find_module(models[split_name(n)[0]], n).weight for n in adapter.modules]
+    saved = [w.detach().clone() for w in weights]
+    merge_adapter(adapter, pipe.unet, pipe.text_encoder)
     try:
         return fn()
     finally:
-        pipe.unload_lora_weights()
+        with torch.no_grad():
+            for w, w0 in zip(weights, saved):
+                w.copy_(w0)
 
 
 def steps_to_learn(curve: list[tuple[int, float]]) -> int | None:

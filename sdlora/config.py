@@ -201,7 +201,7 @@ DEFAULT_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out"
 
 
 class LoraConfig(Section):
-    type: Literal["lora", "dora"] = Field("lora", description="Adapter kind: lora (low-rank W0 + s·B·A; linear and conv) or dora (weight-decomposed: m ⊙ (W0 + s·B·A) / its norm per output feature, m trained at the module's rate). LoKr and LoHa are planned.")
+    type: Literal["lora", "dora", "loha", "lokr"] = Field("lora", description="Adapter kind (docs/lora.md): lora (low-rank W0 + s·B·A; linear and conv), dora (weight-decomposed: m ⊙ (W0 + s·B·A) / its norm per output feature, m trained at the module's rate), loha (LyCORIS' Hadamard product: W0 + s·(w1a·w1b) ⊙ (w2a·w2b); inits zero or orthogonal) or lokr (LyCORIS' Kronecker product: W0 + s·w1 ⊗ w2, w2 low-rank where rank < half its size; init zero).")
     rank: int = Field(16, ge=1, description="Rank r of Linear adapters.")
     alpha: float = Field(16.0, description="Initial alpha, not 0; scale = alpha / r (standard) or alpha / sqrt(r) (rank_stabilized).")
     unet_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_UNET_TARGETS), description="UNet Linear modules to adapt: a name ending (to_q) or a regular expression (re:...).")
@@ -215,7 +215,8 @@ class LoraConfig(Section):
     init_from: Optional[str] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
-    train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA).")
+    train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
+    lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
 
     @model_validator(mode="after")
     def _alpha_not_zero(self) -> "LoraConfig":
@@ -227,6 +228,20 @@ class LoraConfig(Section):
                                  f"(allowed: any non-zero number; alpha = rank gives scale 1)")
         if self.init_from and self.init_alphas_from:
             raise ValueError("lora.init_from takes each module's alpha from its file: drop lora.init_alphas_from")
+        from sdlora.lora.init import LYCORIS_INITS  # the reasons are documented there and in docs/lora.md
+
+        if self.type in LYCORIS_INITS and self.init not in LYCORIS_INITS[self.type]:
+            why = ("its offset of the base by the start update would make the export a difference of two "
+                   f"{'Hadamard' if self.type == 'loha' else 'Kronecker'} products, which no {self.type} file holds"
+                   if self.init in ("compensated", "principal") else
+                   "a Kronecker product is zero only where a factor is, so nothing would cancel")
+            raise ValueError(f"lora.init={self.init} does not apply to lora.type={self.type}: {why} (allowed: "
+                             f"{', '.join(LYCORIS_INITS[self.type])})")
+        if self.type in LYCORIS_INITS and not self.train_a:
+            raise ValueError(f"lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type={self.type}")
+        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.type != "lokr"):
+            raise ValueError(f"lora.lokr_factor={self.lokr_factor}: " + ("use -1 or a positive number" if
+                             self.lokr_factor == 0 else f"applies to lora.type=lokr, not {self.type}"))
         return self
 
 

@@ -275,7 +275,8 @@ def test_cli_json_report_parses_and_has_intruders(trained, tiny_model, capsys):
 def test_cli_compare_table_and_plots(trained, tmp_path, capsys):
     other = tmp_path / "half.safetensors"
     a = load_adapter(trained.adapter_path)
-    save_native(AdapterWeights({n: ModuleDelta(m.down, m.up / 2, m.scale, m.alpha, m.trained_rank)
+    save_native(AdapterWeights({n: ModuleDelta(m.down, m.up / 2, scale=m.scale, alpha=m.alpha,
+                                                       trained_rank=m.trained_rank)
                                 for n, m in a.modules.items()}, a.metadata), other)
     out = tmp_path / "plots"
     assert main(["inspect", str(trained.adapter_path), "--compare", str(other), "--out", str(out)]) == 0

@@ -58,6 +58,7 @@ def save_adapter(adapter: AdapterWeights, path: str | Path, layout: str, *, keep
     intruder mitigation), with its content hashes recomputed. `base_model_version` names the base model of a
     file without a run record (kohya's ss_base_model_version: sd_v1, sd_v2, sd_v2_v)."""
     if layout == "diffusers":
+        adapter.require_diffusers_reads()  # sdlora's own files (training, checkpoints) are written by save_native
         save_native(adapter, path)
     elif layout == "kohya" and not keep_metadata:
         save_kohya(adapter, path, tag_frequencies=tag_frequencies, base_model_version=base_model_version)

@@ -6,11 +6,13 @@ SDXL: `lora_unet_<original (LDM) module path>` (`input_blocks_4_1_transformer_bl
 scripts train the original UNet; the table is model/ldm_keys.py's, the one diffusers' converter inverts),
 `lora_te1_text_model_<path>` (CLIP-L) and `lora_te2_text_model_<path>` (OpenCLIP bigG).
 
-Writing: every scale is already folded into `up` (see adapter.py), so `.alpha` = rank, which makes
+Writing: every scale is already folded into the tensors (see weights.py), so `.alpha` = rank, which makes
 alpha / rank = 1 in every loader (diffusers honours per-module alphas only for some modules, so a
-folded scale is the only choice that reads exactly everywhere).
+folded scale is the only choice that reads exactly everywhere). LyCORIS kinds keep LyCORIS' key names
+(`hada_w1_a`, `lokr_w1`, `dora_scale`; adapter/lycoris.py has their scale conventions).
 
-Reading (files from kohya sd-scripts and other trainers): the scale alpha / rank is folded into `up`.
+Reading (files from kohya sd-scripts, LyCORIS and other trainers): the scale alpha / rank is folded into the
+tensors (`up` for LoRA).
 Kohya names lose the dots, so `to_out_0` must become `to_out.0` without the model at hand: the name
 is split into diffusers' / transformers' identifiers, some of which contain underscores.
 """
@@ -21,6 +23,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -137,15 +140,16 @@ def adapter_family(adapter: AdapterWeights) -> ModelFamily:
 
 
 def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
-    """Kohya/LyCORIS keys (each kind's KOHYA_KEYS); scales are already in `up`, so `.alpha` = rank (scale 1 in
-    every loader)."""
+    """Kohya/LyCORIS keys (each kind's KOHYA_KEYS); scales are already in the tensors, so `.alpha` = rank (scale 1
+    in every loader)."""
     sd = {}
     family = adapter_family(adapter)
     for name, m in adapter.modules.items():
         k = kohya_name(name, family)
-        for role, suffix in m.KOHYA_KEYS.items():
-            sd[f"{k}.{suffix}"] = m.file_tensor(role, "kohya")
-        sd[f"{k}.alpha"] = torch.tensor(float(m.rank), dtype=m.down.dtype)
+        tensors = m.tensors()
+        for role in tensors:
+            sd[f"{k}.{m.KOHYA_KEYS[role]}"] = m.file_tensor(role, "kohya")
+        sd[f"{k}.alpha"] = torch.tensor(m.file_alpha(), dtype=next(iter(tensors.values())).dtype)
     return sd
 
 
@@ -156,31 +160,34 @@ _KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>" +
 
 def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *,
                           module_names: frozenset[str] | None = None) -> AdapterWeights:
-    """Read a kohya LoRA or LyCORIS DoRA (ours or another trainer's): alpha / rank folded into `up`, canonical names."""
+    """Read a kohya LoRA or a LyCORIS DoRA / LoHa / LoKr file (ours or another trainer's): alpha / rank folded into
+    the tensors (where the kind applies an alpha), canonical names."""
     meta = dict(meta or {})
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         m = _KOHYA_KEY.match(key)
         if m is None:
-            raise UserError(f"kohya key {key!r} is not a plain LoRA key (allowed endings: .lora_down.weight, "
-                            ".lora_up.weight, .alpha, .dora_scale (DoRA); LoHa/LoKr/Tucker files are not supported)")
+            raise UserError(f"kohya key {key!r} is not a LoRA or LyCORIS key sdlora reads (allowed endings: "
+                            f"{', '.join('.' + x for x in _SUFFIXES[::-1])}; Tucker (hada_t1, lokr_t2) and other "
+                            "LyCORIS kinds are not supported)")
         parts.setdefault(m["stem"], {})[m["kind"]] = t
     info = json.loads(meta.get("sdlora.modules", "{}"))
     modules = {}
     for stem, p in sorted(parts.items()):
-        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+        if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        down, up = p["lora_down.weight"], p["lora_up.weight"]
-        rank = down.shape[0]
-        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
-        scale = alpha / rank
         name = canonical_from_kohya(stem, module_names)
         own = info.get(name, {})
-        tensors = {role: p[suffix] for role, suffix in cls.KOHYA_KEYS.items()}
-        tensors["up"] = (up.float() * scale).to(up.dtype) if scale != 1.0 else up
-        modules[name] = cls.from_file_tensors(tensors, "kohya", stem, scale=own.get("scale", scale),
-                                              alpha=own.get("alpha", alpha), trained_rank=own.get("rank", rank))
+        record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
+                                       shape=tuple(own["shape"]) if own.get("shape") else None)
+        rank = record.alpha_rank()  # None: this kind applies no alpha here (LoKr with both factors full)
+        alpha = float(p["alpha"]) if "alpha" in p and rank else (float(rank) if rank else None)
+        scale = alpha / rank if rank else 1.0
+        if scale != 1.0:
+            record = record.scaled(scale)
+        modules[name] = replace(record, scale=own.get("scale", scale), alpha=own.get("alpha", alpha),
+                                trained_rank=own.get("rank", rank))
     return AdapterWeights(modules, meta)
 
 
@@ -229,12 +236,13 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     if conv_ranks:
         conv_dim = conv_ranks.most_common(1)[0][0]
         network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
-    dora = "dora" in adapter.kinds()
-    if dora:  # LyCORIS' description of a DoRA network (kohya's own networks.lora has no DoRA)
-        network_args.update({"algo": "lora", "dora_wd": "True", "wd_on_out": "True"})
+    lycoris = {}  # LyCORIS' description of its kinds (kohya's own networks.lora has only LoRA)
+    for m in adapter.modules.values():
+        lycoris.update(m.NETWORK_ARGS)
+    network_args.update(lycoris)
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
-        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is in the factors (see to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",

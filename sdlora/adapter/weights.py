@@ -1,9 +1,9 @@
 """The in-memory form of an exported adapter, and its native (diffusers / peft) file layout.
 
-An adapter is a set of per-module low-rank updates `ΔW = up @ down`, with every scale (alpha / r,
-learned alpha, rank-stabilised scaling) already in the factors, so any loader reads scale 1: folded into
-`up` in memory and in fp32 files; in fp16/bf16 files split evenly between `up` and `down` per rank
-component (`balance_factors`), which keeps both factors in the 16-bit normal range.
+An adapter is a set of per-module records, one class per adapter kind (`KINDS`: LoRA's `ΔW = up @ down`, DoRA,
+LoHa, LoKr; adapter/records.py and adapter/lycoris.py), with every scale (alpha / r, learned alpha, rank-stabilised
+scaling) already in the tensors, so any loader reads scale 1: folded into one factor in memory and in fp32 files;
+in fp16/bf16 files spread evenly over the factors (`balance_factors`), which keeps them in the 16-bit normal range.
 
 Module names are canonical and independent of library versions:
   `unet.<module path>`            e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
@@ -14,137 +14,31 @@ Module names are canonical and independent of library versions:
 Native layout keys: `unet.<path>.lora_A.weight` (down) / `.lora_B.weight` (up) and
 `text_encoder.text_model.<path>.lora_A.weight` (and `text_encoder_2.text_model.<path>...`, the prefix
 `StableDiffusionXLPipeline.load_lora_weights` reads); diffusers strips `text_model.` where the model has none.
+Other kinds put their own suffixes (each record's NATIVE_KEYS: peft's names) after the same prefixes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import balance_factors
+from sdlora.adapter.lycoris import LoHaDelta, LoKrDelta
 from sdlora.adapter.names import COMPONENTS, TEXT_ENCODERS, canonical_name, split_name  # noqa: F401  (re-exported)
+from sdlora.adapter.records import HALF_DTYPES, AdapterDelta, DoRADelta, ModuleDelta  # noqa: F401  (re-exported)
 from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
 
-@dataclass
-class ModuleDelta:
-    """One module's LoRA update ΔW = up @ down. down: (r, in) or (r, in, kh, kw); up: (out, r) or (out, r, 1, 1).
-
-    The record of every adapter kind derives from this one: a kind adds its own tensors as fields (so `replace`
-    carries them wherever a record is rebuilt), names them in TENSORS, maps them to file keys in NATIVE_KEYS and
-    KOHYA_KEYS (role -> key suffix), and answers `delta_weight`. See `KINDS`."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float = 1.0  # the effective scale contained in the factors (for reports)
-    alpha: float | None = None  # the module's alpha at export (learned or fixed), for reports
-    trained_rank: int | None = None  # the adapter's rank during training (export can be 2r)
-
-    kind: ClassVar[str] = "lora"
-    TENSORS: ClassVar[tuple[str, ...]] = ("down", "up")
-    NATIVE_KEYS: ClassVar[dict[str, str]] = {"down": "lora_A.weight", "up": "lora_B.weight"}
-    KOHYA_KEYS: ClassVar[dict[str, str]] = {"down": "lora_down.weight", "up": "lora_up.weight"}
-    NEEDS_BASE: ClassVar[bool] = False  # whether ΔW depends on the base weight (then `delta_weight(base)` needs it)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.dim() == 4
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """The base weight's shape: (out, in) or (out, in, kh, kw)."""
-        return (self.up.shape[0], *self.down.shape[1:])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the record by role (TENSORS)."""
-        return {role: getattr(self, role) for role in self.TENSORS}
-
-    def low_rank_delta(self) -> torch.Tensor:
-        """up @ down in the base weight's shape."""
-        down, up = self.down, self.up
-        if not self.is_conv:
-            return up @ down
-        r, cin, kh, kw = down.shape
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], cin, kh, kw)
-
-    def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense ΔW = W_adapted - W0 in the base weight's shape: (out, in) or (out, in, kh, kw). LoRA's does not
-        depend on the base weight `base` (W0); a kind whose update does (NEEDS_BASE) requires it."""
-        return self.low_rank_delta()
-
-    def cast(self, dtype: torch.dtype) -> "ModuleDelta":
-        """Every tensor in `dtype`; for a 16-bit dtype the factors are first balanced (see `balance_factors`)."""
-        down, up = balance_factors(self.down, self.up) if dtype in HALF_DTYPES else (self.down, self.up)
-        extra = {r: t.to(dtype) for r, t in self.tensors().items() if r not in ("down", "up")}
-        return replace(self, down=down.to(dtype), up=up.to(dtype), **extra)  # every other field carried as it is
-
-    # File shapes: the in-memory tensors are written as they are unless a kind says otherwise.
-    def file_tensor(self, role: str, layout: str) -> torch.Tensor:
-        return getattr(self, role)
-
-    @classmethod
-    def from_file_tensors(cls, tensors: dict[str, torch.Tensor], layout: str, where: str, **info) -> "ModuleDelta":
-        """The record from its tensors by role as a file of `layout` holds them; `where` names the module for errors."""
-        return cls(**tensors, **info)
-
-
-@dataclass
-class DoRADelta(ModuleDelta):
-    """DoRA (Liu et al. 2024): W = m ⊙ V / ‖V‖_row with V = W0 + up @ down, the norm taken per output feature (each
-    row of the (out, in·kh·kw) weight: the paper's column norm of its (in, out) matrix, peft's `weight_norm`).
-    magnitude: (out,). Native layout: peft's `lora_magnitude_vector`, (out,) for Linear and (1, out, 1, 1) for conv;
-    kohya/LyCORIS: `dora_scale`, (out, 1) or (out, 1, 1, 1), LyCORIS' output-axis (`wd_on_out`) layout."""
-
-    magnitude: torch.Tensor | None = None
-
-    kind: ClassVar[str] = "dora"
-    TENSORS: ClassVar[tuple[str, ...]] = ("down", "up", "magnitude")
-    NATIVE_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.NATIVE_KEYS, "magnitude": "lora_magnitude_vector"}
-    KOHYA_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.KOHYA_KEYS, "magnitude": "dora_scale"}
-    NEEDS_BASE: ClassVar[bool] = True
-
-    def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
-        if base is None:
-            raise UserError("a DoRA update depends on the base weight; give the base model (--base)")
-        from sdlora.adapter.functional import dora_weight
-
-        w0 = base.detach().to(torch.float64).reshape(self.weight_shape)
-        return dora_weight(w0, self.low_rank_delta().double(), self.magnitude.double()) - w0
-
-    def file_tensor(self, role: str, layout: str) -> torch.Tensor:
-        if role != "magnitude":
-            return getattr(self, role)
-        lead = 1 if self.is_conv else 0
-        if layout == "kohya":
-            return self.magnitude.reshape(-1, 1, *([1] * 2 * lead))
-        return self.magnitude.reshape(*([1] * lead), -1, *([1] * 2 * lead))
-
-    @classmethod
-    def from_file_tensors(cls, tensors, layout, where, **info):
-        m, out = tensors["magnitude"], tensors["up"].shape[0]
-        if m.numel() != out or (layout == "kohya" and m.shape[0] != out):
-            raise UserError(f"DoRA module {where}: magnitude of shape {tuple(m.shape)} is not one value per output "
-                            f"({out}); input-axis DoRA (LyCORIS' default without wd_on_out) is not supported")
-        return cls(**{**tensors, "magnitude": m.reshape(out)}, **info)
-
-
 # Adapter kinds by name (`lora.type`): each a record class; its key suffixes tell its files apart.
-KINDS: dict[str, type[ModuleDelta]] = {"lora": ModuleDelta, "dora": DoRADelta}
+KINDS: dict[str, type[AdapterDelta]] = {"lora": ModuleDelta, "dora": DoRADelta, "loha": LoHaDelta, "lokr": LoKrDelta}
 
 
-def kind_of(suffixes: set[str], layout: str, where: str) -> type[ModuleDelta]:
+def kind_of(suffixes: set[str], layout: str, where: str) -> type[AdapterDelta]:
     """The record class whose key suffixes in `layout` are exactly `suffixes`; a UserError naming the module else."""
     for cls in KINDS.values():
-        keys = cls.NATIVE_KEYS if layout == "diffusers" else cls.KOHYA_KEYS
-        if set(keys.values()) == suffixes:
+        if cls.accepts(suffixes, layout):
             return cls
     raise UserError(f"adapter module {where} has keys {', '.join(sorted(suffixes))}: not a whole "
                     f"{' / '.join(KINDS)} module (is a key missing?)")
@@ -152,11 +46,11 @@ def kind_of(suffixes: set[str], layout: str, where: str) -> type[ModuleDelta]:
 
 @dataclass
 class AdapterWeights:
-    modules: dict[str, ModuleDelta]
+    modules: dict[str, AdapterDelta]
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to(self, dtype: torch.dtype) -> "AdapterWeights":
-        """Cast every module's tensors; for a 16-bit dtype the factors are first balanced (see `balance_factors`)."""
+        """Cast every module's tensors; for a 16-bit dtype the factors are first balanced (records' `balanced`)."""
         return AdapterWeights({n: m.cast(dtype) for n, m in self.modules.items()}, dict(self.metadata))
 
     def kinds(self) -> set[str]:
@@ -168,8 +62,13 @@ class AdapterWeights:
         if other:
             raise UserError(f"{what} works on plain LoRA adapters; this one holds {', '.join(other)} modules")
 
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+    def require_diffusers_reads(self) -> None:
+        """A UserError when diffusers' load_lora_weights cannot read the native layout of a module's kind."""
+        other = sorted({m.kind for m in self.modules.values() if not m.DIFFUSERS_READS})
+        if other:
+            raise UserError(f"the diffusers layout: StableDiffusionPipeline.load_lora_weights does not read {', '.join(other)} "
+                            "adapters (diffusers 0.42); write the kohya layout (AUTOMATIC1111, ComfyUI, LyCORIS) or a "
+                            "merged model (merged-diffusers, merged-single-file)")
 
 
 # --------------------------------------------------------------------------------------- native layout
@@ -182,17 +81,15 @@ def native_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
     sd = {}
     for name, m in adapter.modules.items():
         p = native_prefix(name)
-        for role, suffix in m.NATIVE_KEYS.items():
-            sd[f"{p}.{suffix}"] = m.file_tensor(role, "diffusers")
+        for role in m.tensors():
+            sd[f"{p}.{m.NATIVE_KEYS[role]}"] = m.file_tensor(role, "diffusers")
     return sd
 
 
 def save_native(adapter: AdapterWeights, path: str | Path) -> None:
     meta = dict(adapter.metadata)
     meta["sdlora.format"] = "diffusers"
-    meta["sdlora.modules"] = json.dumps(
-        {n: {"scale": m.scale, "alpha": m.alpha, "rank": m.trained_rank or m.rank} for n, m in adapter.modules.items()}
-    )
+    meta["sdlora.modules"] = json.dumps({n: m.info() for n, m in adapter.modules.items()})
     save_safetensors(path, native_state_dict(adapter), metadata=meta)
 
 
@@ -205,8 +102,8 @@ def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapt
     for key, t in sd.items():
         suffix = next((x for x in NATIVE_SUFFIXES if key.endswith("." + x)), None)
         if suffix is None:
-            raise UserError(f"adapter key {key!r} is not an adapter key (expected .lora_A.weight / .lora_B.weight"
-                            " / .lora_magnitude_vector)")
+            raise UserError(f"adapter key {key!r} is not an adapter key (expected an ending of "
+                            f"{' / '.join(NATIVE_SUFFIXES[::-1])})")
         stem = key[: -len(suffix) - 1]
         component, _, path = stem.partition(".")
         if component not in COMPONENTS:
@@ -218,7 +115,8 @@ def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapt
             raise UserError(f"adapter module {n} has only one of lora_A / lora_B")
         cls = kind_of(set(parts[n]), "diffusers", n)
         i = info.get(n, {})
-        tensors = {role: parts[n][suffix] for role, suffix in cls.NATIVE_KEYS.items()}
+        tensors = {role: parts[n].get(suffix) for role, suffix in cls.NATIVE_KEYS.items()}
+        shape = tuple(i["shape"]) if i.get("shape") else None
         mods[n] = cls.from_file_tensors(tensors, "diffusers", n, scale=i.get("scale", 1.0), alpha=i.get("alpha"),
-                                        trained_rank=i.get("rank"))
+                                        trained_rank=i.get("rank"), shape=shape)
     return AdapterWeights(mods, meta)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import factored_singular_values, find_module
+from sdlora.adapter.algebra import find_module
 from sdlora.adapter.io import file_layout, load_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
@@ -74,17 +74,13 @@ def group_of(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- report
 def module_entry(name: str, m, base: BaseModel | None, top_k: int, epsilon: float) -> dict:
     w0 = base.weight(name, m.weight_shape) if base is not None else None
-    if m.NEEDS_BASE:  # e.g. DoRA: ΔW is dense and depends on W0
-        if w0 is None:
-            raise UserError(f"inspect: module {name} is {m.kind}, whose update depends on the base weight; give --base")
-        delta = analysis.as_matrix(m.delta_weight(w0))
-        s = torch.linalg.svdvals(delta)
-    else:
-        delta = analysis.as_matrix(m.up) @ analysis.as_matrix(m.down)  # float64, (out, in·kh·kw)
-        s = factored_singular_values(m.down, m.up)
+    if m.NEEDS_BASE and w0 is None:  # e.g. DoRA: ΔW is dense and depends on W0
+        raise UserError(f"inspect: module {name} is {m.kind}, whose update depends on the base weight; give --base")
+    delta, s = m.spectrum(w0)  # ΔW as an (out, in·kh·kw) float64 matrix and its singular values (factored for LoRA)
     dw_norm = float(torch.linalg.vector_norm(delta))
-    entry = {"name": name, "group": group_of(name), "kind": "conv" if m.is_conv else "linear", "rank": m.rank,
-             "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(m.weight_shape),
+    shape = tuple(w0.shape) if w0 is not None else m.weight_shape  # a LyCORIS conv from another trainer is flattened
+    entry = {"name": name, "group": group_of(name), "kind": "conv" if len(shape) == 4 else "linear", "rank": m.rank,
+             "trained_rank": m.trained_rank, "alpha": m.alpha, "scale": m.scale, "shape": list(shape),
              "dw_norm": dw_norm, "effective_rank": analysis.effective_rank(s),
              "w0_norm": None, "relative_norm": None, "intruders": None, "intruder_singular_values": None}
     if base is not None:

@@ -9,9 +9,10 @@ fisher: per output row j, the Fisher-weighted average ΔW[j] = Σ_i c_ij ΔW_i[j
 reported. F_i is each adapter's stored row Fisher (`adapter.fisher`) or, with --fisher-data, estimated with --base.
 A module that only some adapters have is combined over those that have it.
 
-DoRA: a DoRA update m ⊙ V/‖V‖ − W0 depends on W0 and is not low-rank, and a sum of DoRAs is not a DoRA, so concat
-(which promises exactness) refuses it; svd and fisher with --base combine the modules' dense updates
-(`delta_weight(W0)`) and factor the result as a plain LoRA of rank R (`algebra.dense_to_rank`,
+DoRA, LoHa, LoKr: their updates are not up @ down (DoRA's m ⊙ V/‖V‖ − W0 depends on W0; LoHa's Hadamard and
+LoKr's Kronecker products can have any rank), and a sum of them is not one of them, so concat (which promises
+exactness) refuses them; svd and fisher combine the modules' dense updates (`delta_weight`, with W0 from --base
+where a DoRA needs it) and factor the result as a plain LoRA of rank R (`algebra.dense_to_rank`,
 `algebra.fisher_dense_to_rank`), with the measured error.
 """
 
@@ -35,7 +36,8 @@ def merge_adapters(adapters: list[AdapterWeights], weights: list[float], method:
                    base_weight=None) -> tuple[AdapterWeights, list[dict]]:
     """The merged adapter and one report row per module (name, ranks in and out, relative error of svd / fisher;
     fisher also its Fisher-weighted error). fishers: one `RowFisher` per adapter (method fisher). base_weight:
-    name -> W0, needed where a module is a DoRA (then its dense update is combined; concat refuses)."""
+    name -> W0, needed where a module is a DoRA. A module of a kind that is not up @ down (DoRA, LoHa, LoKr) has
+    its dense update combined (concat refuses it)."""
     names = sorted({n for a in adapters for n in a.modules})
     modules, rows = {}, []
     for name in names:
@@ -45,7 +47,7 @@ def merge_adapters(adapters: list[AdapterWeights], weights: list[float], method:
         row = {"name": name, "ranks_in": "+".join(str(m.rank) for m in mods), "relative_error": 0.0,
                "fisher_error": None}
         try:
-            if any(m.NEEDS_BASE for m in mods):
+            if not all(m.FACTORED for m in mods):
                 down, up = _dense_merge(name, mods, ws, fs, method, rank, base_weight, row)
             else:
                 down, up = _factored_merge(mods, ws, fs, method, rank, row)
@@ -72,13 +74,15 @@ def _factored_merge(mods, ws, fs, method, rank, row):
 
 def _dense_merge(name, mods, ws, fs, method, rank, base_weight, row):
     if method == "concat":
-        raise UserError(f"merge --method concat: module {name} is a DoRA, whose update depends on W0 and is not "
-                        "low-rank, so no exact sum exists; use --method svd or fisher with --rank and --base")
-    if base_weight is None:
+        m = next(m for m in mods if not m.FACTORED)
+        raise UserError(f"merge --method concat: module {name} is a {m.TITLE}, whose update {m.UPDATE}, so no exact "
+                        f"sum exists; use --method svd or fisher with --rank{' and --base' if m.NEEDS_BASE else ''}")
+    needs_base = any(m.NEEDS_BASE for m in mods)
+    if needs_base and base_weight is None:
         raise UserError(f"merge: module {name} is a DoRA; its update depends on the base weights: give --base")
-    w0 = base_weight(name)
-    deltas = [m.delta_weight(w0).double().reshape(w0.shape[0], -1) for m in mods]
-    shape = mods[0].weight_shape
+    w0 = base_weight(name) if base_weight is not None else None  # also gives a flattened LyCORIS conv its shape
+    deltas = [m.delta_weight(w0).double().flatten(1) for m in mods]
+    shape = tuple(w0.shape) if w0 is not None else mods[0].weight_shape
     rank = min(rank, *deltas[0].shape)  # no zero padding past the full rank
     if method == "fisher":
         c = fisher_coefficients(ws, fs)

@@ -13,6 +13,10 @@ minimising the Fisher-weighted error (`algebra.fisher_to_rank`); the report give
 DoRA modules keep their magnitude vector; their low-rank direction update up @ down is truncated as a LoRA's is
 (at full rank nothing changes; below it the DoRA update moves with V = W0 + (up @ down)_k, and the shares reported
 are those of up @ down, not of the DoRA update).
+
+LoHa and LoKr modules are refused (a UserError naming the module): they have no up @ down to cut, and cutting
+their dense update would change the file's kind; `merge --method svd` (of the file with itself at weights 0.5 0.5)
+re-factors them as a LoRA.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import replace
 from sdlora.adapter.algebra import (RANK_RULES, factor_to_rank, factored_singular_values, fisher_singular_values,
                                     fisher_to_rank, rank_for, retained_fro)
 from sdlora.adapter.io import load_adapter
-from sdlora.adapter.weights import AdapterWeights
+from sdlora.adapter.weights import AdapterWeights, ModuleDelta
 from sdlora.commands.adapter_output import (DEFAULT_FISHER_SAMPLES, adapter_fishers, carried_metadata, check_output,
                                            module_table, write_adapter)
 from sdlora.errors import UserError
@@ -49,6 +53,9 @@ def resize_adapter(adapter: AdapterWeights, rule: str, value: float, max_rank: i
     check_rule(rule, value, max_rank)
     modules, rows = {}, []
     for name, m in adapter.modules.items():
+        if not isinstance(m, ModuleDelta):  # LoRA and DoRA (a ModuleDelta) carry the factors up @ down
+            raise UserError(f"resize: module {name} is a {m.TITLE}, whose update {m.UPDATE}: there are no factors to "
+                            "cut (resize takes LoRA and DoRA; merge --method svd re-factors it as a LoRA)")
         f = fisher.modules[name] if fisher is not None else None
         s = factored_singular_values(m.down, m.up)
         sw = fisher_singular_values(m.down, m.up, f) if f is not None else None

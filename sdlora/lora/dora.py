@@ -60,10 +60,10 @@ class DoRAMixin:
         self.base.weight.copy_(self.adapted_weight().to(self.base.weight.dtype))
         return self.base
 
-    def to_record(self, down: torch.Tensor, up: torch.Tensor, **info):
-        from sdlora.adapter.weights import DoRADelta
+    def to_record(self, **info):
+        from sdlora.adapter.records import DoRADelta
 
-        return DoRADelta(down, up, magnitude=self.magnitude.detach().float().clone(), **info)
+        return DoRADelta(*self.export_factors(), magnitude=self.magnitude.detach().float().clone(), **info)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sdlora.errors import UserError
-from sdlora.lora.layers import LoRALayer
+from sdlora.lora.layers import AdapterLayer
 from sdlora.model.families import SD1, ModelFamily
 
 
@@ -63,7 +63,7 @@ def component_lr(name: str, cfg) -> float:
     return cfg.text_encoder_lr if component == "text_encoder" else cfg.optim.lr
 
 
-def assign_rates(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> dict[str, Assignment]:
+def assign_rates(layers: dict[str, AdapterLayer], cfg, family: ModelFamily = SD1) -> dict[str, Assignment]:
     rules = [(rule_pattern(r.match, family), r) for r in cfg.optim.lr_rules]
     used = set()
     out = {}
@@ -87,15 +87,16 @@ def _label(name: str, rule: int | None, cfg) -> str:
     return component_of(name)
 
 
-def build_param_groups(layers: dict[str, LoRALayer], cfg, family: ModelFamily = SD1) -> ParamGroups:
-    """Group every trainable LoRA parameter by its rate; A at the module's rate, B at ratio x, alpha at alpha_lr.
+def build_param_groups(layers: dict[str, AdapterLayer], cfg, family: ModelFamily = SD1) -> ParamGroups:
+    """Group every trainable adapter parameter by its rate (role_rate): A at the module's rate, B at ratio x, alpha at
+    alpha_lr.
     Named rule groups (`unet.up.1`) are the model family's block groups."""
     assignment = assign_rates(layers, cfg, family)
     buckets: "OrderedDict[tuple, dict]" = OrderedDict()
     for name, layer in layers.items():
         a = assignment[name]
         label = _label(name, a.rule, cfg)
-        for role, p in layer.trainable_by_role().items():
+        for role, p in layer.trainable_roles():
             lr, wd, part = role_rate(role, a.lr, cfg)
             key = (lr, wd, part == "alpha")
             g = buckets.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "labels": OrderedDict()})
@@ -118,10 +119,12 @@ def role_rate(role: str, module_lr: float, cfg) -> tuple[float, float, str]:
         return (module_lr if cfg.optim.alpha_lr is None else cfg.optim.alpha_lr), 0.0, "alpha"
     if role == "magnitude":  # DoRA's m: the module's rate; no decay (it would pull every weight towards 0)
         return module_lr, 0.0, "m"
+    if role == "factor":  # a full factor, neither side of a low-rank pair (LoKr's w1, w2): the module's rate
+        return module_lr, cfg.optim.weight_decay, "W"
     raise ValueError(f"unknown parameter role {role!r}")
 
 
-def trainable_count(layers: dict[str, LoRALayer]) -> int:
+def trainable_count(layers: dict[str, AdapterLayer]) -> int:
     return sum(p.numel() for layer in layers.values() for p in layer.trainable_parameters().values())
 
 

@@ -94,3 +94,57 @@ def max_rank(scheme: str, out: int, k: int) -> int | None:
 def initialise(scheme: str, weight: torch.Tensor, rank: int, scale: float, gen: torch.Generator):
     """Dispatch on the scheme name; `weight` is the base weight flattened to (out, k)."""
     return SCHEMES[scheme](weight.detach().to(torch.float64), rank, scale, gen)
+
+
+# ------------------------------------------------------------------------------------------- LyCORIS kinds
+# LoHa and LoKr start with ΔW = 0 exactly (the output at step 0 is the base model's) and leave the base weight alone.
+# `compensated` and `principal` do not apply to them: they offset the base by a non-zero start update, and the
+# exported update ΔW - ΔW0 is then a difference of two Hadamard (Kronecker) products, which no single LoHa (LoKr)
+# module holds, so the file could not reproduce the trained model. `orthogonal` applies to LoHa (below); a Kronecker
+# product is zero only when a factor is, so for LoKr it would be the zero init under another name.
+LYCORIS_INITS = {"loha": ("zero", "orthogonal"), "lokr": ("zero",)}
+
+
+def _normal(shape, std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * std
+
+
+def init_loha(scheme: str, out: int, k: int, rank: int, gen: torch.Generator):
+    """(w1a (out, r), w1b (r, k), w2a (out, r), w2b (r, k)) in float64 with (w1a @ w1b) ⊙ (w2a @ w2b) = 0.
+
+    zero (LyCORIS' init): w1a ~ N(0, 0.1²), w1b and w2b ~ N(0, 1), w2a = 0. Only w2a gets a gradient at the first
+    step (as LoRA's A gets none until B moves).
+    orthogonal: w2a = [P | -P], w2b = [Q; Q] with Q's rows orthonormal and scaled to unit-size entries, so w2a @ w2b
+    = P·Q - P·Q = 0 (up to the rounding of one matrix product) while both w2 factors get a gradient from the first step (w1a and w1b still get none until
+    w2a @ w2b moves: their gradient is the output gradient ⊙ w2a @ w2b). For odd r the spare row of w2b is random and
+    the spare column of w2a zero; r = 1 is the zero init.
+    """
+    w1a, w1b = _normal((out, rank), 0.1, gen), _normal((rank, k), 1.0, gen)
+    half = rank // 2 if scheme == "orthogonal" else 0
+    if half == 0:
+        return w1a, w1b, torch.zeros(out, rank, dtype=torch.float64), _normal((rank, k), 1.0, gen)
+    q = torch.linalg.qr(torch.randn(k, half, generator=gen, dtype=torch.float64)).Q.T * math.sqrt(k)
+    p = _normal((out, half), 0.1, gen)
+    w2a, w2b = torch.cat([p, -p], 1), torch.cat([q, q], 0)
+    if rank % 2:
+        w2a = torch.cat([w2a, torch.zeros(out, 1, dtype=torch.float64)], 1)
+        w2b = torch.cat([w2b, _normal((1, k), 1.0, gen)], 0)
+    return w1a, w1b, w2a, w2b
+
+
+def init_lokr(w1_shape: tuple[int, int], w2_shape: tuple[int, ...], rank: int, decompose_w1: bool, decompose_w2: bool,
+              gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """LoKr's factors in float64, as LyCORIS starts them: w1 (a, c) kaiming-uniform (U(±1/sqrt(c)), or w1a (a, r) and
+    w1b (r, c) both so); w2 (b, d[, kh, kw]) = 0, or w2a (b, r) kaiming-uniform and w2b (r, d·kh·kw) = 0. So
+    ΔW = w1 ⊗ w2 = 0 exactly; w2 (or w2b) gets a gradient at the first step, w1 none until w2 moves."""
+    (a, c), (b, *rest) = w1_shape, w2_shape
+    if decompose_w1:
+        out = {"lokr_w1_a": _uniform((a, rank), 1 / math.sqrt(rank), gen), "lokr_w1_b": _uniform((rank, c), 1 / math.sqrt(c), gen)}
+    else:
+        out = {"lokr_w1": _uniform((a, c), 1 / math.sqrt(c), gen)}
+    if decompose_w2:
+        out |= {"lokr_w2_a": _uniform((b, rank), 1 / math.sqrt(rank), gen),
+                "lokr_w2_b": torch.zeros(rank, math.prod(rest), dtype=torch.float64)}
+    else:
+        out["lokr_w2"] = torch.zeros(b, *rest, dtype=torch.float64)
+    return out

@@ -17,7 +17,8 @@ from torch import nn
 from sdlora.adapter.weights import canonical_name
 from sdlora.errors import UserError
 from sdlora.lora.dora import DoRAConv2d, DoRALinear
-from sdlora.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
+from sdlora.lora.layers import AdapterLayer, LoRAConv2d, LoRALinear
+from sdlora.lora.lycoris import LoHaLayer, LoKrLayer
 
 
 @dataclass
@@ -25,7 +26,7 @@ class LayerSpec:
     rank: int
     alpha: float
     rank_key: str = "lora.rank"  # the config key the rank came from, for messages
-    start: object = None  # lora.init_from: the file's ModuleDelta (factors with the scale folded into up)
+    start: object = None  # lora.init_from: the file's record (adapter/records.py; every scale folded in)
 
 
 def _matches(target: str, path: str) -> bool:
@@ -38,7 +39,7 @@ def find_targets(model: nn.Module, targets: list[str], kinds: tuple[type, ...], 
     """Module paths of `kinds` matching any target; a target matching nothing is a UserError naming `key`."""
     found, used = [], set()
     for path, module in model.named_modules():
-        if not isinstance(module, kinds) or isinstance(module, LoRALayer) or ".base" in f".{path}":
+        if not isinstance(module, kinds) or isinstance(module, AdapterLayer) or ".base" in f".{path}":
             continue
         for t in targets:
             if _matches(t, path):
@@ -58,8 +59,9 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_cfg, seed: int) -> dict[str, LoRALayer]:
-    """Wrap each module in `specs` (path -> rank/alpha) with a LoRA layer; returns canonical name -> layer.
+def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_cfg, seed: int) -> dict[str, AdapterLayer]:
+    """Wrap each module in `specs` (path -> rank/alpha) with an adapter layer of lora.type; returns canonical name ->
+    layer.
 
     Each module's init draws from its own generator seeded by (seed, canonical name), so a module's
     initial factors do not depend on which other modules are adapted.
@@ -69,11 +71,9 @@ def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_c
         base = model.get_submodule(path)
         name = canonical_name(component, path)
         gen = torch.Generator().manual_seed(_name_seed(seed, name))
-        cls = layer_class(lora_cfg.type, base)
-        layer = cls(base, spec.rank, spec.alpha, scaling=lora_cfg.scaling, init="zero" if spec.start else lora_cfg.init,
-                    learnable_alpha=lora_cfg.learnable_alpha, train_a=lora_cfg.train_a, generator=gen)
+        layer = layer_class(lora_cfg.type, base).build(base, spec, lora_cfg, gen)
         if spec.start is not None:
-            start_from(layer, spec.start, name)
+            layer.load_record(spec.start, name)
         _replace(model, path, layer)
         layers[name] = layer
     return layers
@@ -81,11 +81,15 @@ def inject(model: nn.Module, component: str, specs: dict[str, LayerSpec], lora_c
 
 # (lora.type, base module type) -> layer class. A new adapter kind adds its rows here; nothing else asks which
 # class a layer is.
-LAYER_CLASSES: dict[tuple[str, type], type[LoRALayer]] = {("lora", nn.Linear): LoRALinear, ("lora", nn.Conv2d): LoRAConv2d,
-                                                          ("dora", nn.Linear): DoRALinear, ("dora", nn.Conv2d): DoRAConv2d}
+LAYER_CLASSES: dict[tuple[str, type], type[AdapterLayer]] = {
+    ("lora", nn.Linear): LoRALinear, ("lora", nn.Conv2d): LoRAConv2d,
+    ("dora", nn.Linear): DoRALinear, ("dora", nn.Conv2d): DoRAConv2d,
+    ("loha", nn.Linear): LoHaLayer, ("loha", nn.Conv2d): LoHaLayer,
+    ("lokr", nn.Linear): LoKrLayer, ("lokr", nn.Conv2d): LoKrLayer,
+}
 
 
-def layer_class(kind: str, base: nn.Module) -> type[LoRALayer]:
+def layer_class(kind: str, base: nn.Module) -> type[AdapterLayer]:
     for (k, module_type), cls in LAYER_CLASSES.items():
         if k == kind and isinstance(base, module_type):
             return cls
@@ -115,7 +119,7 @@ def plan_text_encoder(text_encoder: nn.Module, lora_cfg) -> dict[str, LayerSpec]
             for p in find_targets(text_encoder, lora_cfg.text_encoder_targets, (nn.Linear,), key="lora.text_encoder_targets")}
 
 
-def inject_all(unet: nn.Module, text_encoders, cfg) -> dict[str, LoRALayer]:
+def inject_all(unet: nn.Module, text_encoders, cfg) -> dict[str, AdapterLayer]:
     """Freeze the models and inject LoRA per the config; returns every layer by canonical name. `text_encoders` is
     one text encoder (component `text_encoder`) or a dict component -> model (`Components.text_encoders`; SDXL:
     `text_encoder` and `text_encoder_2`, each adapted with the same targets)."""
@@ -204,14 +208,3 @@ def plan_from_adapter(plans: dict, path: str, cfg) -> None:
         denominator = rank if cfg.lora.scaling == "standard" else math.sqrt(rank)
         alpha = m.alpha if m.alpha and (m.trained_rank in (None, rank)) else denominator
         specs[path_in_model] = LayerSpec(rank, float(alpha), "lora.init_from", start=m)
-
-
-@torch.no_grad()
-def start_from(layer: LoRALayer, m, name: str) -> None:
-    """Give `layer` the factors of `m` (scale folded into up): A = down, B = up / s, so s·B·A = ΔW of the file."""
-    s = layer.scale_value()
-    layer.lora_A.copy_(m.down.float().reshape(layer.lora_A.shape))
-    layer.lora_B.copy_((m.up.double() / s).float().reshape(layer.lora_B.shape))
-    for role, t in m.tensors().items():  # a kind's own tensors (DoRA's magnitude) as they are
-        if role not in ("down", "up"):
-            getattr(layer, role).copy_(t.float().reshape(getattr(layer, role).shape))

@@ -1,4 +1,6 @@
-"""LoRA layers. Every kind answers the same questions: `forward`, `delta_weight`, `export_factors`, `merge`.
+"""Adapter layers. Every kind answers the same questions (`AdapterLayer`): `forward`, `delta_weight`, `merge`,
+`to_record` / `load_record` (its exported record, adapter/records.py, and back), its tensors and their roles.
+LoRA's (this module; DoRA in dora.py, LoHa and LoKr in lycoris.py):
 
     y = W' x + s · B (A x),   s = alpha / r  (standard)  or  alpha / sqrt(r)  (rank-stabilised)
 
@@ -23,22 +25,100 @@ from torch import nn
 from sdlora.lora.init import initialise
 
 
-class LoRALayer(nn.Module):
-    """Wraps a frozen base module; subclasses define how A and B are applied."""
+class AdapterLayer(nn.Module):
+    """Wraps a frozen base module (Linear or Conv2d) with one adapted module of some kind; what every kind shares:
+    the scale s = alpha / r (or / sqrt r) with alpha fixed or learned, the on/off switch, and the roles of its
+    tensors. A kind adds its tensors and answers `forward`, `delta_weight`, `merge`, `to_record`, `load_record`."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, *, scaling: str = "standard", init: str = "zero",
-                 learnable_alpha: bool = False, train_a: bool = True, generator: torch.Generator | None = None):
+    adapter_kind = "abstract"  # lora.type
+    kind = "abstract"  # the module kind: linear or conv
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, *, scaling: str = "standard",
+                 learnable_alpha: bool = False):
         super().__init__()
         self.base = base
         self.rank = rank
         self.scaling = scaling
-        self.init_scheme = init
         self.enabled = True
         alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
         if learnable_alpha:
             self.alpha = nn.Parameter(alpha_t)
         else:
             self.register_buffer("alpha", alpha_t)
+
+    @classmethod
+    def build(cls, base: nn.Module, spec, lora_cfg, generator: torch.Generator) -> "AdapterLayer":
+        """The layer for `base` as the config and the planned LayerSpec (rank, alpha; `start`: an init_from record,
+        given afterwards to `load_record`) ask."""
+        raise NotImplementedError
+
+    # -- what every kind answers -------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        denom = self.rank if self.scaling == "standard" else math.sqrt(self.rank)
+        return self.alpha / denom
+
+    def scale_value(self) -> float:
+        return float(self.scale().detach())
+
+    def delta_weight(self) -> torch.Tensor:
+        """W_effective - W0 as a dense tensor in the base weight's shape (fp32)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Return the base module with the effective weight W0 + ΔW written into it."""
+        raise NotImplementedError
+
+    def to_record(self, **info):
+        """The exported record of this layer (adapter/records.py), every scale folded in; `info`: report fields."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_record(self, m, name: str) -> None:
+        """Take the tensors of record `m` (scale folded in, as `to_record` writes it): lora.init_from."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:  # some library code reads .weight of the modules it calls
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    # Every tensor of the adapter itself (not the frozen base): kept fp32 whatever dtype the base is stored in.
+    ADAPTER_TENSORS: tuple[str, ...] = ("alpha",)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.ADAPTER_TENSORS if getattr(self, n, None) is not None}
+
+    # The role of each trained tensor, so that optimiser groups and reports never ask a tensor's name:
+    # "down" trains at the module's rate, "up" at optim.b_lr_ratio times it (LoRA+), "scale" at optim.alpha_lr
+    # without weight decay (lora/groups.role_rate has every role). A kind maps its own tensors to roles.
+    PARAMETER_ROLES: dict[str, str] = {"alpha": "scale"}
+
+    def parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """The layer's adapter parameters (trained or frozen) by attribute name; a fixed alpha (a buffer) is not one."""
+        return {n: p for n in self.PARAMETER_ROLES if isinstance(p := getattr(self, n, None), nn.Parameter)}
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trained tensors by attribute name (frozen ones, e.g. a fixed alpha or a frozen A, are left out)."""
+        return {n: p for n, p in self.parameters_by_name().items() if p.requires_grad}
+
+    def trainable_roles(self) -> list[tuple[str, nn.Parameter]]:
+        """(role, tensor) of every trained tensor (see PARAMETER_ROLES); a role may hold several tensors."""
+        return [(self.PARAMETER_ROLES[n], p) for n, p in self.trainable_parameters().items()]
+
+
+class LoRALayer(AdapterLayer):
+    """Wraps a frozen base module; subclasses define how A and B are applied."""
+
+    adapter_kind = "lora"
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, *, scaling: str = "standard", init: str = "zero",
+                 learnable_alpha: bool = False, train_a: bool = True, generator: torch.Generator | None = None):
+        super().__init__(base, rank, alpha, scaling=scaling, learnable_alpha=learnable_alpha)
+        self.init_scheme = init
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         w = self.base.weight.detach()
         a, b, offset = initialise(init, w.flatten(1), rank, float(self.scale_value()), gen)
@@ -55,14 +135,13 @@ class LoRALayer(nn.Module):
             self.offset_A = None
             self.offset_B = None
 
+    @classmethod
+    def build(cls, base, spec, lora_cfg, generator):
+        # init_from: built with the zero init, then given the file's factors (load_record)
+        return cls(base, spec.rank, spec.alpha, scaling=lora_cfg.scaling, init="zero" if spec.start else lora_cfg.init,
+                   learnable_alpha=lora_cfg.learnable_alpha, train_a=lora_cfg.train_a, generator=generator)
+
     # -- what every kind answers -------------------------------------------------------------------
-    def scale(self) -> torch.Tensor:
-        denom = self.rank if self.scaling == "standard" else math.sqrt(self.rank)
-        return self.alpha / denom
-
-    def scale_value(self) -> float:
-        return float(self.scale().detach())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.enabled:  # the scale goes into B (out x r), far smaller than the activations it would otherwise scale
@@ -95,43 +174,28 @@ class LoRALayer(nn.Module):
         w += self.delta_weight().to(w.dtype)
         return self.base
 
-    @property
-    def weight(self) -> torch.Tensor:  # some library code reads .weight of the modules it calls
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
     # Every tensor of the adapter itself (not the frozen base): kept fp32 whatever dtype the base is stored in.
     ADAPTER_TENSORS = ("lora_A", "lora_B", "alpha", "offset_A", "offset_B")
 
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.ADAPTER_TENSORS if getattr(self, n) is not None}
-
-    # The role of each trained tensor, so that optimiser groups and reports never ask a tensor's name:
-    # "down" trains at the module's rate, "up" at optim.b_lr_ratio times it (LoRA+), "scale" at optim.alpha_lr
-    # without weight decay. A new adapter kind maps its own tensors to these roles.
+    # "down" trains at the module's rate, "up" at optim.b_lr_ratio times it (LoRA+), "scale" at optim.alpha_lr.
     PARAMETER_ROLES = {"lora_A": "down", "lora_B": "up", "alpha": "scale"}
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Trained tensors by attribute name (frozen ones, e.g. a fixed alpha or a frozen A, are left out)."""
-        return {n: p for n in self.PARAMETER_ROLES if isinstance(p := getattr(self, n), nn.Parameter) and p.requires_grad}
+    def to_record(self, **info):
+        from sdlora.adapter.records import ModuleDelta
 
-    def trainable_by_role(self) -> dict[str, nn.Parameter]:
-        """Trained tensors by role (see PARAMETER_ROLES)."""
-        return {self.PARAMETER_ROLES[n]: p for n, p in self.trainable_parameters().items()}
+        return ModuleDelta(*self.export_factors(), **info)
 
-    def to_record(self, down: torch.Tensor, up: torch.Tensor, **info):
-        """The exported record of this layer (adapter/weights.py) from its export factors and report fields."""
-        from sdlora.adapter.weights import ModuleDelta
-
-        return ModuleDelta(down, up, **info)
+    @torch.no_grad()
+    def load_record(self, m, name: str) -> None:
+        """A = down, B = up / s, so s·B·A = ΔW of the file; a kind's own tensors (DoRA's magnitude) as they are."""
+        s = self.scale_value()
+        self.lora_A.copy_(m.down.float().reshape(self.lora_A.shape))
+        self.lora_B.copy_((m.up.double() / s).float().reshape(self.lora_B.shape))
+        for role, t in m.tensors().items():
+            if role not in ("down", "up"):
+                getattr(self, role).copy_(t.float().reshape(getattr(self, role).shape))
 
     # -- per kind ------------------------------------------------------------------------------------
-    adapter_kind = "lora"  # lora.type
-    kind = "abstract"  # the module kind: linear or conv
-
     def _shape_a(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -238,9 +302,9 @@ class LoRAConv2d(LoRALayer):
 
 
 def lora_layers(model: nn.Module):
-    """(qualified name of the wrapped module, layer) for every LoRA layer in `model`."""
+    """(qualified name of the wrapped module, layer) for every adapter layer (any kind) in `model`."""
     for name, m in model.named_modules():
-        if isinstance(m, LoRALayer):
+        if isinstance(m, AdapterLayer):
             yield name, m
 
 

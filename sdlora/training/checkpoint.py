@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `<output.dir>/checkpoints/step_NNNNNN/` holding
 
-    adapter.safetensors     the adapter export at this step (loads in diffusers like the final one)
+    adapter.safetensors     the adapter export at this step (as the final one: loads in diffusers where it reads the kind)
     lora_state.safetensors  every adapter tensor (A, B, alpha, offset factors) as trained, fp32
     optimizer.pt            the optimiser state (moments, step counts, per-group rates)
     trainer_state.json      step, LR-scheduler state, data-order position, non-finite counters

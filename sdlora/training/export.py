@@ -6,30 +6,28 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import factor_to_rank
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, save_native
-from sdlora.lora.layers import LoRALayer
+from sdlora.lora.layers import AdapterLayer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def adapter_from_layers(layers: dict[str, LoRALayer], *, reduce_to_rank: bool = False,
+def adapter_from_layers(layers: dict[str, AdapterLayer], *, reduce_to_rank: bool = False,
                         report=None) -> AdapterWeights:
-    """Per-module exact factors; with `reduce_to_rank`, rank-2r offset-init factors are truncated back to r."""
+    """Per-module exact records; with `reduce_to_rank`, rank-2r offset-init LoRA factors are truncated back to r."""
     modules = {}
     for name, layer in layers.items():
-        down, up = layer.export_factors()
-        if reduce_to_rank and down.shape[0] > layer.rank:
-            down, up, err = factor_to_rank(down, up, layer.rank)
-            if report is not None:
+        record = layer.to_record(scale=layer.scale_value(), alpha=float(layer.alpha.detach()), trained_rank=layer.rank)
+        if reduce_to_rank:
+            record, err = record.truncated(layer.rank)
+            if err is not None and report is not None:
                 report(f"export.reduce_rank: {name}: rank {2 * layer.rank} -> {layer.rank}, relative error {err:.2e}")
-        modules[name] = layer.to_record(down, up, scale=layer.scale_value(), alpha=float(layer.alpha.detach()),
-                                        trained_rank=layer.rank)
+        modules[name] = record
     return AdapterWeights(modules)
 
 
-def export_adapter(layers: dict[str, LoRALayer], path: str | Path, cfg, record: RunRecord, *, steps: int,
+def export_adapter(layers: dict[str, AdapterLayer], path: str | Path, cfg, record: RunRecord, *, steps: int,
                    report=None) -> AdapterWeights:
     """Write the adapter (native layout, `export.dtype`) with the run record at `steps` as its metadata."""
     adapter = adapter_from_layers(layers, reduce_to_rank=cfg.export.reduce_rank, report=report)

@@ -11,7 +11,7 @@ import torch
 from sdlora.adapter.run_record import RunRecord
 from sdlora.config import Config, dump_yaml
 from sdlora.lora import build_param_groups, inject_all, trainable_count
-from sdlora.lora.layers import LoRALayer
+from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
 from sdlora.model.loading import load_components
 from sdlora.model.text import tokenize
@@ -51,7 +51,7 @@ class TrainResult:
     out_dir: Path
     adapter_path: Path | None
     components: Components
-    layers: dict[str, LoRALayer]
+    layers: dict[str, AdapterLayer]
     losses: list[float] = field(default_factory=list)
     step: int = 0
 

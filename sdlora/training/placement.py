@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.lora.layers import LoRALayer
+from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def place_models(comps: Components, layers: dict[str, LoRALayer], device, weight_dtype, cfg) -> None:
+def place_models(comps: Components, layers: dict[str, AdapterLayer], device, weight_dtype, cfg) -> None:
     """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
     compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
     comps.vae.requires_grad_(False)

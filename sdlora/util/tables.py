@@ -15,19 +15,30 @@ def format_table(headers: list[str], rows: list[list], align: str | None = None)
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
+ROLE_LABELS = {"down": "A", "up": "B", "factor": "W", "magnitude": "m", "scale": "alpha"}  # as the log labels read
+
+
 def plan_table(layers, groups, cfg) -> str:
-    """One row per adapted module: name, kind, rank, alpha, init, rates (A / B / alpha), trainable parameters."""
+    """One row per adapted module: name, kind, rank, alpha, init, rates (per role: A / B / ... / alpha), parameters."""
     rate_of = {id(p): g["lr"] for g in groups.groups for p in g["params"]}
+    roles = [r for r in ROLE_LABELS if any(r == layer.PARAMETER_ROLES[n] for layer in layers.values()
+                                           for n in layer.parameters_by_name())]
     rows, total = [], 0
     for name, layer in layers.items():
-        params = layer.trainable_by_role()
-        n = sum(p.numel() for p in params.values())
+        n = sum(p.numel() for p in layer.trainable_parameters().values())
         total += n
-        rates = "/".join(f"{rate_of[id(params[k])]:.2e}" if k in params else "frozen" for k in ("down", "up", "scale")
-                         if k != "scale" or cfg.lora.learnable_alpha)
-        rows.append([name, layer.kind, layer.rank, f"{float(layer.alpha):g}", layer.init_scheme, rates, f"{n:,}"])
-    table = format_table(["module", "kind", "rank", "alpha", "init", "lr A/B" + ("/alpha" if cfg.lora.learnable_alpha else ""), "params"],
-                         rows, "lllrlrr")
+        mine = [(layer.PARAMETER_ROLES[k], p) for k, p in layer.parameters_by_name().items()]
+
+        def rate(role):
+            ps = [p for r, p in mine if r == role]
+            if not ps:
+                return "-"
+            return f"{rate_of[id(ps[0])]:.2e}" if ps[0].requires_grad else "frozen"
+
+        rows.append([name, layer.kind, layer.rank, f"{float(layer.alpha):g}", layer.init_scheme,
+                     "/".join(rate(r) for r in roles), f"{n:,}"])
+    table = format_table(["module", "kind", "rank", "alpha", "init", "lr " + "/".join(ROLE_LABELS[r] for r in roles),
+                          "params"], rows, "lllrlrr")
     n_unet = sum(1 for n in layers if n.startswith("unet."))
     groups_txt = "\n".join(f"  {g['name']}: lr {g['lr']:.3e}, {sum(p.numel() for p in g['params']):,} params"
                            for g in groups.groups)

@@ -1,0 +1,226 @@
+"""The exported record of one adapted module, one class per adapter kind (LoRA and DoRA here, LoHa and LoKr in
+adapter/lycoris.py): its tensors as dataclass fields, their file keys, and the few questions export, inspect, merging
+and the file readers ask of every kind (`delta_weight`, `rank`, `cast`, `scaled`, ...), so none of them asks which
+kind a module is. Every scale (alpha / r, a learned alpha, rank-stabilised scaling) is folded into the tensors: any
+loader reads scale 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+
+from sdlora.adapter.algebra import as_matrix, balance_factors, factor_to_rank, factored_singular_values
+from sdlora.errors import UserError
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class AdapterDelta:
+    """What every kind's record answers. A kind adds its tensors as fields (so `replace` carries them wherever a
+    record is rebuilt), names them in TENSORS (roles), maps roles to file key suffixes in NATIVE_KEYS and KOHYA_KEYS,
+    lists in KEY_SETS the sets of roles a file may hold (one set, unless the kind has alternatives), and answers
+    `delta_weight`, `rank` and `weight_shape`. Registered by name in `weights.KINDS`."""
+
+    scale: float = field(default=1.0, kw_only=True)  # the effective scale contained in the tensors (for reports)
+    alpha: float | None = field(default=None, kw_only=True)  # the module's alpha at export (learned or fixed)
+    trained_rank: int | None = field(default=None, kw_only=True)  # the adapter's rank during training
+    # The base weight's shape where the tensors do not show it (a conv weight LyCORIS stores flattened); None: derived.
+    shape: tuple[int, ...] | None = field(default=None, kw_only=True)
+
+    kind: ClassVar[str] = "abstract"
+    TITLE: ClassVar[str] = "adapter"  # the kind's name in messages
+    UPDATE: ClassVar[str] = ""  # what ΔW is, for messages: "whose update {UPDATE}"
+    TENSORS: ClassVar[tuple[str, ...]] = ()
+    NATIVE_KEYS: ClassVar[dict[str, str]] = {}
+    KOHYA_KEYS: ClassVar[dict[str, str]] = {}
+    KEY_SETS: ClassVar[tuple[frozenset[str], ...] | None] = None  # None: exactly TENSORS
+    NEEDS_BASE: ClassVar[bool] = False  # whether ΔW depends on the base weight (then `delta_weight(base)` needs it)
+    FACTORED: ClassVar[bool] = False  # whether ΔW = up @ down exactly (fields down, up): merge/resize cut the factors
+    NETWORK_ARGS: ClassVar[dict[str, str]] = {}  # LyCORIS' ss_network_args for a kohya file ({}: kohya's networks.lora)
+    DIFFUSERS_READS: ClassVar[bool] = True  # whether StableDiffusionPipeline.load_lora_weights reads the native layout
+
+    # -- per kind ---------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape: (out, in) or (out, in, kh, kw) (a flattened conv: (out, in·kh·kw))."""
+        raise NotImplementedError
+
+    def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ΔW = W_adapted - W0 in the base weight's shape. A kind whose update depends on W0 (NEEDS_BASE) needs
+        `base`; given, the result has its shape."""
+        raise NotImplementedError
+
+    def scaled(self, factor: float) -> "AdapterDelta":
+        """The same record with ΔW multiplied by `factor` (how a file's alpha / rank is folded in)."""
+        raise NotImplementedError
+
+    def alpha_rank(self) -> int | None:
+        """The rank loaders divide a kohya/LyCORIS file's `.alpha` by; None where the kind applies no alpha."""
+        return self.rank
+
+    def balanced(self) -> "AdapterDelta":
+        """The same ΔW with the magnitude spread evenly over the tensors, for 16-bit files (see `balance_factors`)."""
+        return self
+
+    # -- shared -----------------------------------------------------------------------------------------------
+    @property
+    def is_conv(self) -> bool:
+        return len(self.weight_shape) == 4
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the record holds, by role (a kind with alternatives leaves the absent roles out)."""
+        return {role: t for role in self.TENSORS if (t := getattr(self, role)) is not None}
+
+    @classmethod
+    def accepts(cls, suffixes: set[str], layout: str) -> bool:
+        """Whether a module whose keys end in `suffixes` (`layout`: diffusers or kohya) is one of this kind."""
+        keys = cls.NATIVE_KEYS if layout == "diffusers" else cls.KOHYA_KEYS
+        return any({keys[r] for r in roles} == suffixes for roles in (cls.KEY_SETS or (frozenset(cls.TENSORS),)))
+
+    def file_alpha(self) -> float:
+        """The `.alpha` a kohya/LyCORIS file gets: the rank, so that alpha / rank = 1 in every loader."""
+        return float(self.alpha_rank() or self.rank)
+
+    def cast(self, dtype: torch.dtype) -> "AdapterDelta":
+        """Every tensor in `dtype`; for a 16-bit dtype balanced first (`balanced`)."""
+        m = self.balanced() if dtype in HALF_DTYPES else self
+        return replace(m, **{r: t.to(dtype) for r, t in m.tensors().items()})
+
+    def spectrum(self, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ΔW as an (out, in·kh·kw) float64 matrix, its singular values): the dense SVD, for any kind."""
+        delta = as_matrix(self.delta_weight(base))
+        return delta, torch.linalg.svdvals(delta)
+
+    def truncated(self, rank: int) -> tuple["AdapterDelta", float | None]:
+        """(record at most `rank`, relative error) where a kind can be cut back (LoRA's rank-2r offset exports)."""
+        return self, None
+
+    def info(self) -> dict:
+        """The report fields written beside the tensors (`sdlora.modules`)."""
+        out = {"scale": self.scale, "alpha": self.alpha, "rank": self.trained_rank or self.rank}
+        return out | ({"shape": list(self.shape)} if self.shape is not None else {})
+
+    # File shapes: the in-memory tensors are written as they are unless a kind says otherwise.
+    def file_tensor(self, role: str, layout: str) -> torch.Tensor:
+        return getattr(self, role)
+
+    @classmethod
+    def from_file_tensors(cls, tensors: dict[str, torch.Tensor | None], layout: str, where: str, **info) -> "AdapterDelta":
+        """The record from its tensors by role as a file of `layout` holds them (None for an absent alternative);
+        `where` names the module for errors."""
+        return cls(**tensors, **info)
+
+    def in_shape_of(self, delta: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """`delta` reshaped to the base weight (if given, else `weight_shape`); a UserError if the sizes differ."""
+        shape = tuple(base.shape) if base is not None else self.weight_shape
+        if delta.numel() != torch.Size(shape).numel():
+            raise UserError(f"{self.kind} update of shape {tuple(self.weight_shape)} does not fit the base weight "
+                            f"{shape} (wrong --base?)")
+        return delta.reshape(shape)
+
+
+@dataclass
+class ModuleDelta(AdapterDelta):
+    """One module's LoRA update ΔW = up @ down. down: (r, in) or (r, in, kh, kw); up: (out, r) or (out, r, 1, 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    kind: ClassVar[str] = "lora"
+    TITLE: ClassVar[str] = "LoRA"
+    UPDATE: ClassVar[str] = "is up @ down"
+    FACTORED: ClassVar[bool] = True
+    TENSORS: ClassVar[tuple[str, ...]] = ("down", "up")
+    NATIVE_KEYS: ClassVar[dict[str, str]] = {"down": "lora_A.weight", "up": "lora_B.weight"}
+    KOHYA_KEYS: ClassVar[dict[str, str]] = {"down": "lora_down.weight", "up": "lora_up.weight"}
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def low_rank_delta(self) -> torch.Tensor:
+        """up @ down in the base weight's shape."""
+        down, up = self.down, self.up
+        if not self.is_conv:
+            return up @ down
+        r, cin, kh, kw = down.shape
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], cin, kh, kw)
+
+    def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """up @ down: LoRA's update does not depend on the base weight."""
+        return self.low_rank_delta()
+
+    def scaled(self, factor: float) -> "ModuleDelta":
+        return replace(self, up=(self.up.float() * factor).to(self.up.dtype))
+
+    def balanced(self) -> "ModuleDelta":
+        down, up = balance_factors(self.down, self.up)
+        return replace(self, down=down, up=up)
+
+    def spectrum(self, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the factors: the SVD of up @ down without forming it (QR of both, SVD of the r x r core)."""
+        return as_matrix(self.up) @ as_matrix(self.down), factored_singular_values(self.down, self.up)
+
+    def truncated(self, rank: int) -> tuple["ModuleDelta", float | None]:
+        if self.rank <= rank:
+            return self, None
+        down, up, err = factor_to_rank(self.down, self.up, rank)
+        return replace(self, down=down, up=up), err
+
+
+@dataclass
+class DoRADelta(ModuleDelta):
+    """DoRA (Liu et al. 2024): W = m ⊙ V / ‖V‖_row with V = W0 + up @ down, the norm taken per output feature (each
+    row of the (out, in·kh·kw) weight: the paper's column norm of its (in, out) matrix, peft's `weight_norm`).
+    magnitude: (out,). Native layout: peft's `lora_magnitude_vector`, (out,) for Linear and (1, out, 1, 1) for conv;
+    kohya/LyCORIS: `dora_scale`, (out, 1) or (out, 1, 1, 1), LyCORIS' output-axis (`wd_on_out`) layout."""
+
+    magnitude: torch.Tensor | None = None
+
+    kind: ClassVar[str] = "dora"
+    TITLE: ClassVar[str] = "DoRA"
+    UPDATE: ClassVar[str] = "depends on W0 and is not low-rank"
+    TENSORS: ClassVar[tuple[str, ...]] = ("down", "up", "magnitude")
+    NATIVE_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.NATIVE_KEYS, "magnitude": "lora_magnitude_vector"}
+    KOHYA_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.KOHYA_KEYS, "magnitude": "dora_scale"}
+    NEEDS_BASE: ClassVar[bool] = True
+    FACTORED: ClassVar[bool] = False  # down, up are V's update; ΔW itself is dense
+    NETWORK_ARGS: ClassVar[dict[str, str]] = {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"}
+
+    def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise UserError("a DoRA update depends on the base weight; give the base model (--base)")
+        from sdlora.adapter.functional import dora_weight
+
+        w0 = base.detach().to(torch.float64).reshape(self.weight_shape)
+        return dora_weight(w0, self.low_rank_delta().double(), self.magnitude.double()) - w0
+
+    spectrum = AdapterDelta.spectrum  # ΔW is dense and depends on W0: no factored shortcut
+
+    def file_tensor(self, role: str, layout: str) -> torch.Tensor:
+        if role != "magnitude":
+            return getattr(self, role)
+        lead = 1 if self.is_conv else 0
+        if layout == "kohya":
+            return self.magnitude.reshape(-1, 1, *([1] * 2 * lead))
+        return self.magnitude.reshape(*([1] * lead), -1, *([1] * 2 * lead))
+
+    @classmethod
+    def from_file_tensors(cls, tensors, layout, where, **info):
+        m, out = tensors["magnitude"], tensors["up"].shape[0]
+        if m.numel() != out or (layout == "kohya" and m.shape[0] != out):
+            raise UserError(f"DoRA module {where}: magnitude of shape {tuple(m.shape)} is not one value per output "
+                            f"({out}); input-axis DoRA (LyCORIS' default without wd_on_out) is not supported")
+        return cls(**{**tensors, "magnitude": m.reshape(out)}, **info)
