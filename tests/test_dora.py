@@ -157,7 +157,7 @@ def test_merge_into_the_base_through_delta_weight_reproduces_the_trained_model(t
     """merge_adapter writes W0 + ΔW with ΔW = m ⊙ V / ‖V‖ - W0 from the record and the base weight."""
     result, ours = trained_dora
     comps = load_components(str(tiny_model))
-    merge_adapter(load_adapter(result.adapter_path), comps.unet, comps.text_encoder)
+    merge_adapter(load_adapter(result.adapter_path), comps.adaptable())
     diff = max_abs_diff(ours, model_outputs(comps.unet, comps.text_encoder, comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
 

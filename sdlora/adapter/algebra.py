@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from sdlora.adapter.names import split_name
+from sdlora.adapter.names import TEXT_ENCODERS, split_name
 from sdlora.errors import UserError
 
 # Below this fraction of ‖up‖_F·‖down‖_F a singular value of up @ down is rounding, not update: fp32 factors
@@ -176,7 +176,7 @@ def find_module(model: torch.nn.Module, name: str, *, where: str = "the base mod
     """The module of canonical name `name` (`unet.<path>` / `text_encoder.<path>`) in that component's model,
     with or without transformers 4's `text_model.` level; a UserError naming it when the model has none."""
     component, path = split_name(name)
-    candidates = [path] + ([f"text_model.{path}"] if component == "text_encoder" else [])
+    candidates = [path] + ([f"text_model.{path}"] if component in TEXT_ENCODERS else [])
     for p in candidates:
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(p)
@@ -186,11 +186,14 @@ def find_module(model: torch.nn.Module, name: str, *, where: str = "the base mod
 
 
 @torch.no_grad()
-def merge_adapter(adapter, unet: torch.nn.Module, text_encoder: torch.nn.Module, *, where: str = "the base model") -> None:
-    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own."""
-    models = {"unet": unet, "text_encoder": text_encoder}
+def merge_adapter(adapter, models: dict[str, torch.nn.Module], *, where: str = "the base model") -> None:
+    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own. `models`:
+    the model of each component by name (`Components.adaptable()`: unet, text_encoder, SDXL's text_encoder_2)."""
     for name, delta in adapter.modules.items():
-        weight = find_module(models[split_name(name)[0]], name, where=where).weight
+        component = split_name(name)[0]
+        if component not in models:
+            raise UserError(f"adapter module {name}: {where} has no {component} (an adapter for another family?)")
+        weight = find_module(models[component], name, where=where).weight
         dw = delta.delta_weight(weight).to(torch.float64)
         if dw.shape != weight.shape:
             raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "

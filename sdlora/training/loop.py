@@ -106,7 +106,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 
     # ---- model and adapters
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
-                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
+                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
+                            zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
     layers = inject_all(comps.unet, comps.text_encoders, cfg)
     groups = build_param_groups(layers, cfg, comps.family)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.model.schedule import for_sampling, guidance_rescale, zero_terminal_snr_of
 from sdlora.model.text import tokenize
 from sdlora.util import atomic
 
@@ -27,27 +28,22 @@ def sample_due(step: int, max_steps: int, sample_cfg) -> bool:
 
 
 def inference_scheduler(noise_scheduler):
-    """DDIM (eta 0: deterministic) built from the model's own scheduler config (beta schedule, prediction type)."""
+    """DDIM (eta 0: deterministic) built from the model's own scheduler config (beta schedule, prediction type);
+    with zero terminal SNR, on the rescaled schedule from the last timestep (`model.schedule.for_sampling`)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(noise_scheduler.config)
+    return for_sampling(DDIMScheduler.from_config(noise_scheduler.config), zero_terminal_snr_of(noise_scheduler))
 
 
 @torch.no_grad()
 def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
     """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models; `text_encoders` is the
     family's list of them (or SD 1.x/2.x's one)."""
-    import diffusers
 
     s, family = cfg.sample, comps.family
     encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-    parts = {"text_encoder": encoders[0], "tokenizer": comps.tokenizer}
-    if len(encoders) > 1:
-        parts.update(text_encoder_2=encoders[1], tokenizer_2=comps.tokenizer_2, add_watermarker=False)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, family.pipeline_class)(vae=comps.vae, unet=unet,
-                                                     scheduler=inference_scheduler(comps.noise_scheduler), **parts)
+    pipe = family.pipeline(unet=unet, vae=comps.vae, text_encoders=dict(zip(family.text_encoders, encoders)),
+                           tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     prompts = list(s.prompts)
 
@@ -67,6 +63,7 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
     generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         images = pipe(**embeds, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                      guidance_rescale=guidance_rescale(s, comps.zero_terminal_snr),
                       height=s.height or cfg.data.resolution, width=s.width or cfg.data.resolution,
                       generator=generator, output_type="pil").images
     return images
