@@ -117,6 +117,12 @@ class ModelFamily:
         return getattr(diffusers, self.pipeline_class)(unet=unet, vae=vae, scheduler=scheduler, **parts,
                                                        **self.pipeline_options)
 
+    def pipeline_embeddings(self, cond, uncond, dtype, *, empty_negative: bool = False) -> dict:
+        """The pipeline call's embedding keyword arguments (`prompt_embeds`, `negative_prompt_embeds`: (batch, tokens,
+        width) in `dtype`) for `encode`'s conditioning of the prompts and of the negative prompts. `empty_negative`:
+        the negative prompt is the empty string (SD 1.x/2.x encode it like any prompt)."""
+        return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+
     def matches_single_file(self, keys) -> bool:
         """Every text encoder of the family is in the file (a CLIP-L may lack the `text_model.` level: old SD 1.x)."""
         keys = list(keys)
@@ -243,6 +249,15 @@ class SDXLFamily(ModelFamily):
         time_ids = micro_conditioning(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}}
+
+    def pipeline_embeddings(self, cond: SDXLConditioning, uncond: SDXLConditioning, dtype, *,
+                            empty_negative: bool = False) -> dict:
+        """An empty negative prompt is zeros, hidden states and pooled embedding alike, as SDXL was trained (the
+        class docstring) and as its pipeline's `force_zeros_for_empty_prompt` samples it."""
+        if empty_negative:
+            uncond = SDXLConditioning(uncond.hidden * 0, uncond.pooled * 0, uncond.per_encoder)
+        return {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype),
+                "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
 
     def text_output(self, name: str, embeddings: SDXLConditioning) -> torch.Tensor:
         if name == "pooled":

@@ -39,7 +39,6 @@ def inference_scheduler(noise_scheduler):
 def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
     """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models; `text_encoders` is the
     family's list of them (or SD 1.x/2.x's one)."""
-
     s, family = cfg.sample, comps.family
     encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     pipe = family.pipeline(unet=unet, vae=comps.vae, text_encoders=dict(zip(family.text_encoders, encoders)),
@@ -53,13 +52,7 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
 
     cond, uncond = conditioning(prompts), conditioning([s.negative_prompt] * len(prompts))
     dtype = next(unet.parameters()).dtype
-    if len(encoders) > 1:  # SDXL: an empty negative prompt is zeros, as SDXL was trained (families.SDXLFamily)
-        if not s.negative_prompt:
-            uncond = type(uncond)(uncond.hidden * 0, uncond.pooled * 0, uncond.per_encoder)
-        embeds = {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype),
-                  "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
-    else:
-        embeds = {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+    embeds = family.pipeline_embeddings(cond, uncond, dtype, empty_negative=not s.negative_prompt)
     generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         images = pipe(**embeds, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
