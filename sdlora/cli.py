@@ -24,6 +24,13 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def _fisher_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model (folder or single file): for --fisher-data, and for DoRA modules")
+    p.add_argument("--fisher-samples", type=int, default=32, metavar="N",
+                   help="single-example gradients averaged per --fisher-data estimate (default 32)")
+    p.add_argument("--config-dir", help="diffusers configs for a single-file --base without them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,13 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(train.ema) instead of adapter.safetensors")
     _common(p)
 
-    p = sub.add_parser("merge", help="several adapters as one: exact (concat) or re-factored to a rank (svd)")
+    p = sub.add_parser("merge", help="several adapters as one: exact (concat), or at a rank (svd, Fisher-weighted)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (native or kohya layout)")
     p.add_argument("--out", required=True, help="the merged adapter (.safetensors)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
-    p.add_argument("--method", default="concat", choices=["concat", "svd"],
-                   help="concat: exact, rank = sum of ranks; svd: the weighted sum at --rank (default concat)")
-    p.add_argument("--rank", type=int, help="rank of the svd merge")
+    p.add_argument("--method", default="concat", choices=["concat", "svd", "fisher"],
+                   help="concat: exact, rank = sum of ranks; svd: the weighted sum at --rank; fisher: the per-row "
+                        "Fisher-weighted average at --rank (default concat)")
+    p.add_argument("--rank", type=int, help="rank of the svd / fisher merge")
+    p.add_argument("--fisher-data", nargs="+", metavar="FOLDER|PROMPTS",
+                   help="estimate each adapter's row Fisher on this image folder or prompts file (one for all, or "
+                        "one per adapter; needs --base) instead of the Fisher stored in the files")
+    _fisher_options(p)
     _output_options(p)
 
     p = sub.add_parser("resize", help="an adapter at a lower rank, fixed or chosen per module (kohya's rules)")
@@ -91,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--sv-fro", type=float, metavar="X", help="per module: the fewest components keeping share X of |dW|_F")
     rule.add_argument("--sv-cumulative", type=float, metavar="X", help="per module: the fewest components keeping share X of Σσ")
     p.add_argument("--max-rank", type=int, help="with a per-module rule: no module above this rank")
+    p.add_argument("--fisher", action="store_true", help="FWSVD: weight each output row by the adapter's row Fisher")
+    p.add_argument("--fisher-data", metavar="FOLDER|PROMPTS",
+                   help="with --fisher: estimate the row Fisher on this image folder or prompts file (needs --base)")
+    _fisher_options(p)
     _output_options(p)
 
     p = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (base and fine-tuned)")
@@ -172,14 +188,16 @@ def _dispatch(args) -> int:
         from sdlora.commands.merge import run_merge
 
         run_merge(args.adapters, args.out, weights=args.weights, method=args.method, rank=args.rank, layout=args.layout,
-                  dtype=args.dtype, force=args.force)
+                  dtype=args.dtype, force=args.force, base=args.base, fisher_data=args.fisher_data,
+                  fisher_samples=args.fisher_samples, config_dir=args.config_dir)
         return 0
     if args.command == "resize":
         from sdlora.commands.resize import run_resize
 
         rule = next(r for r in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(args, r) is not None)
         run_resize(args.adapter, args.out, rule, getattr(args, rule), max_rank=args.max_rank, layout=args.layout,
-                   dtype=args.dtype, force=args.force)
+                   dtype=args.dtype, force=args.force, fisher=args.fisher, fisher_data=args.fisher_data, base=args.base,
+                   fisher_samples=args.fisher_samples, config_dir=args.config_dir)
         return 0
     if args.command == "extract":
         from sdlora.commands.extract import run_extract

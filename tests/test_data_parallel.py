@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,8 +41,14 @@ def launch_two_processes(cfg_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_processes_end_with_the_single_process_adapter(make_config, tmp_path):
-    common = {"train": {"max_steps": STEPS, "seed": 3}, "lora": {"init": "orthogonal"}}
+PRESERVATION = {"weight": 1.0, "source": "prompts", "prompts": ["a photo of a dog", "a red car", "a blue house"]}
+
+
+@pytest.mark.parametrize("reg", [{}, {"preservation": PRESERVATION}], ids=["plain", "preservation"])
+def test_two_processes_end_with_the_single_process_adapter(make_config, tmp_path, reg):
+    """With reg.preservation too: each process must take its slice of the global batch's preservation prompts
+    (before that fix both processes used the first prompt of the draw and this failed)."""
+    common = {"train": {"max_steps": STEPS, "seed": 3}, "lora": {"init": "orthogonal"}, "reg": reg}
     parallel = make_config(common, train={"max_steps": STEPS, "seed": 3, "batch_size": 1},
                            output={"dir": str(tmp_path / "parallel")})
     cfg_path = tmp_path / "parallel.yaml"

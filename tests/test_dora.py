@@ -2,6 +2,7 @@
 the native (peft) and kohya/LyCORIS layouts, and the adapter tools that read it through delta_weight()."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -168,10 +169,57 @@ def test_record_delta_weight_needs_the_base_and_low_rank_tools_refuse_dora(train
     m = next(iter(adapter.modules.values()))
     with pytest.raises(UserError, match="depends on the base weight"):
         m.delta_weight()
+    from sdlora.commands.merge import run_merge
+
+    path = str(result.adapter_path)
+    with pytest.raises(UserError, match="is a DoRA, whose update depends on W0 and is not low-rank"):
+        run_merge([path, path], tmp_path / "m.safetensors", report=lambda *_: None)  # concat: no exact sum exists
+    with pytest.raises(UserError, match="give --base"):
+        run_merge([path, path], tmp_path / "m.safetensors", method="svd", rank=2, report=lambda *_: None)
+
+
+def test_resize_keeps_dora_magnitudes_exact_at_full_rank_and_truncates_the_direction_below(trained_dora, tmp_path):
+    from sdlora.adapter.algebra import factor_to_rank
     from sdlora.commands.resize import run_resize
 
-    with pytest.raises(UserError, match="resize works on plain LoRA adapters; this one holds dora modules"):
-        run_resize(result.adapter_path, tmp_path / "r.safetensors", "rank", 2, report=lambda *_: None)
+    result, _ = trained_dora
+    adapter = load_adapter(result.adapter_path)
+    full = max(m.rank for m in adapter.modules.values())
+    run_resize(result.adapter_path, tmp_path / "full.safetensors", "rank", full, report=lambda *_: None)
+    run_resize(result.adapter_path, tmp_path / "r2.safetensors", "rank", 2, report=lambda *_: None)
+    same, cut = (load_adapter(tmp_path / f).modules for f in ("full.safetensors", "r2.safetensors"))
+    for name, m in adapter.modules.items():
+        assert same[name].kind == "dora" and cut[name].kind == "dora"
+        for role, t in m.tensors().items():
+            assert torch.equal(same[name].tensors()[role], t), (name, role)
+        assert torch.equal(cut[name].magnitude, m.magnitude) and cut[name].rank == min(2, m.rank)
+        if m.rank > 2:  # the direction's update is the plain rank-2 truncation (1e-6 relative: fp32 factors)
+            down, up, _ = factor_to_rank(m.down, m.up, 2)
+            ref = (up.flatten(1) @ down.flatten(1)).double()
+            got = (cut[name].up.flatten(1) @ cut[name].down.flatten(1)).double()
+            assert float((got - ref).norm()) <= 1e-6 * float(ref.norm()), name
+
+
+def test_svd_merge_of_doras_with_the_base_is_their_dense_sum_as_a_plain_lora(trained_dora, tiny_model, tmp_path):
+    """At a rank no module's dense update exceeds, the svd merge is exact: Σ w_i (m ⊙ V/‖V‖ − W0) as up @ down.
+    1e-6 relative to ‖ΔW‖_F: float64 SVD of a float64 sum, stored as fp32 factors."""
+    from sdlora.adapter.algebra import find_module
+    from sdlora.commands.merge import run_merge
+
+    result, _ = trained_dora
+    adapter = load_adapter(result.adapter_path)
+    rank = max(min(m.weight_shape[0], math.prod(m.weight_shape[1:])) for m in adapter.modules.values())
+    path = str(result.adapter_path)
+    merged, rows = run_merge([path, path], tmp_path / "m.safetensors", weights=[0.25, 0.5], method="svd", rank=rank,
+                             base=str(tiny_model), report=lambda *_: None)
+    comps = load_components(str(tiny_model))
+    written = load_adapter(tmp_path / "m.safetensors")
+    assert written.kinds() == {"lora"}
+    for name, m in adapter.modules.items():
+        w0 = find_module(comps.unet if name.startswith("unet.") else comps.text_encoder, name).weight.detach()
+        ref = 0.75 * m.delta_weight(w0).double()
+        got = written.modules[name].delta_weight().double()
+        assert float((got - ref).norm()) <= 1e-6 * float(ref.norm()), name
 
 
 def test_inspect_reads_dora_through_delta_weight_and_needs_a_base(trained_dora, tiny_model):

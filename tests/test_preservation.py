@@ -12,7 +12,6 @@ from sdlora.lora import inject_all
 from sdlora.model.loading import load_components
 from sdlora.model.text import encode, tokenize
 from sdlora.reg.preservation import Preservation, preservation_prompts, remove_trigger_words
-from sdlora.training import preflight
 from sdlora.training.loop import train
 
 PROMPTS = ["a dog on a sofa", "a mountain lake at sunrise", "a red car"]
@@ -181,8 +180,6 @@ def test_config_errors_name_the_missing_key(make_config, tmp_path):
     cfg.reg.preservation.prompts_file = str(tmp_path / "blank.txt")
     with pytest.raises(UserError, match="has no prompts"):
         train(cfg, log=quiet)
-    with pytest.raises(UserError, match="not available with 2 processes"):
-        preflight.with_processes(cfg, 2)
 
 
 def test_file_source_reads_one_prompt_per_line(make_config, tmp_path):

@@ -132,7 +132,7 @@ def test_merge_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsy
     a, b = map(str, two_adapters)
     out = tmp_path / "m.safetensors"
     cases = [([a, b, "--out", str(out), "--method", "svd"], "needs --rank"),
-             ([a, b, "--out", str(out), "--rank", "2"], "--method svd only"),
+             ([a, b, "--out", str(out), "--rank", "2"], "--rank applies to --method svd"),
              ([a, b, "--out", str(out), "--weights", "1"], "1 weights for 2 adapters"),
              ([a, "--out", str(out)], "at least two"),
              ([a, str(tmp_path / "missing.safetensors"), "--out", str(out)], "not found")]

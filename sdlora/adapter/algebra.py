@@ -7,6 +7,9 @@
 - `concat_factors`: a weighted sum of several updates as one exact adapter (rank = sum of ranks).
 - `rank_for`: the rank a resize keeps (fixed, or kohya's sv_ratio / sv_fro / sv_cumulative rules) and
   `retained_fro`: the share of ‖ΔW‖_F that rank keeps.
+- `fisher_average_factors`: the Fisher-weighted average of several updates, per output row, as one exact adapter
+  (Matena & Raffel 2022); `fisher_to_rank` / `fisher_singular_values`: FWSVD (Hsu et al. 2022), the rank-r
+  factors that minimise the row-Fisher-weighted error.
 - `find_module` / `merge_adapter`: an adapter's modules in a model, and W += ΔW in place.
 
 Everything is computed in float64; conv factors are flattened to matrices and reshaped back.
@@ -70,6 +73,104 @@ def concat_factors(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: list
     down = torch.cat([d.double() for d, _ in parts], 0)
     up = torch.cat([w * u.double() for (_, u), w in zip(parts, weights)], 1)
     return down.float(), up.float()
+
+
+# A row whose Fisher is exactly zero still needs a direction in FWSVD's weighted SVD: each row's Fisher is raised by
+# FISHER_FLOOR · mean(F) (the role of Matena & Raffel's `fisher_floor`), far below any measured row, so it only
+# decides what the weighted objective leaves free.
+FISHER_FLOOR = 1e-6
+
+
+def _row_scale(fisher: torch.Tensor, out: int) -> torch.Tensor:
+    """sqrt(F + floor) as a float64 (out,) vector; uniform where the module's Fisher is all zero."""
+    f = fisher.double().reshape(-1)
+    if f.numel() != out:
+        raise ValueError(f"row Fisher of {f.numel()} values for an update of {out} output rows")
+    mean = float(f.mean())
+    return torch.sqrt(f + FISHER_FLOOR * mean) if mean > 0 else torch.ones_like(f)
+
+
+def fisher_coefficients(weights: list[float], fishers: list[torch.Tensor]) -> torch.Tensor:
+    """c_ij = λ_i F_i[j] / Σ_k λ_k F_k[j] (float64, (n, out)): the Fisher-weighted average's share of update i in
+    output row j (Matena & Raffel 2022, eq. 2, with row Fishers); a row where every F_i[j] is 0 takes the plain
+    average λ_i / Σ λ_k. weights λ_i > 0; fishers: (out,) each."""
+    lam = torch.tensor(weights, dtype=torch.float64)[:, None]
+    f = torch.stack([fi.double().reshape(-1) for fi in fishers])
+    num = lam * f
+    den = num.sum(0, keepdim=True)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), (lam / lam.sum()).expand_as(num))
+
+
+def fisher_average_factors(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
+                           fishers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Fisher-weighted average (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", eq. 2,
+    with the row-wise Fisher of each update) of updates up_i @ down_i, per output row j:
+
+        ΔW[j] = Σ_i c_ij · ΔW_i[j],   c_ij = λ_i F_i[j] / Σ_k λ_k F_k[j]     (`fisher_coefficients`)
+
+    As the c_ij scale rows of each `up`, the result is exact in factored form: down = [down_1; down_2; ...],
+    up = [c_1 ⊙ up_1 | c_2 ⊙ up_2 | ...] (rank = the sum of the ranks). Computed in float64, returned in fp32 and the
+    factors' shapes; a ValueError when the shapes differ."""
+    out = parts[0][1].shape[0]
+    if any(f.numel() != out for f in fishers):
+        raise ValueError(f"row Fishers of {sorted({f.numel() for f in fishers})} values for {out} output rows")
+    c = fisher_coefficients(weights, fishers)
+    return concat_factors([(d, (ci.reshape(-1, *([1] * (u.dim() - 1))) * u.double()).float())
+                           for (d, u), ci in zip(parts, c)], [1.0] * len(parts))
+
+
+def fisher_dense_to_rank(delta: torch.Tensor, fisher: torch.Tensor,
+                         rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """`fisher_to_rank` for a dense (out, in') update: X_r = X V_r V_rᵀ with V_r from `top_svd(D X)`; returns
+    (down (rank, in'), up (out, rank), both float64; the Fisher-weighted and the plain relative error, measured)."""
+    x = delta.double()
+    d = _row_scale(fisher, x.shape[0])[:, None]
+    _, _, vh = top_svd(d * x, min(rank, *x.shape))
+    up = x @ vh.T
+    approx = up @ vh
+    err_w = _relative(d * x, d * approx)
+    err = _relative(x, approx)
+    up, down = _pad_rank(up, vh, rank)
+    down, up = balance_factors(down, up)
+    return down, up, err_w, err
+
+
+def _relative(x: torch.Tensor, approx: torch.Tensor) -> float:
+    total = torch.linalg.vector_norm(x)
+    return float(torch.linalg.vector_norm(x - approx) / total) if total > 0 else 0.0
+
+
+def fisher_singular_values(down: torch.Tensor, up: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """Singular values of diag(sqrt(F)) · up @ down (FWSVD's weighted update), from the factors; fisher: (out,)."""
+    d = _row_scale(fisher, up.shape[0])
+    return factored_singular_values(down, d.reshape(-1, *([1] * (up.dim() - 1))) * up.double())
+
+
+def fisher_to_rank(down: torch.Tensor, up: torch.Tensor, fisher: torch.Tensor,
+                   rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """FWSVD (Hsu et al., ICLR 2022, "Language model compression with weighted low-rank factorization"): the
+    rank-`rank` update X_r minimising ‖diag(sqrt(F)) (X - X_r)‖_F for X = up @ down, F the row Fisher (out,).
+
+    With D = diag(sqrt(F)) and V_r the top right singular vectors of D·X, D·X_r is D·X's best rank-r part, so
+    X_r = D⁻¹(D X V_r V_rᵀ) = X V_r V_rᵀ: each row projected on V_r, with no division by a small Fisher. Returned as
+    balanced factors (down (rank, in, ...), up (out, rank, ...), fp32; zero components pad a rank above X's own),
+    the Fisher-weighted relative error ‖D(X - X_r)‖_F / ‖D X‖_F and the plain one ‖X - X_r‖_F / ‖X‖_F.
+    Uniform F gives the plain truncation (`factor_to_rank`'s product); r >= rank(X) gives X (to rounding)."""
+    d = _row_scale(fisher, up.shape[0])
+    x_down, x_up = down.flatten(1).double(), up.flatten(1).double()
+    _, s, vh = factored_svd(x_down, d[:, None] * x_up)
+    k = min(rank, vh.shape[0])
+    v = vh[:k]  # (k, in')
+    new_up = x_up @ (x_down @ v.T)  # X V_r: (out, k)
+    total_w = float(torch.linalg.norm(s))
+    err_w = float(torch.linalg.norm(s[k:]) / total_w) if total_w > 0 else 0.0
+    total = float(torch.sqrt(((x_up.T @ x_up) * (x_down @ x_down.T)).sum().clamp_min(0)))  # ‖up @ down‖_F
+    kept = float(torch.linalg.vector_norm(new_up))  # ‖X V_r‖_F = ‖X_r‖_F, a projection of X's rows
+    err = math.sqrt(max(total**2 - kept**2, 0.0)) / total if total > 0 else 0.0
+    new_up, v = _pad_rank(new_up, v, rank)
+    new_down, new_up = balance_factors(v, new_up)
+    return (new_down.reshape(rank, *down.shape[1:]).float(), new_up.reshape(up.shape[0], rank, *up.shape[2:]).float(),
+            err_w, err)
 
 
 RANK_RULES = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")

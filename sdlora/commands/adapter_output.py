@@ -1,11 +1,13 @@
 """What merge, resize and extract share: the output checks, the metadata a rewritten adapter carries, writing it
-in a layout and dtype, and the per-module report table."""
+in a layout and dtype, the per-module report table, and where merge and resize get a row Fisher and base weights."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from sdlora.adapter.fisher import METADATA_KEY as FISHER_KEY
+from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.io import LAYOUTS, save_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
@@ -31,7 +33,8 @@ def check_output(command: str, out, *, force: bool, layout: str, dtype: str) -> 
 def carried_metadata(meta: dict[str, str], command: str, provenance: dict) -> dict[str, str]:
     """The input's metadata without its per-module table (the factors changed: save_native writes a new one), plus
     `sdlora.<command>`: what was done, as JSON. The run record stays: it names the base model and its family."""
-    kept = {k: v for k, v in meta.items() if k != "sdlora.modules" and not k.startswith("sshs_")}
+    # the stored Fisher goes too: it was measured with the old update
+    kept = {k: v for k, v in meta.items() if k not in ("sdlora.modules", FISHER_KEY) and not k.startswith("sshs_")}
     kept[f"sdlora.{command}"] = json.dumps(provenance, sort_keys=True)
     return kept
 
@@ -53,3 +56,62 @@ def module_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
     return format_table(["module"] + [h for h, _ in columns], [[r["name"]] + [cell(r[k]) for _, k in columns] for r in rows],
                         "l" + "r" * len(columns))
+
+
+DEFAULT_FISHER_SAMPLES = 32
+
+
+def adapter_fishers(command: str, adapters: list[AdapterWeights], paths: list, *, fisher_data: list[str] | None,
+                    base: str | None, samples: int = DEFAULT_FISHER_SAMPLES, config_dir: str | None = None,
+                    report=print) -> list[RowFisher]:
+    """One row Fisher per adapter: estimated on `fisher_data` (one source per adapter, or one for all; needs `base`),
+    else the one stored in the file (a UserError naming the file when it has none)."""
+    if fisher_data:
+        if len(fisher_data) not in (1, len(adapters)):
+            raise UserError(f"{command} --fisher-data: {len(fisher_data)} sources for {len(adapters)} adapters "
+                            "(give one for all, or one per adapter)")
+        if base is None:
+            raise UserError(f"{command} --fisher-data needs --base (the model the Fisher is measured with)")
+        if samples < 1:
+            raise UserError(f"{command} --fisher-samples must be at least 1, got {samples}")
+        from sdlora.training.fisher import fisher_from_data
+
+        sources = fisher_data * len(adapters) if len(fisher_data) == 1 else fisher_data
+        out = []
+        for a, p, src in zip(adapters, paths, sources):
+            report(f"{command}: estimating the row Fisher of {Path(p).name} on {src} ({samples} samples)")
+            out.append(fisher_from_data(a, base, src, samples=samples, config_dir=config_dir))
+    else:
+        out = []
+        for a, p in zip(adapters, paths):
+            f = RowFisher.from_metadata(a.metadata, where=str(p))
+            if f is None:
+                raise UserError(f"{command}: {p} has no stored Fisher (train with export.fisher_samples, or give "
+                                "--fisher-data FOLDER|PROMPTS and --base)")
+            out.append(f)
+    for f, a, p in zip(out, adapters, paths):
+        f.check_covers(a, str(p))
+    return out
+
+
+def base_weights(base: str | None, config_dir: str | None = None):
+    """name -> the base model's weight W0 of that module (loaded once, on first use); None without `base`."""
+    if base is None:
+        return None
+    from sdlora.adapter.algebra import find_module
+    from sdlora.adapter.names import split_name
+
+    loaded = {}
+
+    def weight(name: str):
+        if not loaded:
+            from sdlora.model.loading import load_components
+
+            if not Path(base).expanduser().exists():
+                raise UserError(f"--base: no such file or folder: {base}")
+            loaded["comps"] = load_components(str(base), config_dir=config_dir)
+        comps = loaded["comps"]
+        models = {"unet": comps.unet, "text_encoder": comps.text_encoder}
+        return find_module(models[split_name(name)[0]], name, where=f"--base {base}").weight.detach()
+
+    return weight

@@ -2,8 +2,9 @@
 
 The mini model draws coloured handwritten digits from captions (`a red seven on a navy background`). The demo
 trains a LoRA (UNet and text encoder) on 24 renders of a star glyph captioned `a red sks on a navy background`,
-then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
-(sdlora/mini/judge.py, not the model) say what they show. About a minute and a half on 2 CPU cores.
+beside 24 digit renders with their own captions and with output preservation on the captions without `sks` (so
+the digits stay digits: docs/quality.md shows what happens without), then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
+(sdlora/mini/judge.py, not the model) say what they show. About two and a half minutes on 2 CPU cores.
 
 `make_shapes_dataset` (coloured circles and squares) stays for the tests that need a quick captioned folder.
 """
@@ -26,7 +27,7 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), 
 SHAPES = ("circle", "square")
 DEMO_RESOLUTION = 64
 MINI_RESOLUTION = 32
-DEMO_STEPS = 300
+DEMO_STEPS = 450
 # (module, the package that provides it): what the demo imports after training
 DEMO_DEPENDENCIES = (("peft", "peft"), ("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
 
@@ -64,13 +65,14 @@ def check_demo_dependencies() -> None:
                         f"(from a checkout: pip install -e '.[demo]'), or pip install {' '.join(missing)}")
 
 
-def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0) -> Path:
-    """n renders of the star glyph in every colour pair, captioned with the trigger word `sks`, and n_digits renders
-    of digits with their own captions (prior preservation: other captions keep drawing what they drew)."""
-    from sdlora.mini.data import digit_renders, glyph_renders
+def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int = 0, concept: int | None = None) -> Path:
+    """n renders of the star glyph (or `concept`: mini.data.CONCEPT_2, the heart) in every colour pair, captioned
+    with its trigger word (`sks`, `zwx`), and n_digits renders of digits with their own captions (prior preservation:
+    other captions keep drawing what they drew)."""
+    from sdlora.mini.data import CONCEPT, digit_renders, glyph_renders
 
     folder.mkdir(parents=True, exist_ok=True)
-    images, _, _, _, captions = glyph_renders(n, seed)
+    images, _, _, _, captions = glyph_renders(n, seed, concept=CONCEPT if concept is None else concept)
     if n_digits:
         d_images, _, _, _, d_captions = digit_renders(n_digits, seed + 1)
         images, captions = np.concatenate([images, d_images]), captions + d_captions
@@ -82,7 +84,28 @@ def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int
     return folder
 
 
+# What the demo (and tests/test_learning.py) add to the plain LoRA budget of `demo_config`, from the quality table
+# (docs/quality.md): trained on the star alone, the LoRA learns it but turns most unrelated digit prompts into
+# stars; digit renders with their own captions beside the stars (DreamBooth-style prior images) and output
+# preservation on the captions without the trigger word keep the digits.
+DEMO_PRIOR_IMAGES = 24
+DEMO_PRESERVATION = {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}
+
+
+def make_demo_data(folder: Path) -> Path:
+    """The demo's training folder: the star renders and DEMO_PRIOR_IMAGES digit renders, with captions."""
+    return make_concept_dataset(folder, n_digits=DEMO_PRIOR_IMAGES)
+
+
+def demo_recipe(root: Path, steps: int, model_path: Path | None = None, seed: int = 0) -> dict:
+    """The demo's config: `demo_config` plus output preservation (the data: `make_demo_data`)."""
+    cfg = demo_config(root, steps, model_path, seed)
+    cfg["reg"] = {"preservation": dict(DEMO_PRESERVATION)}
+    return cfg
+
+
 def demo_config(root: Path, steps: int, model_path: Path | None = None, seed: int = 0) -> dict:
+    """The plain LoRA budget the demo and the quality table share (docs/quality.md row a)."""
     from sdlora.mini import MINI_MODEL_DIR
 
     return {
@@ -116,9 +139,10 @@ def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     own = accuracy_on_real_renders(judge, n_digits=1000, n_glyphs=100)
     print(f"      its accuracy on renders of scans it never saw: digits {own['digit']:.1%}, star {own['concept']:.1%}, "
           f"colours {own['colour']:.1%}")
-    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background' -> {root / 'data'}")
-    make_concept_dataset(root / "data")
-    cfg_dict = demo_config(root, steps)
+    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background', beside "
+          f"{DEMO_PRIOR_IMAGES} digit renders with their captions -> {root / 'data'}")
+    make_demo_data(root / "data")
+    cfg_dict = demo_recipe(root, steps)
     atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     print(f"[3/4] training a LoRA on sdlora-mini ({MINI_MODEL_DIR.name}), {steps} steps on CPU (config: {root / 'demo.yaml'})")
     result = train(validate(cfg_dict), overwrite=True)

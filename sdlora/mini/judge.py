@@ -1,8 +1,9 @@
 """A judge that is not the model: what digit (or the star) a 32 px image shows, and in which colours.
 
 Shape: an RBF support-vector classifier (scikit-learn) on the stroke's coverage, cropped to its bounding
-box and resized to 16x16, trained on renders of 70% of the real digit scans plus renders of the star;
-its accuracy is measured on renders of the other 30% of the scans (writers it never saw) and of new stars.
+box and resized to 16x16, trained on renders of 70% of the real digit scans plus renders of the star and of the
+heart (the second concept); its accuracy is measured on renders of the other 30% of the scans (writers it never
+saw) and of new stars and hearts.
 Colour: read from pixel statistics (the border's median is the background, the pixels furthest from it
 the stroke), named by the nearest colour of the palette. Deterministic; fitting takes a few seconds.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sdlora.mini.data import BACKGROUNDS, CONCEPT, STROKES, digit_renders, digit_scans, glyph_renders
+from sdlora.mini.data import BACKGROUNDS, CONCEPT, CONCEPT_2, STROKES, digit_renders, digit_scans, glyph_renders
 
 _STROKE_NAMES, _STROKE_RGB = list(STROKES), np.array(list(STROKES.values()), np.float32)
 _BG_NAMES, _BG_RGB = list(BACKGROUNDS), np.array(list(BACKGROUNDS.values()), np.float32)
@@ -72,7 +73,7 @@ def split_scans(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Verdict:
-    labels: np.ndarray  # 0-9 digits, 10 the star (CONCEPT)
+    labels: np.ndarray  # 0-9 digits, 10 the star (CONCEPT), 11 the heart (CONCEPT_2)
     strokes: list[str]
     backgrounds: list[str]
 
@@ -88,8 +89,9 @@ class Judge:
         train_ids, _ = split_scans(seed)
         d_img, d_lab, *_ = digit_renders(n_digits, seed + 100, scan_ids=train_ids, include_held_out=True)
         g_img, g_lab, *_ = glyph_renders(n_glyphs, seed + 101)
-        images = _soften(np.concatenate([d_img, g_img]), seed + 102)
-        labels = np.concatenate([d_lab, g_lab])
+        h_img, h_lab, *_ = glyph_renders(n_glyphs, seed + 103, concept=CONCEPT_2)
+        images = _soften(np.concatenate([d_img, g_img, h_img]), seed + 102)
+        labels = np.concatenate([d_lab, g_lab, h_lab])
         feats = np.stack([shape_features(read_colours(im)[2]) for im in images])
         return cls(SVC(C=10.0, gamma="scale").fit(feats, labels))
 
@@ -106,8 +108,10 @@ def accuracy_on_real_renders(judge: Judge, seed: int = 0, n_digits: int = 3000, 
     _, test_ids = split_scans(seed)
     d_img, d_lab, d_str, d_bg, _ = digit_renders(n_digits, seed + 200, scan_ids=test_ids, include_held_out=True)
     g_img, g_lab, g_str, g_bg, _ = glyph_renders(n_glyphs, seed + 201)
-    v_d, v_g = judge(d_img), judge(g_img)
+    h_img, *_ = glyph_renders(n_glyphs, seed + 202, concept=CONCEPT_2)
+    v_d, v_g, v_h = judge(d_img), judge(g_img), judge(h_img)
     colour_right = [s == ts and b == tb for s, b, ts, tb in
                     zip(v_d.strokes + v_g.strokes, v_d.backgrounds + v_g.backgrounds, d_str + g_str, d_bg + g_bg)]
     return {"digit": float(np.mean(v_d.labels == d_lab)), "concept": float(np.mean(v_g.labels == CONCEPT)),
+            "concept_2": float(np.mean(v_h.labels == CONCEPT_2)),
             "colour": float(np.mean(colour_right)), "n_digits": n_digits, "n_glyphs": n_glyphs}

@@ -61,19 +61,20 @@ def digit_cases(held_out: bool, seeds_per_case: int, first_seed: int = 0, backgr
     return prompts, seeds, truth
 
 
-def concept_cases(seeds_per_case: int, first_seed: int = 0):
+def concept_cases(seeds_per_case: int, first_seed: int = 0, concept: int = CONCEPT):
+    """(prompts, seeds, truth) for a new concept (the star, or data.CONCEPT_2) in every colour pair."""
     prompts, seeds, truth = [], [], []
     for stroke in STROKES:
         for bg in BACKGROUNDS:
             for k in range(seeds_per_case):
-                prompts.append(caption(stroke, CONCEPT, bg))
+                prompts.append(caption(stroke, concept, bg))
                 seeds.append(first_seed + len(seeds))
-                truth.append((CONCEPT, stroke, bg))
+                truth.append((concept, stroke, bg))
     return prompts, seeds, truth
 
 
 def score(judge: Judge, images, truth) -> dict:
-    """Shape (digit or star) right, colours (stroke and background both) right, as fractions of the images."""
+    """Shape (digit or glyph) right, colours (stroke and background both) right, as fractions of the images."""
     v = judge(images)
     shape = [int(lab) == t[0] for lab, t in zip(v.labels, truth)]
     stroke = [s == t[1] for s, t in zip(v.strokes, truth)]

@@ -74,17 +74,21 @@ class Preservation:
     """What the loop calls on due steps: `term(unet, encoders, noisy, timesteps, batch, step, autocast)` -> the
     unweighted term; `autocast` is the accelerator's (mixed precision) or none."""
 
-    def __init__(self, cfg, comps, prompts: list[str]):
+    def __init__(self, cfg, comps, prompts: list[str], process_index: int = 0, num_processes: int = 1):
         self.cfg, self.comps, self.prompts = cfg, comps, prompts
         self.every = cfg.reg.preservation.every_steps
+        self.process_index, self.num_processes = process_index, num_processes
 
     def due(self, step: int) -> bool:
         """`step`: the number of the optimiser step being computed (1-based)."""
         return step % self.every == 0
 
     def prompts_for(self, step: int, count: int) -> list[str]:
+        """This process's `count` prompts of step `step`: its slice of the global batch's draw, so the prompts a
+        sample gets depend on seed and step only, not on how many processes share the batch."""
         rng = np.random.default_rng((self.cfg.train.seed, step))
-        return [self.prompts[i] for i in rng.integers(len(self.prompts), size=count)]
+        picks = rng.integers(len(self.prompts), size=count * self.num_processes)
+        return [self.prompts[i] for i in picks[self.process_index * count:(self.process_index + 1) * count]]
 
     def token_ids(self, prompts: list[str], device) -> list[torch.Tensor]:
         return [tokenize(t, prompts, self.cfg.data.max_token_length).to(device) for t in self.comps.tokenizers]
@@ -113,7 +117,7 @@ class Preservation:
         return preservation_loss(adapted, base)
 
 
-def make_preservation(cfg, comps, data) -> Preservation | None:
+def make_preservation(cfg, comps, data, process_index: int = 0, num_processes: int = 1) -> Preservation | None:
     if cfg.reg.preservation.weight == 0:
         return None  # nothing drawn, nothing run: training is what it was without the option
-    return Preservation(cfg, comps, preservation_prompts(cfg, data.samples))
+    return Preservation(cfg, comps, preservation_prompts(cfg, data.samples), process_index, num_processes)

@@ -22,6 +22,7 @@ from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
 from sdlora.training.ema import export_ema, make_ema
 from sdlora.training.export import export_adapter
+from sdlora.training.fisher import store_run_fisher
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
 from sdlora.training.optim import make_lr_scheduler, make_optimizer
@@ -149,7 +150,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     # encoder (a DDP-wrapped forward is a collective and would wait forever for the other processes).
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
-    preservation = make_preservation(cfg, comps, data)  # reg.preservation: None when its weight is 0
+    # reg.preservation: None when its weight is 0; each process draws its slice of the global batch's prompts
+    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes)
     probe = make_probe(cfg, comps) if main else None
     validation = make_validation(cfg, comps, data, t_max, say) if main else None  # fixed held-out loss
 
@@ -206,7 +208,11 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
                 loss = regulariser.add_to(diff_loss, reg)
             kept = None
             if preservation is not None and preservation.due(step + 1):  # the base prediction on the same noisy latents
-                kept = preservation(unet, encoders, noisy, timesteps, batch, step + 1, accelerator.autocast)
+                # The unwrapped modules: a second forward through a DDP wrapper before the one backward would mark
+                # its parameters ready twice; through the module itself, autograd sums both uses' gradients into
+                # one accumulation per parameter, and DDP averages that sum across processes as usual.
+                kept = preservation(accelerator.unwrap_model(unet), [accelerator.unwrap_model(e) for e in encoders],
+                                    noisy, timesteps, batch, step + 1, accelerator.autocast)
                 loss = loss + cfg.reg.preservation.weight * kept
             if fault_hook is not None:
                 loss = fault_hook(step + 1, loss)
@@ -298,6 +304,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     adapter_path = out / "adapter.safetensors"
     if main:
         write_final_adapter(export, adapter_path, step, checkpointer.latest_intact(), cfg, report=say)
+        if cfg.export.fisher_samples:
+            store_run_fisher(cfg, adapter_path, accelerator.device, say)
         if ema is not None:
             export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)

@@ -42,11 +42,8 @@ def before_model(cfg) -> None:
 
 
 def with_processes(cfg, num_processes: int) -> None:
-    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads)."""
-    if cfg.reg.preservation.weight and num_processes > 1:
-        # Its second forward through the DDP-wrapped UNet before the one backward would mark parameters ready twice.
-        raise UserError(f"reg.preservation: not available with {num_processes} processes yet; train on one process "
-                        "or set reg.preservation.weight to 0")
+    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads).
+    None today: every feature trains on any number of processes (tests/test_data_parallel.py)."""
 
 
 def against_model(cfg, comps) -> None:
@@ -57,6 +54,8 @@ def against_model(cfg, comps) -> None:
                         f"timesteps (allowed: {cfg.loss.min_timestep + 1} to {steps})")
     if cfg.loss.min_timestep >= steps:
         raise UserError(f"loss.min_timestep: {cfg.loss.min_timestep} must be < the model's {steps} training timesteps")
+    if cfg.export.fisher_samples and comps.text_encoder_2 is not None:
+        raise UserError("export.fisher_samples: the Fisher estimate supports SD 1.x/2.x models (SDXL: not yet); set it to 0")
     layers = comps.text_encoder.config.num_hidden_layers
     if cfg.text_encoder.clip_skip > layers:
         raise UserError(f"text_encoder.clip_skip: {cfg.text_encoder.clip_skip} is more than the text encoder's "
