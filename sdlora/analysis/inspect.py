@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import factored_singular_values, find_module
+from sdlora.adapter.algebra import component_module, factored_singular_values
 from sdlora.adapter.io import file_layout, load_adapter
 from sdlora.adapter.names import split_name
 from sdlora.adapter.weights import AdapterWeights
@@ -36,11 +36,8 @@ class BaseModel:
         self._base_u: dict[str, torch.Tensor] = {}
 
     def module(self, name: str) -> torch.nn.Module:
-        models, component = self.comps.adaptable(), split_name(name)[0]
-        if component not in models:
-            raise UserError(f"adapter module {name}: the base model {self.path} ({self.comps.family.title}) has no "
-                            f"{component} (a different base model?)")
-        return find_module(models[component], name, where=f"the base model {self.path}")
+        return component_module(self.comps.adaptable(), name,
+                                where=f"the base model {self.path} ({self.comps.family.title})")
 
     def weight(self, name: str, delta_shape: torch.Size) -> torch.Tensor:
         w = self.module(name).weight.detach()
