@@ -39,8 +39,9 @@ class Example(NamedTuple):
 
     def batch(self) -> dict:
         """The example as a one-image training batch's conditioning fields (`family.unet_kwargs` reads them)."""
-        fields = ("original_size", "crop_top_left", "target_size")
-        return {"captions": [self.caption]} | {f: torch.tensor([v], dtype=torch.float32) for f, v in zip(fields, self.sizes)}
+        from sdlora.data.pipeline import conditioning_fields
+
+        return conditioning_fields([self.caption], [self.sizes])
 
 
 def folder_examples(comps, subsets, data_cfg) -> list[Example]:
