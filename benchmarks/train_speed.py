@@ -12,8 +12,8 @@ every frozen tensor to itself), and run interleaved, round by round, so machine 
     python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16
     python3 benchmarks/train_speed.py --family sdxl --arch tiny --quick --doc ''   # smoke: tiny SDXL, seconds
 
-SDXL on CPU: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant;
-at 1024 px an fp32 step needs tens of GB more, so run it on a GPU, or on CPU at --resolution 256 or below.
+SDXL: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant; each
+step's activations come on top and grow with the resolution (on CPU, prefer --resolution 256 or below).
 
 Timing: warm-up rounds first (the default 4 show each of the four captions once, so the penalty's base
 norms are cached, as they are from the second epoch on), then timed rounds; each round runs every variant
