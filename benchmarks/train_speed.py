@@ -1,12 +1,19 @@
 """Training-step speed and peak memory: sdlora against the floor (the frozen model's own passes) and the peer (peft).
 
-Models have SD 1.5's architecture (configs from sdlora/resources/configs/sd_v1) and random weights; nothing
-is downloaded. All variants live in one process and share the frozen weights (deep copies whose memo maps
+Models have SD 1.5's architecture (configs from sdlora/resources/configs/sd_v1), or with `--family sdxl` SDXL base
+1.0's (configs from sdlora/resources/configs/sdxl_base_v1-0: both text encoders, pooled embedding and
+micro-conditioning), and random weights; nothing is downloaded. `--arch tiny` swaps in the test suite's tiny model
+of the family (sdlora/model/tiny.py), to check the script end to end in seconds (its numbers mean nothing). All variants live in one process and share the frozen weights (deep copies whose memo maps
 every frozen tensor to itself), and run interleaved, round by round, so machine drift hits all alike.
 
     python3 benchmarks/train_speed.py                  # CPU, 256 px, fp32 (about 10 min on 2 cores)
     python3 benchmarks/train_speed.py --quick          # smoke: 1 warm-up + 2 timed steps at 128 px
     python3 benchmarks/train_speed.py --device cuda --resolution 512 --dtype bf16
+    python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16
+    python3 benchmarks/train_speed.py --family sdxl --arch tiny --quick --doc ''   # smoke: tiny SDXL, seconds
+
+SDXL: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant; each
+step's activations come on top and grow with the resolution (on CPU, prefer --resolution 256 or below).
 
 Timing: warm-up rounds first (the default 4 show each of the four captions once, so the penalty's base
 norms are cached, as they are from the second epoch on), then timed rounds; each round runs every variant
@@ -51,29 +58,44 @@ from sdlora.config import validate  # noqa: E402
 from sdlora.reg.embedding_norm import EmbeddingNormRegulariser  # noqa: E402
 from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
 from sdlora.lora import build_param_groups, inject_all  # noqa: E402
+from sdlora.data.pipeline import conditioning_fields  # noqa: E402
 from sdlora.model.components import Components  # noqa: E402
+from sdlora.model.families import family_named  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
-from sdlora.model.text import encode  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
 
-CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sd_v1"
+CONFIGS = {"sd1": ROOT / "sdlora" / "resources" / "configs" / "sd_v1",
+           "sdxl": ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANK = 16
 
 
 # ---------------------------------------------------------------------------------------------- models
-def build_base(device, dtype):
+def build_base(family: str, arch: str = "full") -> Components:
+    """The frozen model of `family` (sd1 | sdxl) with random weights: the real architecture from the bundled configs,
+    or (`arch` tiny) the test suite's tiny model. Tokenizers are not needed (batches are token ids)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIGS / "text_encoder"))
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(CONFIGS / "scheduler"))
-    for m in (unet, vae, text_encoder):
+    if arch == "tiny":
+        from sdlora.model.loading import load_components
+        from sdlora.model.tiny import make_tiny_model, make_tiny_sdxl
+
+        folder = Path(tempfile.mkdtemp(prefix="train_speed_tiny_")) / "model"
+        comps = load_components(str(make_tiny_sdxl(folder) if family == "sdxl" else make_tiny_model(folder)))
+    else:
+        configs = CONFIGS[family]
+        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))]
+        if family == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2")))
+        comps = Components(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+                           AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")), encoders[0], None,
+                           DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler")),
+                           f"random {family}", family_named(family), *encoders[1:])
+    for m in (comps.unet, comps.vae, *comps.text_encoders.values()):
         m.requires_grad_(False)
-    return unet, vae, text_encoder, scheduler
+    return comps
 
 
 def shared_copy(model):
@@ -105,9 +127,10 @@ class Variant:
         return n
 
 
-def lora_step(unet, text_encoder, optimizer, params, scheduler, cfg, batch, gen, autocast, *, vae=None,
+def lora_step(unet, encoders, family, optimizer, params, scheduler, cfg, batch, gen, autocast, *, vae=None,
               regulariser=None, train_text=True):
-    """One training step as the trainer takes it (sdlora's losses, text encoding and optimiser)."""
+    """One training step as the trainer takes it (sdlora's losses, the family's text encoding and conditioning,
+    sdlora's optimiser)."""
     if vae is not None:
         with torch.no_grad():
             dist = vae.encode(batch.pixels).latent_dist
@@ -119,9 +142,9 @@ def lora_step(unet, text_encoder, optimizer, params, scheduler, cfg, batch, gen,
     t = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     with torch.set_grad_enabled(train_text):
-        emb = encode(text_encoder, batch.ids)
+        emb = family.encode(encoders, batch.ids)
     with autocast():
-        pred = unet(noisy, t, emb).sample
+        pred = unet(noisy, t, **family.unet_kwargs(emb, batch.cond)).sample
     loss = diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t), t, scheduler, cfg.loss)
     if regulariser is not None:
         loss = loss + cfg.reg.embedding_norm.weight * regulariser(batch.ids, emb).penalty
@@ -131,11 +154,11 @@ def lora_step(unet, text_encoder, optimizer, params, scheduler, cfg, batch, gen,
     optimizer.zero_grad(set_to_none=True)
 
 
-def penalty_seconds(regulariser, text_encoder, batch, repeats: int = 20) -> float:
+def penalty_seconds(regulariser, text_encoder, family, batch, repeats: int = 20) -> float:
     """The penalty's own work in a step, timed alone: cached base norms, the penalty, its backward to the
     embeddings (median of `repeats`). The step's other work is the same with the penalty on or off."""
     with torch.no_grad():
-        emb = encode(text_encoder, batch.ids)
+        emb = family.encode([text_encoder], batch.ids)
     times = []
     for _ in range(repeats):
         leaf = emb.detach().requires_grad_(True)
@@ -145,53 +168,60 @@ def penalty_seconds(regulariser, text_encoder, batch, repeats: int = 20) -> floa
     return statistics.median(times)
 
 
-def floor_step(unet, text_encoder, scheduler, cfg, batch, gen, autocast, *, text_backward=False):
+def floor_step(unet, encoders, family, scheduler, cfg, batch, gen, autocast, *, text_backward=False):
     """The frozen model's own work: text-encoder forward, UNet forward and backward to its input."""
     latents = batch.latents
     noise = sample_noise(latents, 0.0, gen)
     t = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t).requires_grad_(True)
     with torch.set_grad_enabled(text_backward):
-        emb = encode(text_encoder, batch.ids)
+        emb = family.encode(encoders, batch.ids)
     with autocast():
-        pred = unet(noisy, t, emb).sample
+        pred = unet(noisy, t, **family.unet_kwargs(emb, batch.cond)).sample
     diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t), t, scheduler, cfg.loss).backward()
 
 
-def build_variants(base, device, dtype, autocast, only):
-    unet0, vae, te0, scheduler = base
-    tokenizer = SimpleNamespace(eos_token_id=49407)  # the SD 1.5 tokenizer's; its config says 2
+SD1_ONLY = ("sdlora+penalty",)  # the benchmark's penalty variant measures SD 1.5's one-encoder penalty
+
+
+def build_variants(base: Components, device, dtype, autocast, only):
+    unet0, vae, scheduler, family = base.unet, base.vae, base.noise_scheduler, base.family
+    encoders0 = list(base.text_encoders.values())
+    # The penalty's content mask reads the EOS of make_batch's ids (SD 1.5's 49407; its text-encoder config says 2)
+    tokenizer = SimpleNamespace(eos_token_id=encoders0[0].config.vocab_size - 1, model_max_length=77)
     gen = torch.Generator(device=device).manual_seed(0)
     variants = []
 
     def sdlora_variant(name, cfg, **kw):
-        unet, te = shared_copy(unet0), shared_copy(te0)
-        layers = inject_all(unet, te, cfg)
-        comps = Components(unet, vae, te, tokenizer, scheduler, "random SD 1.5")
+        unet, encoders = shared_copy(unet0), {n: shared_copy(te) for n, te in base.text_encoders.items()}
+        layers = inject_all(unet, encoders, cfg)
+        comps = dataclasses.replace(base, unet=unet, **dict(zip(("text_encoder", "text_encoder_2"), encoders.values())))
         place_models(comps, layers, device, dtype, cfg)
-        groups = build_param_groups(layers, cfg)
+        groups = build_param_groups(layers, cfg, family)
         opt = make_optimizer(groups.groups, cfg)
         params = [p for g in groups.groups for p in g["params"]]
-        reg = EmbeddingNormRegulariser(te, tokenizer, cfg) if kw.pop("penalty", False) else None
-        step = lambda b: lora_step(unet, te, opt, params, scheduler, cfg, b, gen, autocast, regulariser=reg, **kw)  # noqa: E731
+        te = list(encoders.values())
+        reg = EmbeddingNormRegulariser(te[0], tokenizer, cfg) if kw.pop("penalty", False) else None
+        step = lambda b: lora_step(unet, te, family, opt, params, scheduler, cfg, b, gen, autocast,  # noqa: E731
+                                   regulariser=reg, **kw)
         variant = Variant(name, step, params, opt)
         if reg is not None:
-            variant.own_cost = lambda b: penalty_seconds(reg, te, b)
+            variant.own_cost = lambda b: penalty_seconds(reg, te[0], family, b)
         return variant
 
     cfg = make_cfg()
-    wanted = lambda n: only is None or n in only  # noqa: E731
+    wanted = lambda n: (only is None or n in only) and (family.name == "sd1" or n not in SD1_ONLY)  # noqa: E731
     if wanted("floor"):
-        variants.append(Variant("floor", lambda b: floor_step(unet0, te0, scheduler, cfg, b, gen, autocast)))
+        variants.append(Variant("floor", lambda b: floor_step(unet0, encoders0, family, scheduler, cfg, b, gen, autocast)))
     if wanted("floor+te_bwd"):
-        variants.append(Variant("floor+te_bwd", lambda b: floor_step(unet0, te0, scheduler, cfg, b, gen, autocast,
-                                                                     text_backward=True)))
+        variants.append(Variant("floor+te_bwd", lambda b: floor_step(unet0, encoders0, family, scheduler, cfg, b, gen,
+                                                                     autocast, text_backward=True)))
     if wanted("sdlora"):
         variants.append(sdlora_variant("sdlora", cfg))
     if wanted("sdlora+penalty"):
         variants.append(sdlora_variant("sdlora+penalty", cfg, penalty=True))
     if wanted("peer"):
-        variants.append(peer_variant(unet0, te0, scheduler, cfg, gen, device, dtype, autocast))
+        variants.append(peer_variant(base, cfg, gen, device, dtype, autocast))
     if wanted("sdlora+vae"):
         variants.append(sdlora_variant("sdlora+vae", cfg, vae=vae))
     if wanted("sdlora+ckpt"):
@@ -199,28 +229,30 @@ def build_variants(base, device, dtype, autocast, only):
     return variants
 
 
-def peer_variant(unet0, te0, scheduler, cfg, gen, device, dtype, autocast):
-    """What diffusers' LoRA training examples do: peft adapters via add_adapter, LoRA weights cast to fp32."""
-    from peft import LoraConfig
+def peer_variant(base: Components, cfg, gen, device, dtype, autocast):
+    """What diffusers' LoRA training examples do (train_text_to_image_lora.py; for SDXL train_dreambooth_lora_sdxl.py
+    with --train_text_encoder: both encoders): peft adapters via add_adapter on the same targets, the LoRA weights
+    cast to fp32 (their cast_training_params), one optimiser over UNet and text-encoder parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
 
-    unet, te = shared_copy(unet0), shared_copy(te0)
+    unet, encoders = shared_copy(base.unet), [shared_copy(te) for te in base.text_encoders.values()]
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
                                 target_modules=list(cfg.lora.unet_targets)))
-    te.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
-                              target_modules=list(cfg.lora.text_encoder_targets)))
-    for m in (unet, te):
+    for te in encoders:  # transformers' add_adapter is this call (transformers 5's asks for peft >= 0.22 first)
+        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
+                                           target_modules=list(cfg.lora.text_encoder_targets)), te)
+    for m in (unet, *encoders):
         m.to(device=device, dtype=dtype)
         for p in m.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    unet.train()
-    te.train()
+        m.train()
     u = [p for p in unet.parameters() if p.requires_grad]
-    t = [p for p in te.parameters() if p.requires_grad]
+    t = [p for te in encoders for p in te.parameters() if p.requires_grad]
     groups = [{"params": u, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "unet"},
-              {"params": t, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "text_encoder"}]
+              {"params": t, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "text_encoders"}]
     opt = make_optimizer(groups, cfg)
-    step = lambda b: lora_step(unet, te, opt, u + t, scheduler, cfg, b, gen, autocast)  # noqa: E731
+    step = lambda b: lora_step(unet, encoders, base.family, opt, u + t, base.noise_scheduler, cfg, b, gen, autocast)  # noqa: E731
     return Variant("peer", step, u + t, opt)
 
 
@@ -259,9 +291,9 @@ def timed(variant, batch, device) -> None:
         variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated() - before)
 
 
-def run_rounds(variants, args, device, dtype, say) -> None:
+def run_rounds(variants, base, args, device, dtype, say) -> None:
     for i in range(args.warmup + args.steps):
-        batch = make_batch(args.resolution, device, dtype, i)
+        batch = make_batch(base, args.resolution, device, dtype, i)
         for v in variants[i % len(variants):] + variants[:i % len(variants)]:  # each round starts elsewhere
             timed(v, batch, device)
             if i < args.warmup:
@@ -269,20 +301,20 @@ def run_rounds(variants, args, device, dtype, say) -> None:
                 v.peak_bytes = 0
         say(f"round {i}: " + ", ".join(f"{v.name} {v.seconds[-1]:.2f}s" for v in variants if v.seconds))
     if device.type == "cpu":
-        batch = make_batch(args.resolution, device, dtype, args.warmup + args.steps)
+        batch = make_batch(base, args.resolution, device, dtype, args.warmup + args.steps)
         for v in variants:
             v.peak_bytes = cpu_peak_bytes(v.step, batch)
         say("memory round: " + ", ".join(f"{v.name} {v.peak_bytes / 2**20:.0f} MiB" for v in variants))
 
 
-def isolated_costs(variants, args, device, dtype) -> str:
+def isolated_costs(variants, base, args, device, dtype) -> str:
     """A line per variant that can time its own extra work alone (the penalty), against the sdlora step."""
     by = {v.name: v for v in variants}
     lines = []
     for v in variants:
         if v.own_cost is None:
             continue
-        seconds = v.own_cost(make_batch(args.resolution, device, dtype, 0))  # a caption seen in the warm-up
+        seconds = v.own_cost(make_batch(base, args.resolution, device, dtype, 0))  # a caption seen in the warm-up
         ref = by.get("sdlora")
         share = f" = {seconds / statistics.median(ref.seconds):.4f} of the sdlora step" if ref else ""
         lines.append(f"- {v.name}: the penalty's own work (cached base norms, penalty, backward to the embeddings), "
@@ -290,14 +322,22 @@ def isolated_costs(variants, args, device, dtype) -> str:
     return "\n".join(lines)
 
 
-def make_batch(resolution, device, dtype, i):
+def make_batch(base: Components, resolution, device, dtype, i):
+    """Batch 1: one caption's token ids per text encoder (BOS, 7-10 random tokens, EOS, padding: EOS for CLIP-L,
+    id 0 ("!") for SDXL's second encoder), an image or its latents, and SDXL's micro-conditioning of an uncropped
+    square (other families ignore it)."""
     g = torch.Generator().manual_seed(1000 + i % 4)  # four distinct captions: the penalty's cache warms up
-    ids = torch.full((1, 77), 49407)
+    vocab = base.text_encoder.config.vocab_size
+    bos, eos = vocab - 2, vocab - 1  # CLIP's <|startoftext|>, <|endoftext|> (49406, 49407 at full size)
     n = 8 + i % 4
-    ids[0, 0] = 49406
-    ids[0, 1:n] = torch.randint(0, 49405, (n - 1,), generator=g)
+    content = torch.randint(0, vocab - 2, (n - 1,), generator=g)
+    ids = []
+    for pad in [eos, 0][:len(base.text_encoders)]:
+        row = torch.full((1, 77), pad)
+        row[0, 0], row[0, 1:n], row[0, n] = bos, content, eos
+        ids.append(row.to(device))
     return SimpleNamespace(
-        ids=ids.to(device),
+        ids=ids, cond=conditioning_fields(["caption"], [((resolution, resolution), (0, 0), (resolution, resolution))]),
         pixels=(torch.rand(1, 3, resolution, resolution, generator=g) * 2 - 1).to(device, dtype),
         latents=torch.randn(1, 4, resolution // 8, resolution // 8, generator=g).to(device, dtype))
 
@@ -337,12 +377,13 @@ def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    section = (f"## {device.type.upper()}, {args.resolution} px, {args.dtype}, batch 1\n\n"
+    model = {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family] + (" (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else "")
+    section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}, batch 1\n\n"
                f"Command: `python3 benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  \n"
                f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
                f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
                f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")
-    marker = f"<!-- table:{device.type} -->"
+    marker = f"<!-- table:{device.type} -->" if args.family == "sd1" else f"<!-- table:{args.family}:{device.type} -->"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if marker in old:  # replace this device's table, keep the rest of the page
         head, _, rest = old.partition(marker)
@@ -356,6 +397,9 @@ def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"], help="the architecture measured (default sd1)")
+    p.add_argument("--arch", default="full", choices=["full", "tiny"],
+                   help="full: the real architecture (random weights); tiny: the test suite's tiny model, a smoke run")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=4)
@@ -377,15 +421,15 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as the trainer does on CPU (sdlora/allocator.py); the same for every variant
     t_start = time.perf_counter()
-    base = build_base(device, dtype)
+    base = build_base(args.family, args.arch)
     variants = build_variants(base, device, dtype, autocast, args.only)  # LoRA is injected on the CPU, as in the trainer
-    for model in base[:3]:  # shared weights moved already (same Parameter objects); this moves the base's buffers
-        model.to(device, dtype)
+    for model in (base.unet, base.vae, *base.text_encoders.values()):  # shared weights moved already (same Parameter
+        model.to(device, dtype)  # objects); this moves the base's buffers
     print(f"built {len(variants)} variants in {time.perf_counter() - t_start:.0f} s; "
-          f"attention processor: {type(next(iter(base[0].attn_processors.values()))).__name__}", flush=True)
-    run_rounds(variants, args, device, dtype, say=lambda line: print(line, flush=True))
+          f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}", flush=True)
+    run_rounds(variants, base, args, device, dtype, say=lambda line: print(line, flush=True))
     tbl = table([Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants])
-    extra = isolated_costs(variants, args, device, dtype)
+    extra = isolated_costs(variants, base, args, device, dtype)
     if extra:
         tbl += "\n\n" + extra
     print(tbl)

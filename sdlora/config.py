@@ -28,7 +28,15 @@ class ModelConfig(Section):
     vae_path: Optional[str] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
     config_dir: Optional[str] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata, or the SD 2.x heuristic.")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata or v_pred key, or the SD 2.x heuristic.")
+    zero_terminal_snr: Optional[bool] = Field(None, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; diffusers' rescale_betas_zero_snr), for v-prediction models trained that way (e.g. v-prediction SDXL fine-tunes); needs v-prediction. Sampling then uses trailing timesteps and sample.guidance_rescale 0.7. Default: what the model says (its scheduler config's rescale_betas_zero_snr, an SDXL file's ztsnr key).")
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self) -> "ModelConfig":
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("model.zero_terminal_snr needs v-prediction (at zero SNR an epsilon model cannot learn "
+                             "anything); set model.prediction_type: v_prediction")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -347,6 +355,7 @@ class SampleConfig(Section):
     every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
     num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
     guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_rescale: Optional[float] = Field(None, ge=0.0, le=1.0, description="Guidance rescale phi (Lin et al. 2023, against over-exposure); default 0.7 with zero terminal SNR (model.zero_terminal_snr), else 0 (off).")
     seed: int = Field(0, ge=0, description="Sampling seed (the same for every sample step).")
     negative_prompt: str = Field("", description="Negative prompt.")
     width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")

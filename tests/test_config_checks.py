@@ -135,13 +135,14 @@ def test_an_sdxl_unet_is_recognised_by_its_config_alone(tiny_sdxl, tmp_path):
         load_components(str(copy))
 
 
-def test_an_sdxl_single_file_is_refused_naming_the_family(tmp_path):
+def test_an_sdxl_single_file_without_both_text_encoders_is_refused_naming_them(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.ones(4)}, str(path))
-    with pytest.raises(UserError, match=r"is an SDXL checkpoint; sdlora trains SD 1.x and 2.x"):
+    with pytest.raises(UserError, match=r"is an SDXL checkpoint without both of its text encoders \(CLIP-L under "
+                                        r"conditioner.embedders.0.transformer.\*"):
         load_components(str(path))
 
 

@@ -15,6 +15,7 @@ from sdlora.data.images import BadImage, open_checked
 from sdlora.errors import UserError
 from sdlora.model.loading import load_components
 from sdlora.training.loop import train
+from sdxl_fixtures import tiny_sdxl  # noqa: F401 (fixture)
 
 MAX_PIXELS = 20_000  # small guard so the "decompression bomb" needs no huge file
 MIN_SIDE = 32
@@ -121,8 +122,11 @@ def test_skip_keeps_the_usable_images_and_lists_every_bad_one_with_its_reason(tm
     assert all(name in report for name in expected)
 
 
-def test_skip_trains_on_the_good_images(tmp_path, tiny_model, broken):
-    result = train(config(tiny_model, tmp_path, broken), log=lambda *a: None)
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_skip_trains_on_the_good_images(tmp_path, request, broken, family):
+    """SDXL too: the converted images (odd modes, EXIF rotations, sizes) reach its size and crop conditioning."""
+    model = request.getfixturevalue("tiny_model" if family == "sd1" else "tiny_sdxl")
+    result = train(config(model, tmp_path, broken), log=lambda *a: None)
     assert result.step == 2 and result.adapter_path.is_file() and all(np.isfinite(result.losses))
 
 

@@ -17,6 +17,7 @@ from sdlora.lora import adapters_disabled, build_param_groups, inject_all
 from sdlora.lora.dora import DoRAConv2d, DoRALinear
 from sdlora.model.loading import load_components
 from sdlora.training.loop import train
+from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401 (fixtures)
 
 TOL = 1e-5  # fp32 outputs of O(1) size: a few hundred roundings of 6e-8 each stay far below this on any x86 CPU
 INITS = ["zero", "orthogonal", "compensated", "principal"]
@@ -158,7 +159,7 @@ def test_merge_into_the_base_through_delta_weight_reproduces_the_trained_model(t
     """merge_adapter writes W0 + ΔW with ΔW = m ⊙ V / ‖V‖ - W0 from the record and the base weight."""
     result, ours = trained_dora
     comps = load_components(str(tiny_model))
-    merge_adapter(load_adapter(result.adapter_path), comps.unet, comps.text_encoder)
+    merge_adapter(load_adapter(result.adapter_path), comps.adaptable())
     diff = max_abs_diff(ours, model_outputs(comps.unet, comps.text_encoder, comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
 
@@ -218,6 +219,27 @@ def test_svd_merge_of_doras_with_the_base_is_their_dense_sum_as_a_plain_lora(tra
     for name, m in adapter.modules.items():
         w0 = find_module(comps.unet if name.startswith("unet.") else comps.text_encoder, name).weight.detach()
         ref = 0.75 * m.delta_weight(w0).double()
+        got = written.modules[name].delta_weight().double()
+        assert float((got - ref).norm()) <= 1e-6 * float(ref.norm()), name
+
+
+def test_svd_merge_of_sdxl_doras_reads_w0_from_every_component_of_the_sdxl_base(sdxl_config, tiny_sdxl, tmp_path):
+    """As above on SDXL: the second text encoder's W0 comes from the SDXL base (`--base`), so its DoRA modules
+    merge exactly too (1e-6 relative, the same reasoning)."""
+    from sdlora.adapter.algebra import component_module
+    from sdlora.commands.merge import run_merge
+
+    result = train(sdxl_config(lora={"type": "dora"}, train={"max_steps": 2}, optim={"lr": 1e-2}), log=lambda *_: None)
+    adapter = load_adapter(result.adapter_path)
+    assert {n.split(".")[0] for n in adapter.modules} == {"unet", "text_encoder", "text_encoder_2"}
+    rank = max(min(m.weight_shape[0], math.prod(m.weight_shape[1:])) for m in adapter.modules.values())
+    path = str(result.adapter_path)
+    run_merge([path, path], tmp_path / "m.safetensors", weights=[0.25, 0.5], method="svd", rank=rank,
+              base=str(tiny_sdxl), report=lambda *_: None)
+    models = load_components(str(tiny_sdxl)).adaptable()
+    written = load_adapter(tmp_path / "m.safetensors")
+    for name, m in adapter.modules.items():
+        ref = 0.75 * m.delta_weight(component_module(models, name).weight.detach()).double()
         got = written.modules[name].delta_weight().double()
         assert float((got - ref).norm()) <= 1e-6 * float(ref.norm()), name
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from outputs import load_pipeline, max_abs_diff, pipeline_outputs
+from sdxl_fixtures import tiny_sdxl  # noqa: F401 (fixture)
 from test_toolbox import _adapter_file, _outputs_with_deltas
 
 from sdlora.adapter.fisher import METADATA_KEY, RowFisher, with_fisher
@@ -279,7 +280,7 @@ def test_train_stores_the_row_fisher_the_training_layers_give(fisher_run):
     sched = comps.noise_scheduler
     ref = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
     for i in range(3):
-        latent, caption = examples[i % len(examples)]
+        latent, caption = examples[i % len(examples)][:2]
         latents = latent[None]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=gen)
@@ -340,3 +341,83 @@ def test_dense_fwsvd_for_dora_merges_equals_the_factored_one():
     ref = (u2 @ d2).double()
     assert float((u1.double() @ d1.double() - ref).norm()) <= 1e-6 * float(ref.norm())  # d1, u1: fp32 factors
     assert abs(ew1 - ew2) <= 1e-9 and abs(e1 - e2) <= 1e-9
+
+
+# ------------------------------------------------------------------------------------------------- SDXL
+def test_sdxl_run_stores_the_row_fisher_of_both_encoders_with_its_micro_conditioning(tiny_sdxl, shapes_data, tmp_path):
+    """The SDXL estimate against the training layers' base-weight gradients (as the SD test above), its conditioning
+    built here by hand: both encoders side by side, the pooled embedding, and time_ids = (original h, w, crop top,
+    left, target h, w) of the centre-cropped square images. Same 1e-3 relative tolerance and reasoning as above;
+    estimated with zero (or otherwise wrong) time_ids, most modules' Fisher moves by far more. Then merge --method
+    fisher and a prompts-file estimate run on SDXL adapters (the family's pipeline samples the latents)."""
+    from PIL import Image
+
+    from sdlora.adapter.names import split_name
+    from sdlora.config import validate
+    from sdlora.model.text import tokenize
+    from sdlora.training.fisher import fisher_from_data, folder_examples
+    from sdlora.training.losses import diffusion_loss, diffusion_target
+    from sdlora.training.loop import train
+
+    cfg = validate({"model": {"path": str(tiny_sdxl)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 2, "batch_size": 2, "seed": 0},
+                    "optim": {"lr": 1e-2, "max_grad_norm": None}, "lora": {"rank": 4, "alpha": 4},
+                    "export": {"fisher_samples": 2}, "log": {"tracker": "none"}})
+    result = train(cfg, log=quiet)
+    adapter = load_adapter(result.adapter_path)
+    fisher = RowFisher.from_metadata(adapter.metadata)
+    assert fisher is not None and fisher.samples == 2
+    fisher.check_covers(adapter, "the run's adapter")
+    assert {split_name(n)[0] for n in fisher.modules} == {"unet", "text_encoder", "text_encoder_2"}
+
+    comps, layers = result.components, result.layers
+    encoders = [m.eval() for m in comps.text_encoders.values()]
+    comps.unet.eval()
+    examples = folder_examples(comps, cfg.data_subsets(), cfg.data)
+    height, width = Image.open(next(shapes_data.glob("*.png"))).size[::-1]
+    weights = {n: layer.base.weight for n, layer in layers.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    sched = comps.noise_scheduler
+    ref = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
+    for i in range(2):
+        latent, caption = examples[i % len(examples)][:2]
+        latents = latent[None]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=gen)
+        emb = comps.family.encode(encoders, [tokenize(tok, [caption]) for tok in comps.tokenizers], 1)
+        time_ids = torch.tensor([[height, width, 0, 0, 8 * latent.shape[1], 8 * latent.shape[2]]], dtype=torch.float32)
+        pred = comps.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb.hidden,
+                          added_cond_kwargs={"text_embeds": emb.pooled, "time_ids": time_ids}).sample
+        loss = diffusion_loss(pred, diffusion_target(sched, latents, noise, t), t, sched, cfg.loss)
+        # CLIP-L's last layer feeds nothing SDXL reads (the penultimate states are its output): no gradient, F = 0
+        for n, g in zip(weights, torch.autograd.grad(loss, list(weights.values()), allow_unused=True)):
+            if g is not None:
+                ref[n] += g.double().pow(2).flatten(1).sum(1)
+    for w in weights.values():
+        w.requires_grad_(False)
+    largest = max(float((r / 2).norm()) for r in ref.values())
+    checked = 0
+    for n, r in ref.items():
+        r = r / 2
+        floor = 1e-9 * largest  # analytically zero gradients hold rounding noise (see the SD test above)
+        assert float((fisher.modules[n].double() - r).norm()) <= 1e-3 * float(r.norm()) + floor, n
+        checked += float(r.norm()) > 1e3 * floor
+    assert checked >= 0.8 * len(ref)
+
+    # The Fisher average of an adapter with itself is that adapter (c_ij = 1/2 each); at full rank (4 + 4) FWSVD
+    # truncates nothing: equal to REL of its own norm, through the kohya layout's te1/te2 names.
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(result.adapter_path), str(result.adapter_path), "--out", str(merged), "--method", "fisher",
+                 "--rank", "8", "--layout", "kohya"]) == 0
+    back = load_adapter(merged)
+    assert set(back.modules) == set(adapter.modules)
+    for n, m in adapter.modules.items():
+        assert float((_dense(back.modules[n]) - _dense(m)).norm()) <= REL * float(_dense(m).norm()), n
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    from_prompts = fisher_from_data(adapter, str(tiny_sdxl), str(prompts), samples=1)
+    assert set(from_prompts.modules) == set(fisher.modules)
+    assert all(bool(torch.isfinite(f).all()) for f in from_prompts.modules.values())
+    assert sum(float(f.sum()) for f in from_prompts.modules.values()) > 0

@@ -99,7 +99,7 @@ def tiny_single_file(request, tmp_path_factory):
     folder = make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", variant=request.param)
     comps = load_components(str(folder))
     path = folder.parent / "model.safetensors"
-    save_single_file(path, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version)
+    save_single_file(path, comps)
     return request.param, folder, path, comps
 
 
@@ -169,7 +169,7 @@ def test_non_sd_files_are_user_errors(tmp_path):
 
     lora = tmp_path / "lora.safetensors"
     save_safetensors(lora, {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)})
-    with pytest.raises(UserError, match="not an SD 1.x/2.x checkpoint"):
+    with pytest.raises(UserError, match="not an SD 1.x, 2.x or SDXL checkpoint"):
         load_components(str(lora))
     (tmp_path / "model.gguf").write_bytes(b"x")
     with pytest.raises(UserError, match="allowed single files"):

@@ -10,7 +10,8 @@
 - `fisher_average_factors`: the Fisher-weighted average of several updates, per output row, as one exact adapter
   (Matena & Raffel 2022); `fisher_to_rank` / `fisher_singular_values`: FWSVD (Hsu et al. 2022), the rank-r
   factors that minimise the row-Fisher-weighted error.
-- `find_module` / `merge_adapter`: an adapter's modules in a model, and W += ΔW in place.
+- `find_module` / `component_module` / `merge_adapter`: an adapter's modules in a model (or in the model of their
+  component), and W += ΔW in place.
 
 Everything is computed in float64; conv factors are flattened to matrices and reshaped back.
 """
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from sdlora.adapter.names import split_name
+from sdlora.adapter.names import TEXT_ENCODERS, split_name
 from sdlora.errors import UserError
 
 # Below this fraction of ‖up‖_F·‖down‖_F a singular value of up @ down is rounding, not update: fp32 factors
@@ -277,7 +278,7 @@ def find_module(model: torch.nn.Module, name: str, *, where: str = "the base mod
     """The module of canonical name `name` (`unet.<path>` / `text_encoder.<path>`) in that component's model,
     with or without transformers 4's `text_model.` level; a UserError naming it when the model has none."""
     component, path = split_name(name)
-    candidates = [path] + ([f"text_model.{path}"] if component == "text_encoder" else [])
+    candidates = [path] + ([f"text_model.{path}"] if component in TEXT_ENCODERS else [])
     for p in candidates:
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(p)
@@ -286,12 +287,22 @@ def find_module(model: torch.nn.Module, name: str, *, where: str = "the base mod
     raise UserError(f"adapter module {name} does not exist in {where} (a different base model?)")
 
 
+def component_module(models: dict[str, torch.nn.Module], name: str, *, where: str = "the base model") -> torch.nn.Module:
+    """`find_module` in the model of `name`'s component; `models`: each component's model by name
+    (`Components.adaptable()`: unet, text_encoder, SDXL's text_encoder_2). A UserError naming the module when
+    `where` has no such component (an adapter for another family) or no such module."""
+    component = split_name(name)[0]
+    if component not in models:
+        raise UserError(f"adapter module {name}: {where} has no {component} (an adapter for another model family?)")
+    return find_module(models[component], name, where=where)
+
+
 @torch.no_grad()
-def merge_adapter(adapter, unet: torch.nn.Module, text_encoder: torch.nn.Module, *, where: str = "the base model") -> None:
-    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own."""
-    models = {"unet": unet, "text_encoder": text_encoder}
+def merge_adapter(adapter, models: dict[str, torch.nn.Module], *, where: str = "the base model") -> None:
+    """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own. `models`:
+    the model of each component by name (`Components.adaptable()`: unet, text_encoder, SDXL's text_encoder_2)."""
     for name, delta in adapter.modules.items():
-        weight = find_module(models[split_name(name)[0]], name, where=where).weight
+        weight = component_module(models, name, where=where).weight
         dw = delta.delta_weight(weight).to(torch.float64)
         if dw.shape != weight.shape:
             raise UserError(f"adapter module {name}: update of shape {tuple(dw.shape)} does not fit the base weight "

@@ -15,7 +15,8 @@ from sdlora.errors import WriteError
 
 
 def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
-    """The inference scheduler the base model ships with (its own folder's, else the configs')."""
+    """The inference scheduler the base model ships with (its own folder's, else the configs'); `version` names the
+    bundled configs (the family's for epsilon prediction; the caller sets the prediction type)."""
     import diffusers
 
     from sdlora.model.single_file import BUNDLED_CONFIGS
@@ -34,16 +35,15 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
 
 
 def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, record=None) -> None:
-    """A complete diffusers folder, built in a temp folder beside `out` and renamed into place; the run's
-    `RunRecord` goes in as sdlora_run.json (diffusers ignores it)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=comps.vae.to(dtype), text_encoder=comps.text_encoder.to(dtype),
-                                   tokenizer=comps.tokenizer, unet=comps.unet.to(dtype), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """A complete diffusers folder of the family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline),
+    built in a temp folder beside `out` and renamed into place; the run's `RunRecord` goes in as sdlora_run.json
+    (diffusers ignores it)."""
     from sdlora.util.finite import require_finite
 
-    for name in ("unet", "text_encoder", "vae"):  # save_pretrained does not go through atomic.save_safetensors
+    encoders = {name: te.to(dtype) for name, te in comps.text_encoders.items()}
+    pipe = comps.family.pipeline(unet=comps.unet.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
+                                 tokenizers=comps.tokenizers, scheduler=scheduler)
+    for name in ("unet", "vae", *encoders):  # save_pretrained does not go through atomic.save_safetensors
         require_finite(getattr(pipe, name).state_dict(), out / name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -78,7 +78,8 @@ def build_folder_atomically(out: Path):
 
 def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of a single-file base that the mapping does not produce (SD 2.x's unused last text layer,
-    text_projection, schedule buffers), carried into a merged single file; none for a folder base."""
+    text_projection, schedule buffers; SDXL bigG's logit_scale), carried into a merged single file; none for a
+    folder base. The `v_pred` / `ztsnr` markers are not carried: the merged model's own noise schedule writes them."""
     from sdlora.model.single_file import read_checkpoint
 
     p = Path(model_path)
@@ -88,5 +89,5 @@ def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Te
     from sdlora.model import ldm_keys as L
 
     # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead.
-    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", "model_ema.")
-    return {k: v for k, v in sd.items() if not k.startswith(skip)}
+    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.")
+    return {k: v for k, v in sd.items() if not k.startswith(skip) and k not in (L.V_PRED_KEY, L.ZTSNR_KEY)}

@@ -22,7 +22,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 @dataclass(frozen=True)
 class RunRecord:
     base_model: str  # what was loaded (model.path)
-    base_model_version: str  # sd_v1 | sd_v2 | sd_v2_v
+    base_model_version: str  # sd_v1 | sd_v2 | sd_v2_v | sdxl_base_v1-0
     prediction_type: str  # the training target actually used: epsilon | v_prediction
     resolution: int  # data.resolution (the bucket area budget is resolution²)
     clip_skip: int  # text_encoder.clip_skip (1 = last layer)
@@ -40,6 +40,7 @@ class RunRecord:
     steps: int = 0
     sdlora_version: str = ""
     created: str = ""
+    zero_terminal_snr: bool = False  # the noise schedule was rescaled to zero terminal SNR (model.zero_terminal_snr)
     config: dict = field(default_factory=dict, compare=False)  # the resolved config, for `sdlora export` and reports
 
     # ------------------------------------------------------------------------------------------ building
@@ -49,7 +50,8 @@ class RunRecord:
         from sdlora import __version__
 
         return cls(base_model=str(comps.source), base_model_version=comps.base_model_version,
-                   prediction_type=comps.prediction_type, resolution=cfg.data.resolution,
+                   prediction_type=comps.prediction_type, zero_terminal_snr=comps.zero_terminal_snr,
+                   resolution=cfg.data.resolution,
                    clip_skip=cfg.text_encoder.clip_skip, rank=cfg.lora.rank, alpha=float(cfg.lora.alpha),
                    conv_rank=(cfg.lora.conv_rank or cfg.lora.rank) if cfg.lora.conv else None,
                    conv_alpha=float(cfg.lora.conv_alpha if cfg.lora.conv_alpha is not None else cfg.lora.alpha)
@@ -100,7 +102,8 @@ class RunRecord:
                 "ss_steps": str(self.steps), "ss_max_train_steps": str(self.steps),
                 "ss_clip_skip": str(self.clip_skip), "ss_resolution": f"({self.resolution}, {self.resolution})",
                 "ss_seed": str(self.seed), "ss_mixed_precision": self.mixed_precision,
-                "ss_network_train_unet_only": str(not self.text_encoder_trained)}
+                "ss_network_train_unet_only": str(not self.text_encoder_trained),
+                "ss_zero_terminal_snr": str(self.zero_terminal_snr)}
 
     # ------------------------------------------------------------------------------------------ reading
     @classmethod

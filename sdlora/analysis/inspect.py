@@ -2,7 +2,8 @@
 
 Per module: rank, effective scale, ‖ΔW‖_F, ‖ΔW‖_F / ‖W0‖_F, effective rank of ΔW and the number of
 intruder dimensions (the last two need the base model for W0; the maths is in `analysis.py`). With the
-base model, also the text-embedding drift on the drift probe's prompts (`probe.py`). Reads both of
+base model, also the text-embedding drift on the drift probe's prompts (`probe.py`), for every text output
+of the family that the adapter changes (SDXL: each encoder's tokens and the pooled embedding). Reads both of
 sdlora's layouts and kohya files from other trainers (`adapter.load_adapter`).
 """
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import find_module
+from sdlora.adapter.algebra import component_module
 from sdlora.adapter.io import file_layout, load_adapter
+from sdlora.adapter.names import split_name
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
 from sdlora.errors import UserError
@@ -34,8 +36,8 @@ class BaseModel:
         self._base_u: dict[str, torch.Tensor] = {}
 
     def module(self, name: str) -> torch.nn.Module:
-        model = self.comps.unet if name.startswith("unet.") else self.comps.text_encoder
-        return find_module(model, name, where=f"the base model {self.path}")
+        return component_module(self.comps.adaptable(), name,
+                                where=f"the base model {self.path} ({self.comps.family.title})")
 
     def weight(self, name: str, delta_shape: torch.Size) -> torch.Tensor:
         w = self.module(name).weight.detach()
@@ -52,8 +54,8 @@ class BaseModel:
 
 # ---------------------------------------------------------------------------------------------- groups
 _GROUPS = [
-    (re.compile(r"^text_encoder\.encoder\.layers\.(\d+)\."), lambda m: f"text_encoder.layers.{m.group(1)}"),
-    (re.compile(r"^text_encoder\."), lambda m: "text_encoder"),
+    (re.compile(r"^(text_encoder(?:_\d+)?)\.encoder\.layers\.(\d+)\."), lambda m: f"{m.group(1)}.layers.{m.group(2)}"),
+    (re.compile(r"^(text_encoder(?:_\d+)?)\."), lambda m: m.group(1)),
     (re.compile(r"^unet\.down_blocks\.(\d+)\."), lambda m: f"unet.down.{m.group(1)}"),
     (re.compile(r"^unet\.conv_in\b"), lambda m: "unet.down"),
     (re.compile(r"^unet\.mid_block\."), lambda m: "unet.mid"),
@@ -124,15 +126,21 @@ def clip_skip_of(adapter: AdapterWeights) -> int:
 
 @torch.no_grad()
 def text_encoder_drift(adapter: AdapterWeights, base: BaseModel) -> dict | None:
-    """The drift probe's statistics with the adapter's text-encoder updates merged into a copy of W0 (restored after)."""
-    from sdlora.reg.probe import DriftProbe
+    """The drift probe's statistics with the adapter's text-encoder updates merged into W0 (restored after), for each
+    text output of the family whose encoder the adapter changes: `outputs[<output>]` = {drift, cosine, norm,
+    base_norm}; the first of them (SD 1.x/2.x's only one) also at the top level."""
+    from sdlora.reg.probe import DriftProbes, family_probe
 
-    names = [n for n in adapter.modules if n.startswith("text_encoder.")]
+    comps = base.comps
+    names = [n for n in adapter.modules if split_name(n)[0] in comps.family.text_encoders]
     if not names:
         return None
-    te = base.comps.text_encoder
-    probe = DriftProbe(te, base.comps.tokenizer, None, clip_skip_of(adapter))
-    probe.measure()  # the first measurement caches E0 from the untouched encoder
+    touched = {split_name(n)[0] for n in names}
+    encoders = {c: te for c, te in comps.text_encoders.items() if c in touched}
+    probe = family_probe(comps.family, encoders, dict(zip(comps.text_encoders, comps.tokenizers)), None,
+                         clip_skip_of(adapter))
+    probes = probe.probes if isinstance(probe, DriftProbes) else [probe]
+    probe.measure()  # the first measurement caches E0 from the untouched encoders
     saved = {}
     try:
         for n in names:
@@ -143,7 +151,13 @@ def text_encoder_drift(adapter: AdapterWeights, base: BaseModel) -> dict | None:
     finally:
         for n, w0 in saved.items():
             base.module(n).weight.copy_(w0)
-    return {k.removeprefix("probe/"): v for k, v in stats.items()} | {"prompts": len(probe.prompts), "clip_skip": probe.clip_skip}
+    outputs = {}
+    for p in probes:  # `probe/<value>` for the family's first output, `probe/<output>/<value>` for the others
+        output = p.prefix.removeprefix("probe/").rstrip("/") or "text_encoder"
+        outputs[output] = {k.removeprefix(p.prefix): v for k, v in stats.items()
+                           if k.startswith(p.prefix) and "/" not in k.removeprefix(p.prefix)}
+    first = next(iter(outputs.values()))
+    return {**first, "outputs": outputs, "prompts": len(probes[0].prompts), "clip_skip": probes[0].clip_skip}
 
 
 def inspect_adapter(path: str | Path, base: BaseModel | None = None, *, top_k: int = 10, epsilon: float = 0.5) -> dict:
@@ -201,8 +215,12 @@ def format_report(report: dict, compare: dict | None = None) -> str:
     for r in [report] + ([compare] if compare else []):
         d = r["text_encoder_drift"]
         if d is not None:
-            lines.append(f"\ntext-embedding drift of {r['adapter']} on {d['prompts']} probe prompts: relative norm drift "
-                         f"{d['drift']:.4g}, cosine {d['cosine']:.6f} (mean token norm {d['norm']:.4g} vs base {d['base_norm']:.4g})")
+            outputs = d.get("outputs") or {"text_encoder": d}
+            for output, o in outputs.items():
+                which = "" if len(outputs) == 1 else f" ({output}{' embedding' if output == 'pooled' else ''})"
+                lines.append(f"\ntext-embedding drift{which} of {r['adapter']} on {d['prompts']} probe prompts: relative "
+                             f"norm drift {o['drift']:.4g}, cosine {o['cosine']:.6f} (mean token norm {o['norm']:.4g} "
+                             f"vs base {o['base_norm']:.4g})")
         elif r["base"]:
             lines.append(f"\n{r['adapter']}: no text-encoder modules, no text-embedding drift")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ def _pyplot():
 
 def short_name(name: str) -> str:
     """Drop the parts every module shares so that axis labels stay readable."""
-    for long, short in (("text_encoder.encoder.layers.", "te."), ("unet.down_blocks.", "down."), ("unet.up_blocks.", "up."),
+    for long, short in (("text_encoder.encoder.layers.", "te."), ("text_encoder_2.encoder.layers.", "te2."), ("unet.down_blocks.", "down."), ("unet.up_blocks.", "up."),
                         ("unet.mid_block.", "mid."), ("attentions.", "at."), ("transformer_blocks.", "tb."),
                         ("resnets.", "res."), (".self_attn.", ".")):
         name = name.replace(long, short)

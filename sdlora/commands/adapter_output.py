@@ -98,8 +98,7 @@ def base_weights(base: str | None, config_dir: str | None = None):
     """name -> the base model's weight W0 of that module (loaded once, on first use); None without `base`."""
     if base is None:
         return None
-    from sdlora.adapter.algebra import find_module
-    from sdlora.adapter.names import split_name
+    from sdlora.adapter.algebra import component_module
 
     loaded = {}
 
@@ -110,8 +109,6 @@ def base_weights(base: str | None, config_dir: str | None = None):
             if not Path(base).expanduser().exists():
                 raise UserError(f"--base: no such file or folder: {base}")
             loaded["comps"] = load_components(str(base), config_dir=config_dir)
-        comps = loaded["comps"]
-        models = {"unet": comps.unet, "text_encoder": comps.text_encoder}
-        return find_module(models[split_name(name)[0]], name, where=f"--base {base}").weight.detach()
+        return component_module(loaded["comps"].adaptable(), name, where=f"--base {base}").weight.detach()
 
     return weight

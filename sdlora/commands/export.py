@@ -81,20 +81,21 @@ def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, 
     from sdlora.adapter.algebra import merge_adapter
     from sdlora.adapter.merge import pipeline_scheduler, save_merged_diffusers, single_file_carry
     from sdlora.model.loading import load_components
+    from sdlora.model.schedule import inference_schedule
     from sdlora.model.single_file import save_single_file
 
     if not base:
         raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")
     config_dir, allow_pickle = model_cfg.get("config_dir"), bool(model_cfg.get("allow_pickle", False))
-    # The merged model predicts what the adapter was trained to predict (the record), whatever the base's configs say.
+    # The merged model predicts what the adapter was trained to predict, on the schedule it was trained on (the
+    # record), whatever the base's configs say.
     comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle,
-                            prediction_type=record.prediction_type if record else model_cfg.get("prediction_type"))
-    merge_adapter(adapter, comps.unet, comps.text_encoder)
+                            prediction_type=record.prediction_type if record else model_cfg.get("prediction_type"),
+                            zero_terminal_snr=record.zero_terminal_snr if record else model_cfg.get("zero_terminal_snr"))
+    merge_adapter(adapter, comps.adaptable())
     if fmt == "merged-diffusers":
-        scheduler = pipeline_scheduler(base, comps.base_model_version, config_dir)
-        if scheduler.config.prediction_type != comps.prediction_type:
-            scheduler = type(scheduler).from_config(scheduler.config, prediction_type=comps.prediction_type)
+        scheduler = pipeline_scheduler(base, comps.family.base_model_version("epsilon"), config_dir)
+        scheduler = inference_schedule(scheduler, comps.prediction_type, comps.zero_terminal_snr)
         save_merged_diffusers(out, comps, scheduler, dtype, record)
     else:
-        save_single_file(out, comps.unet, comps.vae, comps.text_encoder, comps.base_model_version, dtype=dtype,
-                         carry=single_file_carry(base, allow_pickle), record=record)
+        save_single_file(out, comps, dtype=dtype, carry=single_file_carry(base, allow_pickle), record=record)

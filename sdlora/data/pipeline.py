@@ -197,12 +197,9 @@ class TrainingData:
 
     def _common(self, slots: list[Slot]) -> dict:
         sizes = [size_conditioning(self.samples[s.sample], s.offset, s.flip) for s in slots]
-        original, crop, target = (torch.tensor(list(v), dtype=torch.float32) for v in zip(*sizes))
-        common = {"captions": [s.caption for s in slots],
+        common = {**conditioning_fields([s.caption for s in slots], sizes),
                   "loss_weight": torch.tensor([self.samples[s.sample].item.loss_weight for s in slots], dtype=torch.float32),
-                  "image_paths": [str(self.samples[s.sample].item.path) for s in slots],
-                  # SDXL's micro-conditioning (families.SDXLFamily.unet_kwargs); other families ignore them
-                  "original_size": original, "crop_top_left": crop, "target_size": target}
+                  "image_paths": [str(self.samples[s.sample].item.path) for s in slots]}
         if self.cfg.data.masked_loss:
             common["loss_mask"] = torch.stack([self.mask(s) for s in slots])
         return common
@@ -238,6 +235,14 @@ class TrainingData:
         if self.cfg.data.masked_loss:  # cached with the latents: a cached run never reads an image or a mask again
             self.masks = {(i, flip): load_mask(self.samples[i], center_offset(self.samples[i]), flip, self.cfg.data,
                                                self.latent_factor) for i, flip in self.latents}
+
+
+def conditioning_fields(captions: list[str], sizes: list[tuple]) -> dict:
+    """The batch fields `family.unet_kwargs` reads besides the text conditioning: the captions (SDXL conditions an
+    empty one on zeros) and SDXL's micro-conditioning from each image's `size_conditioning`: original_size,
+    crop_top_left, target_size, (batch, 2) float32 pixels each. Other families ignore them."""
+    original, crop, target = (torch.tensor([list(v) for v in column], dtype=torch.float32) for column in zip(*sizes))
+    return {"captions": list(captions), "original_size": original, "crop_top_left": crop, "target_size": target}
 
 
 def size_conditioning(sample: Sample, offset: tuple[int, int], flip: bool) -> tuple[tuple, tuple, tuple]:

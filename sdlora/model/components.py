@@ -34,6 +34,17 @@ class Components:
         parts = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
         return [parts[name] for name in self.family.text_encoders]
 
+    def adaptable(self) -> dict[str, "torch.nn.Module"]:
+        """The models an adapter's modules live in, by component name (`unet`, then the text encoders)."""
+        return {"unet": self.unet, **self.text_encoders}
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the noise schedule is rescaled to zero terminal SNR (model.zero_terminal_snr; model/schedule.py)."""
+        from sdlora.model.schedule import zero_terminal_snr_of
+
+        return zero_terminal_snr_of(self.noise_scheduler)
+
     @property
     def prediction_type(self) -> str:
         """The training target: `epsilon` or `v_prediction` (the noise scheduler's, after model.prediction_type)."""

@@ -3,8 +3,9 @@
 A family answers: which components it has and which text encoders can carry LoRA, how a caption becomes the
 UNet's conditioning, the kohya prefix of each component, the metadata strings exports write (kohya's
 `ss_base_model_version`, ModelSpec's architecture and resolution), the named block groups of
-`optim.lr_rules`, how a diffusers UNet config or a single file's keys are recognised, where its bundled
-single-file configs live, and which diffusers pipeline samples it.
+`optim.lr_rules`, how a diffusers UNet config or a single file's keys are recognised, each text encoder's
+layout and prefix in a single file, whose converter reads its single files, where its bundled single-file
+configs live, and which diffusers pipeline samples it (and is saved as a merged folder).
 
 Architecture and prediction type are separate facts: a model is (family, prediction type). The strings that
 combine them (`sd_v2_v`, `stable-diffusion-v2-768-v`) are produced here, for the formats that use them.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError
+from sdlora.model import ldm_keys as L
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -47,6 +49,16 @@ class ModelFamily:
     kohya_unet_layout: dict | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
+    # The single-file (original LDM) layout: (component, layout of ldm_keys.TEXT_ENCODER_LAYOUTS, key prefix) per
+    # text encoder, in `text_encoders` order.
+    ldm_text_encoders: tuple = (("text_encoder", "clip_l", L.CLIP_L),)
+    # Whose key mapping reads this family's single files: "sdlora" (model/ldm_keys.py, inverse of the writer) or
+    # "diffusers" (its own single-file converters, offline with the bundled configs).
+    single_file_reader: str = "sdlora"
+    v_marker_keys: bool = False  # a v-prediction single file carries ComfyUI's `v_pred` (and `ztsnr`) marker keys
+    # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
+    pipeline_options: dict = field(default_factory=lambda: {"safety_checker": None, "feature_extractor": None,
+                                                           "requires_safety_checker": False})
 
     # -- names and metadata for a (family, prediction type) ------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:
@@ -90,6 +102,42 @@ class ModelFamily:
             if m:
                 return re.compile(pattern.format(*m.groups()) if m.groups() else pattern)
         return None
+
+    # -- single files and pipelines ---------------------------------------------------------------------------
+    @property
+    def tokenizer_names(self) -> tuple[str, ...]:
+        """The pipeline's tokenizer of each text encoder (`tokenizer`, `tokenizer_2`), in `text_encoders` order."""
+        return tuple(n.replace("text_encoder", "tokenizer") for n in self.text_encoders)
+
+    def pipeline(self, *, unet, vae, text_encoders: dict, tokenizers: list, scheduler):
+        """The family's diffusers pipeline around these models (samples during training, the merged folder)."""
+        import diffusers
+
+        parts = {name: text_encoders[name] for name in self.text_encoders} | dict(zip(self.tokenizer_names, tokenizers))
+        return getattr(diffusers, self.pipeline_class)(unet=unet, vae=vae, scheduler=scheduler, **parts,
+                                                       **self.pipeline_options)
+
+    def pipeline_embeddings(self, cond, uncond, dtype, *, empty_negative: bool = False) -> dict:
+        """The pipeline call's embedding keyword arguments (`prompt_embeds`, `negative_prompt_embeds`: (batch, tokens,
+        width) in `dtype`) for `encode`'s conditioning of the prompts and of the negative prompts. `empty_negative`:
+        the negative prompt is the empty string (SD 1.x/2.x encode it like any prompt)."""
+        return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+
+    def matches_single_file(self, keys) -> bool:
+        """Every text encoder of the family is in the file (a CLIP-L may lack the `text_model.` level: old SD 1.x)."""
+        keys = list(keys)
+        return all(any(k.startswith(prefix.removesuffix("text_model.")) for k in keys)
+                   for _, _, prefix in self.ldm_text_encoders)
+
+    def single_file_markers(self, prediction_type: str, zero_terminal_snr: bool = False) -> dict[str, torch.Tensor]:
+        """Keys that tell a single file's readers what no weight shows: ComfyUI reads an SDXL file with `v_pred` as
+        v-prediction, and with `ztsnr` as trained with zero terminal SNR (empty tensors; the key is the message)."""
+        if not self.v_marker_keys or prediction_type != "v_prediction":
+            return {}
+        marks = {L.V_PRED_KEY: torch.zeros(0)}
+        if zero_terminal_snr:
+            marks[L.ZTSNR_KEY] = torch.zeros(0)
+        return marks
 
     # -- conditioning -----------------------------------------------------------------------------------------
     def encode(self, text_encoders, input_ids, clip_skip: int = 1):
@@ -202,6 +250,15 @@ class SDXLFamily(ModelFamily):
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device, dtype)}}
 
+    def pipeline_embeddings(self, cond: SDXLConditioning, uncond: SDXLConditioning, dtype, *,
+                            empty_negative: bool = False) -> dict:
+        """An empty negative prompt is zeros, hidden states and pooled embedding alike, as SDXL was trained (the
+        class docstring) and as its pipeline's `force_zeros_for_empty_prompt` samples it."""
+        if empty_negative:
+            uncond = SDXLConditioning(uncond.hidden * 0, uncond.pooled * 0, uncond.per_encoder)
+        return {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype),
+                "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
+
     def text_output(self, name: str, embeddings: SDXLConditioning) -> torch.Tensor:
         if name == "pooled":
             return embeddings.pooled[:, None, :]
@@ -235,7 +292,8 @@ SD1 = ModelFamily(name="sd1", title="SD 1.x", kohya_version="sd_v1", modelspec_a
                   block_groups=block_groups(("text_encoder",)))
 SD2 = ModelFamily(name="sd2", title="SD 2.x", kohya_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
                   modelspec_architecture_v="stable-diffusion-v2-768-v", resolution=512, resolution_v=768,
-                  v_version_suffix=True, block_groups=block_groups(("text_encoder",)))
+                  v_version_suffix=True, block_groups=block_groups(("text_encoder",)),
+                  ldm_text_encoders=(("text_encoder", "open_clip", L.OPEN_CLIP),))
 # kohya and ModelSpec have one name for SDXL base and its v-prediction fine-tunes (ss_v_parameterization and
 # modelspec.prediction_type tell them apart).
 SDXL = SDXLFamily(
@@ -251,6 +309,12 @@ SDXL = SDXLFamily(
     # SDXL's original names (input / middle / output blocks) and diffusers' (down / mid / up) for one thing
     block_groups=block_groups(("text_encoder", "text_encoder_2"), {"down": "(?:down|input)", "mid": "(?:mid|middle)",
                                                                   "up": "(?:up|output)"}),
+    ldm_text_encoders=(("text_encoder", "clip_l", L.SDXL_CLIP_L), ("text_encoder_2", "open_clip", L.SDXL_OPEN_CLIP)),
+    # diffusers' converters read SDXL files offline from the bundled configs (sdlora/resources/configs/sdxl_base_v1-0)
+    single_file_reader="diffusers",
+    v_marker_keys=True,
+    # SDXL was trained with zeroed conditioning for dropped captions, and its base pipeline samples that way
+    pipeline_options={"force_zeros_for_empty_prompt": True, "add_watermarker": False},
 )
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 SUPPORTED = "sdlora trains SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"

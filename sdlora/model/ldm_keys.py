@@ -2,11 +2,14 @@
 
 One table of module-prefix pairs per model drives both directions, so they cannot drift apart:
 `to_ldm` maps a diffusers state dict to LDM keys, `from_ldm` inverts the same table. Tensors change
-in two places only: the VAE's mid-block attention (Linear in diffusers, 1x1 conv in LDM) and the
-SD 2.x OpenCLIP text encoder (q/k/v in diffusers, one fused `in_proj` in LDM).
+in three places only: the VAE's mid-block attention (Linear in diffusers, 1x1 conv in LDM), the
+OpenCLIP text encoders (q/k/v in diffusers, one fused `in_proj` in LDM) and OpenCLIP's `text_projection`
+(a matrix applied as `x @ P` in LDM, a Linear of weight `P.T` in diffusers; SDXL's bigG).
 
-LDM prefixes: `model.diffusion_model.` (UNet), `first_stage_model.` (VAE),
-`cond_stage_model.transformer.text_model.` (SD 1.x CLIP-L), `cond_stage_model.model.` (SD 2.x OpenCLIP).
+LDM prefixes: `model.diffusion_model.` (UNet), `first_stage_model.` (VAE); text encoders by family
+(`families.ModelFamily.ldm_text_encoders`): `cond_stage_model.transformer.text_model.` (SD 1.x CLIP-L),
+`cond_stage_model.model.` (SD 2.x OpenCLIP-H), `conditioner.embedders.0.transformer.text_model.` (SDXL CLIP-L)
+and `conditioner.embedders.1.model.` (SDXL OpenCLIP bigG).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "cond_stage_model.transformer.text_model."
 OPEN_CLIP = "cond_stage_model.model."
+SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+# Empty tensors that mark a v-prediction (and zero-terminal-SNR) SDXL single file: the keys ComfyUI reads
+# (its SDXL model_type(): "v_pred" in the state dict -> v-prediction, "ztsnr" -> zero terminal SNR).
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -39,6 +47,8 @@ def unet_pairs(config) -> list[Pair]:
     layers = config["layers_per_block"]
     pairs = [Pair("time_embedding.linear_1", "time_embed.0"), Pair("time_embedding.linear_2", "time_embed.2"),
              Pair("conv_in", "input_blocks.0.0"), Pair("conv_norm_out", "out.0"), Pair("conv_out", "out.2")]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning embedding
+        pairs += [Pair("add_embedding.linear_1", "label_emb.0.0"), Pair("add_embedding.linear_2", "label_emb.0.2")]
     downs = config["down_block_types"]
     for i, kind in enumerate(downs):
         for j in range(layers):
@@ -154,45 +164,75 @@ def vae_from_ldm(ldm_sd: dict[str, torch.Tensor], config, diffusers_keys, prefix
     return out
 
 
-def clip_l_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {CLIP_L + k.removeprefix("text_model."): t for k, t in sd.items()}
+def _flat(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text model's state dict without the `text_model.` level (transformers 4, CLIPTextModelWithProjection)."""
+    return {k.removeprefix("text_model."): t for k, t in sd.items()}
+
+
+def clip_l_to_ldm(sd: dict[str, torch.Tensor], prefix: str = CLIP_L) -> dict[str, torch.Tensor]:
+    sd = _flat(sd)
+    out = {prefix + k: t for k, t in sd.items()}
     n = sd["embeddings.position_embedding.weight"].shape[0] if "embeddings.position_embedding.weight" in sd else 77
-    out[CLIP_L + "embeddings.position_ids"] = torch.arange(n, dtype=torch.int64)[None]  # every SD 1.x checkpoint has it
+    out[prefix + "embeddings.position_ids"] = torch.arange(n, dtype=torch.int64)[None]  # every SD 1.x / SDXL file has it
     return out
 
 
-def clip_l_from_ldm(ldm_sd: dict[str, torch.Tensor], diffusers_keys) -> dict[str, torch.Tensor]:
+def clip_l_from_ldm(ldm_sd: dict[str, torch.Tensor], diffusers_keys, prefix: str = CLIP_L) -> dict[str, torch.Tensor]:
     # Very old SD 1.x files lack the `text_model.` level (transformers < 4.2 layout).
-    prefix = CLIP_L if any(k.startswith(CLIP_L) for k in ldm_sd) else "cond_stage_model.transformer."
-    return {k: ldm_sd[prefix + k] for k in diffusers_keys}
+    if prefix == CLIP_L and not any(k.startswith(CLIP_L) for k in ldm_sd):
+        prefix = "cond_stage_model.transformer."
+    return {k: ldm_sd[prefix + k.removeprefix("text_model.")] for k in diffusers_keys}
 
 
-def open_clip_to_ldm(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], num_layers: int, prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
+    sd = _flat(sd)
     pairs = open_clip_pairs(num_layers)
-    out = {OPEN_CLIP + "positional_embedding": sd["embeddings.position_embedding.weight"]}
+    out = {prefix + "positional_embedding": sd["embeddings.position_embedding.weight"]}
+    if "text_projection.weight" in sd:  # CLIPTextModelWithProjection (SDXL's bigG): LDM applies x @ P, P = W.T
+        out[prefix + "text_projection"] = sd["text_projection.weight"].T.contiguous()
     for i in range(num_layers):
         base = f"encoder.layers.{i}.self_attn."
         for kind in ("weight", "bias"):
             qkv = [sd[f"{base}{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{OPEN_CLIP}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv, 0)
-    rest = [k for k in sd if k != "embeddings.position_embedding.weight" and not _is_qkv(k)]
-    out.update({OPEN_CLIP + ldm: sd[k] for k, ldm in key_map(rest, pairs).items()})
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv, 0)
+    special = ("embeddings.position_embedding.weight", "text_projection.weight")
+    rest = [k for k in sd if k not in special and not _is_qkv(k)]
+    out.update({prefix + ldm: sd[k] for k, ldm in key_map(rest, pairs).items()})
     return out
 
 
-def open_clip_from_ldm(ldm_sd: dict[str, torch.Tensor], diffusers_keys, num_layers: int) -> dict[str, torch.Tensor]:
+def open_clip_from_ldm(ldm_sd: dict[str, torch.Tensor], diffusers_keys, num_layers: int,
+                       prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
     out = {}
     pairs = open_clip_pairs(num_layers)
-    for k in diffusers_keys:
+    for key in diffusers_keys:
+        k = key.removeprefix("text_model.")
         if k == "embeddings.position_embedding.weight":
-            out[k] = ldm_sd[OPEN_CLIP + "positional_embedding"]
+            out[key] = ldm_sd[prefix + "positional_embedding"]
+        elif k == "text_projection.weight":
+            out[key] = ldm_sd[prefix + "text_projection"].T.contiguous()
         elif _is_qkv(k):
             layer, proj, kind = k.split(".")[2], k.split(".")[4][0], k.rsplit(".", 1)[1]
-            fused = ldm_sd[f"{OPEN_CLIP}transformer.resblocks.{layer}.attn.in_proj_{kind}"]
-            out[k] = fused.chunk(3, 0)["qkv".index(proj)]
+            fused = ldm_sd[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"]
+            out[key] = fused.chunk(3, 0)["qkv".index(proj)]
         else:
-            out[k] = ldm_sd[OPEN_CLIP + key_map([k], pairs)[k]]
+            out[key] = ldm_sd[prefix + key_map([k], pairs)[k]]
     return out
+
+
+TEXT_ENCODER_LAYOUTS = ("clip_l", "open_clip")
+
+
+def text_encoder_to_ldm(layout: str, sd: dict[str, torch.Tensor], num_layers: int, prefix: str) -> dict[str, torch.Tensor]:
+    """One text encoder's LDM keys: `clip_l` keeps Hugging Face names under `prefix`; `open_clip` is OpenCLIP's own."""
+    return clip_l_to_ldm(sd, prefix) if layout == "clip_l" else open_clip_to_ldm(sd, num_layers, prefix)
+
+
+def text_encoder_from_ldm(layout: str, ldm_sd: dict[str, torch.Tensor], diffusers_keys, num_layers: int,
+                          prefix: str) -> dict[str, torch.Tensor]:
+    if layout == "clip_l":
+        return clip_l_from_ldm(ldm_sd, diffusers_keys, prefix)
+    return open_clip_from_ldm(ldm_sd, diffusers_keys, num_layers, prefix)
 
 
 def _is_qkv(key: str) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from sdlora.errors import UserError
 from sdlora.model.components import Components
 from sdlora.model.families import SUPPORTED, family_of_unet
+from sdlora.model.schedule import set_noise_schedule
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
@@ -44,10 +45,12 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def load_components(model_path: str, *, vae_path: str | None = None, config_dir: str | None = None,
-                    allow_pickle: bool = False, prediction_type: str | None = None) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, offline, in fp32.
+                    allow_pickle: bool = False, prediction_type: str | None = None,
+                    zero_terminal_snr: bool | None = None) -> Components:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler, offline, in fp32.
 
-    `prediction_type` (model.prediction_type) overrides what the model's configs or metadata say."""
+    `prediction_type` (model.prediction_type) and `zero_terminal_snr` (model.zero_terminal_snr) override what the
+    model's configs or metadata say (None: keep it)."""
     _quiet_loaders()
     path = Path(os.path.expanduser(model_path))
     if not path.exists():
@@ -59,21 +62,13 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
 
         comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
     if vae_path:
-        comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle)
+        comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle, base_config=comps.vae.config)
         latent = comps.unet.config.in_channels
         if comps.vae.config.latent_channels != latent:
             raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
                             f"the model's UNet takes {latent} (an SD VAE is needed)")
-    if prediction_type and prediction_type != comps.prediction_type:
-        set_prediction_type(comps, prediction_type)
+    set_noise_schedule(comps, prediction_type, zero_terminal_snr)
     return comps
-
-
-def set_prediction_type(comps: Components, prediction_type: str) -> None:
-    """The noise scheduler, so the training target, follows it (and with it every name derived from the
-    prediction type: `Components.base_model_version`, ModelSpec's architecture)."""
-    sched = comps.noise_scheduler
-    comps.noise_scheduler = type(sched).from_config(sched.config, prediction_type=prediction_type)
 
 
 def _load_diffusers_folder(path: Path) -> Components:
@@ -145,7 +140,7 @@ def check_unet(unet, vae, where) -> None:
                         f"gives {latent} (an inpainting or upscaling model?); {SUPPORTED} with {latent}-channel UNets")
 
 
-def load_vae(vae_path: str, *, config_dir: str | None = None, allow_pickle: bool = False):
+def load_vae(vae_path: str, *, config_dir: str | None = None, allow_pickle: bool = False, base_config=None):
     from diffusers import AutoencoderKL
 
     p = Path(os.path.expanduser(vae_path))
@@ -160,4 +155,4 @@ def load_vae(vae_path: str, *, config_dir: str | None = None, allow_pickle: bool
             raise UserError(f"model.vae_path: {p} could not be loaded as a VAE: {first[:300]}") from None
     from sdlora.model.single_file import load_single_file_vae
 
-    return load_single_file_vae(p, config_dir=config_dir, allow_pickle=allow_pickle)
+    return load_single_file_vae(p, config_dir=config_dir, allow_pickle=allow_pickle, base_config=base_config)

@@ -1,10 +1,16 @@
-"""Single-file SD 1.x / 2.x checkpoints (the original LDM layout): reading them offline, and writing them.
+"""Single-file checkpoints (the original LDM / SGM layout) of SD 1.x, 2.x and SDXL: reading them offline, and writing.
 
-Reading needs no network: the package carries diffusers-format configs for SD 1.x, SD 2.x-512
-(epsilon) and SD 2.x-768 (v-prediction) and the CLIP tokenizer files (`sdlora/resources/`). The
-architecture comes from the keys (CLIP-L text encoder = SD 1.x, OpenCLIP = SD 2.x); the prediction
-type, which no key or shape reveals, comes from, in order: `model.config_dir`'s scheduler config,
-the file's `modelspec.prediction_type` metadata, ComfyUI's weight heuristic for SD 2.x, epsilon.
+Reading needs no network: the package carries diffusers-format configs for SD 1.x, SD 2.x-512 (epsilon),
+SD 2.x-768 (v-prediction) and SDXL base 1.0, and the CLIP tokenizer files (`sdlora/resources/`). The family
+comes from the keys (`ModelFamily.matches_single_file`: CLIP-L = SD 1.x, OpenCLIP = SD 2.x, both under
+`conditioner.embedders` = SDXL). The prediction type, which no weight shape reveals, comes from, in order:
+`model.config_dir`'s scheduler config, the file's `modelspec.prediction_type` metadata, the `v_pred` marker key
+(SDXL v-prediction files, as ComfyUI reads them), ComfyUI's weight heuristic for SD 2.x, epsilon.
+
+SD 1.x/2.x files are read by sdlora's own mapping (`ldm_keys`, the inverse of the writer; pinned against
+diffusers' converters in the tests). SDXL files are read by diffusers' own single-file converters
+(`UNet2DConditionModel.from_single_file` etc.), pointed at the bundled configs so that nothing is downloaded.
+Writing uses `ldm_keys` for every family: diffusers has no converter to the original layout.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from sdlora.errors import UserError
 from sdlora.model import ldm_keys as L
-from sdlora.model.families import SD1, SD2
+from sdlora.model.families import FAMILIES, SUPPORTED
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 BUNDLED_CONFIGS = RESOURCES / "configs"
@@ -57,24 +63,37 @@ def read_checkpoint(path: Path, *, allow_pickle: bool, key: str = "model.path") 
     return sd, meta
 
 
-def detect_architecture(sd: dict, path: str = "checkpoint") -> str:
-    """'sd_v1' (CLIP-L text encoder) or 'sd_v2' (OpenCLIP), from the keys alone."""
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise UserError(f"model.path: {path} is an SDXL checkpoint; sdlora trains SD 1.x and 2.x")
+def detect_family(sd: dict, path: str = "checkpoint"):
+    """The model family of a single file, from its keys alone (`ModelFamily.matches_single_file`)."""
     if L.UNET + "input_blocks.0.0.weight" not in sd:
-        raise UserError(f"model.path: {path} is not an SD 1.x/2.x checkpoint (no model.diffusion_model.* UNet keys)")
-    if any(k.startswith(L.OPEN_CLIP) for k in sd):
-        return "sd_v2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
-        return "sd_v1"
-    raise UserError(f"model.path: {path} has no text encoder (cond_stage_model.*); sdlora needs one")
+        raise UserError(f"model.path: {path} is not an SD 1.x, 2.x or SDXL checkpoint (no model.diffusion_model.* "
+                        "UNet keys)")
+    for family in FAMILIES.values():
+        if family.matches_single_file(sd):
+            return family
+    if any(k.startswith("conditioner.embedders.0.model.") for k in sd):  # OpenCLIP bigG alone: the refiner
+        raise UserError(f"model.path: {path} is an SDXL refiner checkpoint (one OpenCLIP text encoder); {SUPPORTED}: "
+                        "the SDXL base model and its fine-tunes")
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise UserError(f"model.path: {path} is an SDXL checkpoint without both of its text encoders (CLIP-L under "
+                        f"{L.SDXL_CLIP_L.removesuffix('text_model.')}*, OpenCLIP bigG under {L.SDXL_OPEN_CLIP}*)")
+    raise UserError(f"model.path: {path} has no text encoder (cond_stage_model.* or conditioner.embedders.*); "
+                    "sdlora needs one")
+
+
+def detect_architecture(sd: dict, path: str = "checkpoint") -> str:
+    """The family's bundled-config name for epsilon prediction: 'sd_v1', 'sd_v2' or 'sdxl_base_v1-0'."""
+    return detect_family(sd, path).base_model_version("epsilon")
 
 
 def detect_prediction_type(sd: dict, meta: dict, arch: str) -> str:
-    """'epsilon' or 'v_prediction' from the file's metadata, else ComfyUI's heuristic for SD 2.x, else epsilon."""
+    """'epsilon' or 'v_prediction' from the file's metadata, else the `v_pred` marker key (SDXL, as ComfyUI reads
+    it), else ComfyUI's heuristic for SD 2.x, else epsilon."""
     hint = meta.get("modelspec.prediction_type") or meta.get("sdlora.prediction_type")
     if hint:
         return "v_prediction" if hint in ("v", "v_prediction") else "epsilon"
+    if L.V_PRED_KEY in sd:
+        return "v_prediction"
     if arch == "sd_v2":
         # The last up-block's first transformer norm1.bias spreads wider in v models (ComfyUI's rule, measured on
         # the released SD 2.x weights); it is the only weight-based signal known.
@@ -86,21 +105,22 @@ def detect_prediction_type(sd: dict, meta: dict, arch: str) -> str:
 
 
 def detect_version(sd: dict, meta: dict | None = None, path: str = "checkpoint") -> str:
-    """'sd_v1' | 'sd_v2' | 'sd_v2_v' (the Components.base_model_version of this checkpoint)."""
+    """'sd_v1' | 'sd_v2' | 'sd_v2_v' | 'sdxl_base_v1-0' (the Components.base_model_version of this checkpoint)."""
     arch = detect_architecture(sd, path)
     return family_of_architecture(arch).base_model_version(detect_prediction_type(sd, meta or {}, arch))
 
 
 def family_of_architecture(arch: str):
-    """The family of a single file's text-encoder architecture ('sd_v1': CLIP-L, 'sd_v2': OpenCLIP)."""
-    return {"sd_v1": SD1, "sd_v2": SD2}[arch]
+    """The family of a bundled-config name for epsilon prediction (`detect_architecture`)."""
+    return next(f for f in FAMILIES.values() if f.base_model_version("epsilon") == arch)
 
 
-def _configs(version: str, config_dir: str | os.PathLike | None) -> Path:
+def _configs(version: str, config_dir: str | os.PathLike | None, family=None) -> Path:
     if config_dir is None:
         return BUNDLED_CONFIGS / version
     d = Path(os.path.expanduser(str(config_dir)))
-    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json"]
+    text_encoders = family.text_encoders if family is not None else ("text_encoder",)
+    needed = ["unet/config.json", "vae/config.json"] + [f"{te}/config.json" for te in text_encoders]
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
         raise UserError(f"model.config_dir: {d} lacks {missing[0]} (a diffusers model folder's configs are needed)")
@@ -111,11 +131,13 @@ def _read_json(p: Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def load_tokenizer(config_root: Path):
-    """The config folder's own tokenizer files if it has them, else the bundled CLIP vocabulary."""
+def load_tokenizer(config_root: Path, subfolder: str = "tokenizer"):
+    """The config folder's own tokenizer files if it has them, else the bundled CLIP vocabulary with the folder's
+    special tokens (the pad token differs: SD 1.x's and SDXL's first tokenizer pad with end-of-text, SD 2.x's
+    and SDXL's second with `!`, id 0)."""
     from transformers import CLIPTokenizer
 
-    tok = config_root / "tokenizer"
+    tok = config_root / subfolder
     if (tok / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(tok, local_files_only=True)
     settings = _read_json(tok / "special_tokens_map.json") if (tok / "special_tokens_map.json").is_file() else {}
@@ -156,16 +178,15 @@ def build_vae(sd: dict, config: dict, path="checkpoint", prefix: str = L.VAE):
     return _fill(vae, _mapped(lambda: L.vae_from_ldm(sd, config, keys, prefix), path, "VAE"), "VAE", path)
 
 
-def build_text_encoder(sd: dict, config: dict, arch: str, path="checkpoint"):
+def build_text_encoder(sd: dict, config: dict, layout: str, path="checkpoint", prefix: str | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     te = _empty(lambda: CLIPTextModel(te_config))
     keys = list(te.state_dict())
-    if arch == "sd_v1":
-        mapped = _mapped(lambda: L.clip_l_from_ldm(sd, keys), path, "text encoder")
-    else:
-        mapped = _mapped(lambda: L.open_clip_from_ldm(sd, keys, te_config.num_hidden_layers), path, "text encoder")
+    prefix = prefix or (L.CLIP_L if layout == "clip_l" else L.OPEN_CLIP)
+    mapped = _mapped(lambda: L.text_encoder_from_ldm(layout, sd, keys, te_config.num_hidden_layers, prefix), path,
+                     "text encoder")
     return _fill(te, mapped, "text encoder", path)
 
 
@@ -179,42 +200,91 @@ def _mapped(fn, path, what):
 
 
 def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
-    """A single-file checkpoint as `Components` (fp32), offline."""
+    """A single-file checkpoint as `Components` (fp32), offline. The noise schedule is the file's: its prediction
+    type (see the module docstring) and, for an SDXL file with the `ztsnr` marker, zero terminal SNR."""
     from diffusers import DDPMScheduler
 
     from sdlora.model.components import Components
 
     path = Path(path)
     sd, meta = read_checkpoint(path, allow_pickle=allow_pickle)
-    arch = detect_architecture(sd, str(path))
-    root = _configs(arch, config_dir)
+    family = detect_family(sd, str(path))
+    arch = family.base_model_version("epsilon")
+    root = _configs(arch, config_dir, family)
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched_config = _read_json(sched_file) if sched_file.is_file() else _read_json(BUNDLED_CONFIGS / arch / "scheduler" / "scheduler_config.json")
     if config_dir is not None and sched_file.is_file():
         prediction = sched_config.get("prediction_type", "epsilon")  # the user's configs are the override
     else:
         prediction = detect_prediction_type(sd, meta, arch)
-    family = family_of_architecture(arch)
+        if L.ZTSNR_KEY in sd:
+            sched_config["rescale_betas_zero_snr"] = True
     version = family.base_model_version(prediction)
     if config_dir is None:
         root = BUNDLED_CONFIGS / version
     sched_config["prediction_type"] = prediction
-    unet = build_unet(sd, _read_json(root / "unet" / "config.json"), path)
-    vae = build_vae(sd, _read_json(root / "vae" / "config.json"), path)
-    text_encoder = build_text_encoder(sd, _read_json(root / "text_encoder" / "config.json"), arch, path)
-    tokenizer = load_tokenizer(root)
+    read = _read_with_diffusers if family.single_file_reader == "diffusers" else _read_with_sdlora
+    models = read(sd, root, family, path)
+    tokenizers = [load_tokenizer(root, name) for name in family.tokenizer_names]
     scheduler = DDPMScheduler.from_config({k: v for k, v in sched_config.items() if not k.startswith("_")})
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), family=family)
+    encoders = {name: models[name] for name in family.text_encoders}
+    extra = {"text_encoder_2": encoders.get("text_encoder_2"),
+             "tokenizer_2": tokenizers[1] if len(tokenizers) > 1 else None}
+    return Components(models["unet"], models["vae"], encoders["text_encoder"], tokenizers[0], scheduler, str(path),
+                      family=family, **extra)
 
 
-def load_single_file_vae(path, *, config_dir=None, allow_pickle: bool = False):
-    """A VAE file: LDM layout (bare `encoder.down.*` or a full checkpoint's `first_stage_model.*`) or diffusers'."""
+def _read_with_sdlora(sd: dict, root: Path, family, path) -> dict:
+    """UNet, VAE and text encoders through sdlora's own mapping (ldm_keys), strict: a missing weight is named."""
+    models = {"unet": build_unet(sd, _read_json(root / "unet" / "config.json"), path),
+              "vae": build_vae(sd, _read_json(root / "vae" / "config.json"), path)}
+    for component, layout, prefix in family.ldm_text_encoders:
+        models[component] = build_text_encoder(sd, _read_json(root / component / "config.json"), layout, path, prefix)
+    return models
+
+
+def _read_with_diffusers(sd: dict, root: Path, family, path) -> dict:
+    """UNet, VAE and text encoders through diffusers' single-file converters (what `from_single_file` runs), with
+    `root`'s configs, offline; every parameter must come from the file (diffusers would leave a missing one empty)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    models = {}
+    try:
+        for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
+            models[name] = cls.from_single_file(sd, config=str(root), subfolder=name, local_files_only=True,
+                                                torch_dtype=torch.float32)
+        for name in family.text_encoders:
+            cls = getattr(transformers, (index.get(name) or [None, "CLIPTextModel"])[1])
+            models[name] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=name, config=str(root),
+                                                                local_files_only=True, torch_dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: {path}: diffusers could not read it as {family.title} with the configs in {root} "
+                        f"({first[:200]}); for a non-standard size, set model.config_dir to a diffusers folder of "
+                        "that architecture") from None
+    for name, model in models.items():
+        empty = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+        if empty:
+            raise UserError(f"model.path: {path}: the {name} weight {empty[0]} is missing ({len(empty)} in all); the "
+                            f"file is not a complete {family.title} checkpoint")
+    return {name: model.float().eval() for name, model in models.items()}
+
+
+def load_single_file_vae(path, *, config_dir=None, allow_pickle: bool = False, base_config: dict | None = None):
+    """A VAE file: LDM layout (bare `encoder.down.*` or a full checkpoint's `first_stage_model.*`) or diffusers'.
+    A file has no config: it takes the base model's VAE config (`base_config`; every SD 1.x/2.x/SDXL VAE has one
+    architecture, and the latent scaling factor, 0.18215 or SDXL's 0.13025, belongs to the model it serves)."""
     from diffusers import AutoencoderKL
 
     path = Path(path)
     sd, _ = read_checkpoint(path, allow_pickle=allow_pickle, key="model.vae_path")
-    root = _configs("sd_v1", config_dir)  # every SD 1.x/2.x release shares one VAE architecture
-    config = _read_json(root / "vae" / "config.json")
+    if base_config is not None:
+        config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    else:
+        config = _read_json(_configs("sd_v1", config_dir) / "vae" / "config.json")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:  # already diffusers' names
         vae = _empty(lambda: AutoencoderKL.from_config(config))
         return _fill(vae, {k: v for k, v in sd.items() if k in vae.state_dict()}, "VAE", path)
@@ -225,38 +295,38 @@ def load_single_file_vae(path, *, config_dir=None, allow_pickle: bool = False):
 
 
 # ------------------------------------------------------------------------------------------ writing
-def ldm_state_dict(unet, vae, text_encoder, version: str) -> dict[str, torch.Tensor]:
-    """The original single-file layout of diffusers models (the inverse of load_single_file's mapping)."""
-    sd = L.unet_to_ldm(unet.state_dict(), dict(unet.config))
-    sd.update(L.vae_to_ldm(vae.state_dict(), dict(vae.config)))
-    te = text_encoder.state_dict()
-    if version == "sd_v1":
-        sd.update(L.clip_l_to_ldm(te))
-    else:
-        sd.update(L.open_clip_to_ldm(te, text_encoder.config.num_hidden_layers))
+def ldm_state_dict(comps) -> dict[str, torch.Tensor]:
+    """The original single-file layout of the loaded models (the inverse of the reading mapping): each text encoder
+    in its family's layout and prefix, and the family's marker keys (an SDXL v-prediction file's `v_pred`)."""
+    family = comps.family
+    sd = L.unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))
+    sd.update(L.vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config)))
+    for component, layout, prefix in family.ldm_text_encoders:
+        te = comps.text_encoders[component]
+        sd.update(L.text_encoder_to_ldm(layout, te.state_dict(), te.config.num_hidden_layers, prefix))
+    sd.update(family.single_file_markers(comps.prediction_type, comps.zero_terminal_snr))
     return sd
 
 
-def single_file_metadata(version: str, title: str, record=None) -> dict[str, str]:
-    """ModelSpec keys: from the run's `RunRecord` for a merged model (plus the record itself), else the
-    defaults of `version` (a base model converted without training)."""
-    from sdlora.model.families import family_of_version
-
+def single_file_metadata(family, prediction_type: str, title: str, record=None) -> dict[str, str]:
+    """ModelSpec keys: from the run's `RunRecord` for a merged model (plus the record itself), else those of the
+    model's family and prediction type (a base model converted without training; SDXL's version string does not
+    tell v-prediction apart)."""
     if record is not None:
         return {**record.to_metadata(), **record.modelspec_fields(title=title, lora=False)}
-    family, prediction = family_of_version(version)
-    return family.modelspec(prediction, title=title, lora=False)
+    return family.modelspec(prediction_type, title=title, lora=False)
 
 
-def save_single_file(path, unet, vae, text_encoder, version: str, *, dtype=torch.float32,
-                     carry: dict[str, torch.Tensor] | None = None, record=None) -> None:
-    """Write an LDM-layout .safetensors atomically; `carry` adds keys the mapping does not produce
-    (from a single-file source: SD 2.x's unused last text layer, text_projection, EMA, schedule buffers).
-    `record` (the merged adapter's RunRecord) gives the metadata."""
+def save_single_file(path, comps, *, dtype=torch.float32, carry: dict[str, torch.Tensor] | None = None,
+                     record=None) -> None:
+    """Write `comps` (any family) as an LDM-layout .safetensors atomically; `carry` adds keys the mapping does not
+    produce (from a single-file source: SD 2.x's unused last text layer, text_projection, EMA, schedule buffers,
+    SDXL bigG's logit_scale). `record` (the merged adapter's RunRecord) gives the metadata."""
     from sdlora.util.atomic import save_safetensors
 
-    sd = ldm_state_dict(unet, vae, text_encoder, version)
+    sd = ldm_state_dict(comps)
     for k, v in (carry or {}).items():
         sd.setdefault(k, v)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    save_safetensors(path, sd, metadata=single_file_metadata(version, Path(path).stem, record))
+    save_safetensors(path, sd, metadata=single_file_metadata(comps.family, comps.prediction_type, Path(path).stem,
+                                                             record))

@@ -77,9 +77,11 @@ class DriftProbes:
 
 def family_probe(family, text_encoders: dict, tokenizers: dict, prompts=None, clip_skip: int = 1,
                  max_token_length: int | None = None):
-    """The drift probe of every text output of `family` (a plain DriftProbe where it has one)."""
+    """The drift probe of every text output of `family` whose encoder is in `text_encoders` (a plain DriftProbe
+    where that is one output)."""
     probes = [DriftProbe(text_encoders[component], tokenizers[component], prompts, clip_skip, max_token_length,
-                         family=family, output=output) for output, component, _ in family.text_outputs]
+                         family=family, output=output)
+              for output, component, _ in family.text_outputs if component in text_encoders]
     return probes[0] if len(probes) == 1 else DriftProbes(probes)
 
 

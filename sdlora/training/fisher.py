@@ -8,16 +8,18 @@ the same for every adapter kind and needs nothing from the training layers. Cost
 
 Examples come from an image folder (the run's own data at the end of `sdlora train`, or `--fisher-data FOLDER`)
 or from a prompts file (`--fisher-data PROMPTS.txt`), whose latents the adapted model samples itself (then the
-estimate is the model's own Fisher, not the empirical one).
+estimate is the model's own Fisher, not the empirical one). Any family: SDXL's examples carry its size and crop
+conditioning (the folder's images as `data.pipeline.size_conditioning` gives it, a prompt's as its pipeline samples).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from sdlora.adapter.algebra import find_module, merge_adapter
+from sdlora.adapter.algebra import component_module, merge_adapter
 from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.names import split_name
 from sdlora.errors import UserError
@@ -27,12 +29,27 @@ from sdlora.training.losses import diffusion_loss, diffusion_target
 PROMPT_SAMPLING_STEPS = 20  # DDIM steps per latent sampled for a prompts file
 
 
-def folder_examples(comps, subsets, data_cfg) -> list[tuple[torch.Tensor, str]]:
-    """(scaled latent mean (C, h, w), caption) of every usable image of `subsets`, centre-cropped to its bucket,
-    unflipped, its caption as written (prefix and suffix, no dropout): what the validation loss sees."""
+class Example(NamedTuple):
+    """One example of the estimate: the scaled latent (C, h, w), its caption, and SDXL's micro-conditioning
+    ((h, w) original size, (top, left) crop, (h, w) target size, in pixels; other families ignore it)."""
+
+    latent: torch.Tensor
+    caption: str
+    sizes: tuple = ((0, 0), (0, 0), (0, 0))
+
+    def batch(self) -> dict:
+        """The example as a one-image training batch's conditioning fields (`family.unet_kwargs` reads them)."""
+        from sdlora.data.pipeline import conditioning_fields
+
+        return conditioning_fields([self.caption], [self.sizes])
+
+
+def folder_examples(comps, subsets, data_cfg) -> list[Example]:
+    """Every usable image of `subsets` as its scaled latent mean, centre-cropped to its bucket, unflipped, its caption
+    as written (prefix and suffix, no dropout): what the validation loss sees."""
     from sdlora.data.buckets import bucket_sizes
     from sdlora.data.captions import base_caption
-    from sdlora.data.pipeline import scan
+    from sdlora.data.pipeline import scan, size_conditioning
     from sdlora.data.samples import center_offset, load_pixels
     from sdlora.data.sources import discover
 
@@ -43,33 +60,31 @@ def folder_examples(comps, subsets, data_cfg) -> list[tuple[torch.Tensor, str]]:
     p = next(vae.parameters())
     out = []
     for sample in samples:
-        pixels = load_pixels(sample, center_offset(sample), False, data_cfg)[None]
+        offset = center_offset(sample)
+        pixels = load_pixels(sample, offset, False, data_cfg)[None]
         with torch.no_grad():
             mean = vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float()
-        out.append(((mean * vae.config.scaling_factor)[0], base_caption(sample.item.caption, subsets[sample.item.subset])))
+        out.append(Example((mean * vae.config.scaling_factor)[0], base_caption(sample.item.caption, subsets[sample.item.subset]),
+                           size_conditioning(sample, offset, False)))
     return out
 
 
 @torch.no_grad()
-def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> list[tuple[torch.Tensor, str]]:
-    """(latent the adapted model samples for the prompt, prompt): PROMPT_SAMPLING_STEPS DDIM steps, guidance 7.5,
-    at resolution² (call after the adapter is merged into `comps`)."""
-    import diffusers
-
+def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> list[Example]:
+    """The latent the adapted model samples for each prompt through the family's pipeline: PROMPT_SAMPLING_STEPS DDIM
+    steps, guidance 7.5, at resolution² (SDXL: original = target size, no crop, as the pipeline conditions it). Call
+    after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
-    if comps.text_encoder_2 is not None:
-        raise UserError("--fisher-data with a prompts file supports SD 1.x/2.x models")
-    pipe = diffusers.StableDiffusionPipeline(vae=comps.vae, unet=comps.unet, text_encoder=comps.text_encoder,
-                                             tokenizer=comps.tokenizer, scheduler=inference_scheduler(comps.noise_scheduler),
-                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = comps.family.pipeline(unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
+                                 tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for prompt in prompts:
         latents = pipe(prompt, height=resolution, width=resolution, num_inference_steps=PROMPT_SAMPLING_STEPS,
                        generator=gen, output_type="latent").images
-        out.append((latents[0].float(), prompt))
+        out.append(Example(latents[0].float(), prompt, ((resolution, resolution), (0, 0), (resolution, resolution))))
     return out
 
 
@@ -80,28 +95,27 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def estimate_row_fisher(comps, adapter, examples: list[tuple[torch.Tensor, str]], *, samples: int, seed: int = 0,
+def estimate_row_fisher(comps, adapter, examples: list[Example], *, samples: int, seed: int = 0,
                         loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None,
                         min_timestep: int = 0, max_timestep: int | None = None, data: str = "") -> RowFisher:
     """The row Fisher of every module of `adapter` over `samples` single-example gradients (examples taken in turn,
     each with a timestep drawn uniformly in [min_timestep, max_timestep) and fresh noise, from a generator seeded
     with `seed`). `comps` must hold the adapter merged into its weights (`algebra.merge_adapter`; `fisher_from_data`
-    does it); SD 1.x/2.x only.
+    does it); any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning).
     `loss_cfg` is the run's loss section (default: plain MSE). Returns (out,) float32 per module."""
     from sdlora.config import LossConfig
 
-    if comps.text_encoder_2 is not None:
-        raise UserError("the Fisher estimate supports SD 1.x/2.x models (SDXL: not yet)")
     if samples < 1 or not examples:
         raise UserError(f"the Fisher estimate needs at least one example and one sample (got {len(examples)}, {samples})")
     loss_cfg = loss_cfg or LossConfig()
-    models = {"unet": comps.unet, "text_encoder": comps.text_encoder}
+    models = comps.adaptable()
     for m in models.values():
         m.requires_grad_(False)
-    weights = {n: find_module(models[split_name(n)[0]], n).weight for n in adapter.modules}
+    weights = {n: component_module(models, n).weight for n in adapter.modules}
     for w in weights.values():
         w.requires_grad_(True)
-    train_te = any(split_name(n)[0] == "text_encoder" for n in weights)
+    train_te = any(split_name(n)[0] in comps.family.text_encoders for n in weights)
+    encoders, tokenizers = list(comps.text_encoders.values()), comps.tokenizers
     scheduler, family = comps.noise_scheduler, comps.family
     t_max = max_timestep or scheduler.config.num_train_timesteps
     device = next(comps.unet.parameters()).device
@@ -109,15 +123,15 @@ def estimate_row_fisher(comps, adapter, examples: list[tuple[torch.Tensor, str]]
     sums = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
     names, params = list(weights), list(weights.values())
     for n in range(samples):
-        latent, caption = examples[n % len(examples)]
-        latents = latent[None].to(device)
+        example = examples[n % len(examples)]
+        latents = example.latent[None].to(device)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(min_timestep, t_max, (1,), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
-        ids = tokenize(comps.tokenizer, [caption], max_token_length).to(device)
+        ids = [tokenize(tok, [example.caption], max_token_length).to(device) for tok in tokenizers]
         with torch.set_grad_enabled(train_te):
-            embeddings = family.encode(comps.text_encoder, ids, clip_skip)
-        pred = comps.unet(noisy, t, **family.unet_kwargs(embeddings)).sample
+            embeddings = family.encode(encoders, ids, clip_skip)
+        pred = comps.unet(noisy, t, **family.unet_kwargs(embeddings, example.batch())).sample
         loss = diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t), t, scheduler, loss_cfg)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for name, g in zip(names, grads):
@@ -141,14 +155,14 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     if not path.exists():
         raise UserError(f"--fisher-data: no such folder or prompts file: {source}")
     comps = load_components(str(base), config_dir=config_dir)
-    for part in (comps.unet, comps.text_encoder, comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
+    for part in (*comps.adaptable().values(), comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
         part.to(torch.float32)
     record = RunRecord.from_metadata(adapter.metadata)
     res = resolution or (record.resolution if record else comps.family.resolution)
     if path.is_dir():
         data_cfg = DataConfig(path=str(path), resolution=res)
         examples = folder_examples(comps, [SubsetConfig(path=str(path))], data_cfg)
-    merge_adapter(adapter, comps.unet, comps.text_encoder, where=f"--base {base}")
+    merge_adapter(adapter, comps.adaptable(), where=f"--base {base}")
     if not path.is_dir():
         examples = prompt_examples(comps, read_prompts(path), res, seed)
     return estimate_row_fisher(comps, adapter, examples, samples=samples, seed=seed, loss_cfg=loss_cfg,
@@ -170,11 +184,11 @@ def store_run_fisher(cfg, adapter_path: Path, device, say=print) -> RowFisher:
     adapter = load_adapter(adapter_path)
     m = cfg.model
     comps = load_components(m.path, vae_path=m.vae_path, config_dir=m.config_dir, allow_pickle=m.allow_pickle,
-                            prediction_type=m.prediction_type)
-    for part in (comps.unet, comps.text_encoder, comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
+                            prediction_type=m.prediction_type, zero_terminal_snr=m.zero_terminal_snr)
+    for part in (*comps.adaptable().values(), comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
         part.to(device, torch.float32)
     examples = folder_examples(comps, cfg.data_subsets(), cfg.data)
-    merge_adapter(adapter, comps.unet, comps.text_encoder)
+    merge_adapter(adapter, comps.adaptable())
     fisher = estimate_row_fisher(comps, adapter, examples, samples=cfg.export.fisher_samples, seed=cfg.train.seed,
                                  loss_cfg=cfg.loss, clip_skip=cfg.text_encoder.clip_skip,
                                  max_token_length=cfg.data.max_token_length, min_timestep=cfg.loss.min_timestep,

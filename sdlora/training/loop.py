@@ -107,7 +107,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
 
     # ---- model and adapters
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
-                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type)
+                            allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
+                            zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
     layers = inject_all(comps.unet, comps.text_encoders, cfg)
     groups = build_param_groups(layers, cfg, comps.family)
@@ -370,7 +371,7 @@ def run_probe(probe, accelerator, probe_log: JsonlLog, step: int) -> dict:
 
 
 def run_validation(validation, comps, accelerator, metrics_log: JsonlLog, step: int) -> float:
-    value = validation.measure(comps.unet, comps.text_encoder, accelerator)
+    value = validation.measure(comps.unet, list(comps.text_encoders.values()), accelerator)
     accelerator.log({"validation/loss": value}, step=step)
     metrics_log.append(step, {"validation/loss": value})  # its own record in metrics.jsonl
     return value

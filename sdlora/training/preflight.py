@@ -54,9 +54,7 @@ def against_model(cfg, comps) -> None:
                         f"timesteps (allowed: {cfg.loss.min_timestep + 1} to {steps})")
     if cfg.loss.min_timestep >= steps:
         raise UserError(f"loss.min_timestep: {cfg.loss.min_timestep} must be < the model's {steps} training timesteps")
-    if cfg.export.fisher_samples and comps.text_encoder_2 is not None:
-        raise UserError("export.fisher_samples: the Fisher estimate supports SD 1.x/2.x models (SDXL: not yet); set it to 0")
-    layers = comps.text_encoder.config.num_hidden_layers
+    layers = min(te.config.num_hidden_layers for te in comps.text_encoders.values())  # every encoder skips as many
     if cfg.text_encoder.clip_skip > layers:
         raise UserError(f"text_encoder.clip_skip: {cfg.text_encoder.clip_skip} is more than the text encoder's "
                         f"{layers} layers (allowed: 1 to {layers})")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.model.schedule import for_sampling, guidance_rescale, zero_terminal_snr_of
 from sdlora.model.text import tokenize
 from sdlora.util import atomic
 
@@ -27,27 +28,21 @@ def sample_due(step: int, max_steps: int, sample_cfg) -> bool:
 
 
 def inference_scheduler(noise_scheduler):
-    """DDIM (eta 0: deterministic) built from the model's own scheduler config (beta schedule, prediction type)."""
+    """DDIM (eta 0: deterministic) built from the model's own scheduler config (beta schedule, prediction type);
+    with zero terminal SNR, on the rescaled schedule from the last timestep (`model.schedule.for_sampling`)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(noise_scheduler.config)
+    return for_sampling(DDIMScheduler.from_config(noise_scheduler.config), zero_terminal_snr_of(noise_scheduler))
 
 
 @torch.no_grad()
 def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
     """One PIL image per prompt in `cfg.sample.prompts`, from the given (live) models; `text_encoders` is the
     family's list of them (or SD 1.x/2.x's one)."""
-    import diffusers
-
     s, family = cfg.sample, comps.family
     encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-    parts = {"text_encoder": encoders[0], "tokenizer": comps.tokenizer}
-    if len(encoders) > 1:
-        parts.update(text_encoder_2=encoders[1], tokenizer_2=comps.tokenizer_2, add_watermarker=False)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, family.pipeline_class)(vae=comps.vae, unet=unet,
-                                                     scheduler=inference_scheduler(comps.noise_scheduler), **parts)
+    pipe = family.pipeline(unet=unet, vae=comps.vae, text_encoders=dict(zip(family.text_encoders, encoders)),
+                           tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     prompts = list(s.prompts)
 
@@ -57,16 +52,11 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None) -> list:
 
     cond, uncond = conditioning(prompts), conditioning([s.negative_prompt] * len(prompts))
     dtype = next(unet.parameters()).dtype
-    if len(encoders) > 1:  # SDXL: an empty negative prompt is zeros, as SDXL was trained (families.SDXLFamily)
-        if not s.negative_prompt:
-            uncond = type(uncond)(uncond.hidden * 0, uncond.pooled * 0, uncond.per_encoder)
-        embeds = {"prompt_embeds": cond.hidden.to(dtype), "negative_prompt_embeds": uncond.hidden.to(dtype),
-                  "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
-    else:
-        embeds = {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+    embeds = family.pipeline_embeddings(cond, uncond, dtype, empty_negative=not s.negative_prompt)
     generator = torch.Generator().manual_seed(s.seed)  # CPU generator: the same images on every device
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         images = pipe(**embeds, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                      guidance_rescale=guidance_rescale(s, comps.zero_terminal_snr),
                       height=s.height or cfg.data.resolution, width=s.width or cfg.data.resolution,
                       generator=generator, output_type="pil").images
     return images

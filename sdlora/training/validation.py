@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.data.captions import base_caption
+from sdlora.data.pipeline import conditioning_fields, size_conditioning
 from sdlora.data.samples import center_offset, load_pixels
 from sdlora.errors import UserError
 from sdlora.model.text import tokenize
@@ -29,6 +30,7 @@ class HeldOutImage:
     noise: torch.Tensor  # (K, C, h, w)
     timesteps: torch.Tensor  # (K,)
     caption: str
+    sizes: tuple  # SDXL's micro-conditioning of the centre crop (data.pipeline.size_conditioning)
 
 
 def held_out_samples(cfg, training_data, say) -> list:
@@ -60,26 +62,30 @@ class ValidationLoss:
         spread = torch.linspace(cfg.loss.min_timestep, t_max - 1, v.timesteps).round().long()
         self.images = []
         for sample in samples:
-            pixels = load_pixels(sample, center_offset(sample), False, cfg.data)[None]
+            offset = center_offset(sample)
+            pixels = load_pixels(sample, offset, False, cfg.data)[None]
             with torch.no_grad():
                 mean = vae.encode(pixels.to(params.device, params.dtype)).latent_dist.mean.float().cpu()
             latents = (mean * vae.config.scaling_factor).expand(v.timesteps, -1, -1, -1).contiguous()
             noise = torch.randn(latents.shape, generator=gen)
             caption = base_caption(sample.item.caption, cfg.data)
-            self.images.append(HeldOutImage(latents, noise, spread.clone(), caption))
+            self.images.append(HeldOutImage(latents, noise, spread.clone(), caption, size_conditioning(sample, offset, False)))
 
     @torch.no_grad()
-    def measure(self, unet, text_encoder, accelerator) -> float:
-        """The mean loss over every held-out image and timestep, with the live (adapted) models."""
+    def measure(self, unet, text_encoders: list, accelerator) -> float:
+        """The mean loss over every held-out image and timestep, with the live (adapted) models; `text_encoders`: the
+        family's, in its order (`Components.text_encoders`)."""
         scheduler, family, device = self.comps.noise_scheduler, self.comps.family, accelerator.device
         total = 0.0
         for image in self.images:
             latents, noise, t = image.latents.to(device), image.noise.to(device), image.timesteps.to(device)
             noisy = scheduler.add_noise(latents, noise, t)
-            ids = tokenize(self.comps.tokenizer, [image.caption] * len(t), self.cfg.data.max_token_length).to(device)
-            embeddings = family.encode(text_encoder, ids, self.cfg.text_encoder.clip_skip)
+            captions = [image.caption] * len(t)
+            ids = [tokenize(tok, captions, self.cfg.data.max_token_length).to(device) for tok in self.comps.tokenizers]
+            embeddings = family.encode(text_encoders, ids, self.cfg.text_encoder.clip_skip)
+            batch = conditioning_fields(captions, [image.sizes] * len(t))
             with accelerator.autocast():
-                pred = unet(noisy, t, **family.unet_kwargs(embeddings)).sample
+                pred = unet(noisy, t, **family.unet_kwargs(embeddings, batch)).sample
             target = diffusion_target(scheduler, latents, noise, t)
             total += float(diffusion_loss(pred, target, t, scheduler, self.cfg.loss))
         return total / len(self.images)
