@@ -134,7 +134,7 @@ def with_adapter(pipe, path, fn):
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     weights = [find_module(models[split_name(n)[0]], n).weight for n in adapter.modules]
     saved = [w.detach().clone() for w in weights]
-    merge_adapter(adapter, pipe.unet, pipe.text_encoder)
+    merge_adapter(adapter, models)
     try:
         return fn()
     finally:

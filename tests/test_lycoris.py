@@ -299,7 +299,7 @@ def test_merged_exports_reproduce_the_trained_model(trained, tiny_model, tmp_pat
 
     kind, result, ours = trained
     comps = load_components(str(tiny_model))
-    merge_adapter(load_adapter(result.adapter_path), comps.unet, comps.text_encoder)
+    merge_adapter(load_adapter(result.adapter_path), comps.adaptable())
     diff = max_abs_diff(ours, model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
     run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", report=lambda *_: None)
@@ -357,7 +357,7 @@ def test_diffusers_unet_loader_reads_the_linear_lokr_modules_exactly(trained, ti
     assert {m.w2 is None for m in mods.values()} == {True, False}
     save_native(unet_only, tmp_path / "unet.safetensors")
     pipe.unet.load_lora_adapter(load_file(str(tmp_path / "unet.safetensors")), prefix="unet")
-    merge_adapter(unet_only, comps.unet, comps.text_encoder)
+    merge_adapter(unet_only, comps.adaptable())
     ref = model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer)
     got = model_outputs(pipe.unet.eval(), comps.text_encoder.eval(), comps.tokenizer)
     plain = model_outputs(base.unet.eval(), base.text_encoder.eval(), base.tokenizer)
