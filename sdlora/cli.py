@@ -47,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="teach the bundled mini model a new word with a LoRA on CPU; judge base vs adapted")
     p.add_argument("--out", default="sdlora-demo", help="output folder (default: ./sdlora-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: DEMO_STEPS in sdlora/commands/demo.py, 450)")
     _common(p)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"])
+    p.add_argument("dir", help="folder to write the model to (a diffusers folder: model_index.json, unet/, vae/, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"],
+                   help="architecture: sd1 (SD 1.x layout), sd2 (SD 2.x layout, epsilon), sd2-v (SD 2.x predicting "
+                        "v, as SD 2.x 768 px), sdxl (SDXL: two text encoders), sdxl-v (SDXL predicting v); default sd1")
     _common(p)
 
     p = sub.add_parser("inspect", help="what an adapter did to the model: per-module norms, effective rank, intruders")

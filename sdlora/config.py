@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from typing import Any, Literal, Optional
 
 import yaml
@@ -513,6 +514,13 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def _literal_choices(annotation) -> tuple:
+    """The allowed values of a Literal annotation (also inside Optional[...] / a union); () for any other type."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(v for arg in typing.get_args(annotation) for v in _literal_choices(arg))
+
+
 def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> str:
     """Every key with its type default and description (the reference `sdlora config-help` prints)."""
     lines = []
@@ -524,5 +532,7 @@ def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> str:
             lines.append(describe_keys(sub, path + "."))
             continue
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        lines.append(f"{path} = {default}\n    {f.description or ''}")
+        choices = _literal_choices(ann)
+        allowed = f"  (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"{path} = {default}{allowed}\n    {f.description or ''}")
     return "\n".join(lines)
