@@ -217,6 +217,10 @@ def test_resized_kohya_file_with_per_module_ranks_loads_in_diffusers_as_the_adap
     out = tmp_path / "dyn.safetensors"
     resized, _ = run_resize(two_adapters[0], out, "sv_fro", 0.9, max_rank=5, layout="kohya", report=quiet)
     assert len({m.rank for m in resized.modules.values()}) > 1  # the rule chose different ranks for different modules
+    back = load_adapter(out).modules  # sdlora's own reader: r / alpha folded out again, fp32 rounding only
+    for name, m in resized.modules.items():
+        dw = m.delta_weight().double()
+        assert float((back[name].delta_weight().double() - dw).norm()) <= REL * float(dw.norm()), name
     base = _outputs_with_deltas(tiny_model, {})
     reference = _outputs_with_deltas(tiny_model, {n: m.delta_weight().double() for n, m in resized.modules.items()})
     shared_pipe.load_lora_weights(str(out))
