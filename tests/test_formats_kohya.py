@@ -54,7 +54,9 @@ def test_kohya_round_trip_keeps_every_delta_exactly():
     back = from_kohya_state_dict(sd, {})
     assert set(back.modules) == set(adapter.modules)
     for n, m in adapter.modules.items():
-        assert float(sd[kohya_name(n) + ".alpha"]) == m.rank  # scale already in up: alpha = rank reads as scale 1
+        # One alpha for the file (the network dim, rank 4) and r / alpha in the factors; with ranks 2, 4, 8 the
+        # factors 1/2 and 2 are exact in floating point, so the round trip is bit for bit.
+        assert float(sd[kohya_name(n) + ".alpha"]) == 4.0
         assert torch.equal(back.modules[n].delta_weight(), m.delta_weight()), n
 
 
@@ -90,7 +92,7 @@ def test_saved_kohya_file_loads_back_and_carries_metadata_and_hashes(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2"}
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "4"}  # one alpha per file
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_output_name"] == "my_lora"
     assert json.loads(meta["ss_tag_frequency"]) == {"5_sks": {"sks person": 3}}
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"

@@ -6,9 +6,12 @@ SDXL: `lora_unet_<original (LDM) module path>` (`input_blocks_4_1_transformer_bl
 scripts train the original UNet; the table is model/ldm_keys.py's, the one diffusers' converter inverts),
 `lora_te1_text_model_<path>` (CLIP-L) and `lora_te2_text_model_<path>` (OpenCLIP bigG).
 
-Writing: every scale is already folded into the tensors (see weights.py), so `.alpha` = rank, which makes
-alpha / rank = 1 in every loader (diffusers honours per-module alphas only for some modules, so a
-folded scale is the only choice that reads exactly everywhere). LyCORIS kinds keep LyCORIS' key names
+Writing: every scale is already folded into the tensors (see weights.py). Every module gets the same `.alpha`, the
+file's network dim (`ss_network_dim`, its most common rank), and each module's r / alpha is folded into its tensors,
+so that a loader's alpha / r gives back ΔW. One alpha per file is what every loader reads alike: diffusers
+(0.42) keeps per-module ranks but per-module alphas only for UNet resnet/conv modules (the keys it builds for
+attention and text-encoder alphas match no module, so they fall back to the most common alpha), so a file
+whose alphas follow its per-module ranks loaded at the wrong strength there. LyCORIS kinds keep LyCORIS' key names
 (`hada_w1_a`, `lokr_w1`, `dora_scale`; adapter/lycoris.py has their scale conventions).
 
 Reading (files from kohya sd-scripts, LyCORIS and other trainers): the scale alpha / rank is folded into the
@@ -139,17 +142,33 @@ def adapter_family(adapter: AdapterWeights) -> ModelFamily:
     return SDXL if any(n.startswith("text_encoder_2.") for n in adapter.modules) else SD1
 
 
+def network_dim(adapter: AdapterWeights) -> int:
+    """kohya's `ss_network_dim`: the most common rank of the linear modules (of the conv ones if there are none);
+    also the one `.alpha` a kohya file written by sdlora gives every module (see `to_kohya_state_dict`)."""
+    ranks = Counter(m.rank for m in adapter.modules.values() if not m.is_conv)
+    conv_ranks = Counter(m.rank for m in adapter.modules.values() if m.is_conv)
+    return ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 1)
+
+
 def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
-    """Kohya/LyCORIS keys (each kind's KOHYA_KEYS); scales are already in the tensors, so `.alpha` = rank (scale 1
-    in every loader)."""
+    """Kohya/LyCORIS keys (each kind's KOHYA_KEYS). Every module's `.alpha` is the file's `network_dim` and its
+    r / alpha is folded into its tensors (`scaled`), so kohya's forward (alpha / r, r = the module's `alpha_rank`)
+    gives ΔW back in every loader, diffusers included (it reads one alpha per file; see the module docstring).
+    A module whose rank is the network dim is written unchanged; another's factors are rescaled, so they read back
+    to within rounding of their dtype (bit for bit only where r / alpha is a power of 2). A kind that applies no
+    alpha (LoKr with both factors full) is never rescaled."""
     sd = {}
     family = adapter_family(adapter)
+    alpha = float(network_dim(adapter))
     for name, m in adapter.modules.items():
         k = kohya_name(name, family)
+        rank = m.alpha_rank()
+        if rank and rank != alpha:
+            m = m.scaled(rank / alpha)
         tensors = m.tensors()
         for role in tensors:
             sd[f"{k}.{m.KOHYA_KEYS[role]}"] = m.file_tensor(role, "kohya")
-        sd[f"{k}.alpha"] = torch.tensor(m.file_alpha(), dtype=next(iter(tensors.values())).dtype)
+        sd[f"{k}.alpha"] = torch.tensor(alpha, dtype=next(iter(tensors.values())).dtype)
     return sd
 
 
@@ -229,13 +248,11 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     record = RunRecord.from_metadata(adapter.metadata)
     family, prediction = (record.family, record.prediction_type) if record is not None else \
         family_of_version(base_model_version or "sd_v1")
-    ranks = Counter(m.rank for m in adapter.modules.values() if not m.is_conv)
+    dim = network_dim(adapter)  # also every module's .alpha (to_kohya_state_dict)
     conv_ranks = Counter(m.rank for m in adapter.modules.values() if m.is_conv)
-    dim = ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 0)
     network_args = {}
     if conv_ranks:
-        conv_dim = conv_ranks.most_common(1)[0][0]
-        network_args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
+        network_args = {"conv_dim": str(conv_ranks.most_common(1)[0][0]), "conv_alpha": str(dim)}
     lycoris = {}  # LyCORIS' description of its kinds (kohya's own networks.lora has only LoRA)
     for m in adapter.modules.values():
         lycoris.update(m.NETWORK_ARGS)
@@ -244,11 +261,11 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     meta.update({
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(dim),
-        "ss_network_alpha": str(float(dim)),  # alpha = rank: the trained scale is in the factors (see to_kohya_state_dict)
+        "ss_network_alpha": str(float(dim)),  # every module's .alpha; r / alpha is in the factors (to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",
         "ss_output_name": output_name,
         "ss_tag_frequency": json.dumps(tag_frequencies or {}),
-        "ss_training_comment": "trained with sdlora; per-module scales in lora_up / lora_down (alpha = rank)",
+        "ss_training_comment": "trained with sdlora; per-module scales in lora_up / lora_down (one alpha = ss_network_dim)",
     })
     if record is not None:
         meta.update(record.kohya_fields())

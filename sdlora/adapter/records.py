@@ -85,10 +85,6 @@ class AdapterDelta:
         keys = cls.NATIVE_KEYS if layout == "diffusers" else cls.KOHYA_KEYS
         return any({keys[r] for r in roles} == suffixes for roles in (cls.KEY_SETS or (frozenset(cls.TENSORS),)))
 
-    def file_alpha(self) -> float:
-        """The `.alpha` a kohya/LyCORIS file gets: the rank, so that alpha / rank = 1 in every loader."""
-        return float(self.alpha_rank() or self.rank)
-
     def cast(self, dtype: torch.dtype) -> "AdapterDelta":
         """Every tensor in `dtype`; for a 16-bit dtype balanced first (`balanced`)."""
         m = self.balanced() if dtype in HALF_DTYPES else self
