@@ -160,7 +160,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
 
     # ---- start: every input check has passed; only now is the run folder written (an old run replaced)
     run.begin(dump_yaml(cfg))
-    if main and accelerator.trackers:
+    if main and accelerator.log_with:  # the trackers asked for and installed (accelerator.trackers is empty until init)
         accelerator.init_trackers("sdlora", config=tracker_hparams(cfg), init_kwargs=tracker_init_kwargs(cfg, out))
     accelerator.wait_for_everyone()
     metrics_log = JsonlLog(out / "metrics.jsonl", resume_step=step if resume else None)

@@ -71,10 +71,12 @@ class RunStart:
 
 
 def clear_previous_run(out: Path) -> None:
-    """--overwrite without --resume: the old run's checkpoints and logs go, so nothing resumes or extends them."""
+    """--overwrite without --resume: the old run's checkpoints and logs (metrics, probe, tracker files) go, so
+    nothing resumes or extends them and TensorBoard does not draw two runs as one."""
     import shutil
 
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
     for name in ("metrics.jsonl", "probe.jsonl"):
         (out / name).unlink(missing_ok=True)
 
