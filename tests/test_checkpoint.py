@@ -71,8 +71,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(make_config, t
         train(cfg, fault_hook=interrupt_at(3), log=quiet)
     assert info.value.exit_code == 130 and "--resume latest" in str(info.value)
     assert (out / "checkpoints" / "step_000003").is_dir()  # the stop checkpoint, off the every_steps grid
-    result = train(cfg, resume="latest", log=quiet)
+    messages = []
+    result = train(cfg, resume="latest", log=messages.append)
     assert result.step == N
+    assert f"trained steps 4-{N} ({N - 3}) in " in messages[-1], messages[-1]  # the steps this launch ran
     assert max_diff(load_file(out / "adapter.safetensors"), load_file(uninterrupted / "adapter.safetensors")) <= TOL
     assert lrs(out) == lrs(uninterrupted)  # the same LR at every step, one metrics line per step
     assert json.loads((out / "run.json").read_text())["status"] == "finished"

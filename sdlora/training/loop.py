@@ -168,6 +168,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
 
     # ---- loop
     losses = []
+    first_step = step  # 0, or the step resumed from
     progress = progress_bar(cfg.train.max_steps, disable=not main, initial=step)
     batches = data.batches()
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
@@ -304,7 +305,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
         if ema is not None:
             export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)
-        say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+        ran = f"steps {first_step + 1}-{step} ({step - first_step})" if first_step else f"{step} steps"  # this launch's
+        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
     accelerator.end_training()
     return TrainResult(out, adapter_path, comps, layers, losses, step)
 
