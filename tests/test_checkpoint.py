@@ -176,8 +176,11 @@ def test_an_output_folder_with_a_run_is_not_overwritten_without_resume_or_overwr
     train(cfg, log=quiet)
     with pytest.raises(UserError, match="already holds a finished run"):
         train(cfg, log=quiet)
-    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints go with it
+    (out / "logs").mkdir()
+    (out / "logs" / "events.out.tfevents.old").write_bytes(b"")  # the old run's tracker files
+    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints and logs go with it
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    assert not (out / "logs").exists()  # TensorBoard would otherwise draw both runs as one
 
 
 def files_under(folder):
