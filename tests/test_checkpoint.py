@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 import sdlora.util.atomic
 import sdlora.training.checkpoint as ckpt
+from sdlora.cli import main as cli_main
 from sdlora.errors import UserError
 from sdlora.training.signals import TrainingInterrupted
 from sdlora.training.nonfinite import NonFiniteLoss
@@ -69,8 +71,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(make_config, t
         train(cfg, fault_hook=interrupt_at(3), log=quiet)
     assert info.value.exit_code == 130 and "--resume latest" in str(info.value)
     assert (out / "checkpoints" / "step_000003").is_dir()  # the stop checkpoint, off the every_steps grid
-    result = train(cfg, resume="latest", log=quiet)
+    messages = []
+    result = train(cfg, resume="latest", log=messages.append)
     assert result.step == N
+    assert f"trained steps 4-{N} ({N - 3}) in " in messages[-1], messages[-1]  # the steps this launch ran
     assert max_diff(load_file(out / "adapter.safetensors"), load_file(uninterrupted / "adapter.safetensors")) <= TOL
     assert lrs(out) == lrs(uninterrupted)  # the same LR at every step, one metrics line per step
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
@@ -172,8 +176,36 @@ def test_an_output_folder_with_a_run_is_not_overwritten_without_resume_or_overwr
     train(cfg, log=quiet)
     with pytest.raises(UserError, match="already holds a finished run"):
         train(cfg, log=quiet)
-    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints go with it
+    (out / "logs").mkdir()
+    (out / "logs" / "events.out.tfevents.old").write_bytes(b"")  # the old run's tracker files
+    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints and logs go with it
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    assert not (out / "logs").exists()  # TensorBoard would otherwise draw both runs as one
+
+
+def files_under(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_input_with_overwrite_or_resume_exits_2_and_leaves_the_old_run_byte_identical(make_config, shapes_data,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "run"
+    train(run_cfg(make_config, out, train={"max_steps": 2, "batch_size": 2}), log=quiet)
+    capsys.readouterr()  # the run's progress bar
+    before = files_under(out)
+    assert {"run.json", "config.yaml", "metrics.jsonl", "adapter.safetensors"} <= set(before)
+    assert json.loads(before["run.json"])["status"] == "finished"
+    bad_data = tmp_path / "bad_data"
+    shutil.copytree(shapes_data, bad_data)
+    (bad_data / "zz_corrupt.png").write_bytes(b"not an image\n")
+    command = ["train", "--config", str(out / "config.yaml")]  # the config the run wrote, as a user would rerun it
+    for extra in (["--overwrite", "--set", f"model.path={tmp_path / 'nope'}"],
+                  ["--overwrite", "--set", f"data.path={bad_data}", "--set", "data.on_error=fail"],
+                  ["--resume", "latest", "--set", f"model.path={tmp_path / 'nope'}"]):
+        assert cli_main(command + extra) == 2, extra
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        assert files_under(out) == before, extra  # checkpoints, logs, adapter and run.json ("finished") untouched
+    assert ckpt.find_checkpoint(out, "latest", quiet).name == "step_000002"
 
 
 def test_resume_with_nothing_to_resume_is_a_one_line_error(make_config, tmp_path):

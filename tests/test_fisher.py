@@ -5,6 +5,8 @@ rounding of the factors (~1e-7 relative, any x86 CPU): REL = 1e-6 relative to â€
 diffusers are compared at 1e-5 absolute, as every export test of the project (outputs are O(1)).
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -312,7 +314,17 @@ def test_fisher_data_folder_gives_the_same_estimate_and_feeds_resize(fisher_run,
     out = tmp_path / "r.safetensors"
     assert main(["resize", str(result.adapter_path), "--out", str(out), "--rank", "2", "--fisher", "--fisher-data",
                  str(shapes_data), "--base", str(tiny_model), "--fisher-samples", "3"]) == 0
-    assert "kept Fisher-weighted" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kept Fisher-weighted" in printed and f"estimating the row Fisher of {result.adapter_path} on" in printed
+    twin = tmp_path / "b" / result.adapter_path.name  # two inputs with one file name: each line says which it is
+    twin.parent.mkdir()
+    shutil.copy(result.adapter_path, twin)
+    assert main(["merge", str(result.adapter_path), str(twin), "--out", str(tmp_path / "m.safetensors"), "--method",
+                 "fisher", "--rank", "2", "--fisher-data", str(shapes_data), "--base", str(tiny_model),
+                 "--fisher-samples", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "estimating the row Fisher" in line]
+    assert len(lines) == 2 and len(set(lines)) == 2, lines
+    assert f"of {twin} (adapter 2 of 2) on" in lines[1], lines
     from sdlora.training.fisher import fisher_from_data
 
     again = fisher_from_data(load_adapter(result.adapter_path), str(tiny_model), str(shapes_data), samples=3)

@@ -4,6 +4,7 @@ accumulation the mean over the step's micro-batches (not the last one's)."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdlora.training.optim import lr_lambda
@@ -49,3 +50,24 @@ def test_logged_lr_and_losses_are_the_ones_each_step_used(make_config, tmp_path)
         # the other scalars are means over the same micro-batches: loss = diffusion_loss + weight * penalty holds
         combined = m["diffusion_loss"] + WEIGHT * m["embedding_norm/penalty"]
         assert abs(m["loss"] - combined) <= 1e-6 * abs(mean), m
+
+
+def test_the_default_tensorboard_tracker_writes_the_loss_under_output_dir_logs(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 2}, log={"tracker": "tensorboard"}, output={"dir": str(tmp_path / "run")},
+                      checkpoint={"every_steps": 0})
+    train(cfg, log=lambda *a: None)
+    logs = Path(cfg.output.dir) / "logs"  # the folder README and docs/training.md give to `tensorboard --logdir`
+    events = sorted(logs.rglob("events.out*"))
+    assert events, f"no TensorBoard event file under {logs}"
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    metrics = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    found = {}
+    for path in events:
+        acc = event_accumulator.EventAccumulator(str(path))
+        acc.Reload()
+        if "loss" in acc.Tags()["scalars"]:
+            found.update({e.step: e.value for e in acc.Scalars("loss")})
+    # TensorBoard stores scalars as float32: equal to metrics.jsonl's float64 loss up to float32 rounding (2^-24 relative)
+    assert sorted(found) == [1, 2]
+    for m in metrics:
+        assert found[m["step"]] == pytest.approx(m["loss"], rel=1e-6), m["step"]

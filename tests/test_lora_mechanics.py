@@ -2,6 +2,8 @@
 
 import copy
 import itertools
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,7 +214,11 @@ def test_conv_adapters_have_base_kernel_stride_padding_and_1x1_B(make_config):
 
 
 def test_dry_run_prints_the_plan(make_config, capsys):
-    train(make_config(lora={"conv": True}), dry_run=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_config(lora={"conv": True, "learnable_alpha": True}), dry_run=True)
+    ours = [w for w in caught if "sdlora" in Path(w.filename).parts]  # a library's own deprecations are not ours
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
     out = capsys.readouterr().out
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in out
     assert "conv" in out and "trainable parameters" in out

@@ -6,12 +6,12 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sdlora.errors import WriteError
+from sdlora.util import atomic
 
 
 def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
@@ -56,8 +56,7 @@ def build_folder_atomically(out: Path):
     """Yield a temp folder beside `out`; on success it replaces `out` (an old `out` is removed only then)."""
     out = Path(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = atomic.make_temp_dir(out)  # 0777 less the umask, as the folder save_pretrained would make
     except OSError as e:
         raise WriteError(out, e) from e
     try:

@@ -78,8 +78,9 @@ def adapter_fishers(command: str, adapters: list[AdapterWeights], paths: list, *
 
         sources = fisher_data * len(adapters) if len(fisher_data) == 1 else fisher_data
         out = []
-        for a, p, src in zip(adapters, paths, sources):
-            report(f"{command}: estimating the row Fisher of {Path(p).name} on {src} ({samples} samples)")
+        for i, (a, p, src) in enumerate(zip(adapters, paths, sources), 1):
+            which = f" (adapter {i} of {len(adapters)})" if len(adapters) > 1 else ""  # inputs may share a file name
+            report(f"{command}: estimating the row Fisher of {p}{which} on {src} ({samples} samples)")
             out.append(fisher_from_data(a, base, src, samples=samples, config_dir=config_dir))
     else:
         out = []

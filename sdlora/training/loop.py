@@ -28,11 +28,9 @@ from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads
 from sdlora.training.optim import make_lr_scheduler, make_optimizer
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
 from sdlora.training.run_folder import (
+    RunStart,
     check_output_dir,
-    clear_previous_run,
     finish_run,
-    mark_failed,
-    mark_running,
     stop_early,
     stop_nonfinite_weights,
     write_final_adapter,
@@ -41,7 +39,6 @@ from sdlora.training.sampling import sample_due, sample_during_training
 from sdlora.training.signals import GracefulStop
 from sdlora.training.text_cache import make_text_cache
 from sdlora.training.validation import make_validation, validation_due
-from sdlora.util import atomic
 from sdlora.util.allocator import keep_freed_cpu_memory
 from sdlora.util.jsonl_log import JsonlLog
 
@@ -78,20 +75,16 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
     say = log if main else (lambda *a, **k: None)
     if accelerator.device.type == "cpu":
         keep_freed_cpu_memory()  # a quarter of a CPU step was the kernel zero-filling freed activations again
-    if not dry_run:
-        replace = check_output_dir(out, overwrite=overwrite, resume=resume is not None)  # every process, before writes
-        accelerator.wait_for_everyone()
-        if main:
-            if replace:
-                clear_previous_run(out)  # a replaced run's checkpoints must never be resumed by mistake
-            mark_running(out)
+    # every process reads run.json before anyone writes; the folder itself is written only once the inputs checked out
+    replace = not dry_run and check_output_dir(out, overwrite=overwrite, resume=resume is not None)
+    accelerator.wait_for_everyone()
+    run = RunStart(out, replace, main)
     stop = GracefulStop()  # installed by the loop (SIGINT/SIGTERM: finish the step, checkpoint, exit)
     try:
-        return _train(cfg, accelerator, out, main, say, resume=resume, dry_run=dry_run, fault_hook=fault_hook,
+        return _train(cfg, accelerator, out, main, say, run, resume=resume, dry_run=dry_run, fault_hook=fault_hook,
                       stop=stop)
     except BaseException as e:  # errors, and KeyboardInterrupt: a second Ctrl-C stops at once, even mid-save
-        if main and not dry_run:
-            mark_failed(out, e)  # a run that stops on an error is not left marked "running"
+        run.failed(e)  # a run that stops on an error is not left marked "running"
         for tracker in accelerator.trackers:  # their files closed, as end_training() does after a finished run
             tracker.finish()
         raise
@@ -99,7 +92,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
         stop.uninstall()  # whatever ended the run: a handler left behind would swallow this process's next Ctrl-C
 
 
-def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_run, fault_hook,
+def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, *, resume, dry_run, fault_hook,
            stop: GracefulStop) -> TrainResult:
     from accelerate.utils import set_seed
 
@@ -137,10 +130,6 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         encoders = list(prepared[1:-1])
     optimizer = prepared[-1]
 
-    if main:
-        atomic.write_text(out / "config.yaml", dump_yaml(cfg))
-        if accelerator.trackers:
-            accelerator.init_trackers("sdlora", config=tracker_hparams(cfg), init_kwargs=tracker_init_kwargs(cfg, out))
     # One stream for all processes: each draws the whole global batch and keeps its slice (see GlobalBatchDraws).
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
     scheduler, family = comps.noise_scheduler, comps.family  # the family turns token ids into the UNet's conditioning
@@ -168,11 +157,18 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
     step = 0
     if resume is not None:
         step = resume_from(checkpointer, find_checkpoint(out, resume, say), nonfinite, say)
+
+    # ---- start: every input check has passed; only now is the run folder written (an old run replaced)
+    run.begin(dump_yaml(cfg))
+    if main and accelerator.log_with:  # the trackers asked for and installed (accelerator.trackers is empty until init)
+        accelerator.init_trackers("sdlora", config=tracker_hparams(cfg), init_kwargs=tracker_init_kwargs(cfg, out))
+    accelerator.wait_for_everyone()
     metrics_log = JsonlLog(out / "metrics.jsonl", resume_step=step if resume else None)
     probe_log = JsonlLog(out / "probe.jsonl", resume_step=step if resume else None)
 
     # ---- loop
     losses = []
+    first_step = step  # 0, or the step resumed from
     progress = progress_bar(cfg.train.max_steps, disable=not main, initial=step)
     batches = data.batches()
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
@@ -309,7 +305,8 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, *, resume, dry_
         if ema is not None:
             export_ema(ema, export, out / "adapter_ema.safetensors", step)
         finish_run(out, step, time.perf_counter() - t0)
-        say(f"sdlora: trained {step} steps in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+        ran = f"steps {first_step + 1}-{step} ({step - first_step})" if first_step else f"{step} steps"  # this launch's
+        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
     accelerator.end_training()
     return TrainResult(out, adapter_path, comps, layers, losses, step)
 

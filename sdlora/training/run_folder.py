@@ -1,5 +1,6 @@
-"""The run folder's lifecycle: refusing to overwrite a run, marking it running / failed / interrupted / finished
-in run.json, and the stop paths that write the adapter and say where the last good state is."""
+"""The run folder's lifecycle: refusing to overwrite a run, starting it only once every input check has passed,
+marking it running / failed / interrupted / finished in run.json, and the stop paths that write the adapter and say
+where the last good state is."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import errno
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.errors import NonFiniteWeights, UserError
@@ -19,8 +21,9 @@ from sdlora.util import atomic
 def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> bool:
     """Refuse to write into a folder that holds a run unless told to; True if the old run is to be cleared.
 
-    A run that failed before saving anything (a config, model or data error) holds nothing to lose, so the
-    corrected command may reuse its folder without --overwrite.
+    Reads only: nothing is cleared until `RunStart.begin`. A run that failed after its start but before saving
+    anything (say, at its first step) holds nothing to lose, so the corrected command may reuse its folder without
+    --overwrite.
     """
     marker = out / "run.json"
     if resume:
@@ -41,11 +44,39 @@ def saved_anything(out: Path) -> bool:
     return (out / "adapter.safetensors").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
 
 
+@dataclass
+class RunStart:
+    """The moment a launch starts writing its run folder: after every input check (config, model, data, the
+    checkpoint to resume) has passed, so bad input stops with the folder byte-identical, an earlier run's
+    checkpoints, logs and run.json included. `replace`: check_output_dir's answer (--overwrite)."""
+
+    out: Path
+    replace: bool
+    main: bool
+    started: bool = False
+
+    def begin(self, config_text: str) -> None:
+        """Clear the replaced run, write config.yaml, mark run.json running (main process only)."""
+        if self.main:
+            if self.replace:
+                clear_previous_run(self.out)  # a replaced run's checkpoints must never be resumed by mistake
+            atomic.write_text(self.out / "config.yaml", config_text)
+            mark_running(self.out)
+        self.started = True
+
+    def failed(self, error: BaseException) -> None:
+        """An exception ended the launch: mark the run it started (a launch that never started wrote nothing)."""
+        if self.main and self.started:
+            mark_failed(self.out, error)
+
+
 def clear_previous_run(out: Path) -> None:
-    """--overwrite without --resume: the old run's checkpoints and logs go, so nothing resumes or extends them."""
+    """--overwrite without --resume: the old run's checkpoints and logs (metrics, probe, tracker files) go, so
+    nothing resumes or extends them and TensorBoard does not draw two runs as one."""
     import shutil
 
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
     for name in ("metrics.jsonl", "probe.jsonl"):
         (out / name).unlink(missing_ok=True)
 

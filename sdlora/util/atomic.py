@@ -1,6 +1,9 @@
 """Atomic file writes: a temp file in the same folder, flushed and fsynced, then renamed over the target.
 
-A crash or a kill at any point leaves either the old file or the new one, never a torn file.
+A crash or a kill at any point leaves either the old file or the new one, never a torn file. The temp file (and a
+merged model's temp folder) is created with mode 0666 (0777) and the process umask, as a plain `open()` (`mkdir`)
+creates one, so other users' tools (A1111, ComfyUI) read what sdlora writes wherever the umask lets them; mkstemp's
+and mkdtemp's 0600 / 0700 would hide every file.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -26,7 +29,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp_file(path)
     except WriteError:
         raise
     except OSError as e:
@@ -43,6 +46,40 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             raise WriteError(path, e) from e
         raise
     _fsync_dir(path.parent)
+
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _temp_names(path: Path, attempts: int = 100) -> Iterator[Path]:
+    """Hidden, unpredictable names beside `path` (`.NAME.<hex>.tmp`), as tempfile's; FileExistsError when all are taken."""
+    for _ in range(attempts):
+        yield path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _create_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty temp file beside `path` (O_EXCL: never someone else's), mode 0666 less the umask, as open() makes."""
+    for tmp in _temp_names(path):
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp  # the kernel applies the umask (and a default ACL)
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def make_temp_dir(path: str | os.PathLike) -> Path:
+    """A new, empty temp folder beside `path`, mode 0777 less the umask, as mkdir makes; for writers that build a
+    whole folder and rename it into place (adapter/merge.build_folder_atomically). OSError as os.mkdir raises it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for tmp in _temp_names(path):
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def _flush_to_disk(f: IO, path: Path) -> None:

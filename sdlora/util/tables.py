@@ -35,7 +35,7 @@ def plan_table(layers, groups, cfg) -> str:
                 return "-"
             return f"{rate_of[id(ps[0])]:.2e}" if ps[0].requires_grad else "frozen"
 
-        rows.append([name, layer.kind, layer.rank, f"{float(layer.alpha):g}", layer.init_scheme,
+        rows.append([name, layer.kind, layer.rank, f"{float(layer.alpha.detach()):g}", layer.init_scheme,
                      "/".join(rate(r) for r in roles), f"{n:,}"])
     table = format_table(["module", "kind", "rank", "alpha", "init", "lr " + "/".join(ROLE_LABELS[r] for r in roles),
                           "params"], rows, "lllrlrr")
