@@ -1,5 +1,7 @@
 """Fixed probe inputs and the UNet / text-encoder outputs compared across models in the tests."""
 
+import json
+
 import torch
 
 from sdlora.model.text import encode, tokenize
@@ -69,3 +71,13 @@ def sdxl_pipeline_outputs(pipe, **kw):
     for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         m.eval()
     return sdxl_model_outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, **kw)
+
+
+def quiet(*a, **k):
+    """A `log` callback that prints nothing."""
+
+
+def validation_losses(out):
+    """[(step, validation loss)] from a run folder's metrics.jsonl."""
+    return [(r["step"], r["validation/loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "validation/loss" in r]

@@ -16,16 +16,9 @@ from sdlora.training.loop import train
 from sdlora.training.signals import TrainingInterrupted
 from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401 (fixtures)
 
+from outputs import quiet, validation_losses
+
 STEPS = 4
-
-
-def quiet(*a, **k):
-    pass
-
-
-def validation_losses(out):
-    return [(r["step"], r["validation/loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "validation/loss" in r]
 
 
 def test_an_sdxl_run_interrupted_and_resumed_equals_the_uninterrupted_run_validation_included(sdxl_config, tmp_path):

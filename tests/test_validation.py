@@ -10,16 +10,9 @@ from sdlora.errors import UserError
 from sdlora.training.loop import train
 from sdlora.training.signals import TrainingInterrupted
 
+from outputs import quiet, validation_losses
+
 STEPS = 4
-
-
-def quiet(*a, **k):
-    pass
-
-
-def validation_losses(out):
-    return [(r["step"], r["validation/loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "validation/loss" in r]
 
 
 def val_cfg(make_config, out, **validation):
