@@ -12,7 +12,7 @@ they are a few hundred MB at disk speed).
 - merge: two rank-16 adapters, svd to rank 16 (algebra.concat_factors + factor_to_rank)
 - resize: a rank-32 adapter to --sv-fro 0.9 (factored_singular_values + rank_for + factor_to_rank)
 - extract: W_tuned - W0 of a rank-32 update plus fp32 rounding, to rank 16 (dense_to_rank: randomised SVD)
-- inspect: one module entry with --base (W0's full SVD for its singular vectors, top-10 of W0 + ΔW, norms)
+- inspect: one module entry with --base (W0's left singular basis from its Gram matrix, top-10 of W0 + ΔW, norms)
 
 Print a markdown table for docs/benchmarks.md, with the command, machine and date.
 """
@@ -64,10 +64,10 @@ class _Base:
     def weight(self, name, shape):
         return self.w0
 
-    def base_u(self, name, w0):
-        from sdlora.analysis.maths import left_singular_vectors
+    def basis(self, name, w0):
+        from sdlora.analysis.maths import LeftSingularBasis
 
-        return left_singular_vectors(w0)
+        return LeftSingularBasis(w0)
 
 
 def time_module(shape, g) -> dict[str, float]:

@@ -77,6 +77,38 @@ def test_an_update_inside_W0s_top_subspace_is_not_an_intruder():
     assert r.count == 0 and float(r.max_cosine.min()) > 1 - 1e-9
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40), (8, 3, 3, 3)])
+@pytest.mark.parametrize("spectrum,route", [("spread 30", "gram"), ("spread 1e6", "svd"), ("one tiny", "gram")])
+def test_left_singular_basis_gives_the_svds_cosines(shape, spectrum, route):
+    """LeftSingularBasis (eigh of the smaller Gram matrix, or the SVD where that would lose accuracy) against the
+    full SVD's U0, to 1e-8 on every |cos| (the class's own error budget).
+
+    "spread 30": σ log-uniform over [1/30, 1], every u0_j defined to ~1e-13 either way. "spread 1e6": log-uniform
+    over [1e-6, 1], the smallest σ_j² 1e-12 apart, which the Gram matrix's 2e-16 rounding cannot separate: the SVD.
+    "one tiny": σ in [0.1, 1] and one σ = 1e-6, isolated, so the Gram route is still exact (tall: also, by the σ_max/σ_j
+    factor, the SVD). Probes: random unit vectors and W0's own singular vectors (|cos| = 1)."""
+    g = torch.Generator().manual_seed(len(shape) + len(spectrum))
+    out, inp = shape[0], math.prod(shape[1:])
+    n = min(out, inp)
+    q_out, _ = torch.linalg.qr(torch.randn(out, out, generator=g, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))
+    if spectrum == "one tiny":
+        s = torch.cat([torch.linspace(1.0, 0.1, n - 1, dtype=torch.float64), torch.tensor([1e-6], dtype=torch.float64)])
+        route = "svd" if out > inp else route
+    else:
+        s = torch.logspace(0, -math.log10(float(spectrum.split()[1])), n, dtype=torch.float64)
+    w0 = (q_out[:, :n] * s) @ q_in[:, :n].T
+    u0 = torch.linalg.svd(w0, full_matrices=False)[0]
+    probes = torch.cat([torch.randn(out, 6, generator=g, dtype=torch.float64), q_out[:, :3], q_out[:, n - 2:n]], dim=1)
+    probes = probes / probes.norm(dim=0)
+    basis = analysis.LeftSingularBasis(w0.reshape(shape))
+    got = basis.max_abs_cosines(probes)
+    ref = (probes.T @ u0).abs().amax(dim=1)
+    assert basis.route == route
+    assert torch.allclose(got, ref, rtol=0, atol=1e-8), (got - ref).abs().max()
+    assert torch.allclose(got[6:], torch.ones(5, dtype=torch.float64), atol=1e-8)
+
+
 def test_singular_values_and_effective_rank_match_a_dense_reference():
     g = torch.Generator().manual_seed(3)
     down, up = torch.randn(6, 5, 3, 3, generator=g), torch.randn(7, 6, 1, 1, generator=g)  # a conv adapter

@@ -226,24 +226,36 @@ def factored_singular_values(down: torch.Tensor, up: torch.Tensor) -> torch.Tens
     return torch.where(s > tol, s, torch.zeros_like(s))
 
 
-# Randomised SVD (Halko et al.) for the top `rank` components when they are a small part of the spectrum: a range
-# finder with OVERSAMPLE extra columns and POWER_ITERATIONS passes. Its error shrinks like (σ_{k+p}/σ_k)^(2q+1); on a
-# weight-like spectrum σ_i = 1/(1 + i/10) (ratio 1.5 at p = 20) it is 1e-12 relative (10 + 4 passes: 5e-5), and an
-# update of rank <= k is found to rounding. Cost O(out·in·(k+p)·q) instead of the full SVD's O(out·in·min(out, in)).
+# Randomised SVD (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1) for the top `rank` components when they are
+# a small part of the spectrum: a range finder with OVERSAMPLE extra columns and POWER_ITERATIONS subspace-iteration
+# passes, then the SVD of the matrix projected on that range. Its error shrinks like (σ_{k+p}/σ_k)^(2q+1); on a
+# weight-like spectrum σ_i = 1/(1 + i/10) (ratio 1.5 at p = 20) it would be 1e-12 relative in float64 (10 + 4 passes:
+# 5e-5). Cost O(out·in·(k+p)·q) instead of the full SVD's O(out·in·min(out, in)). The range finder runs in float32
+# (on 2 CPU cores 4x faster than float64 at SD 1.5's shapes: 0.4 s instead of 1.3 s for a 10240 x 1280 weight) and
+# the projection and its SVD in float64 (Rayleigh–Ritz): the triplets are exact float64 singular triplets of the
+# matrix restricted to a range that float32 rounding leaves off by ~1e-7, so that is the floor of the error, and an
+# update of rank <= k is found to ~1e-7 relative.
 OVERSAMPLE, POWER_ITERATIONS = 20, 8
 
 
 def top_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_k, S_k, Vh_k) of a float64 matrix: randomised where k + OVERSAMPLE < min(shape) / 2, else the full SVD.
-    The random draw is seeded, so the same matrix always gives the same factors."""
+    """(U_k, S_k, Vh_k) of a float64 matrix (out x in): U_k (out, k), S_k (k,) descending, Vh_k (k, in); randomised
+    where k + OVERSAMPLE < min(shape) / 2, else the full SVD. The random draw is seeded, so the same matrix always
+    gives the same factors."""
     q = k + OVERSAMPLE
     if q >= min(m.shape) / 2:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :k], s[:k], vh[:k]
+    m32 = m.to(torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(m, q=q, niter=POWER_ITERATIONS)
-    return u[:, :k], s[:k], v[:, :k].T
+        sketch = torch.randn(m.shape[1], q, dtype=torch.float32)
+    basis = torch.linalg.qr(m32 @ sketch).Q
+    for _ in range(POWER_ITERATIONS):  # re-orthonormalised each half pass, against float32's loss of the small σ
+        basis = torch.linalg.qr(m32 @ torch.linalg.qr(m32.T @ basis).Q).Q
+    basis = torch.linalg.qr(basis.to(torch.float64)).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+    return (basis @ ub)[:, :k], s[:k], vh[:k]
 
 
 def dense_to_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.algebra import component_module
+from sdlora.adapter.algebra import as_matrix, component_module
 from sdlora.adapter.io import file_layout, load_adapter
 from sdlora.adapter.names import split_name
 from sdlora.adapter.weights import AdapterWeights
@@ -26,14 +26,14 @@ from sdlora.util.tables import format_table
 
 # ------------------------------------------------------------------------------------------ base model
 class BaseModel:
-    """W0 of every adapted module, looked up by canonical name; W0's singular vectors cached per module."""
+    """W0 of every adapted module, looked up by canonical name; W0's left singular basis cached per module."""
 
     def __init__(self, model_path: str):
         from sdlora.model.loading import load_components
 
         self.path = str(model_path)
         self.comps = load_components(model_path)
-        self._base_u: dict[str, torch.Tensor] = {}
+        self._bases: dict[str, analysis.LeftSingularBasis] = {}
 
     def module(self, name: str) -> torch.nn.Module:
         return component_module(self.comps.adaptable(), name,
@@ -46,10 +46,10 @@ class BaseModel:
                             f"{tuple(w.shape)} in {self.path} (a different base model?)")
         return w
 
-    def base_u(self, name: str, w0: torch.Tensor) -> torch.Tensor:
-        if name not in self._base_u:
-            self._base_u[name] = analysis.left_singular_vectors(w0)
-        return self._base_u[name]
+    def basis(self, name: str, w0: torch.Tensor) -> analysis.LeftSingularBasis:
+        if name not in self._bases:
+            self._bases[name] = analysis.LeftSingularBasis(w0)
+        return self._bases[name]
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -86,8 +86,9 @@ def module_entry(name: str, m, base: BaseModel | None, top_k: int, epsilon: floa
              "dw_norm": dw_norm, "effective_rank": analysis.effective_rank(s),
              "w0_norm": None, "relative_norm": None, "intruders": None, "intruder_singular_values": None}
     if base is not None:
+        w0 = as_matrix(w0)  # float64 once: the norm, the basis and W0 + ΔW below take it without copies
         w0_norm = analysis.frobenius(w0)
-        result = analysis.find_intruders(w0, delta, top_k=top_k, epsilon=epsilon, base_u=base.base_u(name, w0))
+        result = analysis.find_intruders(w0, delta, top_k=top_k, epsilon=epsilon, base=base.basis(name, w0))
         entry.update(w0_norm=w0_norm, relative_norm=dw_norm / w0_norm if w0_norm > 0 else None,
                      intruders=result.count,
                      intruder_singular_values=[float(result.singular_values[i]) for i in result.indices])

@@ -36,7 +36,7 @@ def mitigate_adapter(path: str | Path, base: BaseModel, lam: float, out: str | P
     for name, m in adapter.modules.items():
         w0 = base.weight(name, m.weight_shape)
         r = analysis.mitigate_intruders(w0, m.down, m.up, lam, top_k=top_k, epsilon=epsilon,
-                                        base_u=base.base_u(name, w0))
+                                        base=base.basis(name, w0))
         modules[name] = replace(m, down=r.down, up=r.up)
         changes.append({"name": name, "intruders_before": r.intruders_before, "intruders_after": r.intruders_after,
                         "singular_values_before": r.singular_values_before,
