@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="teach the bundled mini model a new word with a LoRA on CPU; judge base vs adapted")
     p.add_argument("--out", default="sdlora-demo", help="output folder (default: ./sdlora-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: DEMO_STEPS in sdlora/commands/demo.py, 450)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: DEMO_STEPS in sdlora/commands/demo.py, 150)")
     _common(p)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")

@@ -1,10 +1,11 @@
 """`sdlora demo`: teach the mini model (sdlora/resources/mini, docs/mini.md) a new word, and show it learned.
 
 The mini model draws coloured handwritten digits from captions (`a red seven on a navy background`). The demo
-trains a LoRA (UNet and text encoder) on 24 renders of a star glyph captioned `a red sks on a navy background`,
-beside 24 digit renders with their own captions and with output preservation on the captions without `sks` (so
-the digits stay digits: docs/quality.md shows what happens without), then samples base and adapted model on the trigger prompts and on unrelated digit prompts and lets the judge
-(sdlora/mini/judge.py, not the model) say what they show. About two and a half minutes on 2 CPU cores.
+trains a LoRA (UNet and text encoder) on 24 renders of a star glyph captioned `a red sks on a navy background`, with
+output preservation on the captions without `sks` (so the digits stay digits: docs/quality.md shows what happens
+without) and a high text-encoder rate (so the new word carries the concept), then samples base and adapted model on
+the trigger prompts and on unrelated digit prompts and lets the judge (sdlora/mini/judge.py, not the model) say
+what they show. Under two minutes on 2 CPU cores.
 
 `make_shapes_dataset` (coloured circles and squares) stays for the tests that need a quick captioned folder.
 """
@@ -27,7 +28,6 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), 
 SHAPES = ("circle", "square")
 DEMO_RESOLUTION = 64
 MINI_RESOLUTION = 32
-DEMO_STEPS = 450
 # (module, the package that provides it): what the demo imports after training
 DEMO_DEPENDENCIES = (("peft", "peft"), ("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
 
@@ -84,22 +84,27 @@ def make_concept_dataset(folder: Path, n: int = 24, n_digits: int = 0, seed: int
     return folder
 
 
-# What the demo (and tests/test_learning.py) add to the plain LoRA budget of `demo_config`, from the quality table
-# (docs/quality.md): trained on the star alone, the LoRA learns it but turns most unrelated digit prompts into
-# stars; digit renders with their own captions beside the stars (DreamBooth-style prior images) and output
-# preservation on the captions without the trigger word keep the digits.
-DEMO_PRIOR_IMAGES = 24
-DEMO_PRESERVATION = {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}
+# What the demo (and tests/test_learning.py) change in the plain LoRA budget of `demo_config`, from the quality table
+# (docs/quality.md) and the search in docs/mini.md: trained on the star alone, the LoRA learns it but turns most
+# unrelated digit prompts into stars. Output preservation on the captions without the trigger word (weight 2) keeps
+# the template `a <colour> ... on a <colour> background` drawing what the base drew, and a text-encoder rate of 1e-2
+# (10x the table's) lets the new word carry the concept, so the UNet learns the star for `sks` alone: learned in 150
+# steps with the digits kept (the earlier recipe, with prior images, needed 450).
+DEMO_STEPS = 150
+DEMO_TEXT_ENCODER_LR = 1e-2
+DEMO_PRESERVATION = {"weight": 2.0, "source": "captions", "trigger_words": ["sks"]}
 
 
 def make_demo_data(folder: Path) -> Path:
-    """The demo's training folder: the star renders and DEMO_PRIOR_IMAGES digit renders, with captions."""
-    return make_concept_dataset(folder, n_digits=DEMO_PRIOR_IMAGES)
+    """The demo's training folder: 24 star renders (every colour pair) captioned with the trigger word."""
+    return make_concept_dataset(folder)
 
 
 def demo_recipe(root: Path, steps: int, model_path: Path | None = None, seed: int = 0) -> dict:
-    """The demo's config: `demo_config` plus output preservation (the data: `make_demo_data`)."""
+    """The demo's config: `demo_config` with output preservation and the text encoder's rate (the data:
+    `make_demo_data`)."""
     cfg = demo_config(root, steps, model_path, seed)
+    cfg["optim"]["text_encoder_lr"] = DEMO_TEXT_ENCODER_LR
     cfg["reg"] = {"preservation": dict(DEMO_PRESERVATION)}
     return cfg
 
@@ -139,8 +144,8 @@ def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     own = accuracy_on_real_renders(judge, n_digits=1000, n_glyphs=100)
     print(f"      its accuracy on renders of scans it never saw: digits {own['digit']:.1%}, star {own['concept']:.1%}, "
           f"colours {own['colour']:.1%}")
-    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background', beside "
-          f"{DEMO_PRIOR_IMAGES} digit renders with their captions -> {root / 'data'}")
+    print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background' "
+          f"-> {root / 'data'}")
     make_demo_data(root / "data")
     cfg_dict = demo_recipe(root, steps)
     atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
