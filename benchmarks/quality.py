@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdlora.util.allocator import keep_freed_cpu_memory  # noqa: E402
 from sdlora.config import validate  # noqa: E402
-from sdlora.commands.demo import demo_config, make_concept_dataset  # noqa: E402
+from sdlora.commands.demo import (DEMO_PRESERVATION, DEMO_TEXT_ENCODER_LR, demo_config,  # noqa: E402
+                                  make_concept_dataset)
 from sdlora.mini import MINI_MODEL_DIR  # noqa: E402
 from sdlora.mini.data import CONCEPT  # noqa: E402
 from sdlora.mini.judge import Judge  # noqa: E402
@@ -83,10 +84,13 @@ ROWS = {
     "prior": ("+ 24 digit renders with their captions beside the stars (DreamBooth-style prior images) "
               "and output preservation (as row pres)",
               {"_prior_images": 24, "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
+    "demo": (f"+ output preservation (weight {DEMO_PRESERVATION['weight']:g}) and a text-encoder rate of "
+             f"{DEMO_TEXT_ENCODER_LR:g}: the demo's recipe (which stops at 150 steps)",
+             {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR}, "reg": {"preservation": dict(DEMO_PRESERVATION)}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
 DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",
-                "prior"]
+                "prior", "demo"]
 
 
 def deep_update(base: dict, extra: dict) -> dict:
