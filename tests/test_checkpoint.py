@@ -178,9 +178,12 @@ def test_an_output_folder_with_a_run_is_not_overwritten_without_resume_or_overwr
         train(cfg, log=quiet)
     (out / "logs").mkdir()
     (out / "logs" / "events.out.tfevents.old").write_bytes(b"")  # the old run's tracker files
-    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints and logs go with it
+    (out / "samples" / "step_000500").mkdir(parents=True)  # the old run's training samples (a longer run)
+    (out / "samples" / "step_000500" / "0.png").write_bytes(b"")
+    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints, logs and samples go with it
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
     assert not (out / "logs").exists()  # TensorBoard would otherwise draw both runs as one
+    assert not (out / "samples").exists()  # nor would the new run's samples sit beside the old run's
 
 
 def files_under(folder):

@@ -71,12 +71,14 @@ class RunStart:
 
 
 def clear_previous_run(out: Path) -> None:
-    """--overwrite without --resume: the old run's checkpoints and logs (metrics, probe, tracker files) go, so
-    nothing resumes or extends them and TensorBoard does not draw two runs as one."""
+    """--overwrite without --resume: the old run's checkpoints, logs (metrics, probe, tracker files) and training
+    samples go, so nothing resumes or extends them, TensorBoard does not draw two runs as one, and `samples/` holds
+    this run's images only."""
     import shutil
 
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
+    shutil.rmtree(out / "samples", ignore_errors=True)
     for name in ("metrics.jsonl", "probe.jsonl"):
         (out / name).unlink(missing_ok=True)
 
