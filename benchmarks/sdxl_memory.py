@@ -1,0 +1,421 @@
+"""An SDXL LoRA's training memory at 1024 px, batch 1, rank 32: the real step traced with fake tensors on CPU.
+
+    python3 benchmarks/sdxl_memory.py              # the table (markdown on stdout), docs/sdxl-memory.json; a few minutes
+    python3 benchmarks/sdxl_memory.py --quick      # 1024 px with checkpointing and the tiny-model checks only
+
+The setting (configs/sdxl-character.yaml's memory options with the text encoders frozen, so their outputs are
+cached): SDXL base 1.0's architecture from the bundled configs (sdlora/resources/configs/sdxl_base_v1-0), frozen
+weights in bf16 (`train.mixed_precision: bf16`), sdlora's LoRA (rank 32, alpha 32, orthogonal init, learnable alpha,
+the default UNet targets to_q/to_k/to_v/to_out.0; factors and alphas fp32) injected by `sdlora.lora.inject_all`,
+placed by `training/placement.place_models` (which also turns on `train.gradient_checkpointing`), batch 1, latents
+cached (`data.cache_latents`: the step starts from the cached mean and std, 1x4xH/8xW/8 bf16) and text-encoder
+outputs cached (hidden states 1x77x2048 and pooled embedding 1x1280, bf16 as the bf16 encoders give them).
+
+Method: everything is built and run under torch's FakeTensorMode, so shapes, dtypes, aliasing and lifetimes are the
+real ones but no memory is allocated and no arithmetic is done; `torch.distributed._tools.mem_tracker.MemTracker`
+(a TorchDispatchMode) counts the bytes of every live tensor storage by category (parameters, buffers, gradients,
+activations, backward temporaries, optimiser state) and keeps the peak. Two training steps run as the loop runs them
+(training/loop.py: noise and timestep draws, `scheduler.add_noise`, the UNet under bf16 autocast with
+`SDXL.unet_kwargs`, `losses.diffusion_loss` with the config's min-SNR weighting, backward, `clip_grad_norm_`,
+the optimiser step, `zero_grad(set_to_none=True)`); the second step has the optimiser state resident throughout,
+so the peak over both is the steady state. The optimiser is torch AdamW through `training/optim.make_optimizer`
+(fp32 moments, 8 bytes per trained parameter): bitsandbytes' 8-bit AdamW cannot run on fake CPU tensors, so its
+state is counted instead (2 bytes per parameter plus one fp32 absmax per 256-value block per moment; tensors under
+4096 values, the alphas, keep fp32 moments, bitsandbytes' `min_8bit_size`) and swapped in for AdamW's.
+`place_models` keeps the VAE and both text encoders on the device in bf16 even when latents and text-encoder outputs
+are cached; they are built and tracked as parameters. The text-encoder output cache (`training/text_cache.py`) is
+counted: up to its 2048-caption capacity, and with `shuffle_tags` nearly every step's caption is a new entry.
+
+Validation (printed with the table): (a) fake against real: the same two steps on the tiny SDXL model
+(`model/tiny.make_tiny_sdxl`) with real tensors and with fake ones, MemTracker in both; (b) against an independent
+instrument: a third real step on the tiny model under torch.profiler (`benchmarks/train_speed.cpu_peak_bytes`'s
+quantity: the most CPU memory allocated during the step above what was allocated before it) against MemTracker's
+peak minus its count at the step's start; (c) the earlier real-tensor run of the full SDXL UNet at 128 px
+(benchmarks/sdxl_memory_old.py's step: no optimiser, default LoRA init, fp32 inputs) measured 0.176 GiB with the
+profiler; the same step is traced here with fake tensors.
+
+Assumptions (not measurable on CPU): the CUDA context and kernels take about 0.5 GiB outside PyTorch's allocator, and
+the caching allocator's fragmentation adds 10 % to the allocated peak. CPU autocast's bf16/fp32 op lists stand in for
+CUDA's (they differ in a few ops: CUDA autocast also runs softmax, layer_norm and group_norm outputs in fp32 inputs'
+dtype, CPU autocast keeps some in bf16), and attention runs as torch's CPU flash kernel
+(`_scaled_dot_product_flash_attention_for_cpu`, reported by the op log), which like CUDA's flash and
+memory-efficient kernels never materialises the tokens x tokens matrix. MemTracker counts CPU bytes exactly as
+requested; CUDA rounds each block up to 512 bytes (negligible here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from sdlora.config import validate  # noqa: E402
+from sdlora.config_file import read_config_file  # noqa: E402
+from sdlora.lora import build_param_groups, inject_all  # noqa: E402
+from sdlora.model.families import SDXL, SDXLConditioning  # noqa: E402
+from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
+from sdlora.training.optim import make_optimizer  # noqa: E402
+from sdlora.training.placement import place_models  # noqa: E402
+from sdlora.training.text_cache import DEFAULT_CAPACITY  # noqa: E402
+from sdlora.util import atomic  # noqa: E402
+
+SDXL_CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"
+CHARACTER_CONFIG = ROOT / "configs" / "sdxl-character.yaml"
+GIB = 2 ** 30
+CUDA_CONTEXT_GIB = 0.5  # assumption: CUDA context and kernels, outside PyTorch's allocator
+FRAGMENTATION = 0.10  # assumption: the caching allocator's overhead on the allocated peak
+CARD_GIB = 15.6  # a "16 GB" card: 16 GiB of memory, of which nvidia-smi typically reports 15.6-16.0 GiB usable
+BNB_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096  # bitsandbytes' 8-bit optimiser block size and min_8bit_size default
+OLD_PROFILER_PEAK_GIB = 0.176  # benchmarks/sdxl_memory_old.py, 128 px, real SDXL UNet on CPU (229 s)
+CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Activation": "activations",
+              "Temp": "backward temporaries", "Optstate": "optimiser state", "Other": "inputs"}
+
+
+# ---- the tracker and the fake-tensor plumbing
+
+
+class _NoHook:
+    @staticmethod
+    def remove() -> None:
+        pass
+
+
+class StepMemTracker(MemTracker):
+    """MemTracker for a model with frozen parameters, keeping the global peak only.
+
+    MemTracker registers a gradient hook on every parameter of every module it sees run, and torch refuses a hook on
+    a tensor that does not require grad: frozen parameters get a no-op handle instead (they never get a gradient).
+    It also refreshes every active module's own peak at every op (modules x ops: over 20 minutes for SDXL's step on
+    one core); the peak by category over the whole run, the only number read here, is kept exactly as the base
+    class keeps it."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+        for p in module.parameters():
+            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    peak_phase = "none"
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+                self.peak_phase = ("optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw
+                                   else "forward")
+
+    def total(self, kind: str = "current") -> int:
+        return sum(s["Total"] for s in self.get_tracker_snapshot(kind).values())
+
+    def by_category(self, kind: str = "peak") -> dict[str, int]:
+        out = Counter()
+        for snap in self.get_tracker_snapshot(kind).values():
+            for k, v in snap.items():
+                out[CATEGORIES.get(getattr(k, "value", k), "total")] += v
+        return dict(out)
+
+
+class OpCounter(TorchDispatchMode):
+    """How often each aten op ran (to show which attention kernel the step used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fake_module_conversion(fake: bool):
+    """Let `Module.to` convert fake parameters. It swaps each fake parameter for its converted copy
+    (torch.utils.swap_tensors), which refuses tensors with weak references, and FakeTensorMode's converter memo keeps
+    one on every fake tensor it makes. The memo is for turning real tensors into fake ones, which this script never
+    asks it to do again, so the check is lifted while the model is placed."""
+    if not fake:
+        yield
+        return
+    original = torch.utils.weakref
+    torch.utils.weakref = types.SimpleNamespace(getweakrefs=lambda t: [])
+    try:
+        yield
+    finally:
+        torch.utils.weakref = original
+
+
+# ---- the models, the config and the step
+
+
+def sdxl_config(checkpointing: bool = True, overrides: dict | None = None):
+    """configs/sdxl-character.yaml with the text encoders frozen (outputs cached) and torch AdamW traced in place of
+    bitsandbytes' (its state is counted apart); `overrides` replace whole sections' keys."""
+    raw = read_config_file(CHARACTER_CONFIG)
+    raw["model"]["path"] = "sdxl"  # never read: the models are built from the bundled configs
+    raw["text_encoder"]["train"] = False
+    raw["reg"] = {}  # the embedding-norm penalty applies to trained text encoders only
+    raw["train"]["gradient_checkpointing"] = checkpointing
+    raw["optim"]["optimizer"] = "adamw"
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return validate(raw)
+
+
+def read_json(folder: Path, part: str) -> dict:
+    return json.loads((folder / part / "config.json").read_text())
+
+
+def build(folder: Path, cfg, with_frozen: bool = True):
+    """The family's models from `folder`'s configs (random values), LoRA injected and placed as training does.
+    Returns (components, layers); call inside FakeTensorMode for fake tensors."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_config(read_json(folder, "unet"))
+    text_encoders, vae = {}, torch.nn.Linear(1, 1)
+    if with_frozen:
+        vae = AutoencoderKL.from_config(read_json(folder, "vae"))
+        text_encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+                         "text_encoder_2": CLIPTextModelWithProjection(
+                             CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler)
+    layers = inject_all(unet, text_encoders, cfg)
+    models = [unet, vae, *text_encoders.values()]
+    fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
+    for t in (t for m in models for t in (*m.parameters(), *m.buffers())):
+        if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
+            t.constant = None
+    with fake_module_conversion(fake):
+        place_models(comps, layers, torch.device("cpu"), torch.bfloat16, cfg)
+    return comps, layers
+
+
+def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int]) -> dict:
+    """One cached sample as the step reads it: the latent distribution (bf16, as `latent_distribution` returns it on
+    a bf16 VAE), the cached conditioning (bf16) and the micro-conditioning sizes (float32 pixels)."""
+    lat = px // 8
+    hidden = torch.randn(1, 77, hidden_width, dtype=torch.bfloat16)
+    size = torch.tensor([[float(px), float(px)]])
+    return {"mean": torch.randn(1, 4, lat, lat, dtype=torch.bfloat16),
+            "std": torch.rand(1, 4, lat, lat, dtype=torch.bfloat16),
+            "cond": SDXLConditioning(hidden, torch.randn(1, pooled_width, dtype=torch.bfloat16),
+                                     tuple(hidden.split(list(widths), dim=-1))),
+            "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2), "target_size": size.clone()}}
+
+
+def make_train_step(comps, cfg, params, optimizer):
+    """One training step as training/loop.py runs it for a cached batch (a non-dropped caption)."""
+    unet, scheduler, scaling = comps.unet, comps.noise_scheduler, 0.13025  # SDXL's VAE scaling factor
+
+    def step(inputs: dict) -> None:
+        latents = (inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])) * scaling
+        noise = sample_noise(latents, cfg.loss.noise_offset)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerator.autocast() with mixed_precision bf16
+            pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)
+        loss.backward()
+        if cfg.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: bool = False,
+          widths=(768, 1280), pooled=1280, profile_third: bool = False) -> dict:
+    """Build the models and run `steps` training steps under StepMemTracker, fake or real tensors."""
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with mode:
+        comps, layers = build(folder, cfg)
+        groups = build_param_groups(layers, cfg, SDXL)
+        params = [p for g in groups.groups for p in g["params"]]
+        optimizer = make_optimizer(groups.groups, cfg)
+        inputs = cached_inputs(px, sum(widths), pooled, widths)
+        step = make_train_step(comps, cfg, params, optimizer)
+        tracker = StepMemTracker()
+        tracker.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
+                               inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+        ops = OpCounter()
+        built = time.perf_counter()
+        with tracker, (ops if count_ops else contextlib.nullcontext()):
+            start = tracker.total()
+            for i in range(steps):
+                step(inputs)
+                tracker.reset_mod_stats()  # MemTracker refuses a second forward of the same root otherwise
+        result = {"px": px, "fake": fake, "checkpointing": cfg.train.gradient_checkpointing,
+                  "start_bytes": start, "peak": tracker.by_category("peak"), "peak_phase": tracker.peak_phase,
+                  "trained": [(p.numel(), p.dtype.itemsize) for p in params],
+                  "build_seconds": built - t0, "step_seconds": (time.perf_counter() - built) / steps,
+                  "attention_ops": {k: v for k, v in ops.counts.items() if "attention" in k or "softmax" in k}}
+        if profile_third:  # (b): one more step under the profiler and a fresh tracker at once
+            from train_speed import cpu_peak_bytes
+
+            third = StepMemTracker()
+            third.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
+                                 inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+            with third:
+                before = third.total()
+                result["profiler_peak_above_start"] = cpu_peak_bytes(step, inputs)
+            result["tracker_peak_above_start"] = third.total("peak") - before
+    return result
+
+
+def old_script_step_peak(px: int = 128) -> int:
+    """(c) benchmarks/sdxl_memory_old.py's measured step, fake: bytes above the step's start at the peak."""
+    cfg = validate({"model": {"path": "sdxl"}, "data": {"path": "d"}, "output": {"dir": "o"},
+                    "lora": {"rank": 32, "alpha": 32}, "text_encoder": {"train": False},
+                    "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
+    with FakeTensorMode():
+        comps, _ = build(SDXL_CONFIGS, cfg, with_frozen=False)
+        unet, lat = comps.unet, px // 8
+        batch = {"noisy": torch.randn(1, 4, lat, lat), "target": torch.randn(1, 4, lat, lat),
+                 "t": torch.tensor([500]), "hidden": torch.randn(1, 77, 2048),
+                 "added": {"text_embeds": torch.randn(1, 1280),
+                           "time_ids": torch.tensor([[px, px, 0, 0, px, px]], dtype=torch.float32)}}
+        tracker = StepMemTracker()
+        tracker.track_external(unet, batch["noisy"], batch["target"], batch["hidden"], batch["added"]["text_embeds"])
+        with tracker:
+            start = tracker.total()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = unet(batch["noisy"], batch["t"], batch["hidden"], added_cond_kwargs=batch["added"]).sample
+            loss = diffusion_loss(pred, batch["target"], batch["t"], None, cfg.loss)
+            loss.backward()
+            for p in unet.parameters():
+                p.grad = None
+        return tracker.total("peak") - start
+
+
+# ---- counted parts and the table
+
+
+def adam8bit_bytes(trained: list[tuple[int, int]]) -> int:
+    """bitsandbytes AdamW8bit's state: per moment 1 byte per value plus a fp32 absmax per 256-value block; tensors
+    under min_8bit_size values keep two fp32 moments."""
+    total = 0
+    for n, _ in trained:
+        total += 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 8 * n
+    return total
+
+
+def text_cache_bytes(capacity: int = DEFAULT_CAPACITY) -> int:
+    """The text-encoder output cache full: per caption 77 x 2048 hidden + 1280 pooled values in bf16."""
+    return capacity * (77 * 2048 + 1280) * 2
+
+
+def on_gpu(allocated: int) -> float:
+    return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def sdxl_rows(runs: list[dict]) -> str:
+    head = ("| px | checkpointing | frozen weights (UNet, VAE, both text encoders, bf16) | LoRA (fp32) | gradients "
+            "| activations | backward temporaries | AdamW state (fp32) | inputs | **traced peak** "
+            "| peak in | + full text cache | on a GPU (+10 %, +0.5 GiB) | with 8-bit AdamW (counted) instead "
+            "| on a GPU | fits 15.6 GiB (AdamW / 8-bit)? |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n")
+    lines = []
+    for r in runs:
+        p = r["peak"]
+        lora = sum(n * s for n, s in r["trained"])
+        frozen = p["parameters"] + p.get("buffers", 0) - lora
+        cached = p["total"] + text_cache_bytes()
+        adjusted = cached - p.get("optimiser state", 0) + adam8bit_bytes(r["trained"])
+        gpu = on_gpu(adjusted)
+        lines.append(f"| {r['px']} | {'on' if r['checkpointing'] else 'off'} | {gib(frozen)} | {gib(lora)} "
+                     f"| {gib(p.get('gradients', 0))} | {gib(p.get('activations', 0))} "
+                     f"| {gib(p.get('backward temporaries', 0))} | {gib(p.get('optimiser state', 0))} "
+                     f"| {gib(p.get('inputs', 0))} | **{gib(p['total'])}** | {r['peak_phase']} | {gib(cached)} "
+                     f"| {gib(on_gpu(cached))} | {gib(adjusted)} | **{gib(gpu)}** "
+                     f"| {'yes' if on_gpu(cached) <= CARD_GIB * GIB else 'no'} / {'yes' if gpu <= CARD_GIB * GIB else 'no'} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1024 px with checkpointing and the tiny checks only")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "sdxl-memory.json"), help="'' to write none")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, the table on stdout
+
+    # the SDXL table
+    plan = [(1024, True)] if args.quick else [(512, True), (768, True), (1024, True), (1024, False)]
+    runs = []
+    for px, ckpt in plan:
+        r = trace(SDXL_CONFIGS, px, sdxl_config(ckpt), fake=True, count_ops=(px == 1024 and ckpt))
+        say(f"SDXL {px} px, checkpointing {ckpt}: peak {gib(r['peak']['total'])} GiB "
+            f"(build {r['build_seconds']:.0f} s, {r['step_seconds']:.0f} s per step)")
+        runs.append(r)
+
+    # validation on the tiny SDXL model
+    from sdlora.model.tiny import TINY_SDXL_PROJECTION, TINY_SDXL_TE1, TINY_SDXL_TE2, make_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_sdxl(Path(tmp) / "tiny")
+        tiny_cfg = sdxl_config(True, {"lora": {"rank": 4, "alpha": 4}})
+        kw = {"widths": (TINY_SDXL_TE1, TINY_SDXL_TE2), "pooled": TINY_SDXL_PROJECTION}
+        real = trace(tiny, 128, tiny_cfg, fake=False, count_ops=True, profile_third=True, **kw)
+        fake = trace(tiny, 128, tiny_cfg, fake=True, count_ops=True, **kw)
+    say("tiny real", real["peak"], "fake", fake["peak"])
+    old = old_script_step_peak(128)
+    say(f"old setting at 128 px, fake: {old:,} B above the step's start")
+
+    main_run = next(r for r in runs if r["px"] == 1024 and r["checkpointing"])
+    lines = [f"Produced by `python3 benchmarks/sdxl_memory.py{' --quick' if args.quick else ''}` "
+             f"({platform.machine()}, 1 thread, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s).", "",
+             sdxl_rows(runs),
+             f"Trained: {sum(n for n, _ in main_run['trained']) / 1e6:.2f} M LoRA parameters "
+             f"({len(main_run['trained'])} tensors); 8-bit AdamW state {gib(adam8bit_bytes(main_run['trained']))} GiB "
+             f"(counted) in place of AdamW's {gib(main_run['peak'].get('optimiser state', 0))} GiB; text-encoder "
+             f"output cache at its {DEFAULT_CAPACITY}-caption capacity {gib(text_cache_bytes())} GiB (counted).",
+             f"Attention ops in the 1024 px step: {main_run['attention_ops']}.", "",
+             "Validation on the tiny SDXL model at 128 px (two steps, rank 4; bytes):", "",
+             "| category | real tensors | fake tensors |", "|---|---:|---:|"]
+    for k in sorted(set(real["peak"]) | set(fake["peak"])):
+        lines.append(f"| {k} | {real['peak'].get(k, 0):,} | {fake['peak'].get(k, 0):,} |")
+    lines += ["", f"Attention ops, real: {real['attention_ops']}; fake: {fake['attention_ops']}.",
+              f"Third real step, peak above its start: profiler {real['profiler_peak_above_start']:,} B, "
+              f"MemTracker {real['tracker_peak_above_start']:,} B.",
+              f"Old script's step (full SDXL UNet, 128 px, no optimiser): profiler on real tensors "
+              f"{OLD_PROFILER_PEAK_GIB:.3f} GiB, MemTracker on fake tensors {old / GIB:.4f} GiB ({old:,} B) above the start."]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.json:
+        atomic.write_json(args.json, {"runs": runs, "tiny_real": real, "tiny_fake": fake, "old_setting_fake_bytes": old,
+                                      "assumptions": {"cuda_context_gib": CUDA_CONTEXT_GIB,
+                                                      "fragmentation": FRAGMENTATION, "card_gib": CARD_GIB}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
