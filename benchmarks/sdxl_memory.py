@@ -115,23 +115,36 @@ class StepMemTracker(MemTracker):
 
     peak_phase = "none"
 
+    def __init__(self):
+        super().__init__()
+        # forward / backward / optimiser step -> bytes by category at the phase's own peak
+        self.phase_peaks: dict[str, dict[str, int]] = {}
+
     def _update_peak_stats(self, peak_state) -> None:
+        phase = "optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
+        total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
+        if total > self.phase_peaks.get(phase, {}).get("total", -1):
+            self.phase_peaks[phase] = categories(self._curr_mem_snap)
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
-                self.peak_phase = ("optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw
-                                   else "forward")
+                self.peak_phase = phase
 
     def total(self, kind: str = "current") -> int:
         return sum(s["Total"] for s in self.get_tracker_snapshot(kind).values())
 
     def by_category(self, kind: str = "peak") -> dict[str, int]:
-        out = Counter()
-        for snap in self.get_tracker_snapshot(kind).values():
-            for k, v in snap.items():
-                out[CATEGORIES.get(getattr(k, "value", k), "total")] += v
-        return dict(out)
+        return categories(self.get_tracker_snapshot(kind))
+
+
+def categories(snapshot: dict) -> dict[str, int]:
+    """A MemTracker snapshot (device -> category -> bytes) summed over devices, with this script's names."""
+    out = Counter()
+    for snap in snapshot.values():
+        for k, v in snap.items():
+            out[CATEGORIES.get(getattr(k, "value", k), "total")] += v
+    return dict(out)
 
 
 class OpCounter(TorchDispatchMode):
@@ -144,6 +157,37 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cuda_fp32_norms():
+    """CUDA autocast's float32 policy for the normalisations, on CPU. Under CUDA autocast group_norm and layer_norm
+    cast their floating inputs to float32 and return float32 (torch's AMP reference, "CUDA Ops that can autocast to
+    float32"); CPU autocast keeps a bf16 input in bf16. SDXL's GroupNorm and LayerNorm modules call
+    `torch.nn.functional.group_norm` / `layer_norm`, which are wrapped here while autocast is on, so the traced
+    activations get CUDA's dtypes. Wrapping the functions (not a TorchFunctionMode, which the checkpoints'
+    recomputation in backward does not see) keeps forward and recomputation alike. The other ops on CUDA's float32
+    list (softmax, pow, exp, the losses...) run on float32 inputs in this step already or inside the attention kernel."""
+    F = torch.nn.functional
+    originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm")}
+
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
+
+    def fp32(fn):
+        def run(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+        return run
+
+    for name, fn in originals.items():
+        setattr(F, name, fp32(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
 
 
 @contextlib.contextmanager
@@ -223,8 +267,9 @@ def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[i
             "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2), "target_size": size.clone()}}
 
 
-def make_train_step(comps, cfg, params, optimizer):
-    """One training step as training/loop.py runs it for a cached batch (a non-dropped caption)."""
+def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True):
+    """One training step as training/loop.py runs it for a cached batch (a non-dropped caption); `cuda_lists`: the
+    autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU autocast's own."""
     unet, scheduler, scaling = comps.unet, comps.noise_scheduler, 0.13025  # SDXL's VAE scaling factor
 
     def step(inputs: dict) -> None:
@@ -232,11 +277,13 @@ def make_train_step(comps, cfg, params, optimizer):
         noise = sample_noise(latents, cfg.loss.noise_offset)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerator.autocast() with mixed_precision bf16
-            pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-        loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)
-        loss.backward()
+        # the lists act inside autocast only, which includes the checkpoints' recomputation during backward
+        with cuda_fp32_norms() if cuda_lists else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerator.autocast() with mixed_precision bf16
+                pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)
+            loss.backward()
         if cfg.optim.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         optimizer.step()
@@ -246,7 +293,7 @@ def make_train_step(comps, cfg, params, optimizer):
 
 
 def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: bool = False,
-          widths=(768, 1280), pooled=1280, profile_third: bool = False) -> dict:
+          widths=(768, 1280), pooled=1280, profile_third: bool = False, cuda_lists: bool = True) -> dict:
     """Build the models and run `steps` training steps under StepMemTracker, fake or real tensors."""
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     torch.manual_seed(0)
@@ -257,7 +304,7 @@ def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: 
         params = [p for g in groups.groups for p in g["params"]]
         optimizer = make_optimizer(groups.groups, cfg)
         inputs = cached_inputs(px, sum(widths), pooled, widths)
-        step = make_train_step(comps, cfg, params, optimizer)
+        step = make_train_step(comps, cfg, params, optimizer, cuda_lists)
         tracker = StepMemTracker()
         tracker.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
                                inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
@@ -268,8 +315,9 @@ def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: 
             for i in range(steps):
                 step(inputs)
                 tracker.reset_mod_stats()  # MemTracker refuses a second forward of the same root otherwise
-        result = {"px": px, "fake": fake, "checkpointing": cfg.train.gradient_checkpointing,
+        result = {"px": px, "fake": fake, "checkpointing": cfg.train.gradient_checkpointing, "cuda_lists": cuda_lists,
                   "start_bytes": start, "peak": tracker.by_category("peak"), "peak_phase": tracker.peak_phase,
+                  "phase_peaks": dict(tracker.phase_peaks),
                   "trained": [(p.numel(), p.dtype.itemsize) for p in params],
                   "build_seconds": built - t0, "step_seconds": (time.perf_counter() - built) / steps,
                   "attention_ops": {k: v for k, v in ops.counts.items() if "attention" in k or "softmax" in k}}
@@ -336,27 +384,35 @@ def gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
 
-def sdxl_rows(runs: list[dict]) -> str:
-    head = ("| px | checkpointing | frozen weights (UNet, VAE, both text encoders, bf16) | LoRA (fp32) | gradients "
-            "| activations | backward temporaries | AdamW state (fp32) | inputs | **traced peak** "
-            "| peak in | + full text cache | on a GPU (+10 %, +0.5 GiB) | with 8-bit AdamW (counted) instead "
-            "| on a GPU | fits 15.6 GiB (AdamW / 8-bit)? |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n")
-    lines = []
+def with_adam8bit(run: dict) -> int:
+    """The step's peak with bitsandbytes' 8-bit state in place of AdamW's: at each phase's peak, the optimiser
+    category (AdamW's moments, and in the optimiser step its foreach temporaries) is replaced by the counted 8-bit
+    state, and the largest phase wins."""
+    return max(p["total"] - p.get("optimiser state", 0) + adam8bit_bytes(run["trained"])
+               for p in run["phase_peaks"].values())
+
+
+def sdxl_tables(runs: list[dict]) -> str:
+    est = ("| px | gradient checkpointing | autocast float32 list | traced peak, GiB (in) | forward / backward / optimiser-step peaks, GiB "
+           "| + full text cache | **GPU estimate, AdamW** | with 8-bit AdamW instead | **GPU estimate, 8-bit AdamW** "
+           f"| fits {CARD_GIB} GiB (AdamW / 8-bit)? |\n|---:|---|---|---:|---|---:|---:|---:|---:|---|\n")
+    cat = ("| px | gradient checkpointing | autocast float32 list | frozen weights (UNet, VAE, text encoders; bf16) | LoRA factors + alphas (fp32) "
+           "| gradients | activations | backward temporaries | AdamW state (fp32) | inputs | total |\n"
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in runs:
-        p = r["peak"]
+        p, ph = r["peak"], r["phase_peaks"]
         lora = sum(n * s for n, s in r["trained"])
-        frozen = p["parameters"] + p.get("buffers", 0) - lora
-        cached = p["total"] + text_cache_bytes()
-        adjusted = cached - p.get("optimiser state", 0) + adam8bit_bytes(r["trained"])
-        gpu = on_gpu(adjusted)
-        lines.append(f"| {r['px']} | {'on' if r['checkpointing'] else 'off'} | {gib(frozen)} | {gib(lora)} "
-                     f"| {gib(p.get('gradients', 0))} | {gib(p.get('activations', 0))} "
-                     f"| {gib(p.get('backward temporaries', 0))} | {gib(p.get('optimiser state', 0))} "
-                     f"| {gib(p.get('inputs', 0))} | **{gib(p['total'])}** | {r['peak_phase']} | {gib(cached)} "
-                     f"| {gib(on_gpu(cached))} | {gib(adjusted)} | **{gib(gpu)}** "
-                     f"| {'yes' if on_gpu(cached) <= CARD_GIB * GIB else 'no'} / {'yes' if gpu <= CARD_GIB * GIB else 'no'} |")
-    return head + "\n".join(lines) + "\n"
+        cached, cached8 = p["total"] + text_cache_bytes(), with_adam8bit(r) + text_cache_bytes()
+        fits = lambda b: "yes" if on_gpu(b) <= CARD_GIB * GIB else "no"  # noqa: E731
+        ckpt = "on" if r["checkpointing"] else "off"
+        phases = " / ".join(gib(ph[k]["total"]) if k in ph else "-" for k in ("forward", "backward", "optimiser step"))
+        lists = "CUDA's" if r["cuda_lists"] else "CPU's"
+        est += (f"| {r['px']} | {ckpt} | {lists} | {gib(p['total'])} ({r['peak_phase']}) | {phases} | {gib(cached)} "
+                f"| **{gib(on_gpu(cached))}** | {gib(cached8)} | **{gib(on_gpu(cached8))}** | {fits(cached)} / {fits(cached8)} |\n")
+        cat += (f"| {r['px']} | {ckpt} | {lists} | {gib(p['parameters'] + p.get('buffers', 0) - lora)} | {gib(lora)} "
+                f"| {gib(p.get('gradients', 0))} | {gib(p.get('activations', 0))} | {gib(p.get('backward temporaries', 0))} "
+                f"| {gib(p.get('optimiser state', 0))} | {gib(p.get('inputs', 0))} | {gib(p['total'])} |\n")
+    return est + "\nThe traced peak by category (GiB):\n\n" + cat
 
 
 def main(argv=None) -> int:
@@ -369,11 +425,13 @@ def main(argv=None) -> int:
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, the table on stdout
 
     # the SDXL table
-    plan = [(1024, True)] if args.quick else [(512, True), (768, True), (1024, True), (1024, False)]
+    plan = [(1024, True, True)] if args.quick else [(512, True, True), (768, True, True), (1024, True, True),
+                                                    (1024, True, False), (1024, False, True)]
     runs = []
-    for px, ckpt in plan:
-        r = trace(SDXL_CONFIGS, px, sdxl_config(ckpt), fake=True, count_ops=(px == 1024 and ckpt))
-        say(f"SDXL {px} px, checkpointing {ckpt}: peak {gib(r['peak']['total'])} GiB "
+    for px, ckpt, cuda_lists in plan:
+        r = trace(SDXL_CONFIGS, px, sdxl_config(ckpt), fake=True, count_ops=(px == 1024 and ckpt and cuda_lists),
+                  cuda_lists=cuda_lists)
+        say(f"SDXL {px} px, checkpointing {ckpt}, CUDA lists {cuda_lists}: peak {gib(r['peak']['total'])} GiB "
             f"(build {r['build_seconds']:.0f} s, {r['step_seconds']:.0f} s per step)")
         runs.append(r)
 
@@ -390,10 +448,10 @@ def main(argv=None) -> int:
     old = old_script_step_peak(128)
     say(f"old setting at 128 px, fake: {old:,} B above the step's start")
 
-    main_run = next(r for r in runs if r["px"] == 1024 and r["checkpointing"])
+    main_run = next(r for r in runs if r["px"] == 1024 and r["checkpointing"] and r["cuda_lists"])
     lines = [f"Produced by `python3 benchmarks/sdxl_memory.py{' --quick' if args.quick else ''}` "
              f"({platform.machine()}, 1 thread, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s).", "",
-             sdxl_rows(runs),
+             sdxl_tables(runs),
              f"Trained: {sum(n for n, _ in main_run['trained']) / 1e6:.2f} M LoRA parameters "
              f"({len(main_run['trained'])} tensors); 8-bit AdamW state {gib(adam8bit_bytes(main_run['trained']))} GiB "
              f"(counted) in place of AdamW's {gib(main_run['peak'].get('optimiser state', 0))} GiB; text-encoder "
@@ -411,7 +469,14 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.json:
-        atomic.write_json(args.json, {"runs": runs, "tiny_real": real, "tiny_fake": fake, "old_setting_fake_bytes": old,
+        def summary(r):  # the per-tensor sizes as totals
+            return {**{k: v for k, v in r.items() if k != "trained"}, "trained_parameters": sum(n for n, _ in r["trained"]),
+                    "trained_tensors": len(r["trained"]), "adam8bit_state_bytes": adam8bit_bytes(r["trained"])}
+
+        atomic.write_json(args.json, {"command": f"python3 benchmarks/sdxl_memory.py{' --quick' if args.quick else ''}",
+                                      "runs": [summary(r) for r in runs], "tiny_real": summary(real),
+                                      "tiny_fake": summary(fake), "old_setting_fake_bytes": old,
+                                      "text_cache_bytes": text_cache_bytes(),
                                       "assumptions": {"cuda_context_gib": CUDA_CONTEXT_GIB,
                                                       "fragmentation": FRAGMENTATION, "card_gib": CARD_GIB}})
     return 0
