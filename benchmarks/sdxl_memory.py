@@ -1,6 +1,6 @@
 """An SDXL LoRA's training memory at 1024 px, batch 1, rank 32: the real step traced with fake tensors on CPU.
 
-    python3 benchmarks/sdxl_memory.py              # the table (markdown on stdout), docs/sdxl-memory.json; a few minutes
+    python3 benchmarks/sdxl_memory.py              # the tables (markdown on stdout), docs/sdxl-memory.json; 8 min
     python3 benchmarks/sdxl_memory.py --quick      # 1024 px with checkpointing and the tiny-model checks only
 
 The setting (configs/sdxl-character.yaml's memory options with the text encoders frozen, so their outputs are
@@ -31,16 +31,17 @@ Validation (printed with the table): (a) fake against real: the same two steps o
 instrument: a third real step on the tiny model under torch.profiler (`benchmarks/train_speed.cpu_peak_bytes`'s
 quantity: the most CPU memory allocated during the step above what was allocated before it) against MemTracker's
 peak minus its count at the step's start; (c) the earlier real-tensor run of the full SDXL UNet at 128 px
-(benchmarks/sdxl_memory_old.py's step: no optimiser, default LoRA init, fp32 inputs) measured 0.176 GiB with the
-profiler; the same step is traced here with fake tensors.
+(the removed benchmarks/sdxl_memory_old.py; its step: no optimiser, default LoRA init, fp32 inputs) measured
+0.176 GiB with the profiler; the same step is traced here with fake tensors.
 
 Assumptions (not measurable on CPU): the CUDA context and kernels take about 0.5 GiB outside PyTorch's allocator, and
-the caching allocator's fragmentation adds 10 % to the allocated peak. CPU autocast's bf16/fp32 op lists stand in for
-CUDA's (they differ in a few ops: CUDA autocast also runs softmax, layer_norm and group_norm outputs in fp32 inputs'
-dtype, CPU autocast keeps some in bf16), and attention runs as torch's CPU flash kernel
+the caching allocator's fragmentation plus kernel workspaces (cuDNN's, the attention kernels'; allocated inside
+kernels, so no dispatch mode sees them, as check (b) shows on CPU) add 10 % to the allocated peak. Autocast: CUDA's
+runs group_norm and layer_norm in float32, CPU's keeps them in bf16; `cuda_fp32_norms` applies CUDA's policy to them
+(the table also has a row with CPU's lists). Attention runs as torch's CPU flash kernel
 (`_scaled_dot_product_flash_attention_for_cpu`, reported by the op log), which like CUDA's flash and
-memory-efficient kernels never materialises the tokens x tokens matrix. MemTracker counts CPU bytes exactly as
-requested; CUDA rounds each block up to 512 bytes (negligible here).
+memory-efficient kernels never materialises the tokens x tokens matrix. MemTracker counts CPU bytes as requested;
+CUDA rounds each block up to 512 bytes (negligible here).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def cuda_fp32_norms():
     `torch.nn.functional.group_norm` / `layer_norm`, which are wrapped here while autocast is on, so the traced
     activations get CUDA's dtypes. Wrapping the functions (not a TorchFunctionMode, which the checkpoints'
     recomputation in backward does not see) keeps forward and recomputation alike. The other ops on CUDA's float32
-    list (softmax, pow, exp, the losses...) run on float32 inputs in this step already or inside the attention kernel."""
+    list (softmax, pow, exp, the losses...) run on float32 inputs in this step already or inside the attention
+    kernel."""
     F = torch.nn.functional
     originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm")}
 
@@ -269,7 +271,8 @@ def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[i
 
 def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True):
     """One training step as training/loop.py runs it for a cached batch (a non-dropped caption); `cuda_lists`: the
-    autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU autocast's own."""
+    autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU
+    autocast's own."""
     unet, scheduler, scaling = comps.unet, comps.noise_scheduler, 0.13025  # SDXL's VAE scaling factor
 
     def step(inputs: dict) -> None:
@@ -393,10 +396,12 @@ def with_adam8bit(run: dict) -> int:
 
 
 def sdxl_tables(runs: list[dict]) -> str:
-    est = ("| px | gradient checkpointing | autocast float32 list | traced peak, GiB (in) | forward / backward / optimiser-step peaks, GiB "
+    est = ("| px | gradient checkpointing | autocast float32 list | traced peak, GiB (in) "
+           "| forward / backward / optimiser-step peaks, GiB "
            "| + full text cache | **GPU estimate, AdamW** | with 8-bit AdamW instead | **GPU estimate, 8-bit AdamW** "
            f"| fits {CARD_GIB} GiB (AdamW / 8-bit)? |\n|---:|---|---|---:|---|---:|---:|---:|---:|---|\n")
-    cat = ("| px | gradient checkpointing | autocast float32 list | frozen weights (UNet, VAE, text encoders; bf16) | LoRA factors + alphas (fp32) "
+    cat = ("| px | gradient checkpointing | autocast float32 list | frozen weights (UNet, VAE, text encoders; bf16) "
+           "| LoRA factors + alphas (fp32) "
            "| gradients | activations | backward temporaries | AdamW state (fp32) | inputs | total |\n"
            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in runs:
@@ -465,7 +470,8 @@ def main(argv=None) -> int:
               f"Third real step, peak above its start: profiler {real['profiler_peak_above_start']:,} B, "
               f"MemTracker {real['tracker_peak_above_start']:,} B.",
               f"Old script's step (full SDXL UNet, 128 px, no optimiser): profiler on real tensors "
-              f"{OLD_PROFILER_PEAK_GIB:.3f} GiB, MemTracker on fake tensors {old / GIB:.4f} GiB ({old:,} B) above the start."]
+              f"{OLD_PROFILER_PEAK_GIB:.3f} GiB, MemTracker on fake tensors {old / GIB:.4f} GiB ({old:,} B) above "
+              "the start."]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.json:
