@@ -1,0 +1,492 @@
+"""An SDXL LoRA's training memory at 1024 px, batch 1, rank 32: the real step traced with fake tensors on CPU.
+
+    python3 benchmarks/sdxl_memory.py              # the tables (markdown on stdout), docs/sdxl-memory.json; 8 min
+    python3 benchmarks/sdxl_memory.py --quick      # 1024 px with checkpointing and the tiny-model checks only
+
+The setting (configs/sdxl-character.yaml's memory options with the text encoders frozen, so their outputs are
+cached): SDXL base 1.0's architecture from the bundled configs (sdlora/resources/configs/sdxl_base_v1-0), frozen
+weights in bf16 (`train.mixed_precision: bf16`), sdlora's LoRA (rank 32, alpha 32, orthogonal init, learnable alpha,
+the default UNet targets to_q/to_k/to_v/to_out.0; factors and alphas fp32) injected by `sdlora.lora.inject_all`,
+placed by `training/placement.place_models` (which also turns on `train.gradient_checkpointing`), batch 1, latents
+cached (`data.cache_latents`: the step starts from the cached mean and std, 1x4xH/8xW/8 bf16) and text-encoder
+outputs cached (hidden states 1x77x2048 and pooled embedding 1x1280, bf16 as the bf16 encoders give them).
+
+Method: everything is built and run under torch's FakeTensorMode, so shapes, dtypes, aliasing and lifetimes are the
+real ones but no memory is allocated and no arithmetic is done; `torch.distributed._tools.mem_tracker.MemTracker`
+(a TorchDispatchMode) counts the bytes of every live tensor storage by category (parameters, buffers, gradients,
+activations, backward temporaries, optimiser state) and keeps the peak. Two training steps run as the loop runs them
+(training/loop.py: noise and timestep draws, `scheduler.add_noise`, the UNet under bf16 autocast with
+`SDXL.unet_kwargs`, `losses.diffusion_loss` with the config's min-SNR weighting, backward, `clip_grad_norm_`,
+the optimiser step, `zero_grad(set_to_none=True)`); the second step has the optimiser state resident throughout,
+so the peak over both is the steady state. The optimiser is torch AdamW through `training/optim.make_optimizer`
+(fp32 moments, 8 bytes per trained parameter): bitsandbytes' 8-bit AdamW cannot run on fake CPU tensors, so its
+state is counted instead (2 bytes per parameter plus one fp32 absmax per 256-value block per moment; tensors under
+4096 values, the alphas, keep fp32 moments, bitsandbytes' `min_8bit_size`) and swapped in for AdamW's.
+`place_models` keeps the VAE and both text encoders on the device in bf16 even when latents and text-encoder outputs
+are cached; they are built and tracked as parameters. The text-encoder output cache (`training/text_cache.py`) is
+counted: up to its 2048-caption capacity, and with `shuffle_tags` nearly every step's caption is a new entry.
+
+Validation (printed with the table): (a) fake against real: the same two steps on the tiny SDXL model
+(`model/tiny.make_tiny_sdxl`) with real tensors and with fake ones, MemTracker in both; (b) against an independent
+instrument: a third real step on the tiny model under torch.profiler (`benchmarks/train_speed.cpu_peak_bytes`'s
+quantity: the most CPU memory allocated during the step above what was allocated before it) against MemTracker's
+peak minus its count at the step's start; (c) the earlier real-tensor run of the full SDXL UNet at 128 px
+(the removed benchmarks/sdxl_memory_old.py; its step: no optimiser, default LoRA init, fp32 inputs) measured
+0.176 GiB with the profiler; the same step is traced here with fake tensors.
+
+Assumptions (not measurable on CPU): the CUDA context and kernels take about 0.5 GiB outside PyTorch's allocator, and
+the caching allocator's fragmentation plus kernel workspaces (cuDNN's, the attention kernels'; allocated inside
+kernels, so no dispatch mode sees them, as check (b) shows on CPU) add 10 % to the allocated peak. Autocast: CUDA's
+runs group_norm and layer_norm in float32, CPU's keeps them in bf16; `cuda_fp32_norms` applies CUDA's policy to them
+(the table also has a row with CPU's lists). Attention runs as torch's CPU flash kernel
+(`_scaled_dot_product_flash_attention_for_cpu`, reported by the op log), which like CUDA's flash and
+memory-efficient kernels never materialises the tokens x tokens matrix. MemTracker counts CPU bytes as requested;
+CUDA rounds each block up to 512 bytes (negligible here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from sdlora.config import validate  # noqa: E402
+from sdlora.config_file import read_config_file  # noqa: E402
+from sdlora.lora import build_param_groups, inject_all  # noqa: E402
+from sdlora.model.families import SDXL, SDXLConditioning  # noqa: E402
+from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
+from sdlora.training.optim import make_optimizer  # noqa: E402
+from sdlora.training.placement import place_models  # noqa: E402
+from sdlora.training.text_cache import DEFAULT_CAPACITY  # noqa: E402
+from sdlora.util import atomic  # noqa: E402
+
+SDXL_CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"
+CHARACTER_CONFIG = ROOT / "configs" / "sdxl-character.yaml"
+GIB = 2 ** 30
+CUDA_CONTEXT_GIB = 0.5  # assumption: CUDA context and kernels, outside PyTorch's allocator
+FRAGMENTATION = 0.10  # assumption: the caching allocator's overhead on the allocated peak
+CARD_GIB = 15.6  # a "16 GB" card: 16 GiB of memory, of which nvidia-smi typically reports 15.6-16.0 GiB usable
+BNB_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096  # bitsandbytes' 8-bit optimiser block size and min_8bit_size default
+OLD_PROFILER_PEAK_GIB = 0.176  # benchmarks/sdxl_memory_old.py, 128 px, real SDXL UNet on CPU (229 s)
+CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Activation": "activations",
+              "Temp": "backward temporaries", "Optstate": "optimiser state", "Other": "inputs"}
+
+
+# ---- the tracker and the fake-tensor plumbing
+
+
+class _NoHook:
+    @staticmethod
+    def remove() -> None:
+        pass
+
+
+class StepMemTracker(MemTracker):
+    """MemTracker for a model with frozen parameters, keeping the global peak only.
+
+    MemTracker registers a gradient hook on every parameter of every module it sees run, and torch refuses a hook on
+    a tensor that does not require grad: frozen parameters get a no-op handle instead (they never get a gradient).
+    It also refreshes every active module's own peak at every op (modules x ops: over 20 minutes for SDXL's step on
+    one core); the peak by category over the whole run, the only number read here, is kept exactly as the base
+    class keeps it."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+        for p in module.parameters():
+            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    peak_phase = "none"
+
+    def __init__(self):
+        super().__init__()
+        # forward / backward / optimiser step -> bytes by category at the phase's own peak
+        self.phase_peaks: dict[str, dict[str, int]] = {}
+
+    def _update_peak_stats(self, peak_state) -> None:
+        phase = "optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
+        total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
+        if total > self.phase_peaks.get(phase, {}).get("total", -1):
+            self.phase_peaks[phase] = categories(self._curr_mem_snap)
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+                self.peak_phase = phase
+
+    def total(self, kind: str = "current") -> int:
+        return sum(s["Total"] for s in self.get_tracker_snapshot(kind).values())
+
+    def by_category(self, kind: str = "peak") -> dict[str, int]:
+        return categories(self.get_tracker_snapshot(kind))
+
+
+def categories(snapshot: dict) -> dict[str, int]:
+    """A MemTracker snapshot (device -> category -> bytes) summed over devices, with this script's names."""
+    out = Counter()
+    for snap in snapshot.values():
+        for k, v in snap.items():
+            out[CATEGORIES.get(getattr(k, "value", k), "total")] += v
+    return dict(out)
+
+
+class OpCounter(TorchDispatchMode):
+    """How often each aten op ran (to show which attention kernel the step used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cuda_fp32_norms():
+    """CUDA autocast's float32 policy for the normalisations, on CPU. Under CUDA autocast group_norm and layer_norm
+    cast their floating inputs to float32 and return float32 (torch's AMP reference, "CUDA Ops that can autocast to
+    float32"); CPU autocast keeps a bf16 input in bf16. SDXL's GroupNorm and LayerNorm modules call
+    `torch.nn.functional.group_norm` / `layer_norm`, which are wrapped here while autocast is on, so the traced
+    activations get CUDA's dtypes. Wrapping the functions (not a TorchFunctionMode, which the checkpoints'
+    recomputation in backward does not see) keeps forward and recomputation alike. The other ops on CUDA's float32
+    list (softmax, pow, exp, the losses...) run on float32 inputs in this step already or inside the attention
+    kernel."""
+    F = torch.nn.functional
+    originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm")}
+
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
+
+    def fp32(fn):
+        def run(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+        return run
+
+    for name, fn in originals.items():
+        setattr(F, name, fp32(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+
+
+@contextlib.contextmanager
+def fake_module_conversion(fake: bool):
+    """Let `Module.to` convert fake parameters. It swaps each fake parameter for its converted copy
+    (torch.utils.swap_tensors), which refuses tensors with weak references, and FakeTensorMode's converter memo keeps
+    one on every fake tensor it makes. The memo is for turning real tensors into fake ones, which this script never
+    asks it to do again, so the check is lifted while the model is placed."""
+    if not fake:
+        yield
+        return
+    original = torch.utils.weakref
+    torch.utils.weakref = types.SimpleNamespace(getweakrefs=lambda t: [])
+    try:
+        yield
+    finally:
+        torch.utils.weakref = original
+
+
+# ---- the models, the config and the step
+
+
+def sdxl_config(checkpointing: bool = True, overrides: dict | None = None):
+    """configs/sdxl-character.yaml with the text encoders frozen (outputs cached) and torch AdamW traced in place of
+    bitsandbytes' (its state is counted apart); `overrides` replace whole sections' keys."""
+    raw = read_config_file(CHARACTER_CONFIG)
+    raw["model"]["path"] = "sdxl"  # never read: the models are built from the bundled configs
+    raw["text_encoder"]["train"] = False
+    raw["reg"] = {}  # the embedding-norm penalty applies to trained text encoders only
+    raw["train"]["gradient_checkpointing"] = checkpointing
+    raw["optim"]["optimizer"] = "adamw"
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return validate(raw)
+
+
+def read_json(folder: Path, part: str) -> dict:
+    return json.loads((folder / part / "config.json").read_text())
+
+
+def build(folder: Path, cfg, with_frozen: bool = True):
+    """The family's models from `folder`'s configs (random values), LoRA injected and placed as training does.
+    Returns (components, layers); call inside FakeTensorMode for fake tensors."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_config(read_json(folder, "unet"))
+    text_encoders, vae = {}, torch.nn.Linear(1, 1)
+    if with_frozen:
+        vae = AutoencoderKL.from_config(read_json(folder, "vae"))
+        text_encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+                         "text_encoder_2": CLIPTextModelWithProjection(
+                             CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler)
+    layers = inject_all(unet, text_encoders, cfg)
+    models = [unet, vae, *text_encoders.values()]
+    fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
+    for t in (t for m in models for t in (*m.parameters(), *m.buffers())):
+        if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
+            t.constant = None
+    with fake_module_conversion(fake):
+        place_models(comps, layers, torch.device("cpu"), torch.bfloat16, cfg)
+    return comps, layers
+
+
+def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int]) -> dict:
+    """One cached sample as the step reads it: the latent distribution (bf16, as `latent_distribution` returns it on
+    a bf16 VAE), the cached conditioning (bf16) and the micro-conditioning sizes (float32 pixels)."""
+    lat = px // 8
+    hidden = torch.randn(1, 77, hidden_width, dtype=torch.bfloat16)
+    size = torch.tensor([[float(px), float(px)]])
+    return {"mean": torch.randn(1, 4, lat, lat, dtype=torch.bfloat16),
+            "std": torch.rand(1, 4, lat, lat, dtype=torch.bfloat16),
+            "cond": SDXLConditioning(hidden, torch.randn(1, pooled_width, dtype=torch.bfloat16),
+                                     tuple(hidden.split(list(widths), dim=-1))),
+            "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2), "target_size": size.clone()}}
+
+
+def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True):
+    """One training step as training/loop.py runs it for a cached batch (a non-dropped caption); `cuda_lists`: the
+    autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU
+    autocast's own."""
+    unet, scheduler, scaling = comps.unet, comps.noise_scheduler, 0.13025  # SDXL's VAE scaling factor
+
+    def step(inputs: dict) -> None:
+        latents = (inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])) * scaling
+        noise = sample_noise(latents, cfg.loss.noise_offset)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        # the lists act inside autocast only, which includes the checkpoints' recomputation during backward
+        with cuda_fp32_norms() if cuda_lists else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerator.autocast() with mixed_precision bf16
+                pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)
+            loss.backward()
+        if cfg.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: bool = False,
+          widths=(768, 1280), pooled=1280, profile_third: bool = False, cuda_lists: bool = True) -> dict:
+    """Build the models and run `steps` training steps under StepMemTracker, fake or real tensors."""
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with mode:
+        comps, layers = build(folder, cfg)
+        groups = build_param_groups(layers, cfg, SDXL)
+        params = [p for g in groups.groups for p in g["params"]]
+        optimizer = make_optimizer(groups.groups, cfg)
+        inputs = cached_inputs(px, sum(widths), pooled, widths)
+        step = make_train_step(comps, cfg, params, optimizer, cuda_lists)
+        tracker = StepMemTracker()
+        tracker.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
+                               inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+        ops = OpCounter()
+        built = time.perf_counter()
+        with tracker, (ops if count_ops else contextlib.nullcontext()):
+            start = tracker.total()
+            for i in range(steps):
+                step(inputs)
+                tracker.reset_mod_stats()  # MemTracker refuses a second forward of the same root otherwise
+        result = {"px": px, "fake": fake, "checkpointing": cfg.train.gradient_checkpointing, "cuda_lists": cuda_lists,
+                  "start_bytes": start, "peak": tracker.by_category("peak"), "peak_phase": tracker.peak_phase,
+                  "phase_peaks": dict(tracker.phase_peaks),
+                  "trained": [(p.numel(), p.dtype.itemsize) for p in params],
+                  "build_seconds": built - t0, "step_seconds": (time.perf_counter() - built) / steps,
+                  "attention_ops": {k: v for k, v in ops.counts.items() if "attention" in k or "softmax" in k}}
+        if profile_third:  # (b): one more step under the profiler and a fresh tracker at once
+            from train_speed import cpu_peak_bytes
+
+            third = StepMemTracker()
+            third.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
+                                 inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+            with third:
+                before = third.total()
+                result["profiler_peak_above_start"] = cpu_peak_bytes(step, inputs)
+            result["tracker_peak_above_start"] = third.total("peak") - before
+    return result
+
+
+def old_script_step_peak(px: int = 128) -> int:
+    """(c) benchmarks/sdxl_memory_old.py's measured step, fake: bytes above the step's start at the peak."""
+    cfg = validate({"model": {"path": "sdxl"}, "data": {"path": "d"}, "output": {"dir": "o"},
+                    "lora": {"rank": 32, "alpha": 32}, "text_encoder": {"train": False},
+                    "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
+    with FakeTensorMode():
+        comps, _ = build(SDXL_CONFIGS, cfg, with_frozen=False)
+        unet, lat = comps.unet, px // 8
+        batch = {"noisy": torch.randn(1, 4, lat, lat), "target": torch.randn(1, 4, lat, lat),
+                 "t": torch.tensor([500]), "hidden": torch.randn(1, 77, 2048),
+                 "added": {"text_embeds": torch.randn(1, 1280),
+                           "time_ids": torch.tensor([[px, px, 0, 0, px, px]], dtype=torch.float32)}}
+        tracker = StepMemTracker()
+        tracker.track_external(unet, batch["noisy"], batch["target"], batch["hidden"], batch["added"]["text_embeds"])
+        with tracker:
+            start = tracker.total()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = unet(batch["noisy"], batch["t"], batch["hidden"], added_cond_kwargs=batch["added"]).sample
+            loss = diffusion_loss(pred, batch["target"], batch["t"], None, cfg.loss)
+            loss.backward()
+            for p in unet.parameters():
+                p.grad = None
+        return tracker.total("peak") - start
+
+
+# ---- counted parts and the table
+
+
+def adam8bit_bytes(trained: list[tuple[int, int]]) -> int:
+    """bitsandbytes AdamW8bit's state: per moment 1 byte per value plus a fp32 absmax per 256-value block; tensors
+    under min_8bit_size values keep two fp32 moments."""
+    total = 0
+    for n, _ in trained:
+        total += 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 8 * n
+    return total
+
+
+def text_cache_bytes(capacity: int = DEFAULT_CAPACITY) -> int:
+    """The text-encoder output cache full: per caption 77 x 2048 hidden + 1280 pooled values in bf16."""
+    return capacity * (77 * 2048 + 1280) * 2
+
+
+def on_gpu(allocated: int) -> float:
+    return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def with_adam8bit(run: dict) -> int:
+    """The step's peak with bitsandbytes' 8-bit state in place of AdamW's: at each phase's peak, the optimiser
+    category (AdamW's moments, and in the optimiser step its foreach temporaries) is replaced by the counted 8-bit
+    state, and the largest phase wins."""
+    return max(p["total"] - p.get("optimiser state", 0) + adam8bit_bytes(run["trained"])
+               for p in run["phase_peaks"].values())
+
+
+def sdxl_tables(runs: list[dict]) -> str:
+    est = ("| px | gradient checkpointing | autocast float32 list | traced peak, GiB (in) "
+           "| forward / backward / optimiser-step peaks, GiB "
+           "| + full text cache | **GPU estimate, AdamW** | with 8-bit AdamW instead | **GPU estimate, 8-bit AdamW** "
+           f"| fits {CARD_GIB} GiB (AdamW / 8-bit)? |\n|---:|---|---|---:|---|---:|---:|---:|---:|---|\n")
+    cat = ("| px | gradient checkpointing | autocast float32 list | frozen weights (UNet, VAE, text encoders; bf16) "
+           "| LoRA factors + alphas (fp32) "
+           "| gradients | activations | backward temporaries | AdamW state (fp32) | inputs | total |\n"
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for r in runs:
+        p, ph = r["peak"], r["phase_peaks"]
+        lora = sum(n * s for n, s in r["trained"])
+        cached, cached8 = p["total"] + text_cache_bytes(), with_adam8bit(r) + text_cache_bytes()
+        fits = lambda b: "yes" if on_gpu(b) <= CARD_GIB * GIB else "no"  # noqa: E731
+        ckpt = "on" if r["checkpointing"] else "off"
+        phases = " / ".join(gib(ph[k]["total"]) if k in ph else "-" for k in ("forward", "backward", "optimiser step"))
+        lists = "CUDA's" if r["cuda_lists"] else "CPU's"
+        est += (f"| {r['px']} | {ckpt} | {lists} | {gib(p['total'])} ({r['peak_phase']}) | {phases} | {gib(cached)} "
+                f"| **{gib(on_gpu(cached))}** | {gib(cached8)} | **{gib(on_gpu(cached8))}** | {fits(cached)} / {fits(cached8)} |\n")
+        cat += (f"| {r['px']} | {ckpt} | {lists} | {gib(p['parameters'] + p.get('buffers', 0) - lora)} | {gib(lora)} "
+                f"| {gib(p.get('gradients', 0))} | {gib(p.get('activations', 0))} | {gib(p.get('backward temporaries', 0))} "
+                f"| {gib(p.get('optimiser state', 0))} | {gib(p.get('inputs', 0))} | {gib(p['total'])} |\n")
+    return est + "\nThe traced peak by category (GiB):\n\n" + cat
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1024 px with checkpointing and the tiny checks only")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "sdxl-memory.json"), help="'' to write none")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, the table on stdout
+
+    # the SDXL table
+    plan = [(1024, True, True)] if args.quick else [(512, True, True), (768, True, True), (1024, True, True),
+                                                    (1024, True, False), (1024, False, True)]
+    runs = []
+    for px, ckpt, cuda_lists in plan:
+        r = trace(SDXL_CONFIGS, px, sdxl_config(ckpt), fake=True, count_ops=(px == 1024 and ckpt and cuda_lists),
+                  cuda_lists=cuda_lists)
+        say(f"SDXL {px} px, checkpointing {ckpt}, CUDA lists {cuda_lists}: peak {gib(r['peak']['total'])} GiB "
+            f"(build {r['build_seconds']:.0f} s, {r['step_seconds']:.0f} s per step)")
+        runs.append(r)
+
+    # validation on the tiny SDXL model
+    from sdlora.model.tiny import TINY_SDXL_PROJECTION, TINY_SDXL_TE1, TINY_SDXL_TE2, make_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_sdxl(Path(tmp) / "tiny")
+        tiny_cfg = sdxl_config(True, {"lora": {"rank": 4, "alpha": 4}})
+        kw = {"widths": (TINY_SDXL_TE1, TINY_SDXL_TE2), "pooled": TINY_SDXL_PROJECTION}
+        real = trace(tiny, 128, tiny_cfg, fake=False, count_ops=True, profile_third=True, **kw)
+        fake = trace(tiny, 128, tiny_cfg, fake=True, count_ops=True, **kw)
+    say("tiny real", real["peak"], "fake", fake["peak"])
+    old = old_script_step_peak(128)
+    say(f"old setting at 128 px, fake: {old:,} B above the step's start")
+
+    main_run = next(r for r in runs if r["px"] == 1024 and r["checkpointing"] and r["cuda_lists"])
+    lines = [f"Produced by `python3 benchmarks/sdxl_memory.py{' --quick' if args.quick else ''}` "
+             f"({platform.machine()}, 1 thread, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s).", "",
+             sdxl_tables(runs),
+             f"Trained: {sum(n for n, _ in main_run['trained']) / 1e6:.2f} M LoRA parameters "
+             f"({len(main_run['trained'])} tensors); 8-bit AdamW state {gib(adam8bit_bytes(main_run['trained']))} GiB "
+             f"(counted) in place of AdamW's {gib(main_run['peak'].get('optimiser state', 0))} GiB; text-encoder "
+             f"output cache at its {DEFAULT_CAPACITY}-caption capacity {gib(text_cache_bytes())} GiB (counted).",
+             f"Attention ops in the 1024 px step: {main_run['attention_ops']}.", "",
+             "Validation on the tiny SDXL model at 128 px (two steps, rank 4; bytes):", "",
+             "| category | real tensors | fake tensors |", "|---|---:|---:|"]
+    for k in sorted(set(real["peak"]) | set(fake["peak"])):
+        lines.append(f"| {k} | {real['peak'].get(k, 0):,} | {fake['peak'].get(k, 0):,} |")
+    lines += ["", f"Attention ops, real: {real['attention_ops']}; fake: {fake['attention_ops']}.",
+              f"Third real step, peak above its start: profiler {real['profiler_peak_above_start']:,} B, "
+              f"MemTracker {real['tracker_peak_above_start']:,} B.",
+              f"Old script's step (full SDXL UNet, 128 px, no optimiser): profiler on real tensors "
+              f"{OLD_PROFILER_PEAK_GIB:.3f} GiB, MemTracker on fake tensors {old / GIB:.4f} GiB ({old:,} B) above "
+              "the start."]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.json:
+        def summary(r):  # the per-tensor sizes as totals
+            return {**{k: v for k, v in r.items() if k != "trained"}, "trained_parameters": sum(n for n, _ in r["trained"]),
+                    "trained_tensors": len(r["trained"]), "adam8bit_state_bytes": adam8bit_bytes(r["trained"])}
+
+        atomic.write_json(args.json, {"command": f"python3 benchmarks/sdxl_memory.py{' --quick' if args.quick else ''}",
+                                      "runs": [summary(r) for r in runs], "tiny_real": summary(real),
+                                      "tiny_fake": summary(fake), "old_setting_fake_bytes": old,
+                                      "text_cache_bytes": text_cache_bytes(),
+                                      "assumptions": {"cuda_context_gib": CUDA_CONTEXT_GIB,
+                                                      "fragmentation": FRAGMENTATION, "card_gib": CARD_GIB}})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
