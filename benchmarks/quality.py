@@ -87,10 +87,14 @@ ROWS = {
     "demo": (f"+ output preservation (weight {DEMO_PRESERVATION['weight']:g}) and a text-encoder rate of "
              f"{DEMO_TEXT_ENCODER_LR:g}: the demo's recipe (which stops at 150 steps)",
              {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR}, "reg": {"preservation": dict(DEMO_PRESERVATION)}}),
+    "demo+": (f"+ the demo's recipe (as row demo) with the penalty ({PENALTY}) and its direction term (1.0)",
+              {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
+               "reg": {"preservation": dict(DEMO_PRESERVATION),
+                       "embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
 DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",
-                "prior", "demo"]
+                "prior", "demo", "demo+"]
 
 
 def deep_update(base: dict, extra: dict) -> dict:
