@@ -35,3 +35,16 @@ def test_accelerate_launch_runs_train_py(tiny_model, shapes_data, tmp_path):
                  *_overrides(tiny_model, shapes_data, tmp_path / "run")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+def test_importing_the_pipelines_prints_no_torchvision_fallback_lines_and_keeps_other_warnings():
+    """transformers warns, on importing diffusers' pipelines without torchvision, that it falls back to PIL image
+    processors: noise for sdlora (it never uses them), dropped by sdlora/util/quiet_imports.py; any other warning
+    on the same logger still shows. (Where torchvision is installed the lines never come, and this passes too.)"""
+    code = ("import logging, sdlora\n"
+            "from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline\n"
+            "logging.getLogger('transformers.utils.import_utils').warning('another warning')\n")
+    proc = _run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert "requires torchvision" not in proc.stderr + proc.stdout
+    assert "another warning" in proc.stderr
