@@ -244,7 +244,8 @@ def build(folder: Path, cfg, with_frozen: bool = True):
                          "text_encoder_2": CLIPTextModelWithProjection(
                              CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler)
+    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
+                                  scaling_factor=read_json(folder, "vae")["scaling_factor"])
     layers = inject_all(unet, text_encoders, cfg)
     models = [unet, vae, *text_encoders.values()]
     fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
@@ -273,7 +274,7 @@ def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True):
     """One training step as training/loop.py runs it for a cached batch (a non-dropped caption); `cuda_lists`: the
     autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU
     autocast's own."""
-    unet, scheduler, scaling = comps.unet, comps.noise_scheduler, 0.13025  # SDXL's VAE scaling factor
+    unet, scheduler, scaling = comps.unet, comps.noise_scheduler, comps.scaling_factor  # the VAE config's
 
     def step(inputs: dict) -> None:
         latents = (inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])) * scaling

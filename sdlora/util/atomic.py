@@ -58,14 +58,16 @@ def _temp_names(path: Path, attempts: int = 100) -> Iterator[Path]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
+def _create_beside(path: Path, create):
+    """`create(tmp)` on the first free temp name beside `path` (it raises FileExistsError on a taken one)."""
+    for tmp in _temp_names(path):  # raises FileExistsError itself once every attempt is taken
+        with contextlib.suppress(FileExistsError):
+            return create(tmp)
+
+
 def _create_temp_file(path: Path) -> tuple[int, Path]:
     """A new, empty temp file beside `path` (O_EXCL: never someone else's), mode 0666 less the umask, as open() makes."""
-    for tmp in _temp_names(path):
-        try:
-            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp  # the kernel applies the umask (and a default ACL)
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+    return _create_beside(path, lambda tmp: (os.open(tmp, _TEMP_FLAGS, 0o666), tmp))  # the kernel applies the umask
 
 
 def make_temp_dir(path: str | os.PathLike) -> Path:
@@ -73,13 +75,7 @@ def make_temp_dir(path: str | os.PathLike) -> Path:
     whole folder and rename it into place (adapter/merge.build_folder_atomically). OSError as os.mkdir raises it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for tmp in _temp_names(path):
-        try:
-            os.mkdir(tmp, 0o777)
-            return tmp
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+    return _create_beside(path, lambda tmp: (os.mkdir(tmp, 0o777), tmp)[1])
 
 
 def _flush_to_disk(f: IO, path: Path) -> None:
