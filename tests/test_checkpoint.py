@@ -180,10 +180,12 @@ def test_an_output_folder_with_a_run_is_not_overwritten_without_resume_or_overwr
     (out / "logs" / "events.out.tfevents.old").write_bytes(b"")  # the old run's tracker files
     (out / "samples" / "step_000500").mkdir(parents=True)  # the old run's training samples (a longer run)
     (out / "samples" / "step_000500" / "0.png").write_bytes(b"")
-    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints, logs and samples go with it
+    (out / "adapter_ema.safetensors").write_bytes(b"old")  # the old run's EMA export (this run has no EMA)
+    train(cfg, overwrite=True, log=quiet)  # replaces it; the old checkpoints, logs, samples and exports go with it
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
     assert not (out / "logs").exists()  # TensorBoard would otherwise draw both runs as one
     assert not (out / "samples").exists()  # nor would the new run's samples sit beside the old run's
+    assert not (out / "adapter_ema.safetensors").exists()  # nor an old export beside the new run's adapter
 
 
 def files_under(folder):

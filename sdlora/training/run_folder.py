@@ -71,15 +71,15 @@ class RunStart:
 
 
 def clear_previous_run(out: Path) -> None:
-    """--overwrite without --resume: the old run's checkpoints, logs (metrics, probe, tracker files) and training
-    samples go, so nothing resumes or extends them, TensorBoard does not draw two runs as one, and `samples/` holds
-    this run's images only."""
+    """--overwrite without --resume: the old run's checkpoints, logs (metrics, probe, tracker files), training
+    samples and exported adapters go, so nothing resumes or extends them, TensorBoard does not draw two runs as one,
+    and `samples/` and the adapters are this run's only (an old EMA export would outlive a run without EMA)."""
     import shutil
 
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
     shutil.rmtree(out / "samples", ignore_errors=True)
-    for name in ("metrics.jsonl", "probe.jsonl"):
+    for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors"):
         (out / name).unlink(missing_ok=True)
 
 
