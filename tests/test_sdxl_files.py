@@ -72,7 +72,7 @@ def test_merged_sdxl_folder_loads_in_the_xl_pipeline_and_reproduces_the_trained_
     from diffusers import StableDiffusionXLPipeline
 
     run, ours = trained_sdxl
-    out = run_export(run, "merged-diffusers", tmp_path / "merged", report=QUIET)
+    out = run_export(run, "merged-diffusers", tmp_path / "merged", base=str(tiny_sdxl), report=QUIET)
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
@@ -85,7 +85,8 @@ def test_merged_sdxl_single_file_has_the_original_layout_and_loads_in_from_singl
     from diffusers import StableDiffusionXLPipeline
 
     run, ours = trained_sdxl
-    out = run_export(run, "merged-single-file", tmp_path / "merged.safetensors", report=QUIET)
+    out = run_export(run, "merged-single-file", tmp_path / "merged.safetensors", base=str(tiny_sdxl),
+                     report=QUIET)
     with safe_open(str(out), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert {L.SDXL_CLIP_L + "encoder.layers.0.self_attn.q_proj.weight", L.SDXL_OPEN_CLIP + "text_projection",

@@ -257,7 +257,13 @@ def _read_with_diffusers(sd: dict, root: Path, family, path) -> dict:
             models[name] = cls.from_single_file(sd, config=str(root), subfolder=name, local_files_only=True,
                                                 torch_dtype=torch.float32)
         for name in family.text_encoders:
-            cls = getattr(transformers, (index.get(name) or [None, "CLIPTextModel"])[1])
+            entry = index.get(name) or [None, "CLIPTextModel"]
+            cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
+            # The configs' file names a class: only the CLIP text encoders sdlora reads (the folder may come from anyone).
+            if cls_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+                raise UserError(f"model.config_dir: {root / 'model_index.json'} names {cls_name!r} as {name}; allowed "
+                                "CLIPTextModel, CLIPTextModelWithProjection")
+            cls = getattr(transformers, cls_name)
             models[name] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=name, config=str(root),
                                                                 local_files_only=True, torch_dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
