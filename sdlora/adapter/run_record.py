@@ -19,6 +19,16 @@ FOLDER_FILE = "sdlora_run.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+LAYOUT_KEYS = ("layers_per_block", "down_block_types", "up_block_types")
+
+
+def unet_layout(family, unet_config) -> dict | None:
+    """The UNet config keys that kohya's original-block numbering depends on, for a family that uses it (SDXL)."""
+    if family.kohya_unet_layout is None:
+        return None
+    return {k: v if isinstance(v := unet_config[k], int) else list(v) for k in LAYOUT_KEYS}
+
+
 @dataclass(frozen=True)
 class RunRecord:
     base_model: str  # what was loaded (model.path)
@@ -41,6 +51,9 @@ class RunRecord:
     sdlora_version: str = ""
     created: str = ""
     zero_terminal_snr: bool = False  # the noise schedule was rescaled to zero terminal SNR (model.zero_terminal_snr)
+    # The UNet's block structure where kohya numbers its original (LDM) blocks (SDXL): the loaded UNet's
+    # layers_per_block, down_block_types, up_block_types; None for SD 1.x/2.x (and records from before it existed).
+    unet_layout: dict | None = None
     config: dict = field(default_factory=dict, compare=False)  # the resolved config, for reports (never a path to open)
     # kohya's ss_tag_frequency, counted from the run's caption files when it started (export reads no files for it)
     tag_frequency: dict = field(default_factory=dict, compare=False)
@@ -62,7 +75,7 @@ class RunRecord:
                    text_encoder_trained=cfg.text_encoder.train, mixed_precision=cfg.train.mixed_precision,
                    seed=cfg.train.seed, output_name=cfg.output.name, steps=steps, sdlora_version=__version__,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict(),
-                   tag_frequency=caption_tag_frequency(cfg))
+                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.unet.config))
 
     def at_step(self, steps: int) -> "RunRecord":
         return replace(self, steps=steps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
