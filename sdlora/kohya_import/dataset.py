@@ -49,6 +49,13 @@ def _resolution(v):
                                                       "buckets sdlora trains square images"}
 
 
+def _bucket_step(v) -> int:
+    step = as_int(v)
+    if step < 8 or step % 8:
+        raise Unmappable(f"{step}: sdlora's bucket sides are multiples of 8 (data.bucket_step); its default 64 is used")
+    return step
+
+
 def _cache(kind: str):
     return lambda v: (None, {"data.cache_latents": kind} if as_bool(v) else {})
 
@@ -89,7 +96,7 @@ RULES = {
     "conditioning_data_dir": _mask_dir,
     "resolution": _resolution, "enable_bucket": _data("data.bucketing", as_bool),
     "min_bucket_reso": _data("data.min_side", as_int), "max_bucket_reso": _data("data.max_side", as_int),
-    "bucket_reso_steps": _data("data.bucket_step", as_int), "bucket_no_upscale": _data("data.no_upscale", as_bool),
+    "bucket_reso_steps": lambda v: (None, {"data.bucket_step": _bucket_step(v)}), "bucket_no_upscale": _data("data.no_upscale", as_bool),
     "batch_size": _data("train.batch_size", as_int), "prior_loss_weight": _data("data.prior_loss_weight", as_float),
     "cache_latents": _cache("memory"), "cache_latents_to_disk": _cache("disk"),
 }
@@ -101,8 +108,9 @@ DATA = set(RULES) | {"train_data_dir", "reg_data_dir", "dataset_config"} - {"ima
 KOHYA_DATA_DEFAULTS = {"caption_extension": ".caption", "enable_bucket": False}
 
 
-def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Row]) -> None:
-    """`top`: the training config's options (kohya names); `dataset_file`: the parsed --dataset_config, if any.
+def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Row], names: dict | None = None) -> None:
+    """`top`: the training config's options (kohya names; `names` gives the name the input showed for each);
+    `dataset_file`: the parsed --dataset_config, if any.
     Writes data.* / data.subsets / train.batch_size into `b` and one row per (place, option) into `rows`."""
     shared = [("(kohya default) ", {k: v for k, v in KOHYA_DATA_DEFAULTS.items() if k not in top}, DEFAULT),
               ("", {k: v for k, v in top.items() if k in DATA - {"train_data_dir", "reg_data_dir", "dataset_config"}},
@@ -111,7 +119,7 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
     if dataset_file is not None:
         for k in ("train_data_dir", "reg_data_dir"):
             if k in top and not is_unset(top[k]):
-                rows.append(Row(k, top[k], OFF, "kohya ignores it when a dataset config is given"))
+                rows.append(Row((names or {}).get(k, k), top[k], OFF, "kohya ignores it when a dataset config is given"))
         general = dataset_file.get("general", {})
         for i, ds in enumerate(dataset_file.get("datasets", [])):
             ds_opts = {k: v for k, v in ds.items() if k != "subsets"}
@@ -126,30 +134,36 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
         for key, is_reg in (("train_data_dir", False), ("reg_data_dir", True)):
             if key in top and not is_unset(top[key]):
                 direct = {"path": as_str(top[key])} | ({"is_regularization": True} if is_reg else {})
-                rows.append(Row(key, top[key], MAPPED, f"data.subsets.{len(subsets)}.path (a kohya <repeats>_<name> "
+                rows.append(Row((names or {}).get(key, key), top[key], MAPPED, f"data.subsets.{len(subsets)}.path (a kohya <repeats>_<name> "
                                                       "folder tree" + (", is_regularization" if is_reg else "") + ")"))
                 subsets.append((direct, []))
+            elif key in top:
+                rows.append(Row((names or {}).get(key, key), top[key], OFF, "unset"))
         if not subsets:
             raise Unmappable("no data: give train_data_dir (or --dataset-config)")
     done: dict[str, tuple] = {}  # place + option -> (subset keys, data keys): each place is converted once
-    firsts: dict[str, tuple] = {}  # data key -> (value, where it came from)
+    firsts: dict[str, tuple] = {}  # data key -> (value, where it came from), from the first subset
     out = []
     for index, (direct, own) in enumerate(subsets):
-        keys = dict(direct)
+        keys, data, origin = dict(direct), {}, {}
         for place, options, status in shared + [(p, o, None) for p, o in own]:
             for name, value in options.items():
-                where = place + name
+                where = place + ((names or {}).get(name, name) if place == "" else name)
                 if where not in done:
                     label = f"data.subsets.{index}." if ".subsets." in place else "data.subsets.*."
                     done[where] = _convert(where, name, value, status, label, rows, b)
                 sub_keys, data_keys = done[where]
                 keys.update(sub_keys)
-                for key, val in data_keys.items():
-                    first = firsts.setdefault(key, (val, where))
-                    if first[0] != val and first[1] != where:
-                        rows.append(Row(where, value, UNSUPPORTED, f"sdlora has one {key} for every subset "
-                                                                   f"({first[0]!r} from {first[1]} is used)"))
-                        done[where] = (sub_keys, {})
+                for key, val in data_keys.items():  # a higher level overrides a lower one, as in kohya
+                    if key == "data.cache_latents" and {data.get(key), val} == {"memory", "disk"}:
+                        val = "disk"  # kohya: caching to disk is caching
+                    data[key], origin[key] = val, where
+        for key, val in data.items():  # sdlora has one value for every subset: the first subset's
+            first = firsts.setdefault(key, (val, origin[key]))
+            if first[0] != val:
+                row = next(r for r in rows if r.option == origin[key])
+                row.status, row.detail = UNSUPPORTED, (f"sdlora has one {key} for every subset ({first[0]!r} from "
+                                                       f"{first[1]} is used)")
         out.append(keys)
     for key, (value, _) in firsts.items():
         b.set(key, value)

@@ -42,7 +42,8 @@ def _given(b: Builder, option: str) -> bool:
     if value is None or value == "" or value == []:
         return False
     try:
-        return as_float(value[0] if isinstance(value, list) else value) != 0 or option == "text_encoder_lr"
+        return as_float(value[0] if isinstance(value, list) else value) != 0 or (
+            option == "text_encoder_lr" and not b.options.get("_gui"))  # kohya reads a 0 as a rate; the GUI as unset
     except Invalid:
         return True
 
@@ -161,6 +162,17 @@ def _warmup(v, b: Builder):
 
 
 # ------------------------------------------------------------------------------------- length and saving
+def _gui_warmup(v, b: Builder):
+    """The GUI's `lr_warmup`: a percentage of the training steps, unless its lr_warmup_steps is set."""
+    percent = as_float(v)
+    if percent == 0:
+        return OFF, "0"
+    if as_float(b.options.get("lr_warmup_steps") or 0) > 0:
+        return OFF, "lr_warmup_steps is set (the GUI uses it)"
+    steps = int(percent / 100 * b.get("train.max_steps", KOHYA_DEFAULTS["max_train_steps"]))
+    return MAPPED, b.set("optim.warmup_steps", steps) + f" = {steps} ({percent:g}% of train.max_steps)"
+
+
 def _per_epoch(what: str):
     def convert(v, b: Builder):
         epochs = as_int(v)
@@ -333,7 +345,8 @@ OPTIONS: dict[str, object] = {
     "lr_scheduler_timescale": Unsupported("only for kohya's inverse_sqrt schedule"),
     "lr_scheduler_min_lr_ratio": Unsupported("sdlora's schedules end at 0"),
     # length, batches, precision
-    "max_train_steps": To("train.max_steps", as_int),
+    "max_train_steps": To("train.max_steps", as_int, off=(0, "0")),
+    "(GUI) lr_warmup": Custom(_gui_warmup, "optim.warmup_steps"),
     "max_train_epochs": Custom(_max_epochs, "train.max_steps"),
     "epoch": Custom(_gui_epoch, "train.max_steps"),
     "train_batch_size": Custom(lambda v, b: (MAPPED, b.set("train.batch_size", as_int(v))), "train.batch_size"),

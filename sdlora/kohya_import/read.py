@@ -26,6 +26,7 @@ class Option:
     name: str  # kohya's option name (or a network_args key when `network_arg`)
     value: object
     network_arg: bool = False
+    shown_value: object = None  # the value as the input wrote it, where `value` is a translation (LoRA_type)
 
 
 def read_file(path: str | Path, what: str) -> dict:
@@ -74,43 +75,63 @@ def is_gui_json(data: dict) -> bool:
 # The GUI's names for kohya options (kohya_gui/lora_gui.py's config_toml_data).
 GUI_RENAMES = {"optimizer": "optimizer_type", "max_resolution": "resolution", "sdxl_no_half_vae": "no_half_vae",
                "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs",
-               "lora_network_weights": "network_weights", "stop_text_encoder_training_pct": "stop_text_encoder_training"}
-# GUI keys the GUI turns into `network_args` entries (the ones `LoRA_type` reads).
-GUI_NETWORK_ARGS = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
-                    "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout",
-                    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "factor",
-                    "use_cp", "use_tucker", "use_scalar", "decompose_both", "train_norm", "dora_wd", "bypass_mode",
-                    "rank_dropout_scale", "constrain", "rescaled", "unit", "train_on_input", "LyCORIS_preset"}
-GUI_CONV_TYPES = {"Kohya LoCon", "LoCon", "LyCORIS/LoCon", "LyCORIS/LoHa", "LyCORIS/LoKr", "Kohya LoHa", "Kohya LoKr"}
-# LoRA_type -> (network_module, network_args it adds)
-GUI_LORA_TYPES = {"Standard": ("networks.lora", {}), "Kohya LoCon": ("networks.lora", {}),
-                  "LoRA-FA": ("networks.lora_fa", {}), "Kohya LoHa": ("networks.loha", {}),
-                  "Kohya LoKr": ("networks.lokr", {}), "LoCon": ("lycoris.kohya", {"algo": "locon"}),
-                  "LyCORIS/LoCon": ("lycoris.kohya", {"algo": "locon"}),
-                  "LyCORIS/LoHa": ("lycoris.kohya", {"algo": "loha"}),
-                  "LyCORIS/LoKr": ("lycoris.kohya", {"algo": "lokr"})}
+               "lora_network_weights": "network_weights", "stop_text_encoder_training_pct": "stop_text_encoder_training",
+               "lr_warmup": "(GUI) lr_warmup"}
+# The GUI keys each LoRA_type turns into `network_args` entries (kohya_gui/lora_gui.py); LoRA+ for every type.
+_KOHYA_LORA = {"down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
+               "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout"}
+_LYCORIS = {"LyCORIS_preset", "conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
+            "module_dropout", "use_scalar", "rank_dropout_scale", "train_norm"}
+_NATIVE = {"conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout"}
+LORAPLUS = {"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+# LoRA_type -> (network_module, network_args it adds, GUI keys it passes as network_args)
+GUI_LORA_TYPES = {"Standard": ("networks.lora", {}, _KOHYA_LORA),
+                  "Kohya LoCon": ("networks.lora", {}, _KOHYA_LORA | {"conv_dim", "conv_alpha"}),
+                  "LoRA-FA": ("networks.lora_fa", {}, _KOHYA_LORA), "Kohya LoHa": ("networks.loha", {}, _NATIVE),
+                  "Kohya LoKr": ("networks.lokr", {}, _NATIVE | {"factor"}),
+                  "LoCon": ("lycoris.kohya", {"algo": "locon"}, _LYCORIS),
+                  "LyCORIS/LoCon": ("lycoris.kohya", {"algo": "locon"}, _LYCORIS),
+                  "LyCORIS/LoHa": ("lycoris.kohya", {"algo": "loha"}, _LYCORIS),
+                  "LyCORIS/LoKr": ("lycoris.kohya", {"algo": "lokr"}, _LYCORIS | {"factor", "use_cp", "decompose_both"})}
+GUI_NETWORK_KEYS = set().union(*(keys for _, _, keys in GUI_LORA_TYPES.values())) | {
+    "constrain", "rescaled", "unit", "train_on_input", "factor", "use_cp", "decompose_both"}
+GUI_ARG_NAMES = {"LyCORIS_preset": "preset", "constrain": "constraint"}
+
+
+def _number(value) -> float:
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def gui_options(data: dict) -> list[Option]:
     """The GUI's JSON as kohya options, in the file's order. `LoRA_type` becomes `network_module` (and an `algo`
-    network arg); its network keys become network args, the conv ones only for the types the GUI passes them for."""
+    network arg); the network keys that type passes become network args; the others are shown as not passed. The
+    GUI's learning-rate rule (lora_gui.py resolve_network_train_flags) is kept: text_encoder_lr 0 with a UNet rate
+    trains the UNet only, unet_lr 0 with a text-encoder rate the text encoder only."""
     lora_type = str(data.get("LoRA_type") or "Standard")
+    module, extra, passed = GUI_LORA_TYPES.get(lora_type, (f"(GUI LoRA_type {lora_type})", {}, set()))
     out = []
     for key, value in data.items():
         if key == "LoRA_type":
-            module, extra = GUI_LORA_TYPES.get(lora_type, (f"(GUI LoRA_type {lora_type})", {}))
-            out.append(Option(key, "network_module", module))
+            out.append(Option(key, "network_module", module, shown_value=value))
             out += [Option(f"{key} -> {k}", k, v, network_arg=True) for k, v in extra.items()]
-        elif key in ("conv_dim", "conv_alpha"):
-            if lora_type in GUI_CONV_TYPES:
-                out.append(Option(key, key, value, network_arg=True))
-            else:
-                out.append(Option(key, "(GUI: not passed for this LoRA_type)", value))
-        elif key in GUI_NETWORK_ARGS:
-            out.append(Option(key, "preset" if key == "LyCORIS_preset" else "constraint" if key == "constrain" else key,
-                              value, network_arg=True))
+        elif key in LORAPLUS or key in passed:
+            out.append(Option(key, GUI_ARG_NAMES.get(key, key), value, network_arg=True))
+        elif key in GUI_NETWORK_KEYS:
+            out.append(Option(key, f"(GUI: not passed for LoRA_type {lora_type})", value))
+        elif key in ("sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs") and str(data.get("sdxl")).lower() != "true":
+            out.append(Option(key, "(GUI: passed only with sdxl true)", value))
+        elif key in ("unet_lr", "text_encoder_lr") and _number(value) == 0:
+            out.append(Option(key, "(GUI: 0 is unset; learning_rate applies)", value))
         else:
             out.append(Option(key, GUI_RENAMES.get(key, key), value))
+    te, unet = _number(data.get("text_encoder_lr")), _number(data.get("unet_lr"))
+    if te == 0 and unet != 0:
+        out.append(Option("(GUI) text_encoder_lr 0 with unet_lr set", "network_train_unet_only", True))
+    if unet == 0 and te != 0:
+        out.append(Option("(GUI) unet_lr 0 with text_encoder_lr set", "network_train_text_encoder_only", True))
     return out
 
 
