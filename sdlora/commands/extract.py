@@ -31,7 +31,7 @@ def extractable(component: str, model: nn.Module, conv: bool) -> dict[str, nn.Mo
     conv_in, conv_out or the time embedding, whose kohya keys diffusers cannot load)."""
     found = {}
     for path, m in model.named_modules():
-        if component == "text_encoder":
+        if component != "unet":
             keep = isinstance(m, nn.Linear) and ".layers." in f".{path}"
         elif isinstance(m, nn.Linear):
             keep = ".attentions." in f".{path}"
@@ -50,7 +50,7 @@ def extract_adapter(base, tuned, rank: int, *, conv: bool = False, conv_rank: in
                     min_diff: float = 0.0) -> tuple[AdapterWeights, list[dict]]:
     """`base` and `tuned` are loaded Components; returns the adapter and one report row per extracted module."""
     modules, rows = {}, []
-    for component in ("unet", "text_encoder"):
+    for component in ("unet",) + base.family.text_encoders:  # SDXL: both text encoders
         base_model, tuned_model = getattr(base, component), getattr(tuned, component)
         for path, module in extractable(component, base_model, conv).items():
             name = canonical_name(component, path)

@@ -20,7 +20,7 @@ from sdlora.training.checkpoint import Checkpointer
 from sdlora.training.ema import make_ema
 from sdlora.training.export import Exporter
 from sdlora.training.nonfinite import NonFiniteCounter
-from sdlora.training.optim import make_lr_scheduler, make_optimizer
+from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
 from sdlora.training.preservation import make_preservation
 from sdlora.training.text_cache import make_text_cache
@@ -67,7 +67,9 @@ def build_model(cfg: Config):
                             zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
     layers = inject_all(comps.unet, comps.text_encoders, cfg)
-    return comps, layers, build_param_groups(layers, cfg, comps.family)
+    groups = build_param_groups(layers, cfg, comps.family)
+    check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
+    return comps, layers, groups
 
 
 def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Components, layers: dict, groups) -> Run:
