@@ -191,8 +191,10 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model
+        from sdlora.model.tiny_sd3 import TINY_SD3_VARIANTS, make_tiny_sd3
 
-        path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
+        make = make_tiny_sd3 if args.variant in TINY_SD3_VARIANTS else make_tiny_model
+        path = make(args.dir, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":
