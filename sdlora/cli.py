@@ -180,8 +180,11 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model
+        from sdlora.util.ownership import require_own_or_empty_folder
 
-        path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
+        folder = Path(args.dir).expanduser()
+        require_own_or_empty_folder(folder, "make-tiny-model", lambda f: False)  # never over someone's model
+        path = make_tiny_model(folder, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":

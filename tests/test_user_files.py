@@ -60,3 +60,106 @@ def test_a_run_json_sdlora_did_not_write_is_a_one_line_refusal(make_config, tmp_
     err = capsys.readouterr().err.strip()
     assert str(out) in err and len(err.splitlines()) == 1, err
     assert (out / "run.json").read_text() == "not json at all"
+
+
+# --------------------------------------------------------------------- outputs of the commands
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model, shapes_data):
+    from sdlora.config import validate
+
+    out = tmp_path_factory.mktemp("own") / "run"
+    train(validate({"model": {"path": str(tiny_model)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(out)}, "train": {"max_steps": 1, "batch_size": 2, "seed": 0},
+                    "lora": {"rank": 4, "alpha": 4}, "log": {"tracker": "none"}}), log=quiet)
+    return out / "adapter.safetensors"
+
+
+def someone_elses_file(path):
+    """A .safetensors sdlora did not write (say, the user's base model): no sdlora.* metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(path), metadata={"modelspec.title": "my model"})
+    return path
+
+
+COMMANDS = {
+    "export": lambda a, m, out: ["export", str(a), "--format", "diffusers", "--out", str(out), "--force"],
+    "export-kohya": lambda a, m, out: ["export", str(a), "--format", "kohya", "--out", str(out), "--force"],
+    "export-merged-single-file": lambda a, m, out: ["export", str(a), "--format", "merged-single-file", "--base", str(m),
+                                                    "--out", str(out), "--force"],
+    "merge": lambda a, m, out: ["merge", str(a), str(a), "--out", str(out), "--force"],
+    "resize": lambda a, m, out: ["resize", str(a), "--rank", "2", "--out", str(out), "--force"],
+    "extract": lambda a, m, out: ["extract", "--base", str(m), "--tuned", str(m), "--rank", "2", "--out", str(out),
+                                  "--force"],
+    "inspect": lambda a, m, out: ["inspect", str(a), "--base", str(m), "--mitigate-intruders", "0.5", "--out", str(out),
+                                  "--overwrite"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_force_replaces_only_a_file_sdlora_wrote(command, adapter, tiny_model, tmp_path, capsys):
+    out = someone_elses_file(tmp_path / "model.safetensors")
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert cli_main(COMMANDS[command](adapter, tiny_model, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and "sdlora did not write" in err and len(err.splitlines()) == 1, err
+    assert out.read_bytes() == before
+    notes = tmp_path / "notes.txt"  # nor any other file
+    notes.write_text("mine")
+    assert cli_main(COMMANDS[command](adapter, tiny_model, notes)) == 2
+    assert notes.read_text() == "mine"
+
+
+def test_force_replaces_a_file_sdlora_wrote(adapter, tmp_path):
+    out = tmp_path / "lora.safetensors"
+    for _ in range(2):
+        assert cli_main(["export", str(adapter), "--format", "kohya", "--out", str(out), "--force"]) == 0
+    assert cli_main(["resize", str(out), "--rank", "2", "--out", str(out.with_name("r.safetensors"))]) == 0
+    assert cli_main(["resize", str(out), "--rank", "1", "--out", str(out.with_name("r.safetensors")), "--force"]) == 0
+
+
+def test_a_merged_folder_replaces_only_a_folder_sdlora_merged(adapter, tiny_model, tmp_path, capsys):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "holiday.png").write_bytes(b"precious")
+    command = ["export", str(adapter), "--format", "merged-diffusers", "--base", str(tiny_model), "--force", "--out"]
+    capsys.readouterr()
+    assert cli_main(command + [str(pictures)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(pictures) in err and len(err.splitlines()) == 1
+    assert (pictures / "holiday.png").read_bytes() == b"precious"
+    merged = tmp_path / "merged"
+    assert cli_main(command + [str(merged)]) == 0
+    assert cli_main(command + [str(merged)]) == 0  # its own earlier output: replaced
+
+
+def test_inspect_out_never_replaces_a_users_files(adapter, tmp_path, capsys):
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "dw_norm.png").write_bytes(b"my own chart")
+    capsys.readouterr()
+    assert cli_main(["inspect", str(adapter), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(folder) in err and len(err.splitlines()) == 1, err
+    assert (folder / "dw_norm.png").read_bytes() == b"my own chart" and not (folder / "inspect.json").exists()
+    report = tmp_path / "report"
+    assert cli_main(["inspect", str(adapter), "--out", str(report)]) == 0
+    assert cli_main(["inspect", str(adapter), "--out", str(report)]) == 0  # its own report: replaced
+
+
+@pytest.mark.parametrize("command", [["demo", "--steps", "1", "--out"], ["make-tiny-model"]])
+def test_demo_and_tiny_model_never_write_into_a_folder_of_someone_elses(command, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("data", "unet"):
+        (folder / name).mkdir()
+        (folder / name / "000.png").write_bytes(b"mine")
+    (folder / "model_index.json").write_text("{}")
+    before = files_under(folder)
+    capsys.readouterr()
+    assert cli_main(command + [str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(folder) in err and len(err.splitlines()) == 1, err
+    assert files_under(folder) == before
