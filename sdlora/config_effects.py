@@ -102,7 +102,7 @@ RULES: tuple[Rule, ...] = (
           "reg.preservation.trigger_words", "reg.preservation.every_steps"), "reg.preservation.weight above 0",
          lambda c, f: bool(c.reg.preservation.weight)),
     # samples, validation, checkpoints, EMA, export
-    Rule(("sample.prompts", "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_rescale",
+    Rule(("sample.prompts", "sample.entries", "sample.prompts_file", "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_rescale",
           "sample.seed", "sample.negative_prompt", "sample.width", "sample.height"),
          "sample.every_steps above 0 (or validation.with_samples)", lambda c, f: _samples_on(c)),
     Rule(("validation.path", "validation.timesteps", "validation.seed", "validation.with_probe",
