@@ -97,7 +97,10 @@ def run_child(name: str, args, limit: float) -> dict:
             proc.wait(timeout=limit)
             stopped = None
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended in between
+                pass
             proc.wait()
             stopped = f"stopped at its time limit of {limit:.0f} s"
     seconds = time.perf_counter() - t0

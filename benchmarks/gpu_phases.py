@@ -135,9 +135,10 @@ def speed_sdxl(ctx) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def measured_peak(bench, folder, px: int, cfg, device, widths, pooled, steps: int = 2) -> dict:
-    """The same steps as bench.trace, with real tensors on `device`. CUDA: torch.cuda.max_memory_allocated over the
-    steps (everything the process allocated on the device: weights, adapters, optimiser state, inputs, activations,
+def measured_peaks(bench, folder, px: int, cfgs: dict, device, widths, pooled, steps: int = 2) -> list[dict]:
+    """The same steps as bench.trace with real tensors on `device`, once per optimiser (`cfgs`: optimiser name ->
+    config, the same but for optim.optimizer; the models are built once). CUDA: torch.cuda.max_memory_allocated over
+    the steps (all the process holds on the device: weights, adapters, optimiser state, inputs, activations,
     workspaces), max_memory_reserved, and the device's used memory (context included). CPU: the real-tensor trace."""
     import torch
 
@@ -146,32 +147,37 @@ def measured_peak(bench, folder, px: int, cfg, device, widths, pooled, steps: in
     from sdlora.training.optim import make_optimizer
 
     if device.type == "cpu":
-        real = bench.trace(folder, px, cfg, fake=False, steps=steps, widths=widths, pooled=pooled,
-                           cuda_lists=False)  # CPU autocast's own lists, as the fake trace for the CPU
-        return {"max_allocated": real["peak"]["total"], "instrument": "MemTracker, real CPU tensors"}
+        return [{"optimizer": name, "instrument": "MemTracker, real CPU tensors",
+                 "max_allocated": bench.trace(folder, px, cfg, fake=False, steps=steps, widths=widths, pooled=pooled,
+                                              cuda_lists=False)["peak"]["total"]}  # CPU autocast's lists, as traced
+                for name, cfg in cfgs.items()]
     torch.manual_seed(0)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    comps, layers = bench.build(folder, cfg, device=device)
-    groups = build_param_groups(layers, cfg, SDXL)
-    params = [p for g in groups.groups for p in g["params"]]
-    optimizer = make_optimizer(groups.groups, cfg)
-    inputs = bench.cached_inputs(px, sum(widths), pooled, widths, device)
-    step = bench.make_train_step(comps, cfg, params, optimizer, device=device)
-    torch.cuda.synchronize()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step(inputs)
-    torch.cuda.synchronize()
-    free, total = torch.cuda.mem_get_info()
-    out = {"start_allocated": start, "max_allocated": torch.cuda.max_memory_allocated(),
-           "max_reserved": torch.cuda.max_memory_reserved(), "device_used": total - free,
-           "step_seconds": (time.perf_counter() - t0) / steps, "instrument": "torch.cuda.max_memory_allocated"}
-    del comps, layers, optimizer, params, groups, inputs, step
+    first = next(iter(cfgs.values()))
+    comps, layers = bench.build(folder, first, device=device)
+    groups = build_param_groups(layers, first, SDXL)
+    params = [p for g in groups.groups for p in g["params"]]
+    inputs = bench.cached_inputs(px, sum(widths), pooled, widths, device)
+    built, rows = time.perf_counter() - t0, []
+    for name, cfg in cfgs.items():
+        optimizer = make_optimizer(groups.groups, cfg)
+        step = bench.make_train_step(comps, cfg, params, optimizer, device=device)
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(inputs)
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        rows.append({"optimizer": name, "start_allocated": start, "max_allocated": torch.cuda.max_memory_allocated(),
+                     "max_reserved": torch.cuda.max_memory_reserved(), "device_used": total - free,
+                     "step_seconds": (time.perf_counter() - t0) / steps, "build_seconds": built,
+                     "instrument": "torch.cuda.max_memory_allocated"})
+        del optimizer, step  # its state freed before the next optimiser's steps (gradients: set to None each step)
+    del comps, layers, params, groups, inputs
     torch.cuda.empty_cache()
-    return out
+    return rows
 
 
 def memory(ctx) -> dict:
@@ -192,22 +198,20 @@ def memory(ctx) -> dict:
         cfg = bench.sdxl_config(True, {"lora": {"rank": 4, "alpha": 4}})
         kw = {"widths": (TINY_SDXL_TE1, TINY_SDXL_TE2), "pooled": TINY_SDXL_PROJECTION}
         traced = bench.trace(tiny, px, cfg, fake=True, cuda_lists=device.type == "cuda", **kw)
-        real = measured_peak(bench, tiny, px, cfg, device, **kw)
-        rows.append({"model": "tiny SDXL", "px": px, "optimizer": "adamw", "traced_peak": traced["peak"]["total"],
-                     **real})
+        real = measured_peaks(bench, tiny, px, {"adamw": cfg}, device, **kw)[0]
+        rows.append({"model": "tiny SDXL", "px": px, "traced_peak": traced["peak"]["total"], **real})
     if ctx["tiny"]:
         skipped = "tiny mode: the full SDXL step is for the GPU run"
     else:  # (b) the full SDXL step of docs/sdxl-memory.md: its committed estimate against the real step
         estimate = json.loads((ROOT / "docs" / "sdxl-memory.json").read_text())
         run = next(r for r in estimate["runs"] if r["px"] == 1024 and r["checkpointing"] and r["cuda_lists"])
         optimizers = ["adamw"] + (["adamw8bit"] if importlib.util.find_spec("bitsandbytes") else [])
-        for name in optimizers:
-            cfg = bench.sdxl_config(True, {"optim": {"optimizer": name}})
-            peak = run["peak"]["total"] if name == "adamw" else max(  # the script's with_adam8bit, from the JSON
-                p["total"] - p.get("optimiser state", 0) + run["adam8bit_state_bytes"] for p in run["phase_peaks"].values())
-            real = measured_peak(bench, bench.SDXL_CONFIGS, 1024, cfg, device, widths=(768, 1280), pooled=1280)
-            rows.append({"model": "SDXL", "px": 1024, "optimizer": name, "traced_peak": peak,
-                         "gpu_estimate": bench.on_gpu(peak), **real})
+        traced = {"adamw": run["peak"]["total"], "adamw8bit": max(  # the script's with_adam8bit, from the JSON
+            p["total"] - p.get("optimiser state", 0) + run["adam8bit_state_bytes"] for p in run["phase_peaks"].values())}
+        cfgs = {name: bench.sdxl_config(True, {"optim": {"optimizer": name}}) for name in optimizers}
+        for real in measured_peaks(bench, bench.SDXL_CONFIGS, 1024, cfgs, device, widths=(768, 1280), pooled=1280):
+            peak = traced[real["optimizer"]]
+            rows.append({"model": "SDXL", "px": 1024, "traced_peak": peak, "gpu_estimate": bench.on_gpu(peak), **real})
         skipped = None if optimizers == ["adamw", "adamw8bit"] else "adamw8bit: bitsandbytes not installed"
     for r in rows:
         r["measured_over_traced"] = r["max_allocated"] / r["traced_peak"]
