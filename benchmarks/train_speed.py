@@ -67,7 +67,7 @@ from sdlora.training.placement import place_models  # noqa: E402
 CONFIGS = {"sd1": ROOT / "sdlora" / "resources" / "configs" / "sd_v1",
            "sdxl": ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RANK = 16
+RANK = 16  # the default; --rank sets another (SDXL's usual: 32)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -104,9 +104,9 @@ def shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def make_cfg(**train):
+def make_cfg(rank=RANK, **train):
     return validate({"model": {"path": "-"}, "data": {"path": "-"}, "output": {"dir": "-"},
-                     "lora": {"rank": RANK, "alpha": RANK}, "train": {"seed": 0, **train},
+                     "lora": {"rank": rank, "alpha": rank}, "train": {"seed": 0, **train},
                      "reg": {"embedding_norm": {"weight": 0.1}}, "log": {"tracker": "none"}})
 
 
@@ -184,7 +184,7 @@ def floor_step(unet, encoders, family, scheduler, cfg, batch, gen, autocast, *, 
 SD1_ONLY = ("sdlora+penalty",)  # the benchmark's penalty variant measures SD 1.5's one-encoder penalty
 
 
-def build_variants(base: Components, device, dtype, autocast, only):
+def build_variants(base: Components, device, dtype, autocast, only, rank: int = RANK):
     unet0, vae, scheduler, family = base.unet, base.vae, base.noise_scheduler, base.family
     encoders0 = list(base.text_encoders.values())
     # The penalty's content mask reads the EOS of make_batch's ids (SD 1.5's 49407; its text-encoder config says 2)
@@ -209,7 +209,7 @@ def build_variants(base: Components, device, dtype, autocast, only):
             variant.own_cost = lambda b: penalty_seconds(reg, te[0], family, b)
         return variant
 
-    cfg = make_cfg()
+    cfg = make_cfg(rank)
     wanted = lambda n: (only is None or n in only) and (family.name == "sd1" or n not in SD1_ONLY)  # noqa: E731
     if wanted("floor"):
         variants.append(Variant("floor", lambda b: floor_step(unet0, encoders0, family, scheduler, cfg, b, gen, autocast)))
@@ -221,25 +221,25 @@ def build_variants(base: Components, device, dtype, autocast, only):
     if wanted("sdlora+penalty"):
         variants.append(sdlora_variant("sdlora+penalty", cfg, penalty=True))
     if wanted("peer"):
-        variants.append(peer_variant(base, cfg, gen, device, dtype, autocast))
+        variants.append(peer_variant(base, cfg, gen, device, dtype, autocast, rank))
     if wanted("sdlora+vae"):
         variants.append(sdlora_variant("sdlora+vae", cfg, vae=vae))
     if wanted("sdlora+ckpt"):
-        variants.append(sdlora_variant("sdlora+ckpt", make_cfg(gradient_checkpointing=True)))
+        variants.append(sdlora_variant("sdlora+ckpt", make_cfg(rank, gradient_checkpointing=True)))
     return variants
 
 
-def peer_variant(base: Components, cfg, gen, device, dtype, autocast):
+def peer_variant(base: Components, cfg, gen, device, dtype, autocast, rank: int = RANK):
     """What diffusers' LoRA training examples do (train_text_to_image_lora.py; for SDXL train_dreambooth_lora_sdxl.py
     with --train_text_encoder: both encoders): peft adapters via add_adapter on the same targets, the LoRA weights
     cast to fp32 (their cast_training_params), one optimiser over UNet and text-encoder parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
     unet, encoders = shared_copy(base.unet), [shared_copy(te) for te in base.text_encoders.values()]
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                 target_modules=list(cfg.lora.unet_targets)))
     for te in encoders:  # transformers' add_adapter is this call (transformers 5's asks for peft >= 0.22 first)
-        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                            target_modules=list(cfg.lora.text_encoder_targets)), te)
     for m in (unet, *encoders):
         m.to(device=device, dtype=dtype)
@@ -394,22 +394,42 @@ def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
     atomic.write_text(path, text)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings between torch.cuda.synchronize calls)")
     p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"], help="the architecture measured (default sd1)")
     p.add_argument("--arch", default="full", choices=["full", "tiny"],
                    help="full: the real architecture (random weights); tiny: the test suite's tiny model, a smoke run")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--rank", type=int, default=RANK, help=f"LoRA rank = alpha, sdlora and the peer (default {RANK})")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--only", nargs="*", help="variants to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: 128 px, 1 warm-up, 2 timed rounds")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="page to write the table into ('' = none)")
+    p.add_argument("--json", default="", help="also write the numbers as JSON here (what summary() returns)")
     args = p.parse_args(argv)
     if args.quick:
         args.resolution, args.warmup, args.steps = 128, 1, 2
+    return args
+
+
+def summary(results: list[Result]) -> dict:
+    """Per variant: seconds per step (median, best), the paired ratios to floor, floor+te_bwd and peer (None where
+    that reference did not run), and the peak memory in MiB (step peak + persistent adapter state)."""
+    by = {r.name: r for r in results}
+    out = {}
+    for r in results:
+        out[r.name] = {"s_median": statistics.median(r.seconds), "s_best": min(r.seconds),
+                       "peak_mib": (r.peak_bytes + r.persistent) / 2**20, "rounds": len(r.seconds),
+                       **{f"x_{ref.replace('+', '_')}": paired_ratio(r, by[ref]) if ref in by else None
+                          for ref in ("floor", "floor+te_bwd", "peer")}}
+    return out
+
+
+def measure(args, say=print) -> dict:
+    """Build the variants, run the rounds; returns {"table", "variants": summary(), "settings", "seconds"}."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type in ("cpu", "cuda") and dtype != torch.float32:
@@ -422,19 +442,33 @@ def main(argv=None) -> int:
         keep_freed_cpu_memory()  # as the trainer does on CPU (sdlora/allocator.py); the same for every variant
     t_start = time.perf_counter()
     base = build_base(args.family, args.arch)
-    variants = build_variants(base, device, dtype, autocast, args.only)  # LoRA is injected on the CPU, as in the trainer
-    for model in (base.unet, base.vae, *base.text_encoders.values()):  # shared weights moved already (same Parameter
-        model.to(device, dtype)  # objects); this moves the base's buffers
-    print(f"built {len(variants)} variants in {time.perf_counter() - t_start:.0f} s; "
-          f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}", flush=True)
-    run_rounds(variants, base, args, device, dtype, say=lambda line: print(line, flush=True))
-    tbl = table([Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants])
+    variants = build_variants(base, device, dtype, autocast, args.only, args.rank)  # LoRA injected on the CPU, as in
+    for model in (base.unet, base.vae, *base.text_encoders.values()):  # the trainer; shared weights moved already
+        model.to(device, dtype)  # (same Parameter objects); this moves the base's buffers
+    built = time.perf_counter() - t_start
+    say(f"built {len(variants)} variants in {built:.0f} s; "
+        f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}")
+    run_rounds(variants, base, args, device, dtype, say=say)
+    results = [Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants]
+    tbl = table(results)
     extra = isolated_costs(variants, base, args, device, dtype)
     if extra:
         tbl += "\n\n" + extra
-    print(tbl)
+    settings = {k: getattr(args, k) for k in ("device", "family", "arch", "resolution", "dtype", "rank", "warmup",
+                                              "steps", "only")}
+    return {"table": tbl, "variants": summary(results), "settings": settings, "build_seconds": built,
+            "seconds": time.perf_counter() - t_start,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    measured = measure(args, say=lambda line: print(line, flush=True))
+    print(measured["table"])
     if args.doc:
-        write_doc(Path(args.doc), tbl, args, device, time.perf_counter() - t_start)
+        write_doc(Path(args.doc), measured["table"], args, torch.device(args.device), measured["seconds"])
+    if args.json:
+        atomic.write_json(Path(args.json), {k: v for k, v in measured.items() if k != "table"})
     return 0
 
 

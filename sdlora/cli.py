@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged-diffusers", "merged-single-file"])
     p.add_argument("--out", required=True, help="file (.safetensors) or, for merged-diffusers, a folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--base", default=None, help="base model for merged formats (default: the run's model.path)")
+    p.add_argument("--base", default=None, help="base model for the merged formats (the run's model.path, or another)")
+    p.add_argument("--vae", default=None, help="merged formats: the VAE to put in (as model.vae_path; default --base's)")
+    p.add_argument("--config-dir", help="merged formats: diffusers configs for a single-file --base without them")
+    p.add_argument("--allow-pickle", action="store_true", help="merged formats: allow a .ckpt (pickle) --base or --vae, "
+                                                              "which can run arbitrary code (as model.allow_pickle)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--ema", action="store_true", help="from a run or checkpoint folder: its adapter_ema.safetensors "
                                                       "(train.ema) instead of adapter.safetensors")
@@ -198,7 +202,8 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from sdlora.commands.export import run_export
 
-        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema)
+        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema,
+                   vae=args.vae, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
         return 0
     if args.command == "merge":
         from sdlora.commands.merge import run_merge

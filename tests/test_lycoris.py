@@ -302,7 +302,8 @@ def test_merged_exports_reproduce_the_trained_model(trained, tiny_model, tmp_pat
     merge_adapter(load_adapter(result.adapter_path), comps.adaptable())
     diff = max_abs_diff(ours, model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
-    run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", report=lambda *_: None)
+    run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=str(tiny_model),
+               report=lambda *_: None)
     pipe = load_pipeline(tmp_path / "merged")
     diff = max_abs_diff(ours, model_outputs(pipe.unet.eval(), pipe.text_encoder.eval(), pipe.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff

@@ -261,7 +261,7 @@ def trained_and_merged(tiny_model, shapes_data, tmp_path_factory):
                     "optim": {"lr": 2e-2, "max_grad_norm": None},
                     "lora": {"rank": 4, "alpha": 4, "conv": True, "init": "orthogonal"}, "log": {"tracker": "none"}})
     train(cfg, log=quiet)
-    run_export(root / "run", "merged-diffusers", root / "merged", report=quiet)
+    run_export(root / "run", "merged-diffusers", root / "merged", base=str(tiny_model), report=quiet)
     return root / "run" / "adapter.safetensors", root / "merged"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import WriteError
+from sdlora.errors import UserError, WriteError
 from sdlora.util import atomic
 
 
@@ -29,7 +29,11 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
         f = folder / "scheduler_config.json"
         if f.is_file():
             config = json.loads(f.read_text(encoding="utf-8"))
-            cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+            name = config.get("_class_name", "DDIMScheduler")
+            cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+            # The file names a class: only one of diffusers' schedulers may be it (a model folder may come from anyone).
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+                raise UserError(f"{f}: _class_name {name!r} is not a diffusers scheduler")
             return cls.from_config(config)
     raise AssertionError("bundled scheduler config missing")
 

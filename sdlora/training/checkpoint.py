@@ -175,6 +175,9 @@ def load_lora_state(layers: dict, tensors: dict[str, torch.Tensor], where: Path)
         if t.shape != expected[key].shape:
             raise UserError(f"--resume: checkpoint {where}: {key} has shape {tuple(t.shape)}, this config makes "
                             f"{tuple(expected[key].shape)} (lora.rank changed?)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a shared or damaged checkpoint
+            raise UserError(f"--resume: checkpoint {where}: {key} holds non-finite values (NaN/inf); resume from "
+                            "an earlier checkpoint")
     with torch.no_grad():
         for name, layer in layers.items():
             for key, target in layer.state_dict(keep_vars=True).items():
