@@ -90,7 +90,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
 
     # ---- set-up: model and adapters, data, optimiser, the step's parts, checkpoints (training/setup.py)
     set_seed(cfg.train.seed)
-    comps, layers, groups = build_model(cfg)
+    comps, layers, groups = build_model(cfg, say)
     if dry_run:
         from sdlora.util.tables import plan_table
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora import config_effects
 from sdlora.adapter.run_record import RunRecord
 from sdlora.config import Config
 from sdlora.lora import build_param_groups, inject_all
@@ -60,12 +61,15 @@ class Run:
     losses: list = field(default_factory=list)  # the logged loss of each logged step
 
 
-def build_model(cfg: Config):
-    """(components, adapter layers, optimiser groups): the base model loaded and checked, adapters injected."""
+def build_model(cfg: Config, say):
+    """(components, adapter layers, optimiser groups): the base model loaded and checked, adapters injected; the
+    config's keys with no effect on this model reported through `say`."""
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
                             zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
+    for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
+        say(line)
     layers = inject_all(comps.unet, comps.text_encoders, cfg)
     groups = build_param_groups(layers, cfg, comps.family)
     check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
@@ -125,8 +129,7 @@ def make_regulariser(cfg: Config, comps: Components, say):
     en = cfg.reg.embedding_norm
     if en.direction_weight == 0 and not any(en.weight_of(output) for output, _, _ in comps.family.text_outputs):
         return None  # no extra text-encoder pass at all
-    if not cfg.text_encoder.train:
-        say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")
+    if not cfg.text_encoder.train:  # its keys were reported at start (config_effects.py)
         return None
     return TextRegulariser(comps.family, comps.text_encoders, dict(zip(comps.text_encoders, comps.tokenizers)), cfg)
 
