@@ -33,15 +33,28 @@ from pathlib import Path
 import torch
 
 from sdlora.adapter.run_record import RunRecord
+from sdlora.adapter.names import PARTS
 from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
 from sdlora.errors import UserError
-from sdlora.model.families import SD1, SDXL, ModelFamily, family_of_version
+from sdlora.model.families import FAMILIES, ModelFamily, family_of_version
 from sdlora.model.ldm_keys import _rename, unet_pairs
+from sdlora.model.parts import DENOISER
 from sdlora.util.atomic import save_safetensors
 
-UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_"
-TE_MODEL_LEVEL = "text_model_"
+def _prefix_table() -> dict[str, str]:
+    """kohya prefix -> part name, over every family's parts (longest prefix first, so `lora_te1_` is not `lora_te_`).
+    A file names no family, so a prefix must mean one part everywhere."""
+    table: dict[str, str] = {}
+    for family in FAMILIES.values():
+        for name, prefix in family.kohya_prefixes.items():
+            if table.setdefault(prefix, name) != name:
+                raise AssertionError(f"kohya prefix {prefix} names two parts ({table[prefix]}, {name})")
+    return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
+
+
+PREFIXES = _prefix_table()
+# The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
+LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
 
 # Module identifiers of UNet2DConditionModel and CLIPTextModel; digits between them are list indices.
 IDENTIFIERS = frozenset("""
@@ -55,7 +68,6 @@ layer_norm1 layer_norm2 token_embedding position_embedding
 LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
 """.split())
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
 LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -71,16 +83,15 @@ def _ldm_pairs(family: ModelFamily) -> list:
 
 
 # ------------------------------------------------------------------------------------------- names
-def kohya_name(name: str, family: ModelFamily = SD1) -> str:
+def kohya_name(name: str, family: ModelFamily) -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (SD 1.x/2.x);
-    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`."""
+    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`: the part's
+    kohya prefix, its model level, the path with dots as underscores."""
     component, path = split_name(name)
-    prefix = family.kohya_prefixes[component]
-    if component == "unet":
-        if family.kohya_unet_layout is not None:
-            path = _rename(path, _ldm_pairs(family), forward=True) or path
-        return prefix + path.replace(".", "_")
-    return prefix + TE_MODEL_LEVEL + path.replace(".", "_")
+    part = family.part(component)
+    if part is family.denoiser and family.kohya_unet_layout is not None:
+        path = _rename(path, _ldm_pairs(family), forward=True) or path
+    return part.kohya_prefix + part.kohya_level + path.replace(".", "_")
 
 
 @lru_cache(maxsize=None)
@@ -106,23 +117,19 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
 
     With `module_names` (canonical names of a model at hand) the name is looked up exactly instead.
     """
-    ldm = False
-    if stem.startswith(UNET_PREFIX):
-        component, flat = "unet", stem[len(UNET_PREFIX):]
-        ldm = flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
-    elif stem.startswith(SDXL_PREFIXES):
-        component = "text_encoder" if stem.startswith("lora_te1_") else "text_encoder_2"
-        flat = stem[len("lora_te1_"):].removeprefix(TE_MODEL_LEVEL)
-    elif stem.startswith(TE_PREFIX):
-        component, flat = "text_encoder", stem[len(TE_PREFIX):].removeprefix(TE_MODEL_LEVEL)
-    else:
-        raise UserError(f"kohya key {stem!r}: expected a lora_unet_, lora_te_, lora_te1_ or lora_te2_ prefix")
+    prefix = next((p for p in PREFIXES if stem.startswith(p)), None)
+    if prefix is None:
+        raise UserError(f"kohya key {stem!r}: expected a {', '.join(PREFIXES)} prefix")
+    component = PREFIXES[prefix]
+    flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
+    ldm = PARTS[component].role == DENOISER and (flat.startswith(LDM_BLOCKS) or
+                                                 flat.startswith(("time_embed", "label_emb", "out_")))
     if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
         parts = _split_identifiers(flat, True)
-        path = _rename(".".join(parts), _ldm_pairs(SDXL), forward=False) if parts is not None else None
+        path = _rename(".".join(parts), _ldm_pairs(LDM_FAMILY), forward=False) if parts is not None else None
         if path is None:
-            raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SDXL UNet")
-        return f"unet.{path}"
+            raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an {LDM_FAMILY.title} UNet")
+        return f"{component}.{path}"
     if module_names is not None:
         for name in module_names:
             if name.startswith(component + ".") and name[len(component) + 1:].replace(".", "_") == flat:
@@ -135,11 +142,13 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
 
 # ------------------------------------------------------------------------------------ state dicts
 def adapter_family(adapter: AdapterWeights) -> ModelFamily:
-    """The family an adapter was trained on: its run record's, else SDXL for a second text encoder, else SD 1.x/2.x."""
+    """The family an adapter was trained on: its run record's, else the first family (SD 1.x, SD 2.x, SDXL) that has
+    every part the adapter names (SDXL for a second text encoder)."""
     record = RunRecord.from_metadata(adapter.metadata)
     if record is not None:
         return record.family
-    return SDXL if any(n.startswith("text_encoder_2.") for n in adapter.modules) else SD1
+    named = {split_name(n)[0] for n in adapter.modules}
+    return next((f for f in FAMILIES.values() if named <= set(f.adaptable_parts)), next(iter(FAMILIES.values())))
 
 
 def network_dim(adapter: AdapterWeights) -> int:
@@ -173,7 +182,7 @@ def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
 
 
 _SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.KOHYA_KEYS.values()} | {"alpha"}, key=len, reverse=True)
-_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>" +
+_KOHYA_KEY = re.compile(r"^(?P<stem>(?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(?P<kind>" +
                         "|".join(re.escape(x) for x in _SUFFIXES) + ")$")
 
 

@@ -22,6 +22,7 @@ import torch
 
 from sdlora.errors import UserError
 from sdlora.model import ldm_keys as L
+from sdlora.model import parts as P
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -36,8 +37,10 @@ class ModelFamily:
     modelspec_architecture_v: str  # ... for v-prediction models
     resolution: int  # the native training resolution (ModelSpec's default), epsilon
     resolution_v: int  # ... v-prediction
-    text_encoders: tuple[str, ...] = ("text_encoder",)  # components that carry text-encoder LoRA
-    kohya_prefixes: dict = field(default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"})
+    # The parts (model/parts.py): the denoiser, the text encoders in the order the conditioning reads them, the VAE.
+    parts: tuple = ()
+    # The scheduler class a folder's scheduler/ config is read into for training (the noise process's).
+    scheduler_class: str = "DDPMScheduler"
     pipeline_class: str = "StableDiffusionPipeline"
     # The text-side outputs the UNet reads, each held on its own by the embedding-norm penalty and measured by the
     # drift probe: (name, the text encoder that computes it, per token (False: one vector per caption)).
@@ -49,9 +52,6 @@ class ModelFamily:
     kohya_unet_layout: dict | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
-    # The single-file (original LDM) layout: (component, layout of ldm_keys.TEXT_ENCODER_LAYOUTS, key prefix) per
-    # text encoder, in `text_encoders` order.
-    ldm_text_encoders: tuple = (("text_encoder", "clip_l", L.CLIP_L),)
     # Whose key mapping reads this family's single files: "sdlora" (model/ldm_keys.py, inverse of the writer) or
     # "diffusers" (its own single-file converters, offline with the bundled configs).
     single_file_reader: str = "sdlora"
@@ -103,19 +103,65 @@ class ModelFamily:
                 return re.compile(pattern.format(*m.groups()) if m.groups() else pattern)
         return None
 
+    # -- parts (model/parts.py) -------------------------------------------------------------------------------
+    def __post_init__(self):
+        roles = [p.role for p in self.parts]
+        if roles.count(P.DENOISER) != 1 or roles.count(P.VAE) != 1 or len({p.name for p in self.parts}) != len(roles):
+            raise ValueError(f"family {self.name}: needs one denoiser, one VAE and distinct part names, got {roles}")
+
+    def part(self, name: str) -> P.Part:
+        """The part called `name`; a KeyError naming the family's parts when it has none."""
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.title} has no part {name!r} (its parts: {', '.join(p.name for p in self.parts)})")
+
+    @property
+    def denoiser(self) -> P.Part:
+        return next(p for p in self.parts if p.role == P.DENOISER)
+
+    @property
+    def vae(self) -> P.Part:
+        return next(p for p in self.parts if p.role == P.VAE)
+
+    @property
+    def text_encoder_parts(self) -> tuple[P.Part, ...]:
+        return tuple(p for p in self.parts if p.role == P.TEXT_ENCODER)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text encoders' part names, in the order the family's conditioning reads them."""
+        return tuple(p.name for p in self.text_encoder_parts)
+
+    @property
+    def adaptable_parts(self) -> tuple[str, ...]:
+        """The parts adapters can live in: the denoiser, then the text encoders."""
+        return (self.denoiser.name, *self.text_encoders)
+
+    @property
+    def kohya_prefixes(self) -> dict[str, str]:
+        """kohya's LoRA key prefix of each adaptable part (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_` / `lora_te2_`)."""
+        return {p.name: p.kohya_prefix for p in self.parts if p.adaptable}
+
+    @property
+    def ldm_text_encoders(self) -> tuple[tuple[str, str, str], ...]:
+        """The single-file (original LDM) layout: (part, layout of ldm_keys.TEXT_ENCODER_LAYOUTS, key prefix) per
+        text encoder, in `text_encoders` order."""
+        return tuple((p.name, *p.single_file) for p in self.text_encoder_parts)
+
     # -- single files and pipelines ---------------------------------------------------------------------------
     @property
     def tokenizer_names(self) -> tuple[str, ...]:
         """The pipeline's tokenizer of each text encoder (`tokenizer`, `tokenizer_2`), in `text_encoders` order."""
-        return tuple(n.replace("text_encoder", "tokenizer") for n in self.text_encoders)
+        return tuple(p.tokenizer for p in self.text_encoder_parts)
 
-    def pipeline(self, *, unet, vae, text_encoders: dict, tokenizers: list, scheduler):
+    def pipeline(self, *, denoiser, vae, text_encoders: dict, tokenizers: list, scheduler):
         """The family's diffusers pipeline around these models (samples during training, the merged folder)."""
         import diffusers
 
         parts = {name: text_encoders[name] for name in self.text_encoders} | dict(zip(self.tokenizer_names, tokenizers))
-        return getattr(diffusers, self.pipeline_class)(unet=unet, vae=vae, scheduler=scheduler, **parts,
-                                                       **self.pipeline_options)
+        return getattr(diffusers, self.pipeline_class)(**{self.denoiser.name: denoiser}, vae=vae, scheduler=scheduler,
+                                                       **parts, **self.pipeline_options)
 
     def pipeline_embeddings(self, cond, uncond, dtype, *, empty_negative: bool = False) -> dict:
         """The pipeline call's embedding keyword arguments (`prompt_embeds`, `negative_prompt_embeds`: (batch, tokens,
@@ -164,11 +210,25 @@ class ModelFamily:
         return encode(text_encoder, input_ids, clip_skip)
 
     # -- recognition --------------------------------------------------------------------------------------
-    def matches_unet(self, unet_config) -> bool:
-        if unet_config.get("addition_embed_type") == "text_time":
+    def matches_denoiser(self, config) -> bool:
+        """Whether a denoiser config (a dict) is this family's: SD 2.x's UNet reads 1024-wide text or projects
+        linearly, SD 1.x's neither; neither has SDXL's text_time embedding."""
+        if config.get("addition_embed_type") == "text_time":
             return False
-        sd2 = unet_config.get("cross_attention_dim") == 1024 or bool(unet_config.get("use_linear_projection"))
+        sd2 = config.get("cross_attention_dim") == 1024 or bool(config.get("use_linear_projection"))
         return sd2 == (self.name == "sd2")
+
+    def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
+        """Whether a diffusers folder (its model_index.json and its denoiser's config.json, both as dicts) is this
+        family's, or an incomplete or unsupported model of it that `check_folder` refuses by name."""
+        return not _sdxl_like(index, denoiser_config) and self.matches_denoiser(denoiser_config)
+
+    def check_folder(self, path, index: dict, denoiser_config: dict) -> None:
+        """Refuse, before any weight loads, a folder of this family sdlora cannot train (a UserError naming it)."""
+        kind = denoiser_config.get("addition_embed_type") or denoiser_config.get("class_embed_type")
+        if kind:
+            pipeline = str(index.get("_class_name", ""))
+            raise UserError(f"model.path: {path} is a {pipeline or 'UNet'} with extra conditioning ({kind}); {SUPPORTED}")
 
 
 def _only(x):
@@ -262,14 +322,33 @@ class SDXLFamily(ModelFamily):
     def text_output(self, name: str, embeddings: SDXLConditioning) -> torch.Tensor:
         if name == "pooled":
             return embeddings.pooled[:, None, :]
-        return embeddings.per_encoder[("text_encoder", "text_encoder_2").index(name)]
+        return embeddings.per_encoder[self.text_encoders.index(name)]
 
     def encode_text_output(self, name: str, text_encoder, input_ids, clip_skip: int = 1) -> torch.Tensor:
         out = text_encoder(input_ids, output_hidden_states=True, return_dict=True)
         return out.text_embeds[:, None, :] if name == "pooled" else sdxl_hidden_state(out, clip_skip)
 
-    def matches_unet(self, unet_config) -> bool:
-        return unet_config.get("addition_embed_type") == "text_time"
+    def matches_denoiser(self, config) -> bool:
+        return config.get("addition_embed_type") == "text_time"
+
+    def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
+        return _sdxl_like(index, denoiser_config)
+
+    def check_folder(self, path, index: dict, denoiser_config: dict) -> None:
+        """Both text encoders and the text_time UNet are needed: the refiner (no first text encoder) is refused."""
+        pipeline = str(index.get("_class_name", ""))
+        if not (self.matches_denoiser(denoiser_config) and "text_encoder_2" in index and "tokenizer_2" in index):
+            raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_time UNet'}) without both of its "
+                            "parts: needs a text_time UNet and text_encoder_2 / tokenizer_2 in model_index.json")
+        if index.get("text_encoder") in (None, [None, None]):
+            raise UserError(f"model.path: {path} is an SDXL {pipeline or 'model'} without the first text encoder "
+                            f"(the refiner?); {SUPPORTED}: the base model and its fine-tunes")
+
+
+def _sdxl_like(index: dict, denoiser_config: dict) -> bool:
+    """An SDXL folder, complete or not: a text_time UNet, an XL pipeline or a second text encoder."""
+    return (denoiser_config.get("addition_embed_type") == "text_time" or "XL" in str(index.get("_class_name", ""))
+            or "text_encoder_2" in index)
 
 
 
@@ -289,18 +368,16 @@ def block_groups(text_encoders: tuple[str, ...], unet_names: dict[str, str] | No
 
 SD1 = ModelFamily(name="sd1", title="SD 1.x", kohya_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
                   modelspec_architecture_v="stable-diffusion-v1", resolution=512, resolution_v=512,
-                  block_groups=block_groups(("text_encoder",)))
+                  parts=P.SD1_PARTS, block_groups=block_groups(("text_encoder",)))
 SD2 = ModelFamily(name="sd2", title="SD 2.x", kohya_version="sd_v2", modelspec_architecture="stable-diffusion-v2-512",
                   modelspec_architecture_v="stable-diffusion-v2-768-v", resolution=512, resolution_v=768,
-                  v_version_suffix=True, block_groups=block_groups(("text_encoder",)),
-                  ldm_text_encoders=(("text_encoder", "open_clip", L.OPEN_CLIP),))
+                  v_version_suffix=True, parts=P.SD2_PARTS, block_groups=block_groups(("text_encoder",)))
 # kohya and ModelSpec have one name for SDXL base and its v-prediction fine-tunes (ss_v_parameterization and
 # modelspec.prediction_type tell them apart).
 SDXL = SDXLFamily(
     name="sdxl", title="SDXL", kohya_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
     modelspec_architecture_v="stable-diffusion-xl-v1-base", resolution=1024, resolution_v=1024,
-    text_encoders=("text_encoder", "text_encoder_2"),
-    kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    parts=P.SDXL_PARTS,
     pipeline_class="StableDiffusionXLPipeline",
     text_outputs=(("text_encoder", "text_encoder", True), ("text_encoder_2", "text_encoder_2", True),
                   ("pooled", "text_encoder_2", False)),
@@ -309,7 +386,6 @@ SDXL = SDXLFamily(
     # SDXL's original names (input / middle / output blocks) and diffusers' (down / mid / up) for one thing
     block_groups=block_groups(("text_encoder", "text_encoder_2"), {"down": "(?:down|input)", "mid": "(?:mid|middle)",
                                                                   "up": "(?:up|output)"}),
-    ldm_text_encoders=(("text_encoder", "clip_l", L.SDXL_CLIP_L), ("text_encoder_2", "open_clip", L.SDXL_OPEN_CLIP)),
     # diffusers' converters read SDXL files offline from the bundled configs (sdlora/resources/configs/sdxl_base_v1-0)
     single_file_reader="diffusers",
     v_marker_keys=True,
@@ -327,10 +403,10 @@ def family_named(name: str) -> ModelFamily:
         raise UserError(f"model family {name!r}: allowed {', '.join(FAMILIES)}") from None
 
 
-def family_of_unet(unet) -> ModelFamily:
-    """The family of a loaded diffusers UNet, from its config."""
-    config = dict(unet.config)
-    return next(f for f in FAMILIES.values() if f.matches_unet(config))
+def family_of_denoiser(denoiser) -> ModelFamily:
+    """The family of a loaded denoiser (a diffusers UNet), from its config."""
+    config = dict(denoiser.config)
+    return next(f for f in FAMILIES.values() if f.matches_denoiser(config))
 
 
 def family_of_version(version: str) -> tuple[ModelFamily, str]:

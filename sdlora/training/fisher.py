@@ -76,7 +76,7 @@ def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> li
     after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
-    pipe = comps.family.pipeline(unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser, vae=comps.vae, text_encoders=comps.text_encoders,
                                  tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)

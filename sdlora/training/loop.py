@@ -103,12 +103,12 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
                             zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     groups = build_param_groups(layers, cfg, comps.family)
     if dry_run:
         from sdlora.util.tables import plan_table
 
-        say(plan_table(layers, groups, cfg))
+        say(plan_table(layers, groups, cfg, comps.family))
         return TrainResult(out, None, comps, layers)
     say(f"sdlora: {len(layers)} adapted modules, {trainable_count(layers):,} trainable parameters")
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
@@ -347,7 +347,7 @@ def make_regulariser(cfg: Config, comps: Components, say):
     from sdlora.reg.embedding_norm import TextRegulariser
 
     en = cfg.reg.embedding_norm
-    if en.direction_weight == 0 and not any(en.weight_of(output) for output, _, _ in comps.family.text_outputs):
+    if en.direction_weight == 0 and not any(en.weight_of(output, comps.family) for output, _, _ in comps.family.text_outputs):
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:
         say("sdlora: reg.embedding_norm.weight is ignored: the text encoder is not trained, its embeddings cannot drift")

@@ -7,8 +7,9 @@ import torch
 
 from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
+from sdlora.util.dtypes import torch_dtype
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {name: torch_dtype(name) for name in ("no", "fp16", "bf16")}  # train.mixed_precision
 
 
 def place_models(comps: Components, layers: dict[str, AdapterLayer], device, weight_dtype, cfg) -> None:
