@@ -51,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random SD model (diffusers folder) for tests")
-    p.add_argument("dir", help="folder to write the model to (a diffusers folder: model_index.json, unet/, vae/, ...)")
+    p.add_argument("dir", help="folder to write the model to (a diffusers folder: model_index.json, unet/ or transformer/, vae/, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    p.add_argument("--variant", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v"],
+    p.add_argument("--variant", default="sd1",
+                   choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-v", "sd3", "sd3-no-t5", "sd35m", "sd35l"],
                    help="architecture: sd1 (SD 1.x layout), sd2 (SD 2.x layout, epsilon), sd2-v (SD 2.x predicting "
-                        "v, as SD 2.x 768 px), sdxl (SDXL: two text encoders), sdxl-v (SDXL predicting v); default sd1")
+                        "v, as SD 2.x 768 px), sdxl (SDXL: two text encoders), sdxl-v (SDXL predicting v), sd3 (SD3 "
+                        "Medium: MMDiT, CLIP-L, CLIP-G, T5), sd3-no-t5 (sd3 without T5), sd35m (SD3.5 Medium: dual "
+                        "attention, QK-norm), sd35l (SD3.5 Large: QK-norm); default sd1")
     _common(p)
 
     p = sub.add_parser("inspect", help="what an adapter did to the model: per-module norms, effective rank, intruders")

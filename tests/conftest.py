@@ -23,6 +23,27 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+# Tiny SD3-family models (model/tiny_sd3.py), built once per session on first use.
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd3") / "model", seed=0, variant="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd3_no_t5") / "model", seed=0, variant="sd3-no-t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35m(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd35m") / "model", seed=0, variant="sd35m")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35l(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd35l") / "model", seed=0, variant="sd35l")
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", n=8)

@@ -209,6 +209,45 @@ def test_prodigy_receives_eps(make_config):
     assert opt.defaults["eps"] == 1e-6
 
 
+# Prodigy keeps one step size d for all groups and steps each at d·lr with one lr: prodigyopt 1.1 raises at the
+# first step when groups' rates differ (other than 0), 1.0 silently used the first group's (kohya-ss/sd-scripts#1929).
+@pytest.mark.parametrize("optim, key", [
+    ({"b_lr_ratio": 4.0}, "optim.b_lr_ratio"),
+    ({"lr_rules": [{"match": "unet.up", "lr_scale": 0.5}]}, "optim.lr_rules.0"),
+    ({"text_encoder_lr": 0.5}, "optim.text_encoder_lr"),
+    ({"alpha_lr": 2.0}, "optim.alpha_lr"),
+])
+def test_prodigy_refuses_different_rates_per_group_naming_the_key(make_config, tiny_model, optim, key):
+    from sdlora.lora import build_param_groups
+    from sdlora.training.optim import check_rates
+
+    lora = {"learnable_alpha": True} if "alpha_lr" in optim else {}
+    cfg = make_config(optim={"optimizer": "prodigy", "lr": 1.0, **optim}, lora=lora)
+    comps = load_components(str(tiny_model))
+    groups = build_param_groups(inject_all(comps.unet, comps.text_encoders, cfg), cfg, comps.family)
+    with pytest.raises(UserError, match=rf"^{key}: .*optim.optimizer=prodigy steps every parameter group at one rate"):
+        check_rates(groups.groups, cfg)
+    adamw = make_config(optim={**optim, "optimizer": "adamw", "lr": 1.0}, lora=lora)
+    check_rates(groups.groups, adamw)  # AdamW takes a rate per group
+
+
+def test_prodigy_with_lora_plus_stops_before_training_and_trains_with_one_rate_and_a_frozen_group(make_config, tmp_path):
+    pytest.importorskip("prodigyopt")
+    from sdlora.training.loop import train
+
+    cfg = make_config(optim={"optimizer": "prodigy", "lr": 1.0, "b_lr_ratio": 16.0}, train={"max_steps": 2})
+    with pytest.raises(UserError, match=r"^optim.b_lr_ratio: 16"):
+        train(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # before the run folder was written
+    # One rate, and 0 for the text encoder (Prodigy's documented way to freeze a group): it trains.
+    cfg = make_config(optim={"optimizer": "prodigy", "lr": 1.0, "text_encoder_lr": 0.0}, train={"max_steps": 2},
+                      output={"dir": str(tmp_path / "ok")})
+    result = train(cfg, log=lambda *a: None)
+    ups = {name: layer.lora_B for name, layer in result.layers.items()}
+    assert all(bool(w.abs().sum() == 0) for n, w in ups.items() if n.startswith("text_encoder")), "frozen at 0"
+    assert any(bool(w.abs().sum() > 0) for n, w in ups.items() if n.startswith("unet")), "the UNet trained"
+
+
 def test_a_missing_optional_optimiser_is_named_before_the_model_loads(shapes_data, tmp_path):
     if importlib.util.find_spec("prodigyopt") is not None:
         pytest.skip("prodigyopt is installed")

@@ -95,7 +95,7 @@ def test_kohya_names_follow_kohya_for_every_adaptable_module_of_sd15(make_config
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdlora.model.single_file import BUNDLED_CONFIGS
-    from sdlora.lora.inject import plan_text_encoder, plan_unet
+    from sdlora.lora.inject import plan_denoiser, plan_text_encoder
 
     root = BUNDLED_CONFIGS / "sd_v1"
     te_cfg = {k: v for k, v in json.loads((root / "text_encoder/config.json").read_text()).items()
@@ -106,7 +106,7 @@ def test_kohya_names_follow_kohya_for_every_adaptable_module_of_sd15(make_config
     every = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
     cfg = make_config(lora={"conv": True, "unet_targets": every,
                             "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]})
-    ours = [f"unet.{p}" for p in plan_unet(unet, cfg.lora)] + [f"text_encoder.{p}" for p in plan_text_encoder(te, cfg.lora)]
+    ours = [f"unet.{p}" for p in plan_denoiser(unet, cfg.lora)] + [f"text_encoder.{p}" for p in plan_text_encoder(te, cfg.lora)]
     reference = _kohya_reference_names(unet, te)
     assert len(ours) == len(reference)
     assert {kohya_name(n, SD1) for n in ours} == reference  # the whole kohya target set, nothing more

@@ -112,3 +112,61 @@ def test_mask_dir_needs_masked_loss_and_an_existing_folder(make_config, tmp_path
         make_config(data={"mask_dir": str(tmp_path)})
     with pytest.raises(UserError, match="data.mask_dir: no such folder"):
         before_model(make_config(data={"masked_loss": True, "mask_dir": str(tmp_path / "nope")}))
+
+
+# ------------------------------------------------------------------------- the start-up scan (issue 25, item 4)
+def quiet_train(cfg):
+    lines = []
+    train(cfg, log=lines.append)
+    return lines
+
+
+@pytest.mark.parametrize("fault", ["size", "unreadable"])
+def test_a_bad_mask_stops_the_run_before_the_first_step(make_config, masked_data, tmp_path, fault):
+    folder, masks = masked_data
+    if fault == "size":
+        Image.fromarray(np.full((32, 32), 255, np.uint8), "L").save(masks / "plain.png")  # plain.png is 64x64
+    else:
+        (masks / "plain.png").write_bytes(b"not a png")
+    cfg = make_config(train={"max_steps": 20, "batch_size": 1},
+                      data={"path": str(folder), "masked_loss": True, "mask_dir": str(masks)})
+    message = r"plain\.png is 32x32, the image 64x64" if fault == "size" else r"cannot read the loss mask of .*plain\.png"
+    with pytest.raises(UserError, match=message):
+        quiet_train(cfg)
+    # caught in the scan, before the run folder is written (run.begin), not at the step that first drew the image
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_all_black_masks_for_every_image_are_an_error(make_config, masked_data, tmp_path):
+    folder, masks = masked_data
+    for name in ("alpha", "wide", "plain"):
+        size = (128, 64) if name == "wide" else (64, 64)
+        Image.fromarray(np.zeros(size[::-1], np.uint8), "L").save(masks / f"{name}.png")
+    cfg = make_config(train={"max_steps": 2, "batch_size": 1},
+                      data={"path": str(folder), "masked_loss": True, "mask_dir": str(masks)})
+    with pytest.raises(UserError, match=r"every image's loss mask is black.*nothing would train"):
+        quiet_train(cfg)
+
+
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_an_all_black_mask_for_some_images_is_a_warning_naming_them(make_config, masked_data, tmp_path, crop):
+    folder, masks = masked_data
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(masks / "plain.png")
+    outside = np.zeros((64, 128), np.uint8)
+    outside[:, :32] = 255  # wide.png's centre crop is x in [32, 96): white only where that crop never reaches
+    Image.fromarray(outside, "L").save(masks / "wide.png")
+    cfg = make_config(train={"max_steps": 1, "batch_size": 1},
+                      data={"path": str(folder), "masked_loss": True, "mask_dir": str(masks), "crop": crop})
+    lines = quiet_train(cfg)
+    warned = [line for line in lines if "black loss mask" in line]
+    black = "2 of 3 images" if crop == "center" else "1 of 3 images"  # a random crop can reach wide.png's white part
+    assert len(warned) == 1 and black in warned[0] and "plain.png" in warned[0], lines
+    assert ("wide.png" in warned[0]) == (crop == "center")
+
+
+def test_a_mask_dir_matching_no_image_is_a_warning(make_config, masked_data, tmp_path):
+    folder, masks = masked_data
+    (masks / "wide.png").rename(masks / "wide.jpg.png")  # a naming slip: kohya's rule is cat.jpg -> cat.png
+    cfg = make_config(train={"max_steps": 1, "batch_size": 1},
+                      data={"path": str(folder), "masked_loss": True, "mask_dir": str(masks)})
+    assert any("holds no mask named like any of the 3 images" in line for line in quiet_train(cfg))

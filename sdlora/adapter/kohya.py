@@ -36,7 +36,8 @@ from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.names import PARTS
 from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
 from sdlora.errors import UserError
-from sdlora.model.families import FAMILIES, ModelFamily, family_of_version
+from sdlora.adapter.family import adapter_family as family_and_prediction
+from sdlora.model.families import FAMILIES, ModelFamily
 from sdlora.model.ldm_keys import _rename, unet_pairs
 from sdlora.model.parts import DENOISER
 from sdlora.util.atomic import save_safetensors
@@ -112,6 +113,11 @@ def _split_identifiers(flat: str, ldm: bool = False) -> tuple[str, ...] | None:
     return best[0]
 
 
+def _is_ldm(flat: str) -> bool:
+    """Whether a kohya UNet name (after `lora_unet_`) is an original (LDM) block name: SDXL's kohya names."""
+    return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
+
+
 def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
 
@@ -122,8 +128,7 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
         raise UserError(f"kohya key {stem!r}: expected a {', '.join(PREFIXES)} prefix")
     component = PREFIXES[prefix]
     flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
-    ldm = PARTS[component].role == DENOISER and (flat.startswith(LDM_BLOCKS) or
-                                                 flat.startswith(("time_embed", "label_emb", "out_")))
+    ldm = PARTS[component].role == DENOISER and _is_ldm(flat)
     if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
         parts = _split_identifiers(flat, True)
         path = _rename(".".join(parts), _ldm_pairs(LDM_FAMILY), forward=False) if parts is not None else None
@@ -141,14 +146,10 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
 
 
 # ------------------------------------------------------------------------------------ state dicts
-def adapter_family(adapter: AdapterWeights) -> ModelFamily:
-    """The family an adapter was trained on: its run record's, else the first family (SD 1.x, SD 2.x, SDXL) that has
-    every part the adapter names (SDXL for a second text encoder)."""
-    record = RunRecord.from_metadata(adapter.metadata)
-    if record is not None:
-        return record.family
-    named = {split_name(n)[0] for n in adapter.modules}
-    return next((f for f in FAMILIES.values() if named <= set(f.adaptable_parts)), next(iter(FAMILIES.values())))
+def adapter_family(adapter: AdapterWeights, base_model_version: str | None = None) -> ModelFamily:
+    """The family an adapter was trained on: its run record's, else its modules' names and shapes, else what
+    `base_model_version` or the file's metadata says (adapter/family.py)."""
+    return family_and_prediction(adapter, base_model_version)[0]
 
 
 def network_dim(adapter: AdapterWeights) -> int:
@@ -159,15 +160,15 @@ def network_dim(adapter: AdapterWeights) -> int:
     return ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 1)
 
 
-def to_kohya_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
+def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None = None) -> dict[str, torch.Tensor]:
     """Kohya/LyCORIS keys (each kind's KOHYA_KEYS). Every module's `.alpha` is the file's `network_dim` and its
     r / alpha is folded into its tensors (`scaled`), so kohya's forward (alpha / r, r = the module's `alpha_rank`)
     gives ΔW back in every loader, diffusers included (it reads one alpha per file; see the module docstring).
     A module whose rank is the network dim is written unchanged; another's factors are rescaled, so they read back
     to within rounding of their dtype (bit for bit only where r / alpha is a power of 2). A kind that applies no
-    alpha (LoKr with both factors full) is never rescaled."""
+    alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
-    family = adapter_family(adapter)
+    family = adapter_family(adapter, base_model_version)
     alpha = float(network_dim(adapter))
     for name, m in adapter.modules.items():
         k = kohya_name(name, family)
@@ -200,6 +201,13 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
                             "LyCORIS kinds are not supported)")
         parts.setdefault(m["stem"], {})[m["kind"]] = t
     info = json.loads(meta.get("sdlora.modules", "{}"))
+    ldm_version = LDM_FAMILY.base_model_version("epsilon")
+    denoiser_prefix = LDM_FAMILY.denoiser.kohya_prefix
+    if RunRecord.from_metadata(meta) is None and meta.get("ss_base_model_version", "") != ldm_version and \
+            any(s.startswith(denoiser_prefix) and _is_ldm(s[len(denoiser_prefix):]) for s in parts):
+        # kohya names the UNet by its original (LDM) blocks for SDXL alone: the keys say SDXL whatever a label says
+        # (adapter/family.py reads it: the canonical names no longer show it)
+        meta["ss_base_model_version"] = ldm_version
     modules = {}
     for stem, p in sorted(parts.items()):
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
@@ -253,10 +261,10 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     """The `ss_*` and `modelspec.*` keys that A1111, ComfyUI and model sites read, plus sdlora's own.
 
     What describes the run comes from its `RunRecord` (sdlora's adapters carry one); a file without one
-    (another trainer's, through `inspect --mitigate-intruders`) gets the defaults of `base_model_version`."""
+    (another trainer's, `sdlora extract`'s) gets the defaults of its family (`adapter_family`: its modules, else
+    `base_model_version`, else its own metadata)."""
     record = RunRecord.from_metadata(adapter.metadata)
-    family, prediction = (record.family, record.prediction_type) if record is not None else \
-        family_of_version(base_model_version or "sd_v1")
+    family, prediction = family_and_prediction(adapter, base_model_version)
     dim = network_dim(adapter)  # also every module's .alpha (to_kohya_state_dict)
     conv_ranks = Counter(m.rank for m in adapter.modules.values() if m.is_conv)
     network_args = {}
@@ -294,7 +302,7 @@ def save_kohya(adapter: AdapterWeights, path: str | Path, *, base_model_version:
     path = Path(path)
     record = RunRecord.from_metadata(adapter.metadata)
     name = output_name or (record.output_name if record is not None and record.output_name else path.stem)
-    sd = to_kohya_state_dict(adapter)
+    sd = to_kohya_state_dict(adapter, base_model_version)
     meta = kohya_metadata(adapter, base_model_version=base_model_version, output_name=name,
                           tag_frequencies=tag_frequencies)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(sd, meta)

@@ -97,10 +97,10 @@ def _dense_merge(name, mods, ws, fs, method, rank, base_weight, row):
 
 
 def _family_of(adapter: AdapterWeights, path) -> str | None:
-    from sdlora.adapter.run_record import RunRecord
+    """The adapter's family (its record's, its modules', its metadata's: adapter/family.py)."""
+    from sdlora.adapter.family import adapter_family
 
-    record = RunRecord.from_metadata(adapter.metadata)
-    return record.base_model_version if record else adapter.metadata.get("ss_base_model_version")
+    return adapter_family(adapter)[0].name
 
 
 def run_merge(paths: list[str], out, *, weights: list[float] | None = None, method: str = "concat",
@@ -128,7 +128,7 @@ def run_merge(paths: list[str], out, *, weights: list[float] | None = None, meth
     out = check_output("merge", out, force=force, layout=layout, dtype=dtype)
     adapters = [load_adapter(p) for p in paths]
     versions = {v for a, p in zip(adapters, paths) if (v := _family_of(a, p))}
-    if len({v.removesuffix("_v") for v in versions}) > 1:
+    if len(versions) > 1:
         raise UserError(f"merge: the adapters were trained on different model families ({', '.join(sorted(versions))})")
     fishers = None
     if method == "fisher":

@@ -15,7 +15,7 @@ import torch
 from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
 from sdlora.data.captions import base_caption, count_truncated, transform_caption
 from sdlora.data.images import BadImage, open_checked
-from sdlora.data.masks import load_mask
+from sdlora.data.masks import check_masks, load_mask
 from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
 from sdlora.data.samples import Sample, center_offset, load_pixels
 from sdlora.data.sources import Item, Note, Rejected, discover
@@ -55,6 +55,9 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     if not samples:
         raise UserError(f"no usable images in {', '.join(s.path for s in subsets)}"
                         + (f" ({len(skipped)} skipped; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    latent_factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    if data.masked_loss:
+        check_masks(samples, data, latent_factor, say)
     counts: dict[tuple[int, int], int] = {}
     for s in samples:
         counts[s.geo.bucket] = counts.get(s.geo.bucket, 0) + s.item.repeats
@@ -66,7 +69,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
         say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's {limit} tokens "
             f"(data.max_token_length) and will be truncated")
     result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
-                          latent_factor=2 ** (len(comps.vae.config.block_out_channels) - 1))
+                          latent_factor=latent_factor)
     result.held_out = held_out
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)

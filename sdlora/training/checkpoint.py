@@ -8,6 +8,8 @@ A checkpoint is a folder `<output.dir>/checkpoints/step_NNNNNN/` holding
     trainer_state.json      step, LR-scheduler state, data-order position, non-finite counters
     ema.safetensors         with train.ema: the averaged adapter tensors (fp32), and adapter_ema.safetensors
     rng_rank{i}.pt          per process: torch / CUDA / Python / NumPy RNGs and the trainer's noise generator
+                            (tensors and plain values: every .pt here loads with torch.load(weights_only=True),
+                            so a checkpoint folder from someone else cannot run code on resume)
     manifest.json           name, size and SHA-256 of every file above, written LAST
 
 How a save stays safe: every file is written atomically (`atomic.py`) into a staging folder
@@ -75,6 +77,8 @@ def verify_checkpoint(folder: str | os.PathLike) -> str | None:
     """None when the checkpoint is complete and intact, else the reason it is not (one line)."""
     folder = Path(folder)
     mpath = folder / MANIFEST
+    if mpath.is_symlink():
+        return "corrupt: manifest.json is a symbolic link, not a file sdlora wrote"
     if not mpath.is_file():
         return "incomplete: no manifest.json (the save did not finish)"
     try:
@@ -82,11 +86,20 @@ def verify_checkpoint(folder: str | os.PathLike) -> str | None:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError):
         return "corrupt: manifest.json does not parse"
+    if not isinstance(files, dict):
+        return "corrupt: manifest.json does not parse"
     for name in ("trainer_state.json", "lora_state.safetensors", "optimizer.pt"):
         if name not in files:
             return f"corrupt: manifest.json does not list {name}"
     for name, meta in files.items():
+        # A manifest is data: it names files of this folder only, never a path elsewhere (nor a link to one).
+        if not _plain_name(name):
+            return f"corrupt: manifest.json lists {name!r}, not a file name of the checkpoint folder"
         p = folder / name
+        if p.is_symlink():
+            return f"corrupt: {name} is a symbolic link, not a file sdlora wrote"
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            return f"corrupt: manifest.json's entry for {name} does not parse"
         if not p.is_file():
             return f"corrupt: {name} is missing"
         if p.stat().st_size != meta["bytes"]:
@@ -94,6 +107,29 @@ def verify_checkpoint(folder: str | os.PathLike) -> str | None:
         if file_sha256(p) != meta["sha256"]:
             return f"corrupt: {name} does not match its SHA-256 in the manifest"
     return None
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and os.sep not in name and Path(name).name == name
+
+
+def _listed(folder: Path) -> set[str]:
+    return set(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"])
+
+
+def load_torch_file(path: Path, folder: Path):
+    """A torch file of a checkpoint, loaded with `weights_only=True`: tensors and plain values only, so nothing in
+    it can run code (a checkpoint folder may come from someone else). Anything else is a one-line UserError."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume: checkpoint {folder}: {path.name} holds objects other than tensors and plain values; "
+                        "refused, as loading them could run code (sdlora never writes such a file)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"--resume: checkpoint {folder}: {path.name} does not load ({type(e).__name__})") from None
 
 
 def find_checkpoint(out: str | os.PathLike, spec: str, report=print) -> Path:
@@ -277,18 +313,27 @@ class Checkpointer:
         if state.get("num_processes", 1) != self.accelerator.num_processes:
             raise UserError(f"--resume: checkpoint {folder} was saved by {state['num_processes']} processes, this run has "
                             f"{self.accelerator.num_processes}; resume with the same number")
+        listed = _listed(folder)  # only files the (verified) manifest names and hashes are opened
         load_lora_state(self.layers, load_file(str(folder / "lora_state.safetensors")), folder)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt", folder))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.data is not None and state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         if self.ema is not None:
-            if (folder / "ema.safetensors").is_file():
+            if "ema.safetensors" in listed:
                 self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
             else:  # a checkpoint saved before train.ema was turned on: the average starts here
                 self.ema.reset()
-        rng = torch.load(folder / f"rng_rank{self.accelerator.process_index}.pt", map_location="cpu", weights_only=False)
-        restore_rng_state(rng, self.noise_gen)
+        rng_file = f"rng_rank{self.accelerator.process_index}.pt"
+        if rng_file not in listed:
+            raise UserError(f"--resume: checkpoint {folder} holds no {rng_file} in its manifest (saved by another number "
+                            "of processes?)")
+        rng = load_torch_file(folder / rng_file, folder)
+        try:
+            restore_rng_state(rng, self.noise_gen)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise UserError(f"--resume: checkpoint {folder}: {rng_file} is not an RNG state sdlora wrote "
+                            f"({type(e).__name__}: {e})"[:400]) from None
         return state
 
 

@@ -25,7 +25,7 @@ from sdlora.training.export import export_adapter
 from sdlora.training.fisher import store_run_fisher
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
-from sdlora.training.optim import make_lr_scheduler, make_optimizer
+from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
 from sdlora.training.run_folder import (
     RunStart,
@@ -105,6 +105,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
     preflight.against_model(cfg, comps)
     layers = inject_all(comps.adaptable(), cfg, comps.family)
     groups = build_param_groups(layers, cfg, comps.family)
+    check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
     if dry_run:
         from sdlora.util.tables import plan_table
 
