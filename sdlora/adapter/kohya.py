@@ -37,34 +37,28 @@ from sdlora.adapter.names import PARTS
 from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
 from sdlora.errors import UserError
 from sdlora.adapter.family import adapter_family as family_and_prediction
+from sdlora.adapter.family import family_from_metadata
 from sdlora.model.families import FAMILIES, ModelFamily
 from sdlora.model.ldm_keys import _rename, unet_pairs
 from sdlora.model.parts import DENOISER
 from sdlora.util.atomic import save_safetensors
 
-def _prefix_table() -> dict[str, str]:
-    """kohya prefix -> part name, over every family's parts (longest prefix first, so `lora_te1_` is not `lora_te_`).
-    A file names no family, so a prefix must mean one part everywhere."""
-    table: dict[str, str] = {}
-    for family in FAMILIES.values():
+def _prefix_table(families) -> dict[str, tuple[str, ...]]:
+    """kohya prefix -> the part names it stands for in `families` (longest prefix first, so `lora_te1_` is not read
+    as `lora_te_`). A prefix may stand for different parts in different families (`lora_unet_` is any denoiser)."""
+    table: dict[str, tuple[str, ...]] = {}
+    for family in families:
         for name, prefix in family.kohya_prefixes.items():
-            if table.setdefault(prefix, name) != name:
-                raise AssertionError(f"kohya prefix {prefix} names two parts ({table[prefix]}, {name})")
+            table[prefix] = tuple(dict.fromkeys(table.get(prefix, ()) + (name,)))
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
-PREFIXES = _prefix_table()
+PREFIXES = _prefix_table(FAMILIES.values())
 # The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
 LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
 
-# Module identifiers of UNet2DConditionModel and CLIPTextModel; digits between them are list indices.
-IDENTIFIERS = frozenset("""
-down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks
-attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3
-conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
-encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
-layer_norm1 layer_norm2 token_embedding position_embedding
-""".split())
+# Module identifiers of every family's parts (model/parts.py `words`); digits between them are list indices.
+IDENTIFIERS = frozenset().union(*(part.words for part in PARTS.values()))
 # The original UNet's (SDXL's kohya names), on top of the above.
 LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
@@ -118,15 +112,23 @@ def _is_ldm(flat: str) -> bool:
     return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
 
 
-def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) -> str:
+def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, family: ModelFamily | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
 
-    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead.
+    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead. `family` (what
+    the file says) picks the part where a prefix stands for different parts in different families; a UserError
+    when it would matter and nothing says it.
     """
     prefix = next((p for p in PREFIXES if stem.startswith(p)), None)
     if prefix is None:
         raise UserError(f"kohya key {stem!r}: expected a {', '.join(PREFIXES)} prefix")
-    component = PREFIXES[prefix]
+    candidates = PREFIXES[prefix]
+    if len(candidates) > 1 and family is not None:
+        candidates = tuple(n for n in candidates if family.kohya_prefixes.get(n) == prefix) or candidates
+    if len(candidates) > 1:
+        raise UserError(f"kohya key {stem!r}: {prefix} stands for {' or '.join(candidates)} depending on the model "
+                        "family, and the file does not say its family (ss_base_model_version)")
+    component = candidates[0]
     flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
     ldm = PARTS[component].role == DENOISER and _is_ldm(flat)
     if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
@@ -203,17 +205,20 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
     info = json.loads(meta.get("sdlora.modules", "{}"))
     ldm_version = LDM_FAMILY.base_model_version("epsilon")
     denoiser_prefix = LDM_FAMILY.denoiser.kohya_prefix
-    if RunRecord.from_metadata(meta) is None and meta.get("ss_base_model_version", "") != ldm_version and \
+    labelled = meta.get("ss_base_model_version", "").startswith(LDM_FAMILY.name)
+    if RunRecord.from_metadata(meta) is None and not labelled and \
             any(s.startswith(denoiser_prefix) and _is_ldm(s[len(denoiser_prefix):]) for s in parts):
         # kohya names the UNet by its original (LDM) blocks for SDXL alone: the keys say SDXL whatever a label says
         # (adapter/family.py reads it: the canonical names no longer show it)
         meta["ss_base_model_version"] = ldm_version
+    record = RunRecord.from_metadata(meta)
+    family = record.family if record is not None else (family_from_metadata(meta) or (None,))[0]
     modules = {}
     for stem, p in sorted(parts.items()):
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        name = canonical_from_kohya(stem, module_names)
+        name = canonical_from_kohya(stem, module_names, family)
         own = info.get(name, {})
         record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
                                        shape=tuple(own["shape"]) if own.get("shape") else None)

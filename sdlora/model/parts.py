@@ -18,7 +18,8 @@ the family's table instead of listing `unet` / `text_encoder_2`:
 - `single_file`: for a text encoder, (layout of `ldm_keys.TEXT_ENCODER_LAYOUTS`, key prefix) in the original
   single-file layout;
 - `lora`: whether the part carries adapters when its role trains (a T5 encoder would say False: frozen by default);
-- `block_names`: for a denoiser, the words `optim.lr_rules` and inspect use for its block groups.
+- `words`: the identifiers of the model's module paths (digits between them are list indices): kohya names lose
+  the dots (`attn1_to_out_0`), and these are what a name is split back into without the model at hand.
 
 Adding a family's parts is writing its rows here (docs/architecture.md, "Adding a model family").
 """
@@ -44,6 +45,7 @@ class Part:
     kohya_prefix: str | None = None
     single_file: tuple[str, str] | None = None
     lora: bool = True
+    words: frozenset = frozenset()
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -75,19 +77,32 @@ def _import(qualified: str):
 
 
 # ---------------------------------------------------------------------------------- SD 1.x, 2.x and SDXL
-UNET = Part("unet", DENOISER, "diffusers.UNet2DConditionModel", kohya_prefix="lora_unet_")
+UNET_WORDS = frozenset("""
+down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks
+attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3
+conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
+""".split())  # UNet2DConditionModel's
+CLIP_WORDS = frozenset("""
+encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
+layer_norm1 layer_norm2 token_embedding position_embedding
+""".split())  # CLIPTextModel's (and CLIPTextModelWithProjection's)
+
+UNET = Part("unet", DENOISER, "diffusers.UNet2DConditionModel", kohya_prefix="lora_unet_", words=UNET_WORDS)
 SD_VAE = Part("vae", VAE, "diffusers.AutoencoderKL")
 # The one CLIP text encoder of SD 1.x (CLIP-L) and SD 2.x (OpenCLIP-H, read as CLIPTextModel).
 SD1_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
-                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("clip_l", L.CLIP_L))
+                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("clip_l", L.CLIP_L),
+                        words=CLIP_WORDS)
 SD2_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
-                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("open_clip", L.OPEN_CLIP))
+                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("open_clip", L.OPEN_CLIP),
+                        words=CLIP_WORDS)
 # SDXL: CLIP-L and OpenCLIP bigG (with its projection: the pooled embedding); its second tokenizer pads with "!".
 SDXL_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
-                         model_level="text_model.", kohya_prefix="lora_te1_", single_file=("clip_l", L.SDXL_CLIP_L))
+                         model_level="text_model.", kohya_prefix="lora_te1_", single_file=("clip_l", L.SDXL_CLIP_L),
+                         words=CLIP_WORDS)
 SDXL_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
                            tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_",
-                           single_file=("open_clip", L.SDXL_OPEN_CLIP))
+                           single_file=("open_clip", L.SDXL_OPEN_CLIP), words=CLIP_WORDS)
 
 SD1_PARTS = (UNET, SD1_TEXT_ENCODER, SD_VAE)
 SD2_PARTS = (UNET, SD2_TEXT_ENCODER, SD_VAE)
