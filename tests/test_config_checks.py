@@ -224,7 +224,7 @@ def test_prodigy_refuses_different_rates_per_group_naming_the_key(make_config, t
     lora = {"learnable_alpha": True} if "alpha_lr" in optim else {}
     cfg = make_config(optim={"optimizer": "prodigy", "lr": 1.0, **optim}, lora=lora)
     comps = load_components(str(tiny_model))
-    groups = build_param_groups(inject_all(comps.unet, comps.text_encoders, cfg), cfg, comps.family)
+    groups = build_param_groups(inject_all(comps.adaptable(), cfg, comps.family), cfg, comps.family)
     with pytest.raises(UserError, match=rf"^{key}: .*optim.optimizer=prodigy steps every parameter group at one rate"):
         check_rates(groups.groups, cfg)
     adamw = make_config(optim={**optim, "optimizer": "adamw", "lr": 1.0}, lora=lora)
