@@ -71,11 +71,17 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
 
 
 def _load_diffusers_folder(path: Path) -> Components:
-    import diffusers
-
     if not is_diffusers_folder(path):
         raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json)")
-    family = check_family(path)
+    return load_parts(path, check_family(path))
+
+
+def load_parts(path: Path, family: ModelFamily) -> Components:
+    """Every part of `family`'s parts table from a diffusers folder (each from its subfolder with its class, each text
+    encoder's tokenizer, the scheduler as `family.scheduler_class`), offline, in fp32; a UserError naming a missing
+    subfolder or a part that does not load."""
+    import diffusers
+
     needed = [p.name for p in family.parts] + list(family.tokenizer_names) + ["scheduler"]
     missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
