@@ -26,7 +26,7 @@ import torch
 
 from sdlora.errors import UserError
 from sdlora.model.loading import _quiet_loaders
-from sdlora.model.tiny_common import _TINY_WORDS, _randomise, write_tiny_tokenizer
+from sdlora.model.tiny import _TINY_WORDS, _randomise, write_tiny_tokenizer
 
 TINY_SD3_VARIANTS = ("sd3", "sd3-no-t5", "sd35m", "sd35l")
 
