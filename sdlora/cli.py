@@ -1,4 +1,4 @@
-"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract`.
+"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract | import-kohya | config-help`.
 
 Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
 """
@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged-diffusers", "merged-single-file"])
     p.add_argument("--out", required=True, help="file (.safetensors) or, for merged-diffusers, a folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--base", default=None, help="base model for merged formats (default: the run's model.path)")
+    p.add_argument("--base", default=None, help="base model for the merged formats (the run's model.path, or another)")
+    p.add_argument("--vae", default=None, help="merged formats: the VAE to put in (as model.vae_path; default --base's)")
+    p.add_argument("--config-dir", help="merged formats: diffusers configs for a single-file --base without them")
+    p.add_argument("--allow-pickle", action="store_true", help="merged formats: allow a .ckpt (pickle) --base or --vae, "
+                                                              "which can run arbitrary code (as model.allow_pickle)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--ema", action="store_true", help="from a run or checkpoint folder: its adapter_ema.safetensors "
                                                       "(train.ema) instead of adapter.safetensors")
@@ -125,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out modules with |dW|_F <= X * |W0|_F (default 0: only unchanged modules)")
     p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
     _output_options(p)
+
+    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML) or kohya_ss GUI JSON as an sdlora config, with a "
+                                            "table of every option")
+    p.add_argument("config", help="kohya --config_file TOML, or the kohya_ss GUI's saved JSON")
+    p.add_argument("--dataset-config", metavar="DATASET", help="kohya --dataset_config TOML/JSON (default: the one the "
+                                                               "config names, if any)")
+    p.add_argument("--out", required=True, help="the sdlora config to write (.yaml)")
+    p.add_argument("--sdxl", action="store_true", help="the config is for sdxl_train_network.py (block weights use "
+                                                        "SDXL's layout; the GUI JSON says so itself)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
@@ -176,8 +191,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model
+        from sdlora.model.tiny_sd3 import TINY_SD3_VARIANTS, make_tiny_sd3
+        from sdlora.util.ownership import require_own_or_empty_folder
 
-        path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
+        folder = Path(args.dir).expanduser()
+        require_own_or_empty_folder(folder, "make-tiny-model", lambda f: False)  # never over someone's model
+        make = make_tiny_sd3 if args.variant in TINY_SD3_VARIANTS else make_tiny_model
+        path = make(folder, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":
@@ -187,7 +207,8 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from sdlora.commands.export import run_export
 
-        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema)
+        run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema,
+                   vae=args.vae, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
         return 0
     if args.command == "merge":
         from sdlora.commands.merge import run_merge
@@ -210,6 +231,11 @@ def _dispatch(args) -> int:
         run_extract(args.base, args.tuned, args.out, args.rank, conv=args.conv, conv_rank=args.conv_rank,
                     min_diff=args.min_diff, config_dir=args.config_dir, layout=args.layout, dtype=args.dtype,
                     force=args.force)
+        return 0
+    if args.command == "import-kohya":
+        from sdlora.commands.import_kohya import run_import_kohya
+
+        run_import_kohya(args.config, args.out, dataset_config=args.dataset_config, force=args.force, sdxl=args.sdxl)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

@@ -15,7 +15,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from sdlora.config_file import apply_overrides, read_config_file
 from sdlora.config_help import describe_error, describe_model
-from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig, Section, no_blank  # noqa: F401
+from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
+                                   SamplePromptConfig, ValidationConfig)
+from sdlora.config_base import Section
+from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
 
@@ -103,8 +106,6 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
-        if self.mask_dir is not None and not self.masked_loss:
-            raise ValueError("data.mask_dir is set but data.masked_loss is off (set data.masked_loss: true)")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:
@@ -258,9 +259,8 @@ class LoraConfig(Section):
                              f"{', '.join(LYCORIS_INITS[self.type])})")
         if self.type in LYCORIS_INITS and not self.train_a:
             raise ValueError(f"lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type={self.type}")
-        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.type != "lokr"):
-            raise ValueError(f"lora.lokr_factor={self.lokr_factor}: " + ("use -1 or a positive number" if
-                             self.lokr_factor == 0 else f"applies to lora.type=lokr, not {self.type}"))
+        if self.lokr_factor == 0:  # a factor with another lora.type: config_effects.py
+            raise ValueError("lora.lokr_factor=0: use -1 or a positive number")
         return self
 
 
@@ -285,60 +285,6 @@ class LossConfig(Section):
         return self
 
 
-# --------------------------------------------------------------------------------------------- sample
-class SampleConfig(Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training.")
-    every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
-    num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
-    guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
-    guidance_rescale: Optional[float] = Field(None, ge=0.0, le=1.0, description="Guidance rescale phi (Lin et al. 2023, against over-exposure); default 0.7 with zero terminal SNR (model.zero_terminal_snr), else 0 (off).")
-    seed: int = Field(0, ge=0, description="Sampling seed (the same for every sample step).")
-    negative_prompt: str = Field("", description="Negative prompt.")
-    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
-    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
-
-    @model_validator(mode="after")
-    def _prompts_when_on(self) -> "SampleConfig":
-        if self.every_steps and not self.prompts:
-            raise ValueError("sample.every_steps is set but sample.prompts is empty (give prompts, or every_steps: 0)")
-        no_blank(self.prompts, "sample.prompts")
-        return self
-
-
-# ------------------------------------------------------------------------------------------ validation
-class ValidationConfig(Section):
-    every_steps: int = Field(0, ge=0, description="Compute the validation loss every N steps and at the last (0 = off); logged as validation/loss to metrics.jsonl and the tracker.")
-    path: Optional[str] = Field(None, description="Folder of held-out images with captions (read like data.path).")
-    num_images: int = Field(0, ge=0, description="Instead of a folder: hold this many images of the dataset out of training (a pick seeded by validation.seed).")
-    timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
-    seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")
-    with_probe: bool = Field(False, description="Also run the drift probe at validation steps.")
-    with_samples: bool = Field(False, description="Also write samples (sample.prompts) at validation steps.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ValidationConfig":
-        if self.every_steps and (self.path is None) == (self.num_images == 0):
-            raise ValueError("validation.every_steps needs exactly one of validation.path (a folder) or "
-                             "validation.num_images (held out of the dataset)")
-        return self
-
-
-# ----------------------------------------------------------------------------------------- checkpoint
-class CheckpointConfig(Section):
-    every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are removed.")
-
-
-class ExportConfig(Section):
-    reduce_rank: bool = Field(False, description="Truncate rank-2r exports of offset inits back to rank r by SVD (reports the error).")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported adapter.")
-    fisher_samples: int = Field(0, ge=0, description="At the end of training, estimate the adapter's row Fisher over this many single-image gradients of the run's own data and store it in adapter.safetensors (sdlora.fisher metadata) for `sdlora merge --method fisher` / `resize --fisher` (0 = off; 32 is a reasonable start; costs one forward and backward pass each).")
-
-
-class LogConfig(Section):
-    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate): TensorBoard files under <output.dir>/logs, Weights & Biases (project sdlora, run output.name; needs pip install 'sdlora[wandb]'), or none; metrics.jsonl is written either way.")
-
-
 class Config(Section):
     model: ModelConfig
     data: DataConfig
@@ -361,14 +307,21 @@ class Config(Section):
         if self.optim.warmup_steps > self.train.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps "
                              f"({self.train.max_steps}): the rate would never reach optim.lr")
-        if self.validation.with_samples and not self.sample.prompts:
-            raise ValueError("validation.with_samples needs sample.prompts")
+        if self.validation.with_samples and not self.sample.has_prompts():
+            raise ValueError("validation.with_samples needs sample prompts (sample.prompts, sample.entries or "
+                             "sample.prompts_file)")
         lora = self.lora
         unet_targets = bool(lora.unet_targets) or (lora.conv and bool(lora.conv_targets))
         te_targets = self.text_encoder.train and bool(lora.text_encoder_targets)
         if not unet_targets and not te_targets:
             raise ValueError("nothing to train: lora.unet_targets is empty (and lora.conv is off or "
                              "lora.conv_targets empty) and the text encoder is not trained or has no targets")
+        from sdlora.config_effects import check  # keys set where they have no effect: the errors among them
+
+        try:
+            check(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @property

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from sdlora.config_base import Section, no_blank
 from sdlora.errors import UserError
 
 Weight = Annotated[float, Field(ge=0.0)]
-
-
-class Section(BaseModel):
-    """The base of every config section (config.py's too): an unknown key is an error, assignments are checked."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class EmbeddingNormConfig(Section):
@@ -104,9 +99,3 @@ class RegConfig(Section):
                 raise ValueError("reg.probe_prompts is an empty list (give prompts, or leave it unset for the built-in list)")
             no_blank(self.probe_prompts, "reg.probe_prompts")
         return self
-
-
-def no_blank(prompts: list[str], key: str) -> None:
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ValueError(f"{key}.{i} is blank (every prompt needs text)")

@@ -130,10 +130,11 @@ def merged_case(tmp_path_factory, tiny_model):
     return root, ours
 
 
-def test_merged_diffusers_folder_reproduces_the_trained_model(merged_case, tmp_path):
+def test_merged_diffusers_folder_reproduces_the_trained_model(merged_case, tiny_model, tmp_path):
     root, ours = merged_case
+    base = tiny_model
     out = tmp_path / "merged"
-    assert main(["export", str(root / "run"), "--format", "merged-diffusers", "--out", str(out)]) == 0
+    assert main(["export", str(root / "run"), "--format", "merged-diffusers", "--out", str(out), "--base", str(base)]) == 0
     loaded = load_components(str(out))
     diff = max_abs_diff(ours, model_outputs(loaded.unet, loaded.text_encoder, loaded.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
@@ -144,7 +145,7 @@ def test_merged_diffusers_folder_reproduces_the_trained_model(merged_case, tmp_p
 def test_merged_single_file_reproduces_the_trained_model(merged_case, tiny_model, tmp_path, dtype):
     root, ours = merged_case
     out = run_export(root / "run" / "adapter.safetensors", "merged-single-file", tmp_path / "merged.safetensors",
-                     dtype=dtype, report=lambda *_: None)
+                     dtype=dtype, base=str(tiny_model), report=lambda *_: None)
     loaded = load_components(str(out), config_dir=str(tiny_model))
     theirs = model_outputs(loaded.unet, loaded.text_encoder, loaded.tokenizer)
     for k in ours:
@@ -156,13 +157,18 @@ def test_merged_single_file_reproduces_the_trained_model(merged_case, tiny_model
 def test_export_refuses_to_overwrite_without_force(merged_case, tmp_path):
     root, _ = merged_case
     out = tmp_path / "lora.safetensors"
-    out.write_bytes(b"precious")
+    run_export(root / "run", "kohya", out, report=lambda *_: None)
+    written = out.read_bytes()
     with pytest.raises(UserError, match="--force"):
         run_export(root / "run", "kohya", out, report=lambda *_: None)
-    assert out.read_bytes() == b"precious"
+    assert out.read_bytes() == written
     assert main(["export", str(root / "run"), "--format", "diffusers", "--out", str(out)]) == 2
     run_export(root / "run", "diffusers", out, force=True, report=lambda *_: None)
-    assert out.read_bytes() != b"precious"
+    assert out.read_bytes() != written
+    out.write_bytes(b"precious")  # a file sdlora did not write: never replaced, --force or not
+    with pytest.raises(UserError, match="sdlora did not write it"):
+        run_export(root / "run", "diffusers", out, force=True, report=lambda *_: None)
+    assert out.read_bytes() == b"precious"
 
 
 def test_export_from_a_checkpoint_folder_and_with_base_override(merged_case, tiny_model, tmp_path):
@@ -204,7 +210,8 @@ def test_model_prediction_type_sets_the_training_target_and_every_export_records
     with safe_open(str(run_export(adapter, "kohya", tmp_path / "k.safetensors", report=quiet)), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.prediction_type"] == "v" and meta["ss_v_parameterization"] == "True"
-    folder = run_export(adapter, "merged-diffusers", tmp_path / "merged", report=quiet)
+    folder = run_export(adapter, "merged-diffusers", tmp_path / "merged", base=str(tiny_model), report=quiet)
     assert load_components(str(folder)).prediction_type == "v_prediction"
-    with safe_open(str(run_export(adapter, "merged-single-file", tmp_path / "m.safetensors", report=quiet)), "pt") as f:
+    single = run_export(adapter, "merged-single-file", tmp_path / "m.safetensors", base=str(tiny_model), report=quiet)
+    with safe_open(str(single), "pt") as f:
         assert f.metadata()["modelspec.prediction_type"] == "v"

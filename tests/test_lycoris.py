@@ -303,7 +303,8 @@ def test_merged_exports_reproduce_the_trained_model(trained, tiny_model, tmp_pat
     merge_adapter(load_adapter(result.adapter_path), comps.adaptable())
     diff = max_abs_diff(ours, model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
-    run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", report=lambda *_: None)
+    run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=str(tiny_model),
+               report=lambda *_: None)
     pipe = load_pipeline(tmp_path / "merged")
     diff = max_abs_diff(ours, model_outputs(pipe.unet.eval(), pipe.text_encoder.eval(), pipe.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
@@ -449,7 +450,7 @@ def test_merge_refactors_them_as_a_lora_and_concat_resize_and_mitigation_refuse_
     ({"type": "lokr", "init": "orthogonal"}, "lora.init=orthogonal does not apply to lora.type=lokr: a Kronecker "
      "product is zero only where a factor is"),
     ({"type": "lokr", "train_a": False}, "lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type=lokr"),
-    ({"type": "loha", "lokr_factor": 4}, "lora.lokr_factor=4: applies to lora.type=lokr, not loha"),
+    ({"type": "loha", "lokr_factor": 4}, "lora.lokr_factor is set but has effect only with lora.type: lokr"),
     ({"type": "lokr", "lokr_factor": 0}, "lora.lokr_factor=0: use -1 or a positive number"),
 ])
 def test_combinations_the_kind_cannot_carry_are_one_line_errors(lora, message):

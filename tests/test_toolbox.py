@@ -142,7 +142,7 @@ def test_merge_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsy
         assert message in err and "\n" not in err, err
     out.write_bytes(b"precious")
     assert main(["merge", a, b, "--out", str(out)]) == 2
-    assert out.read_bytes() == b"precious" and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious" and "sdlora did not write it" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ resize
@@ -261,7 +261,7 @@ def trained_and_merged(tiny_model, shapes_data, tmp_path_factory):
                     "optim": {"lr": 2e-2, "max_grad_norm": None},
                     "lora": {"rank": 4, "alpha": 4, "conv": True, "init": "orthogonal"}, "log": {"tracker": "none"}})
     train(cfg, log=quiet)
-    run_export(root / "run", "merged-diffusers", root / "merged", report=quiet)
+    run_export(root / "run", "merged-diffusers", root / "merged", base=str(tiny_model), report=quiet)
     return root / "run" / "adapter.safetensors", root / "merged"
 
 

@@ -32,16 +32,17 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter.run_record import RunRecord
-from sdlora.adapter.names import PARTS
-from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
-from sdlora.errors import UserError
 from sdlora.adapter.family import adapter_family as family_and_prediction
 from sdlora.adapter.family import family_from_metadata
+from sdlora.adapter.names import PARTS
+from sdlora.adapter.run_record import RunRecord
+from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
+from sdlora.errors import UserError
 from sdlora.model.families import FAMILIES, ModelFamily
 from sdlora.model.ldm_keys import _rename, unet_pairs
 from sdlora.model.parts import DENOISER
 from sdlora.util.atomic import save_safetensors
+
 
 def _prefix_table(families) -> dict[str, tuple[str, ...]]:
     """kohya prefix -> the part names it stands for in `families` (longest prefix first, so `lora_te1_` is not read
@@ -69,23 +70,40 @@ LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 _PAIRS: dict[str, list] = {}
 
 
-def _ldm_pairs(family: ModelFamily) -> list:
-    if family.name not in _PAIRS:
-        _PAIRS[family.name] = unet_pairs(family.kohya_unet_layout)
-    return _PAIRS[family.name]
+def _ldm_pairs(layout: dict) -> list:
+    """The diffusers <-> original (LDM) UNet module pairs of a block layout (`RunRecord.unet_layout`)."""
+    key = json.dumps(layout, sort_keys=True)
+    if key not in _PAIRS:
+        if not isinstance(layout.get("layers_per_block"), int):
+            raise UserError(f"kohya names: a UNet with per-block layers_per_block {layout.get('layers_per_block')} "
+                            "has no original (LDM) block numbering sdlora knows; export the diffusers layout")
+        _PAIRS[key] = unet_pairs(layout)
+    return _PAIRS[key]
+
+
+def _layout_text(layout: dict) -> str:
+    return f"layers_per_block {layout['layers_per_block']}, {len(layout['down_block_types'])} down blocks"
 
 # Native resolutions, for files that carry no RunRecord (not trained by sdlora).
 
 
 # ------------------------------------------------------------------------------------------- names
-def kohya_name(name: str, family: ModelFamily) -> str:
+def kohya_name(name: str, family: ModelFamily, layout: dict | None = None) -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (SD 1.x/2.x);
     SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`: the part's
-    kohya prefix, its model level, the path with dots as underscores."""
+    kohya prefix, its model level, the path with dots as underscores; SDXL's original blocks numbered by `layout`
+    (the trained UNet's, `RunRecord.unet_layout`; default SDXL base's). A UserError when the module is not in that
+    layout (an adapter of another UNet, whose layout no record gives)."""
     component, path = split_name(name)
     part = family.part(component)
     if part is family.denoiser and family.kohya_unet_layout is not None:
-        path = _rename(path, _ldm_pairs(family), forward=True) or path
+        layout = layout or family.kohya_unet_layout
+        ldm = _rename(path, _ldm_pairs(layout), forward=True)
+        if ldm is None:
+            raise UserError(f"kohya names: {name} is not a module of {family.title}'s original UNet blocks "
+                            f"({_layout_text(layout)}{'' if layout is not family.kohya_unet_layout else ', SDXL base'}); "
+                            "an adapter without sdlora's run record is numbered as SDXL base")
+        path = ldm
     return part.kohya_prefix + part.kohya_level + path.replace(".", "_")
 
 
@@ -112,10 +130,12 @@ def _is_ldm(flat: str) -> bool:
     return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
 
 
-def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, family: ModelFamily | None = None) -> str:
+def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, layout: dict | None = None,
+                         family: ModelFamily | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
 
-    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead. `family` (what
+    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead. SDXL's original
+    block names are numbered by `layout` (the file's `RunRecord.unet_layout`; default SDXL base's). `family` (what
     the file says) picks the part where a prefix stands for different parts in different families; a UserError
     when it would matter and nothing says it.
     """
@@ -130,10 +150,11 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, 
                         "family, and the file does not say its family (ss_base_model_version)")
     component = candidates[0]
     flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
-    ldm = PARTS[component].role == DENOISER and _is_ldm(flat)
-    if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
+    if PARTS[component].role == DENOISER and _is_ldm(flat):
+        # SDXL's original block names: split them, then the LDM table gives diffusers' path
         parts = _split_identifiers(flat, True)
-        path = _rename(".".join(parts), _ldm_pairs(LDM_FAMILY), forward=False) if parts is not None else None
+        path = _rename(".".join(parts), _ldm_pairs(layout or LDM_FAMILY.kohya_unet_layout), forward=False) \
+            if parts is not None else None
         if path is None:
             raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an {LDM_FAMILY.title} UNet")
         return f"{component}.{path}"
@@ -171,9 +192,11 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
     alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
     family = adapter_family(adapter, base_model_version)
+    record = RunRecord.from_metadata(adapter.metadata)
+    layout = record.unet_layout if record is not None else None
     alpha = float(network_dim(adapter))
     for name, m in adapter.modules.items():
-        k = kohya_name(name, family)
+        k = kohya_name(name, family, layout)
         rank = m.alpha_rank()
         if rank and rank != alpha:
             m = m.scaled(rank / alpha)
@@ -203,22 +226,21 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
                             "LyCORIS kinds are not supported)")
         parts.setdefault(m["stem"], {})[m["kind"]] = t
     info = json.loads(meta.get("sdlora.modules", "{}"))
-    ldm_version = LDM_FAMILY.base_model_version("epsilon")
-    denoiser_prefix = LDM_FAMILY.denoiser.kohya_prefix
+    record = RunRecord.from_metadata(meta)
+    layout = record.unet_layout if record is not None else None
     labelled = meta.get("ss_base_model_version", "").startswith(LDM_FAMILY.name)
-    if RunRecord.from_metadata(meta) is None and not labelled and \
-            any(s.startswith(denoiser_prefix) and _is_ldm(s[len(denoiser_prefix):]) for s in parts):
+    unet = LDM_FAMILY.denoiser.kohya_prefix
+    if record is None and not labelled and any(s.startswith(unet) and _is_ldm(s[len(unet):]) for s in parts):
         # kohya names the UNet by its original (LDM) blocks for SDXL alone: the keys say SDXL whatever a label says
         # (adapter/family.py reads it: the canonical names no longer show it)
-        meta["ss_base_model_version"] = ldm_version
-    record = RunRecord.from_metadata(meta)
+        meta["ss_base_model_version"] = LDM_FAMILY.base_model_version("epsilon")
     family = record.family if record is not None else (family_from_metadata(meta) or (None,))[0]
     modules = {}
     for stem, p in sorted(parts.items()):
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        name = canonical_from_kohya(stem, module_names, family)
+        name = canonical_from_kohya(stem, module_names, layout, family)
         own = info.get(name, {})
         record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
                                        shape=tuple(own["shape"]) if own.get("shape") else None)

@@ -19,6 +19,16 @@ FOLDER_FILE = "sdlora_run.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+LAYOUT_KEYS = ("layers_per_block", "down_block_types", "up_block_types")
+
+
+def unet_layout(family, unet_config) -> dict | None:
+    """The UNet config keys that kohya's original-block numbering depends on, for a family that uses it (SDXL)."""
+    if family.kohya_unet_layout is None:
+        return None
+    return {k: v if isinstance(v := unet_config[k], int) else list(v) for k in LAYOUT_KEYS}
+
+
 @dataclass(frozen=True)
 class RunRecord:
     base_model: str  # what was loaded (model.path)
@@ -41,7 +51,12 @@ class RunRecord:
     sdlora_version: str = ""
     created: str = ""
     zero_terminal_snr: bool = False  # the noise schedule was rescaled to zero terminal SNR (model.zero_terminal_snr)
-    config: dict = field(default_factory=dict, compare=False)  # the resolved config, for `sdlora export` and reports
+    # The UNet's block structure where kohya numbers its original (LDM) blocks (SDXL): the loaded UNet's
+    # layers_per_block, down_block_types, up_block_types; None for SD 1.x/2.x (and records from before it existed).
+    unet_layout: dict | None = None
+    config: dict = field(default_factory=dict, compare=False)  # the resolved config, for reports (never a path to open)
+    # kohya's ss_tag_frequency, counted from the run's caption files when it started (export reads no files for it)
+    tag_frequency: dict = field(default_factory=dict, compare=False)
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -59,7 +74,8 @@ class RunRecord:
                    init=cfg.lora.init, scaling=cfg.lora.scaling, learnable_alpha=cfg.lora.learnable_alpha,
                    text_encoder_trained=cfg.text_encoder.train, mixed_precision=cfg.train.mixed_precision,
                    seed=cfg.train.seed, output_name=cfg.output.name, steps=steps, sdlora_version=__version__,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict())
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict(),
+                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.unet.config))
 
     def at_step(self, steps: int) -> "RunRecord":
         return replace(self, steps=steps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -143,3 +159,17 @@ class RunRecord:
                        created=meta.get("sdlora.created", ""), config=cfg)
         except (KeyError, ValueError, TypeError, AttributeError):
             return None
+
+
+def caption_tag_frequency(cfg) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency from the caption files of the user's own config (`data.path` / `data.subsets`,
+    each with its caption extension), read when the run starts."""
+    from sdlora.adapter.kohya import tag_frequency
+
+    captions = {}
+    for subset in cfg.data_subsets():
+        folder = Path(subset.path).expanduser() if subset.path else None
+        if folder is not None and folder.is_dir():
+            captions[folder.name] = [c.read_text(encoding="utf-8", errors="replace").strip()
+                                     for c in sorted(folder.rglob(f"*{subset.caption_extension}"))]
+    return tag_frequency(captions)

@@ -12,6 +12,7 @@ from sdlora.adapter.io import LAYOUTS, save_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
 from sdlora.util.dtypes import DTYPES
+from sdlora.util.ownership import require_replaceable
 from sdlora.util.tables import format_table
 
 DTYPE_NAMES = tuple(DTYPES)
@@ -26,6 +27,7 @@ def check_output(command: str, out, *, force: bool, layout: str, dtype: str) -> 
     out = Path(out).expanduser()
     if out.is_dir():
         raise UserError(f"{command}: --out {out} is a folder; give a .safetensors file")
+    require_replaceable(out, command)  # --force or not: never a file sdlora did not write
     if out.exists() and not force:
         raise UserError(f"{command}: {out} exists; pass --force to replace it")
     return out

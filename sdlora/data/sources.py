@@ -230,6 +230,15 @@ def read_caption(image: Path, ext: str, fallback: str | None, notes: list[Note] 
     return " ".join(text.split())  # captions are one line; newlines inside a .txt are just spaces
 
 
+def _inside(name: str) -> bool:
+    """A relative path that stays in its folder (no drive or root, no `..`), as metadata.jsonl's file_name must be."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return bool(name) and not PurePosixPath(name).is_absolute() and not PureWindowsPath(name).drive \
+        and ".." not in parts and not name.startswith(("/", "\\", "~"))
+
+
 def from_metadata(root: Path, subset: SubsetConfig, notes: list[Note] | None = None):
     notes = notes if notes is not None else []
     out, seen = [], set()
@@ -247,6 +256,9 @@ def from_metadata(root: Path, subset: SubsetConfig, notes: list[Note] | None = N
             continue
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             out.append((where, Problem("no file_name"), subset.repeats))
+            continue
+        if not _inside(row["file_name"]):  # a data set's file names only its own files, never a path elsewhere
+            out.append((where, Problem(f"file_name {row['file_name']!r} is not a path inside {root}"), subset.repeats))
             continue
         path = root / row["file_name"]
         if path in seen:
