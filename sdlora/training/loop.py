@@ -269,7 +269,7 @@ def run_probe(probe, accelerator, probe_log: JsonlLog, step: int) -> dict:
 
 
 def run_validation(validation, comps, accelerator, metrics_log: JsonlLog, step: int) -> float:
-    value = validation.measure(comps.unet, list(comps.text_encoders.values()), accelerator)
+    value = validation.measure(comps.denoiser, list(comps.text_encoders.values()), accelerator)
     accelerator.log({"validation/loss": value}, step=step)
     metrics_log.append(step, {"validation/loss": value})  # its own record in metrics.jsonl
     return value

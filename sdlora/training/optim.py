@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from sdlora.adapter.names import PARTS
 from sdlora.errors import UserError
 
 
@@ -67,7 +68,7 @@ def _rate_key(label: str, cfg) -> tuple[str, str]:
         return "optim.text_encoder_2_lr", f"{o.text_encoder_2_lr:g}"
     if where in o.part_lr:
         return f"optim.part_lr.{where}", f"{o.part_lr[where]:g}"
-    if where.startswith("text_encoder"):
+    if where in PARTS and PARTS[where].role == "text_encoder":
         return "optim.text_encoder_lr", f"{cfg.text_encoder_lr:g}"
     return "optim.lr", f"{o.lr:g}"
 
