@@ -62,7 +62,6 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
         log_with=None if cfg.log.tracker == "none" or dry_run else cfg.log.tracker,
         project_dir=str(out / "logs"),
     )
-    preflight.with_processes(cfg, accelerator.num_processes)
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     if accelerator.device.type == "cpu":
