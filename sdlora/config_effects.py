@@ -53,7 +53,8 @@ def _samples_on(c) -> bool:
 
 def _embedding_norm_on(c) -> bool:
     e = c.reg.embedding_norm
-    return bool(e.weight or e.direction_weight or e.text_encoder_2_weight or e.pooled_weight)
+    return bool(e.weight or e.direction_weight or e.text_encoder_2_weight or e.pooled_weight or
+                any(e.output_weights.values()))
 
 
 # The table. Keys that already fail validation on their own when they cannot apply (reg.preservation's prompt
@@ -90,7 +91,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("loss.huber_delta",), "loss.type: huber", lambda c, f: c.loss.type == "huber"),
     # regularisers
     Rule(("reg.embedding_norm.weight", "reg.embedding_norm.direction_weight", "reg.embedding_norm.text_encoder_2_weight",
-          "reg.embedding_norm.pooled_weight"), "text_encoder.train: true (a frozen encoder's embeddings cannot drift)",
+          "reg.embedding_norm.pooled_weight", "reg.embedding_norm.output_weights"),
+         "text_encoder.train: true (a frozen encoder's embeddings cannot drift)",
          lambda c, f: _te_trained(c)),
     Rule(("reg.embedding_norm.text_encoder_2_weight", "reg.embedding_norm.pooled_weight"),
          "a model with a second text encoder (SDXL)", lambda c, f: "text_encoder_2" in f.text_encoders, uses_model=True),

@@ -24,7 +24,7 @@ def poisoned(tiny_model, tmp_path_factory):
                     "output": {"dir": str(root / "run")}, "lora": {"rank": 4, "alpha": 4, "learnable_alpha": True},
                     "log": {"tracker": "none"}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in layers.values():
