@@ -20,7 +20,8 @@ from sdlora.errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN / ±inf in any float (a YAML .nan / .inf, --set optim.lr=inf) can never train: refused as non-finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- model
