@@ -1,4 +1,4 @@
-"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract`.
+"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract | import-kohya | config-help`.
 
 Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
 """
@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
     _output_options(p)
 
+    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML) or kohya_ss GUI JSON as an sdlora config, with a "
+                                            "table of every option")
+    p.add_argument("config", help="kohya --config_file TOML, or the kohya_ss GUI's saved JSON")
+    p.add_argument("--dataset-config", metavar="DATASET", help="kohya --dataset_config TOML/JSON (default: the one the "
+                                                               "config names, if any)")
+    p.add_argument("--out", required=True, help="the sdlora config to write (.yaml)")
+    p.add_argument("--sdxl", action="store_true", help="the config is for sdxl_train_network.py (block weights use "
+                                                        "SDXL's layout; the GUI JSON says so itself)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -199,11 +210,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model
+        from sdlora.model.tiny_sd3 import TINY_SD3_VARIANTS, make_tiny_sd3
         from sdlora.util.ownership import require_own_or_empty_folder
 
         folder = Path(args.dir).expanduser()
         require_own_or_empty_folder(folder, "make-tiny-model", lambda f: False)  # never over someone's model
-        path = make_tiny_model(folder, seed=args.seed, variant=args.variant)
+        make = make_tiny_sd3 if args.variant in TINY_SD3_VARIANTS else make_tiny_model
+        path = make(folder, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":
@@ -237,6 +250,11 @@ def _dispatch(args) -> int:
         run_extract(args.base, args.tuned, args.out, args.rank, conv=args.conv, conv_rank=args.conv_rank,
                     min_diff=args.min_diff, config_dir=args.config_dir, layout=args.layout, dtype=args.dtype,
                     force=args.force)
+        return 0
+    if args.command == "import-kohya":
+        from sdlora.commands.import_kohya import run_import_kohya
+
+        run_import_kohya(args.config, args.out, dataset_config=args.dataset_config, force=args.force, sdxl=args.sdxl)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

@@ -108,8 +108,6 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
-        if self.mask_dir is not None and not self.masked_loss:
-            raise ValueError("data.mask_dir is set but data.masked_loss is off (set data.masked_loss: true)")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:
@@ -249,9 +247,8 @@ class LoraConfig(Section):
                              f"{', '.join(LYCORIS_INITS[self.type])})")
         if self.type in LYCORIS_INITS and not self.train_a:
             raise ValueError(f"lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type={self.type}")
-        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.type != "lokr"):
-            raise ValueError(f"lora.lokr_factor={self.lokr_factor}: " + ("use -1 or a positive number" if
-                             self.lokr_factor == 0 else f"applies to lora.type=lokr, not {self.type}"))
+        if self.lokr_factor == 0:  # a factor with another lora.type: config_effects.py
+            raise ValueError("lora.lokr_factor=0: use -1 or a positive number")
         return self
 
 
@@ -352,8 +349,26 @@ def _no_blank(prompts: list[str], key: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- sample
+class SamplePromptConfig(Section):
+    prompt: str = Field(..., description="The prompt of this sample.")
+    negative_prompt: Optional[str] = Field(None, description="Its negative prompt (default sample.negative_prompt).")
+    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Its width (default sample.width).")
+    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Its height (default sample.height).")
+    seed: Optional[int] = Field(None, ge=0, description="Its seed (default sample.seed).")
+    guidance_scale: Optional[float] = Field(None, ge=0.0, description="Its classifier-free guidance scale (default sample.guidance_scale).")
+    num_inference_steps: Optional[int] = Field(None, ge=1, le=1000, description="Its denoising steps (default sample.num_inference_steps).")
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> "SamplePromptConfig":
+        if not self.prompt.strip():
+            raise ValueError("prompt is blank (every sample needs text)")
+        return self
+
+
 class SampleConfig(Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training, each with the settings below.")
+    entries: list[SamplePromptConfig] = Field(default_factory=list, description="Prompts with their own settings: each a mapping with prompt and any of negative_prompt, width, height, seed, guidance_scale, num_inference_steps (unset ones: the sample.* value); sampled after sample.prompts.")
+    prompts_file: Optional[str] = Field(None, description="A prompt file in kohya's format (docs/training.md): one prompt a line, options --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s steps; # starts a comment; sampled after sample.entries.")
     every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
     num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
     guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
@@ -363,10 +378,14 @@ class SampleConfig(Section):
     width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
     height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
 
+    def has_prompts(self) -> bool:
+        return bool(self.prompts or self.entries or self.prompts_file)
+
     @model_validator(mode="after")
     def _prompts_when_on(self) -> "SampleConfig":
-        if self.every_steps and not self.prompts:
-            raise ValueError("sample.every_steps is set but sample.prompts is empty (give prompts, or every_steps: 0)")
+        if self.every_steps and not self.has_prompts():
+            raise ValueError("sample.every_steps is set but there are no prompts (give sample.prompts, sample.entries "
+                             "or sample.prompts_file, or every_steps: 0)")
         _no_blank(self.prompts, "sample.prompts")
         return self
 
@@ -379,7 +398,7 @@ class ValidationConfig(Section):
     timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
     seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")
     with_probe: bool = Field(False, description="Also run the drift probe at validation steps.")
-    with_samples: bool = Field(False, description="Also write samples (sample.prompts) at validation steps.")
+    with_samples: bool = Field(False, description="Also write samples (sample.prompts, entries, prompts_file) at validation steps.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ValidationConfig":
@@ -427,14 +446,21 @@ class Config(Section):
         if self.optim.warmup_steps > self.train.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps "
                              f"({self.train.max_steps}): the rate would never reach optim.lr")
-        if self.validation.with_samples and not self.sample.prompts:
-            raise ValueError("validation.with_samples needs sample.prompts")
+        if self.validation.with_samples and not self.sample.has_prompts():
+            raise ValueError("validation.with_samples needs sample prompts (sample.prompts, sample.entries or "
+                             "sample.prompts_file)")
         lora = self.lora
         unet_targets = bool(lora.unet_targets) or (lora.conv and bool(lora.conv_targets))
         te_targets = self.text_encoder.train and bool(lora.text_encoder_targets)
         if not unet_targets and not te_targets:
             raise ValueError("nothing to train: lora.unet_targets is empty (and lora.conv is off or "
                              "lora.conv_targets empty) and the text encoder is not trained or has no targets")
+        from sdlora.config_effects import check  # keys set where they have no effect: the errors among them
+
+        try:
+            check(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @property

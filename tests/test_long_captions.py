@@ -77,3 +77,45 @@ def test_training_with_long_captions_penalty_and_probe(make_config, tmp_path):
     frozen = train(make_config(train={"max_steps": 2}, data={"max_token_length": 225}, text_encoder={"train": False},
                                output={"dir": str(tmp_path / "frozen")}))
     assert all(math.isfinite(x) for x in frozen.losses)
+
+
+# ------------------------------------------------------------------------------- SDXL (issue 25, item 4)
+from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: E402,F401
+
+
+def test_sdxl_long_captions_are_each_encoders_chunks_with_the_first_chunks_pooled_embedding(tiny_sdxl):
+    from sdlora.model.families import sdxl_hidden_state
+
+    comps = load_components(str(tiny_sdxl))
+    te1, te2 = comps.text_encoders.values()
+    captions = [FIRST + " " + SECOND, "a red cat"]
+    ids = [tokenize(t, captions, 150) for t in comps.tokenizers]
+    halves = [tokenize(t, [FIRST, SECOND, "a red cat", ""]) for t in comps.tokenizers]
+    assert all(i.shape == (2, 154) and torch.equal(i, h.reshape(2, 154)) for i, h in zip(ids, halves))
+    for clip_skip in (1, 2):
+        with torch.no_grad():
+            got = comps.family.encode([te1, te2], ids, clip_skip)
+            # Reference: every chunk through each encoder as one 77-token caption, the hidden states laid side by
+            # side (as for SD 1.x) and the pooled embedding of the first chunk (AUTOMATIC1111's and kohya's choice).
+            out1 = te1(halves[0], output_hidden_states=True, return_dict=True)
+            out2 = te2(halves[1], output_hidden_states=True, return_dict=True)
+            h1 = sdxl_hidden_state(out1, clip_skip).reshape(2, 154, -1)
+            h2 = sdxl_hidden_state(out2, clip_skip).reshape(2, 154, -1)
+            pooled = out2.text_embeds.reshape(2, 2, -1)[:, 0]
+        assert torch.equal(got.hidden, torch.cat([h1, h2], dim=-1)) and torch.equal(got.pooled, pooled)
+        for name, want in (("text_encoder", h1), ("text_encoder_2", h2), ("pooled", pooled[:, None])):
+            encoder = te1 if name == "text_encoder" else te2
+            with torch.no_grad():
+                alone = comps.family.encode_text_output(name, encoder, ids[0 if name == "text_encoder" else 1], clip_skip)
+            assert torch.equal(comps.family.text_output(name, got), want) and torch.equal(alone, want), name
+
+
+@pytest.mark.parametrize("length, te", [(150, True), (225, False)])
+def test_sdxl_trains_and_samples_with_long_captions(sdxl_config, tmp_path, length, te):
+    cfg = sdxl_config(train={"max_steps": 2}, data={"max_token_length": length, "prefix": FIRST + " "},
+                      text_encoder={"train": te}, sample={"prompts": [SECOND], "every_steps": 2,
+                                                          "num_inference_steps": 2},
+                      reg={"embedding_norm": {"weight": 0.1 if te else 0.0, "tokens": "content"}, "probe_every": 1})
+    result = train(cfg, log=lambda *a: None)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    assert list((tmp_path / "run" / "samples").rglob("*.png"))

@@ -185,9 +185,31 @@ def test_a_v_prediction_sdxl_file_carries_comfyuis_markers_and_loads_as_v_with_z
     loaded = load_components(str(path), config_dir=str(configs))
     assert loaded.family is SDXL and loaded.prediction_type == "v_prediction" and loaded.zero_terminal_snr
     assert_reproduces(outputs_of(comps), outputs_of(loaded))
-    # the user's config folder's scheduler, where there is one, is the override (here: v-prediction without zero SNR)
+    # the file's markers win over a config folder's scheduler (here: v-prediction without zero SNR)
     configured = load_components(str(path), config_dir=str(folder))
-    assert configured.prediction_type == "v_prediction" and not configured.zero_terminal_snr
+    assert configured.prediction_type == "v_prediction" and configured.zero_terminal_snr
+
+
+@pytest.mark.parametrize("markers", [(L.V_PRED_KEY,), (L.V_PRED_KEY, L.ZTSNR_KEY)], ids=["v_pred", "v_pred+ztsnr"])
+def test_the_files_markers_win_over_an_epsilon_config_dir_and_model_settings_win_over_both(sdxl_v_file, tiny_sdxl,
+                                                                                           tmp_path, markers):
+    """config_dir gives the architecture; a file that says what it predicts (ComfyUI's marker keys) is trained so."""
+    from sdlora.util.atomic import save_safetensors
+
+    _, path, _, _ = sdxl_v_file
+    sd, meta = read_checkpoint(path, allow_pickle=False)
+    marked = tmp_path / "marked.safetensors"
+    save_safetensors(marked, {k: v for k, v in sd.items() if k not in (L.V_PRED_KEY, L.ZTSNR_KEY) or k in markers},
+                     metadata={k: v for k, v in meta.items() if not k.startswith(("modelspec.", "sdlora."))})
+    assert json.load(open(tiny_sdxl / "scheduler" / "scheduler_config.json"))["prediction_type"] == "epsilon"
+    loaded = load_components(str(marked), config_dir=str(tiny_sdxl))
+    assert loaded.prediction_type == "v_prediction"
+    assert loaded.zero_terminal_snr == (L.ZTSNR_KEY in markers)
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
+    # model.prediction_type / model.zero_terminal_snr are the user's explicit choice: they override the file
+    explicit = load_components(str(marked), config_dir=str(tiny_sdxl), prediction_type="v_prediction",
+                               zero_terminal_snr=False)
+    assert explicit.prediction_type == "v_prediction" and not explicit.zero_terminal_snr
 
 
 def test_sdxl_refiner_and_tiny_files_without_config_dir_are_one_line_errors(sdxl_v_file, tmp_path):

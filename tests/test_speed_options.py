@@ -28,6 +28,7 @@ from sdlora.training.placement import place_models
 # gradients at ~1e-11, where two orders of summation differ by more than 100%). So every gradient is compared
 # against the largest LoRA gradient of the step: measured worst 1.8e-6 of it across 1 vs 2 threads, 50x under.
 REL_TOL = 1e-4
+DEVICE = torch.device("cpu")  # tests/test_gpu_training.py runs these steps on its device
 
 
 def loss_and_grads(make_config, threads=None, **train_opts):
@@ -45,11 +46,11 @@ def _loss_and_grads(make_config, **train_opts):
     cfg = make_config({"train": train_opts, "lora": {"init": "orthogonal"}})  # A and B both get gradient
     comps = load_components(cfg.model.path)
     layers = inject_all(comps.unet, comps.text_encoder, cfg)
-    place_models(comps, layers, torch.device("cpu"), torch.float32, cfg)
+    place_models(comps, layers, DEVICE, torch.float32, cfg)
     gen = torch.Generator().manual_seed(0)
-    emb = encode(comps.text_encoder, tokenize(comps.tokenizer, PROMPTS))
-    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=gen)
-    loss = comps.unet(latents, torch.tensor([10, 700]), emb).sample.pow(2).mean()
+    emb = encode(comps.text_encoder, tokenize(comps.tokenizer, PROMPTS).to(DEVICE))
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=gen).to(DEVICE)
+    loss = comps.unet(latents, torch.tensor([10, 700], device=DEVICE), emb).sample.pow(2).mean()
     loss.backward()
     grads = {f"{n}.{p}": getattr(layer, p).grad.clone() for n, layer in layers.items() for p in ("lora_A", "lora_B")}
     return loss.detach(), grads

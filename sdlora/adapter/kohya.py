@@ -63,23 +63,40 @@ LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 _PAIRS: dict[str, list] = {}
 
 
-def _ldm_pairs(family: ModelFamily) -> list:
-    if family.name not in _PAIRS:
-        _PAIRS[family.name] = unet_pairs(family.kohya_unet_layout)
-    return _PAIRS[family.name]
+def _ldm_pairs(layout: dict) -> list:
+    """The diffusers <-> original (LDM) UNet module pairs of a block layout (`RunRecord.unet_layout`)."""
+    key = json.dumps(layout, sort_keys=True)
+    if key not in _PAIRS:
+        if not isinstance(layout.get("layers_per_block"), int):
+            raise UserError(f"kohya names: a UNet with per-block layers_per_block {layout.get('layers_per_block')} "
+                            "has no original (LDM) block numbering sdlora knows; export the diffusers layout")
+        _PAIRS[key] = unet_pairs(layout)
+    return _PAIRS[key]
+
+
+def _layout_text(layout: dict) -> str:
+    return f"layers_per_block {layout['layers_per_block']}, {len(layout['down_block_types'])} down blocks"
 
 # Native resolutions, for files that carry no RunRecord (not trained by sdlora).
 
 
 # ------------------------------------------------------------------------------------------- names
-def kohya_name(name: str, family: ModelFamily = SD1) -> str:
+def kohya_name(name: str, family: ModelFamily = SD1, layout: dict | None = None) -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (SD 1.x/2.x);
-    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`."""
+    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`, the original
+    blocks numbered by `layout` (the trained UNet's, `RunRecord.unet_layout`; default SDXL base's). A UserError
+    when the module is not in that layout (an adapter of another UNet, whose layout no record gives)."""
     component, path = split_name(name)
     prefix = family.kohya_prefixes[component]
     if component == "unet":
         if family.kohya_unet_layout is not None:
-            path = _rename(path, _ldm_pairs(family), forward=True) or path
+            layout = layout or family.kohya_unet_layout
+            ldm = _rename(path, _ldm_pairs(layout), forward=True)
+            if ldm is None:
+                raise UserError(f"kohya names: {name} is not a module of {family.title}'s original UNet blocks "
+                                f"({_layout_text(layout)}{'' if layout is not family.kohya_unet_layout else ', SDXL base'}); "
+                                "an adapter without sdlora's run record is numbered as SDXL base")
+            path = ldm
         return prefix + path.replace(".", "_")
     return prefix + TE_MODEL_LEVEL + path.replace(".", "_")
 
@@ -107,10 +124,11 @@ def _is_ldm(flat: str) -> bool:
     return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
 
 
-def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) -> str:
+def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, layout: dict | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
 
-    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead.
+    With `module_names` (canonical names of a model at hand) the name is looked up exactly instead. SDXL's original
+    block names are numbered by `layout` (the file's `RunRecord.unet_layout`; default SDXL base's).
     """
     ldm = False
     if stem.startswith(UNET_PREFIX):
@@ -125,7 +143,8 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None) 
         raise UserError(f"kohya key {stem!r}: expected a lora_unet_, lora_te_, lora_te1_ or lora_te2_ prefix")
     if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
         parts = _split_identifiers(flat, True)
-        path = _rename(".".join(parts), _ldm_pairs(SDXL), forward=False) if parts is not None else None
+        path = _rename(".".join(parts), _ldm_pairs(layout or SDXL.kohya_unet_layout), forward=False) \
+            if parts is not None else None
         if path is None:
             raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SDXL UNet")
         return f"unet.{path}"
@@ -163,9 +182,11 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
     alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
     family = adapter_family(adapter, base_model_version)
+    record = RunRecord.from_metadata(adapter.metadata)
+    layout = record.unet_layout if record is not None else None
     alpha = float(network_dim(adapter))
     for name, m in adapter.modules.items():
-        k = kohya_name(name, family)
+        k = kohya_name(name, family, layout)
         rank = m.alpha_rank()
         if rank and rank != alpha:
             m = m.scaled(rank / alpha)
@@ -195,7 +216,9 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
                             "LyCORIS kinds are not supported)")
         parts.setdefault(m["stem"], {})[m["kind"]] = t
     info = json.loads(meta.get("sdlora.modules", "{}"))
-    if RunRecord.from_metadata(meta) is None and not meta.get("ss_base_model_version", "").startswith("sdxl") and \
+    record = RunRecord.from_metadata(meta)
+    layout = record.unet_layout if record is not None else None
+    if record is None and not meta.get("ss_base_model_version", "").startswith("sdxl") and \
             any(s.startswith(UNET_PREFIX) and _is_ldm(s[len(UNET_PREFIX):]) for s in parts):
         # kohya names the UNet by its original (LDM) blocks for SDXL alone: the keys say SDXL whatever a label says
         # (adapter/family.py reads it: the canonical names no longer show it)
@@ -205,7 +228,7 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        name = canonical_from_kohya(stem, module_names)
+        name = canonical_from_kohya(stem, module_names, layout)
         own = info.get(name, {})
         record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
                                        shape=tuple(own["shape"]) if own.get("shape") else None)
@@ -235,17 +258,6 @@ def addnet_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> tupl
     model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
     legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy_hash
-
-
-def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs."""
-    out = {}
-    for folder, captions in captions_by_folder.items():
-        counts: Counter[str] = Counter()
-        for caption in captions:
-            counts.update(t.strip() for t in caption.split(",") if t.strip())
-        out[folder] = dict(counts)
-    return out
 
 
 def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_version: str | None = None,

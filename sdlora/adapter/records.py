@@ -36,6 +36,7 @@ class AdapterDelta:
     UPDATE: ClassVar[str] = ""  # what ΔW is, for messages: "whose update {UPDATE}"
     TENSORS: ClassVar[tuple[str, ...]] = ()
     NATIVE_KEYS: ClassVar[dict[str, str]] = {}
+    NATIVE_ALIASES: ClassVar[dict[str, str]] = {}  # other native suffixes a file may hold -> the NATIVE_KEYS one
     KOHYA_KEYS: ClassVar[dict[str, str]] = {}
     KEY_SETS: ClassVar[tuple[frozenset[str], ...] | None] = None  # None: exactly TENSORS
     NEEDS_BASE: ClassVar[bool] = False  # whether ΔW depends on the base weight (then `delta_weight(base)` needs it)
@@ -107,6 +108,10 @@ class AdapterDelta:
     # File shapes: the in-memory tensors are written as they are unless a kind says otherwise.
     def file_tensor(self, role: str, layout: str) -> torch.Tensor:
         return getattr(self, role)
+
+    def native_key(self, role: str, component: str) -> str:
+        """The native-layout key suffix of `role` in `component` (unet, text_encoder, text_encoder_2)."""
+        return self.NATIVE_KEYS[role]
 
     @classmethod
     def from_file_tensors(cls, tensors: dict[str, torch.Tensor | None], layout: str, where: str, **info) -> "AdapterDelta":
@@ -190,6 +195,7 @@ class DoRADelta(ModuleDelta):
     UPDATE: ClassVar[str] = "depends on W0 and is not low-rank"
     TENSORS: ClassVar[tuple[str, ...]] = ("down", "up", "magnitude")
     NATIVE_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.NATIVE_KEYS, "magnitude": "lora_magnitude_vector"}
+    NATIVE_ALIASES: ClassVar[dict[str, str]] = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
     KOHYA_KEYS: ClassVar[dict[str, str]] = {**ModuleDelta.KOHYA_KEYS, "magnitude": "dora_scale"}
     NEEDS_BASE: ClassVar[bool] = True
     FACTORED: ClassVar[bool] = False  # down, up are V's update; ΔW itself is dense
@@ -204,6 +210,14 @@ class DoRADelta(ModuleDelta):
         return dora_weight(w0, self.low_rank_delta().double(), self.magnitude.double()) - w0
 
     spectrum = AdapterDelta.spectrum  # ΔW is dense and depends on W0: no factored shortcut
+
+    def native_key(self, role: str, component: str) -> str:
+        """A text encoder's magnitude is `lora_magnitude_vector.weight` (the parameter's own name): transformers 5's
+        `load_adapter`, which diffusers' `load_lora_weights` calls for text encoders, drops peft's saved form
+        `lora_magnitude_vector` in silence (the UNet's goes through peft's loader, which reads both; measured with
+        diffusers 0.42, peft 0.21, transformers 5: tests/test_dora.py)."""
+        key = self.NATIVE_KEYS[role]
+        return key + ".weight" if role == "magnitude" and component != "unet" else key
 
     def file_tensor(self, role: str, layout: str) -> torch.Tensor:
         if role != "magnitude":

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 METADATA_KEY = "sdlora.run"
 FOLDER_FILE = "sdlora_run.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+LAYOUT_KEYS = ("layers_per_block", "down_block_types", "up_block_types")
+
+
+def unet_layout(family, unet_config) -> dict | None:
+    """The UNet config keys that kohya's original-block numbering depends on, for a family that uses it (SDXL)."""
+    if family.kohya_unet_layout is None:
+        return None
+    return {k: v if isinstance(v := unet_config[k], int) else list(v) for k in LAYOUT_KEYS}
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,9 @@ class RunRecord:
     sdlora_version: str = ""
     created: str = ""
     zero_terminal_snr: bool = False  # the noise schedule was rescaled to zero terminal SNR (model.zero_terminal_snr)
+    # The UNet's block structure where kohya numbers its original (LDM) blocks (SDXL): the loaded UNet's
+    # layers_per_block, down_block_types, up_block_types; None for SD 1.x/2.x (and records from before it existed).
+    unet_layout: dict | None = None
     config: dict = field(default_factory=dict, compare=False)  # the resolved config, for reports (never a path to open)
     # kohya's ss_tag_frequency, counted from the run's caption files when it started (export reads no files for it)
     tag_frequency: dict = field(default_factory=dict, compare=False)
@@ -62,7 +76,7 @@ class RunRecord:
                    text_encoder_trained=cfg.text_encoder.train, mixed_precision=cfg.train.mixed_precision,
                    seed=cfg.train.seed, output_name=cfg.output.name, steps=steps, sdlora_version=__version__,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict(),
-                   tag_frequency=caption_tag_frequency(cfg))
+                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.unet.config))
 
     def at_step(self, steps: int) -> "RunRecord":
         return replace(self, steps=steps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -76,6 +90,7 @@ class RunRecord:
         return {METADATA_KEY: self.to_json(), "sdlora.version": self.sdlora_version, "sdlora.rank": str(self.rank),
                 "sdlora.alpha": str(self.alpha), "sdlora.base_model": self.base_model,
                 "sdlora.base_model_version": self.base_model_version, "sdlora.prediction_type": self.prediction_type,
+                "sdlora.zero_terminal_snr": str(self.zero_terminal_snr),
                 "sdlora.steps": str(self.steps), "sdlora.created": self.created,
                 "sdlora.config": json.dumps(self.config, sort_keys=True)}
 
@@ -151,7 +166,6 @@ class RunRecord:
 def caption_tag_frequency(cfg) -> dict[str, dict[str, int]]:
     """kohya's ss_tag_frequency from the caption files of the user's own config (`data.path` / `data.subsets`,
     each with its caption extension), read when the run starts."""
-    from sdlora.adapter.kohya import tag_frequency
 
     captions = {}
     for subset in cfg.data_subsets():
@@ -160,3 +174,14 @@ def caption_tag_frequency(cfg) -> dict[str, dict[str, int]]:
             captions[folder.name] = [c.read_text(encoding="utf-8", errors="replace").strip()
                                      for c in sorted(folder.rglob(f"*{subset.caption_extension}"))]
     return tag_frequency(captions)
+
+
+def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs."""
+    out = {}
+    for folder, captions in captions_by_folder.items():
+        counts: Counter[str] = Counter()
+        for caption in captions:
+            counts.update(t.strip() for t in caption.split(",") if t.strip())
+        out[folder] = dict(counts)
+    return out

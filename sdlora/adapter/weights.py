@@ -80,9 +80,9 @@ def native_prefix(name: str) -> str:
 def native_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
     sd = {}
     for name, m in adapter.modules.items():
-        p = native_prefix(name)
+        p, component = native_prefix(name), split_name(name)[0]
         for role in m.tensors():
-            sd[f"{p}.{m.NATIVE_KEYS[role]}"] = m.file_tensor(role, "diffusers")
+            sd[f"{p}.{m.native_key(role, component)}"] = m.file_tensor(role, "diffusers")
     return sd
 
 
@@ -93,7 +93,9 @@ def save_native(adapter: AdapterWeights, path: str | Path) -> None:
     save_safetensors(path, native_state_dict(adapter), metadata=meta)
 
 
-NATIVE_SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.NATIVE_KEYS.values()}, key=len, reverse=True)
+NATIVE_ALIASES = {a: s for cls in KINDS.values() for a, s in cls.NATIVE_ALIASES.items()}
+NATIVE_SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.NATIVE_KEYS.values()} | set(NATIVE_ALIASES), key=len,
+                         reverse=True)
 
 
 def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> AdapterWeights:
@@ -105,6 +107,7 @@ def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapt
             raise UserError(f"adapter key {key!r} is not an adapter key (expected an ending of "
                             f"{' / '.join(NATIVE_SUFFIXES[::-1])})")
         stem = key[: -len(suffix) - 1]
+        suffix = NATIVE_ALIASES.get(suffix, suffix)
         component, _, path = stem.partition(".")
         if component not in COMPONENTS:
             raise UserError(f"adapter key {key!r}: expected a unet., text_encoder. or text_encoder_2. prefix")

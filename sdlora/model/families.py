@@ -152,6 +152,21 @@ class ModelFamily:
         """Keyword arguments of `UNet2DConditionModel.forward` that carry the conditioning of `batch`."""
         return {"encoder_hidden_states": embeddings}
 
+    # -- the denoiser call and the noise process ------------------------------------------------------------
+    def predict(self, denoiser, noisy, timesteps, conditioning, batch: dict | None = None) -> torch.Tensor:
+        """The denoiser's prediction (B, C, h, w) for `noisy` (B, C, h, w) at `timesteps` (B,) (the objective's
+        `Noised.timesteps`), conditioned on `encode`'s result and the batch's fields (`unet_kwargs`: SDXL's
+        `added_cond_kwargs`)."""
+        return denoiser(noisy, timesteps, **self.unet_kwargs(conditioning, batch)).sample
+
+    def objective(self, noise_scheduler, vae_config, loss_cfg):
+        """The noise process the family's denoiser was trained with (model/objective.py): DDPM, epsilon or
+        v-prediction as `noise_scheduler` (its training scheduler) says; latents scaled (and shifted) as
+        `vae_config` says; the loss section's timestep bounds, min-SNR and noise offset."""
+        from sdlora.model.objective import DDPMObjective
+
+        return DDPMObjective.from_config(noise_scheduler, vae_config, loss_cfg)
+
     def text_output(self, name: str, embeddings) -> torch.Tensor:
         """One of `text_outputs` out of `encode`'s result, (batch, tokens, width) (tokens = 1 for a pooled one)."""
         return embeddings
@@ -214,6 +229,22 @@ def sdxl_hidden_state(out, clip_skip: int) -> torch.Tensor:
     return out.hidden_states[-(clip_skip + 1)]
 
 
+def sdxl_encoder_output(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One SDXL encoder on (batch, 77·k) ids (k chunks of long captions, model/text.py): each chunk encoded on its
+    own, hidden states (batch, 77·k, width) side by side as for SD 1.x; the projected pooled embedding (batch,
+    width) of the first chunk, as AUTOMATIC1111 and kohya's sd-scripts take it (None for CLIP-L, which has none)."""
+    from sdlora.model.text import window_of
+
+    window = window_of(text_encoder)
+    batch, width = input_ids.shape
+    if width % window:
+        raise ValueError(f"token ids of width {width} are not whole chunks of {window}")
+    out = text_encoder(input_ids.reshape(-1, window), output_hidden_states=True, return_dict=True)
+    hidden = sdxl_hidden_state(out, clip_skip).reshape(batch, width, -1)
+    pooled = getattr(out, "text_embeds", None)
+    return hidden, (None if pooled is None else pooled.reshape(batch, width // window, -1)[:, 0])
+
+
 def micro_conditioning(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
     """SDXL's `time_ids`: (batch, 6) = original (h, w), crop top-left (top, left), target (h, w), as
     `StableDiffusionXLPipeline._get_add_time_ids` lays them out."""
@@ -231,10 +262,9 @@ class SDXLFamily(ModelFamily):
     def encode(self, text_encoders, input_ids, clip_skip: int = 1) -> SDXLConditioning:
         te1, te2 = text_encoders
         ids1, ids2 = input_ids
-        out1 = te1(ids1, output_hidden_states=True, return_dict=True)
-        out2 = te2(ids2, output_hidden_states=True, return_dict=True)
-        h1, h2 = sdxl_hidden_state(out1, clip_skip), sdxl_hidden_state(out2, clip_skip)
-        return SDXLConditioning(torch.cat([h1, h2], dim=-1), out2.text_embeds, (h1, h2))
+        h1, _ = sdxl_encoder_output(te1, ids1, clip_skip)
+        h2, pooled = sdxl_encoder_output(te2, ids2, clip_skip)
+        return SDXLConditioning(torch.cat([h1, h2], dim=-1), pooled, (h1, h2))
 
     def unet_kwargs(self, embeddings: SDXLConditioning, batch: dict | None = None) -> dict:
         if batch is None:
@@ -265,8 +295,8 @@ class SDXLFamily(ModelFamily):
         return embeddings.per_encoder[("text_encoder", "text_encoder_2").index(name)]
 
     def encode_text_output(self, name: str, text_encoder, input_ids, clip_skip: int = 1) -> torch.Tensor:
-        out = text_encoder(input_ids, output_hidden_states=True, return_dict=True)
-        return out.text_embeds[:, None, :] if name == "pooled" else sdxl_hidden_state(out, clip_skip)
+        hidden, pooled = sdxl_encoder_output(text_encoder, input_ids, clip_skip)
+        return pooled[:, None, :] if name == "pooled" else hidden
 
     def matches_unet(self, unet_config) -> bool:
         return unet_config.get("addition_embed_type") == "text_time"

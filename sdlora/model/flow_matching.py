@@ -85,23 +85,34 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def draw_density(sampling: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
-                 mode_scale: float = 1.29, device="cpu") -> torch.Tensor:
-    """`n` values in [0, 1] from the named density, before the shift; shape (n,), float32.
-    "uniform", "logit_normal", "mode": the same numbers as diffusers' `compute_density_for_timestep_sampling` with
-    the same generator state. "cosmap": the SD3 paper's map `1 - 1 / (tan(pi u / 2) + 1)` of a uniform u (eq. 20),
-    whose density is `2 / (pi (1 - 2t + 2t^2))`. Raises UserError for another name."""
-    if sampling == "logit_normal":
-        u = torch.normal(mean=logit_mean, std=logit_std, size=(n,), device=device, generator=generator)
-        return torch.sigmoid(u)
-    if sampling not in SAMPLINGS:
-        raise UserError(f"sigma sampling {sampling!r}: allowed {', '.join(SAMPLINGS)}")
-    u = torch.rand(size=(n,), device=device, generator=generator)
+def from_uniform(sampling: str, u: torch.Tensor, mode_scale: float = 1.29) -> torch.Tensor:
+    """The value in [0, 1] (before the shift) that "uniform", "mode" or "cosmap" makes of a uniform `u`:
+    u itself; the paper's f_mode `1 - u - s (cos^2(pi u / 2) - 1 + u)` (as diffusers); the paper's cosmap map
+    `1 - 1 / (tan(pi u / 2) + 1)` (eq. 20), whose density is `2 / (pi (1 - 2t + 2t^2))`."""
     if sampling == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if sampling == "cosmap":
         return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
     return u
+
+
+def from_normal(z: torch.Tensor, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """The logit-normal value `sigmoid(logit_mean + logit_std * z)` of a standard normal `z`."""
+    return torch.sigmoid(z * logit_std + logit_mean)
+
+
+def draw_density(sampling: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, device="cpu") -> torch.Tensor:
+    """`n` values in [0, 1] from the named density, before the shift; shape (n,), float32: one uniform per value
+    (`from_uniform`), or one standard normal for "logit_normal" (`from_normal`). The numbers of diffusers'
+    `compute_density_for_timestep_sampling` with the same generator state: identical for "uniform" and "mode",
+    within float32 rounding for "logit_normal" (diffusers draws `torch.normal(mean, std)`, which rounds
+    `mean + std * z` once less). Raises UserError for another name."""
+    if sampling == "logit_normal":
+        return from_normal(torch.randn(n, device=device, generator=generator), logit_mean, logit_std)
+    if sampling not in SAMPLINGS:
+        raise UserError(f"sigma sampling {sampling!r}: allowed {', '.join(SAMPLINGS)}")
+    return from_uniform(sampling, torch.rand(size=(n,), device=device, generator=generator), mode_scale)
 
 
 def draw_sigmas(draw: SigmaDraw, n: int, generator: torch.Generator, scheduler_config=None,

@@ -67,8 +67,26 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
         if comps.vae.config.latent_channels != latent:
             raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
                             f"the model's UNet takes {latent} (an SD VAE is needed)")
+    require_finite_weights({"unet": comps.unet, **comps.text_encoders, **({} if vae_path else {"vae": comps.vae})}, path)
+    if vae_path:
+        require_finite_weights({"vae": comps.vae}, vae_path)
     set_noise_schedule(comps, prediction_type, zero_terminal_snr)
     return comps
+
+
+def require_finite_weights(parts: dict, source) -> None:
+    """A `UserError` naming `source` and the first weight holding NaN or inf: a broken checkpoint (or one someone
+    else made) would otherwise fail later as a LinAlgError in an SVD or as non-finite training losses. One pass over
+    the weights (a float32 sum per tensor, confirmed elementwise only where it is not finite)."""
+    import torch
+
+    with torch.no_grad():
+        for part, model in parts.items():
+            for name, p in model.named_parameters():
+                if p.is_floating_point() and not bool(torch.isfinite(p.sum(dtype=torch.float32))) \
+                        and not bool(torch.isfinite(p).all()):
+                    raise UserError(f"{source}: {part}.{name} holds non-finite values (NaN/inf); the model file is "
+                                    "broken")
 
 
 def _load_diffusers_folder(path: Path) -> Components:

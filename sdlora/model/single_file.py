@@ -3,9 +3,10 @@
 Reading needs no network: the package carries diffusers-format configs for SD 1.x, SD 2.x-512 (epsilon),
 SD 2.x-768 (v-prediction) and SDXL base 1.0, and the CLIP tokenizer files (`sdlora/resources/`). The family
 comes from the keys (`ModelFamily.matches_single_file`: CLIP-L = SD 1.x, OpenCLIP = SD 2.x, both under
-`conditioner.embedders` = SDXL). The prediction type, which no weight shape reveals, comes from, in order:
-`model.config_dir`'s scheduler config, the file's `modelspec.prediction_type` metadata, the `v_pred` marker key
-(SDXL v-prediction files, as ComfyUI reads them), ComfyUI's weight heuristic for SD 2.x, epsilon.
+`conditioner.embedders` = SDXL). The prediction type, which no weight shape reveals, comes from, in order: what the
+file says of itself (the `v_pred` marker key of SDXL v-prediction files, with `ztsnr` for zero terminal SNR, as
+ComfyUI reads them; else its `modelspec.prediction_type` metadata), `model.config_dir`'s scheduler config,
+ComfyUI's weight heuristic for SD 2.x, epsilon. `model.prediction_type` / `model.zero_terminal_snr` override all.
 
 SD 1.x/2.x files are read by sdlora's own mapping (`ldm_keys`, the inverse of the writer; pinned against
 diffusers' converters in the tests). SDXL files are read by diffusers' own single-file converters
@@ -87,13 +88,11 @@ def detect_architecture(sd: dict, path: str = "checkpoint") -> str:
 
 
 def detect_prediction_type(sd: dict, meta: dict, arch: str) -> str:
-    """'epsilon' or 'v_prediction' from the file's metadata, else the `v_pred` marker key (SDXL, as ComfyUI reads
-    it), else ComfyUI's heuristic for SD 2.x, else epsilon."""
-    hint = meta.get("modelspec.prediction_type") or meta.get("sdlora.prediction_type")
-    if hint:
-        return "v_prediction" if hint in ("v", "v_prediction") else "epsilon"
-    if L.V_PRED_KEY in sd:
-        return "v_prediction"
+    """'epsilon' or 'v_prediction' as the file states it (`stated_prediction`), else ComfyUI's heuristic for SD 2.x,
+    else epsilon."""
+    stated = stated_prediction(sd, meta)
+    if stated is not None:
+        return stated[0]
     if arch == "sd_v2":
         # The last up-block's first transformer norm1.bias spreads wider in v models (ComfyUI's rule, measured on
         # the released SD 2.x weights); it is the only weight-based signal known.
@@ -102,6 +101,21 @@ def detect_prediction_type(sd: dict, meta: dict, arch: str) -> str:
         if bias is not None and float(torch.std(bias.float(), unbiased=False)) > 0.09:
             return "v_prediction"
     return "epsilon"
+
+
+def stated_prediction(sd: dict, meta: dict) -> tuple[str, bool | None] | None:
+    """(prediction type, zero terminal SNR or None where unsaid) as the file states it of itself: the `v_pred` marker
+    key (with `ztsnr`, zero terminal SNR: the pair ComfyUI reads), else its `modelspec.prediction_type` /
+    `sdlora.prediction_type` metadata (and a merged sdlora file's `sdlora.zero_terminal_snr`); None when it
+    says nothing (weights alone do not show it)."""
+    if L.V_PRED_KEY in sd:
+        return "v_prediction", L.ZTSNR_KEY in sd
+    hint = meta.get("modelspec.prediction_type") or meta.get("sdlora.prediction_type")
+    if not hint:
+        return None
+    ztsnr = meta.get("sdlora.zero_terminal_snr")  # a merged file of an sdlora run states its schedule too
+    return ("v_prediction" if hint in ("v", "v_prediction") else "epsilon"), \
+        (None if ztsnr is None else ztsnr == "True")
 
 
 def detect_version(sd: dict, meta: dict | None = None, path: str = "checkpoint") -> str:
@@ -213,12 +227,15 @@ def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
     root = _configs(arch, config_dir, family)
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched_config = _read_json(sched_file) if sched_file.is_file() else _read_json(BUNDLED_CONFIGS / arch / "scheduler" / "scheduler_config.json")
-    if config_dir is not None and sched_file.is_file():
-        prediction = sched_config.get("prediction_type", "epsilon")  # the user's configs are the override
+    stated = stated_prediction(sd, meta)  # what the file says of itself wins over a config folder's default
+    if stated is not None:
+        prediction, zero_snr = stated
+        if zero_snr is not None:
+            sched_config["rescale_betas_zero_snr"] = zero_snr
+    elif config_dir is not None and sched_file.is_file():
+        prediction = sched_config.get("prediction_type", "epsilon")  # the user's configs, over the heuristics
     else:
         prediction = detect_prediction_type(sd, meta, arch)
-        if L.ZTSNR_KEY in sd:
-            sched_config["rescale_betas_zero_snr"] = True
     version = family.base_model_version(prediction)
     if config_dir is None:
         root = BUNDLED_CONFIGS / version

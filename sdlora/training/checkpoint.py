@@ -175,6 +175,9 @@ def load_lora_state(layers: dict, tensors: dict[str, torch.Tensor], where: Path)
         if t.shape != expected[key].shape:
             raise UserError(f"--resume: checkpoint {where}: {key} has shape {tuple(t.shape)}, this config makes "
                             f"{tuple(expected[key].shape)} (lora.rank changed?)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a shared or damaged checkpoint
+            raise UserError(f"--resume: checkpoint {where}: {key} holds non-finite values (NaN/inf); resume from "
+                            "an earlier checkpoint")
     with torch.no_grad():
         for name, layer in layers.items():
             for key, target in layer.state_dict(keep_vars=True).items():
@@ -218,7 +221,7 @@ def _as_tuple(x):
 @dataclass
 class Checkpointer:
     """Saves and restores everything stateful in a run. `data` is anything with state_dict/load_state_dict
-    (the data order); `export(path, step)` writes the adapter file."""
+    (the data order); `export(path, step, tensors=None)` writes the adapter file (training/export.Exporter)."""
 
     out: Path
     accelerator: object
@@ -272,10 +275,8 @@ class Checkpointer:
         atomic.write_json(folder / "trainer_state.json", state)
         self.export(folder / "adapter.safetensors", step)
         if self.ema is not None:
-            from sdlora.training.ema import export_ema
-
             atomic.save_safetensors(folder / "ema.safetensors", self.ema.state_dict())
-            export_ema(self.ema, self.export, folder / "adapter_ema.safetensors", step)
+            self.export(folder / "adapter_ema.safetensors", step, tensors=self.ema.average())
 
     def require_finite(self, step: int) -> None:
         from sdlora.util.finite import require_finite

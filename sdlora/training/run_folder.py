@@ -135,11 +135,11 @@ def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
                            f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
 
 
-def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None) -> None:
-    """The run's adapter; a write that fails (full disk, read-only folder) is one line naming the intact
-    checkpoint and the command that writes the same adapter from it."""
+def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None):
+    """The run's adapter, written and returned (AdapterWeights, as in the file); a write that fails (full disk,
+    read-only folder) is one line naming the intact checkpoint and the command that writes the same adapter from it."""
     try:
-        export(path, step, report)
+        return export(path, step, report)
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         if checkpoint is None:
