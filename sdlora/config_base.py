@@ -6,9 +6,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """The base of every config section: an unknown key is an error, assignments are checked."""
+    """The base of every config section: an unknown key is an error, assignments are checked, and NaN / ±inf in any
+    float (a YAML .nan / .inf, --set optim.lr=inf) is refused as non-finite: it can never train."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def no_blank(prompts: list[str], key: str) -> None:

@@ -35,8 +35,19 @@ def place_models(comps: Components, layers: dict[str, AdapterLayer], device, wei
         comps.denoiser.enable_gradient_checkpointing()
         if cfg.text_encoder.train:
             for text_encoder in encoders:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(text_encoder)
     if cfg.train.channels_last:
         comps.denoiser.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         comps.denoiser.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of a transformers model: transformers 5's
+    `activation_checkpointing_enable` where it exists (the old `gradient_checkpointing_enable` warns and goes in
+    v6), else the old name (transformers 4)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
