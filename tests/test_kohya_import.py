@@ -249,3 +249,13 @@ def test_an_existing_out_is_kept_without_force(tiny_model, shapes_data, tmp_path
     assert code == 0, err
     assert "invalid value" in table and "'four'" in table  # an unreadable value is a row, not a traceback
     assert yaml.safe_load(out.read_text())["lora"]["rank"] == 4  # kohya's default rank stands
+
+
+def test_docs_name_every_option_the_table_knows():
+    from sdlora.kohya_import import dataset, network
+    from sdlora.kohya_import.options import OPTIONS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    names = [n for n in [*OPTIONS, *network.NETWORK_ARGS, *dataset.RULES] if not n.startswith("(")]
+    missing = sorted({n for n in names if f"`{n}`" not in text and f"`{n} " not in text})
+    assert not missing, f"docs/kohya.md does not name: {missing}"

@@ -339,7 +339,7 @@ def single_file_metadata(family, prediction_type: str, title: str, record=None) 
     tell v-prediction apart)."""
     if record is not None:
         return {**record.to_metadata(), **record.modelspec_fields(title=title, lora=False)}
-    return family.modelspec(prediction_type, title=title, lora=False)
+    return {**family.modelspec(prediction_type, title=title, lora=False), "sdlora.format": "merged-single-file"}
 
 
 def save_single_file(path, comps, *, dtype=torch.float32, carry: dict[str, torch.Tensor] | None = None,
