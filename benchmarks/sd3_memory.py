@@ -47,6 +47,7 @@ from sdlora.lora import build_param_groups  # noqa: E402
 from sdlora.lora.inject import inject, plan_denoiser  # noqa: E402
 from sdlora.model import flow_matching as fm  # noqa: E402
 from sdlora.model.families import SD1  # noqa: E402
+from sdlora.model.objective import vae_latents  # noqa: E402
 from sdlora.training.losses import per_sample_loss  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
@@ -88,7 +89,7 @@ def make_train_step(transformer, params, optimizer, max_grad_norm: float | None)
 
     def step(inputs: dict) -> None:
         sample = inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])
-        x0 = fm.vae_latents(sample, SD3_VAE_SCALE, SD3_VAE_SHIFT)
+        x0 = vae_latents(sample, SD3_VAE_SCALE, SD3_VAE_SHIFT)
         noise = torch.randn_like(x0)
         sigma = fm.from_normal(torch.randn(x0.shape[0]), draw.logit_mean, draw.logit_std)
         sigma = fm.shift_sigmas(sigma, draw.shift).to(x0.device)
