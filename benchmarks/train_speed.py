@@ -9,7 +9,7 @@ every frozen tensor to itself), and run interleaved, round by round, so machine 
     python3 benchmarks/train_speed.py                  # CPU, 256 px, fp32 (about 10 min on 2 cores)
     python3 benchmarks/train_speed.py --quick          # smoke: 1 warm-up + 2 timed steps at 128 px
     python3 benchmarks/train_speed.py --device cuda --resolution 512 --dtype bf16
-    python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16
+    python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16 --rank 32 --json x.json
     python3 benchmarks/train_speed.py --family sdxl --arch tiny --quick --doc ''   # smoke: tiny SDXL, seconds
 
 SDXL: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant; each
@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -63,6 +62,7 @@ from sdlora.model.components import Components  # noqa: E402
 from sdlora.model.families import family_named  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
+from speed_report import Result, summary, table, write_doc  # noqa: E402  (benchmarks/speed_report.py)
 
 CONFIGS = {"sd1": ROOT / "sdlora" / "resources" / "configs" / "sd_v1",
            "sdxl": ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"}
@@ -342,58 +342,6 @@ def make_batch(base: Components, resolution, device, dtype, i):
         latents=torch.randn(1, 4, resolution // 8, resolution // 8, generator=g).to(device, dtype))
 
 
-# ---------------------------------------------------------------------------------------------- report
-@dataclasses.dataclass(frozen=True)
-class Result:
-    name: str
-    seconds: list[float]
-    peak_bytes: int  # during the step, above what the process held before it
-    persistent: int  # adapter factors and the optimiser state
-
-
-def paired_ratio(v, ref) -> float:
-    """Median over rounds of v's time over ref's time in the same round."""
-    return statistics.median(a / b for a, b in zip(v.seconds, ref.seconds))
-
-
-def table(variants) -> str:
-    by = {v.name: v for v in variants}
-    mib = {v.name: (v.peak_bytes + v.persistent) / 2**20 for v in variants}
-    rows = ["| variant | s/step median (best) | x floor | x floor+te_bwd | x peer | x peer, best rounds | peak MiB "
-            "| MiB x peer |", "|---|---|---|---|---|---|---|---|"]
-    for name, v in by.items():
-        cells = [f"{paired_ratio(v, by[ref]):.3f}" if ref in by else "-" for ref in ("floor", "floor+te_bwd", "peer")]
-        best = f"{min(v.seconds) / min(by['peer'].seconds):.3f}" if "peer" in by else "-"
-        mp = f"{mib[name] / mib['peer']:.3f}" if "peer" in mib else "-"
-        rows.append(f"| {name} | {statistics.median(v.seconds):.3f} ({min(v.seconds):.3f}) | {' | '.join(cells)} | {best} "
-                    f"| {mib[name]:.0f} | {mp} |")
-    return "\n".join(rows)
-
-
-def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    model = {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family] + (" (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else "")
-    section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}, batch 1\n\n"
-               f"Command: `python3 benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  \n"
-               f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
-               f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
-               f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")
-    marker = f"<!-- table:{device.type} -->" if args.family == "sd1" else f"<!-- table:{args.family}:{device.type} -->"
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if marker in old:  # replace this device's table, keep the rest of the page
-        head, _, rest = old.partition(marker)
-        tail = rest.partition("<!-- /table -->")[2]
-        text = f"{head}{marker}\n{section}<!-- /table -->{tail}"
-    else:
-        text = old.rstrip() + f"\n\n{marker}\n{section}<!-- /table -->\n"
-    atomic.write_text(path, text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (timings between torch.cuda.synchronize calls)")
@@ -413,19 +361,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.resolution, args.warmup, args.steps = 128, 1, 2
     return args
-
-
-def summary(results: list[Result]) -> dict:
-    """Per variant: seconds per step (median, best), the paired ratios to floor, floor+te_bwd and peer (None where
-    that reference did not run), and the peak memory in MiB (step peak + persistent adapter state)."""
-    by = {r.name: r for r in results}
-    out = {}
-    for r in results:
-        out[r.name] = {"s_median": statistics.median(r.seconds), "s_best": min(r.seconds),
-                       "peak_mib": (r.peak_bytes + r.persistent) / 2**20, "rounds": len(r.seconds),
-                       **{f"x_{ref.replace('+', '_')}": paired_ratio(r, by[ref]) if ref in by else None
-                          for ref in ("floor", "floor+te_bwd", "peer")}}
-    return out
 
 
 def measure(args, say=print) -> dict:

@@ -191,8 +191,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "make-tiny-model":
         from sdlora.model.tiny import make_tiny_model
+        from sdlora.model.tiny_sd3 import TINY_SD3_VARIANTS, make_tiny_sd3
+        from sdlora.util.ownership import require_own_or_empty_folder
 
-        path = make_tiny_model(args.dir, seed=args.seed, variant=args.variant)
+        folder = Path(args.dir).expanduser()
+        require_own_or_empty_folder(folder, "make-tiny-model", lambda f: False)  # never over someone's model
+        make = make_tiny_sd3 if args.variant in TINY_SD3_VARIANTS else make_tiny_model
+        path = make(folder, seed=args.seed, variant=args.variant)
         print(f"tiny {args.variant} model written to {path}")
         return 0
     if args.command == "inspect":

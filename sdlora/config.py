@@ -109,8 +109,6 @@ class DataConfig(CaptionOptions):
         if self.crop == "random" and self.cache_latents != "none":
             raise ValueError("data.crop=random cannot be combined with data.cache_latents (a cached latent fixes the "
                              "crop); use data.crop=center or data.cache_latents=none")
-        if self.mask_dir is not None and not self.masked_loss:
-            raise ValueError("data.mask_dir is set but data.masked_loss is off (set data.masked_loss: true)")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
         try:
@@ -250,9 +248,8 @@ class LoraConfig(Section):
                              f"{', '.join(LYCORIS_INITS[self.type])})")
         if self.type in LYCORIS_INITS and not self.train_a:
             raise ValueError(f"lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type={self.type}")
-        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.type != "lokr"):
-            raise ValueError(f"lora.lokr_factor={self.lokr_factor}: " + ("use -1 or a positive number" if
-                             self.lokr_factor == 0 else f"applies to lora.type=lokr, not {self.type}"))
+        if self.lokr_factor == 0:  # a factor with another lora.type: config_effects.py
+            raise ValueError("lora.lokr_factor=0: use -1 or a positive number")
         return self
 
 
@@ -459,6 +456,12 @@ class Config(Section):
         if not unet_targets and not te_targets:
             raise ValueError("nothing to train: lora.unet_targets is empty (and lora.conv is off or "
                              "lora.conv_targets empty) and the text encoder is not trained or has no targets")
+        from sdlora.config_effects import check  # keys set where they have no effect: the errors among them
+
+        try:
+            check(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @property

@@ -156,13 +156,18 @@ def test_merged_single_file_reproduces_the_trained_model(merged_case, tiny_model
 def test_export_refuses_to_overwrite_without_force(merged_case, tmp_path):
     root, _ = merged_case
     out = tmp_path / "lora.safetensors"
-    out.write_bytes(b"precious")
+    run_export(root / "run", "kohya", out, report=lambda *_: None)
+    written = out.read_bytes()
     with pytest.raises(UserError, match="--force"):
         run_export(root / "run", "kohya", out, report=lambda *_: None)
-    assert out.read_bytes() == b"precious"
+    assert out.read_bytes() == written
     assert main(["export", str(root / "run"), "--format", "diffusers", "--out", str(out)]) == 2
     run_export(root / "run", "diffusers", out, force=True, report=lambda *_: None)
-    assert out.read_bytes() != b"precious"
+    assert out.read_bytes() != written
+    out.write_bytes(b"precious")  # a file sdlora did not write: never replaced, --force or not
+    with pytest.raises(UserError, match="sdlora did not write it"):
+        run_export(root / "run", "diffusers", out, force=True, report=lambda *_: None)
+    assert out.read_bytes() == b"precious"
 
 
 def test_export_from_a_checkpoint_folder_and_with_base_override(merged_case, tiny_model, tmp_path):

@@ -449,7 +449,7 @@ def test_merge_refactors_them_as_a_lora_and_concat_resize_and_mitigation_refuse_
     ({"type": "lokr", "init": "orthogonal"}, "lora.init=orthogonal does not apply to lora.type=lokr: a Kronecker "
      "product is zero only where a factor is"),
     ({"type": "lokr", "train_a": False}, "lora.train_a=false (LoRA-FA) applies to lora and dora, not lora.type=lokr"),
-    ({"type": "loha", "lokr_factor": 4}, "lora.lokr_factor=4: applies to lora.type=lokr, not loha"),
+    ({"type": "loha", "lokr_factor": 4}, "lora.lokr_factor is set but has effect only with lora.type: lokr"),
     ({"type": "lokr", "lokr_factor": 0}, "lora.lokr_factor=0: use -1 or a positive number"),
 ])
 def test_combinations_the_kind_cannot_carry_are_one_line_errors(lora, message):

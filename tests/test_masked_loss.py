@@ -108,7 +108,7 @@ def test_masked_training_runs_and_differs_from_unmasked(make_config, masked_data
 
 
 def test_mask_dir_needs_masked_loss_and_an_existing_folder(make_config, tmp_path):
-    with pytest.raises(UserError, match="data.mask_dir is set but data.masked_loss is off"):
+    with pytest.raises(UserError, match="data.mask_dir is set but has effect only with data.masked_loss: true"):
         make_config(data={"mask_dir": str(tmp_path)})
     with pytest.raises(UserError, match="data.mask_dir: no such folder"):
         before_model(make_config(data={"masked_loss": True, "mask_dir": str(tmp_path / "nope")}))

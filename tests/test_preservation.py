@@ -11,7 +11,7 @@ from sdlora.errors import UserError
 from sdlora.lora import inject_all
 from sdlora.model.loading import load_components
 from sdlora.model.text import encode, tokenize
-from sdlora.reg.preservation import Preservation, preservation_prompts, remove_trigger_words
+from sdlora.training.preservation import Preservation, preservation_prompts, remove_trigger_words
 from sdlora.training.loop import train
 
 PROMPTS = ["a dog on a sofa", "a mountain lake at sunrise", "a red car"]

@@ -142,7 +142,7 @@ def test_merge_argument_errors_are_one_line_exit_2(two_adapters, tmp_path, capsy
         assert message in err and "\n" not in err, err
     out.write_bytes(b"precious")
     assert main(["merge", a, b, "--out", str(out)]) == 2
-    assert out.read_bytes() == b"precious" and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious" and "sdlora did not write it" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ resize

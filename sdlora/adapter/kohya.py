@@ -260,17 +260,6 @@ def addnet_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> tupl
     return model_hash, legacy_hash
 
 
-def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs."""
-    out = {}
-    for folder, captions in captions_by_folder.items():
-        counts: Counter[str] = Counter()
-        for caption in captions:
-            counts.update(t.strip() for t in caption.split(",") if t.strip())
-        out[folder] = dict(counts)
-    return out
-
-
 def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_version: str | None = None,
                    tag_frequencies: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` keys that A1111, ComfyUI and model sites read, plus sdlora's own.

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError, WriteError
+from sdlora.util.ownership import MERGED_MARKER
 from sdlora.util import atomic
 
 
@@ -51,6 +52,7 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, recor
         require_finite(getattr(pipe, name).state_dict(), out / name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        atomic.write_json(tmp / MERGED_MARKER, {"written_by": "sdlora export", "format": "merged-diffusers"})
         if record is not None:
             record.write_folder(tmp)
 

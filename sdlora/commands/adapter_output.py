@@ -11,6 +11,7 @@ from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.io import LAYOUTS, save_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
+from sdlora.util.ownership import require_replaceable
 from sdlora.util.tables import format_table
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -25,6 +26,7 @@ def check_output(command: str, out, *, force: bool, layout: str, dtype: str) -> 
     out = Path(out).expanduser()
     if out.is_dir():
         raise UserError(f"{command}: --out {out} is a folder; give a .safetensors file")
+    require_replaceable(out, command)  # --force or not: never a file sdlora did not write
     if out.exists() and not force:
         raise UserError(f"{command}: {out} exists; pass --force to replace it")
     return out

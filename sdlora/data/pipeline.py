@@ -40,7 +40,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     subsets = cfg.data_subsets()
     notes: list[Note] = []
     samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
-    held_out = []
+    held_out, scanned = [], samples
     if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
         from sdlora.data.held_out import split_held_out
 
@@ -71,6 +71,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
                           latent_factor=latent_factor)
     result.held_out = held_out
+    result.scanned = scanned  # every usable image in scan order, held-out ones included (the end-of-run row Fisher)
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result

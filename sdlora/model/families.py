@@ -152,6 +152,21 @@ class ModelFamily:
         """Keyword arguments of `UNet2DConditionModel.forward` that carry the conditioning of `batch`."""
         return {"encoder_hidden_states": embeddings}
 
+    # -- the denoiser call and the noise process ------------------------------------------------------------
+    def predict(self, denoiser, noisy, timesteps, conditioning, batch: dict | None = None) -> torch.Tensor:
+        """The denoiser's prediction (B, C, h, w) for `noisy` (B, C, h, w) at `timesteps` (B,) (the objective's
+        `Noised.timesteps`), conditioned on `encode`'s result and the batch's fields (`unet_kwargs`: SDXL's
+        `added_cond_kwargs`)."""
+        return denoiser(noisy, timesteps, **self.unet_kwargs(conditioning, batch)).sample
+
+    def objective(self, noise_scheduler, vae_config, loss_cfg):
+        """The noise process the family's denoiser was trained with (model/objective.py): DDPM, epsilon or
+        v-prediction as `noise_scheduler` (its training scheduler) says; latents scaled (and shifted) as
+        `vae_config` says; the loss section's timestep bounds, min-SNR and noise offset."""
+        from sdlora.model.objective import DDPMObjective
+
+        return DDPMObjective.from_config(noise_scheduler, vae_config, loss_cfg)
+
     def text_output(self, name: str, embeddings) -> torch.Tensor:
         """One of `text_outputs` out of `encode`'s result, (batch, tokens, width) (tokens = 1 for a pooled one)."""
         return embeddings

@@ -106,18 +106,16 @@ def detect_prediction_type(sd: dict, meta: dict, arch: str) -> str:
 def stated_prediction(sd: dict, meta: dict) -> tuple[str, bool | None] | None:
     """(prediction type, zero terminal SNR or None where unsaid) as the file states it of itself: the `v_pred` marker
     key (with `ztsnr`, zero terminal SNR: the pair ComfyUI reads), else its `modelspec.prediction_type` /
-    `sdlora.prediction_type` metadata (and a merged sdlora file's run record, its zero terminal SNR); None when it
+    `sdlora.prediction_type` metadata (and a merged sdlora file's `sdlora.zero_terminal_snr`); None when it
     says nothing (weights alone do not show it)."""
     if L.V_PRED_KEY in sd:
         return "v_prediction", L.ZTSNR_KEY in sd
     hint = meta.get("modelspec.prediction_type") or meta.get("sdlora.prediction_type")
     if not hint:
         return None
-    from sdlora.adapter.run_record import RunRecord
-
-    record = RunRecord.from_metadata(meta)  # a merged file of an sdlora run: its schedule too
+    ztsnr = meta.get("sdlora.zero_terminal_snr")  # a merged file of an sdlora run states its schedule too
     return ("v_prediction" if hint in ("v", "v_prediction") else "epsilon"), \
-        (record.zero_terminal_snr if record is not None else None)
+        (None if ztsnr is None else ztsnr == "True")
 
 
 def detect_version(sd: dict, meta: dict | None = None, path: str = "checkpoint") -> str:
@@ -339,7 +337,7 @@ def single_file_metadata(family, prediction_type: str, title: str, record=None) 
     tell v-prediction apart)."""
     if record is not None:
         return {**record.to_metadata(), **record.modelspec_fields(title=title, lora=False)}
-    return family.modelspec(prediction_type, title=title, lora=False)
+    return {**family.modelspec(prediction_type, title=title, lora=False), "sdlora.format": "merged-single-file"}
 
 
 def save_single_file(path, comps, *, dtype=torch.float32, carry: dict[str, torch.Tensor] | None = None,

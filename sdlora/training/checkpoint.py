@@ -221,7 +221,7 @@ def _as_tuple(x):
 @dataclass
 class Checkpointer:
     """Saves and restores everything stateful in a run. `data` is anything with state_dict/load_state_dict
-    (the data order); `export(path, step)` writes the adapter file."""
+    (the data order); `export(path, step, tensors=None)` writes the adapter file (training/export.Exporter)."""
 
     out: Path
     accelerator: object
@@ -275,10 +275,8 @@ class Checkpointer:
         atomic.write_json(folder / "trainer_state.json", state)
         self.export(folder / "adapter.safetensors", step)
         if self.ema is not None:
-            from sdlora.training.ema import export_ema
-
             atomic.save_safetensors(folder / "ema.safetensors", self.ema.state_dict())
-            export_ema(self.ema, self.export, folder / "adapter_ema.safetensors", step)
+            self.export(folder / "adapter_ema.safetensors", step, tensors=self.ema.average())
 
     def require_finite(self, step: int) -> None:
         from sdlora.util.finite import require_finite

@@ -33,7 +33,7 @@ def before_model(cfg) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")
     if cfg.reg.preservation.weight and cfg.reg.preservation.source == "file":
-        from sdlora.reg.preservation import read_prompts_file
+        from sdlora.training.preservation import read_prompts_file
 
         read_prompts_file(cfg.reg.preservation.prompts_file)  # missing, unreadable or empty: one line, now
     if cfg.sample.prompts_file:
