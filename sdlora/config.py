@@ -49,6 +49,8 @@ class CaptionOptions(Section):
     tag_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of dropping each tag (after keep_tokens).")
     prefix: str = Field("", description="Text put before every caption.")
     suffix: str = Field("", description="Text put after every caption.")
+    multiline_captions: bool = Field(False, description="A caption of several lines (a .txt with line breaks, a metadata.jsonl text with \\n) holds several captions of the image: one line is drawn each time the image is used, from the run's seed (off: the lines are joined with spaces, one caption).")
+    wildcards: bool = Field(False, description="{a|b|c} in a caption becomes one of a, b, c, drawn for each image once per epoch from the run's seed (kohya's enable_wildcard); {{ and }} are literal braces.")
 
     @model_validator(mode="after")
     def _caption_extension(self) -> "CaptionOptions":
