@@ -138,3 +138,8 @@ def test_kohya_lora_reads_back_with_each_parts_rank_and_only_the_adapted_thirds(
         mk.lora_from_kohya({"lora_unet_joint_blocks_9_x_block_attn_qkv": back[paths[0]]}, model.config)
     with pytest.raises(ValueError, match="pos_embed.proj: no kohya SD3 LoRA name"):
         mk.lora_to_kohya({"pos_embed.proj": back[paths[0]]}, model.config)
+
+
+def test_kohya_model_type_of_each_variant():
+    types = {v: mk.kohya_model_type(tiny_sd3_transformer(v).config) for v in ("sd3", "sd35m", "sd35l")}
+    assert types == {"sd3": "medium", "sd35m": "5-medium", "sd35l": "5-large"}

@@ -155,6 +155,15 @@ def from_original(sd: dict[str, torch.Tensor], config, prefix: str = "") -> dict
     return out
 
 
+def kohya_model_type(config) -> str:
+    """kohya's SD3 model type from the transformer config, as `library/sd3_utils.py` tells it from the weights:
+    QK-norm with dual attention "5-medium", QK-norm alone "5-large", neither "medium" (SD3 Medium). kohya writes it as
+    `ss_base_model_version` and in `modelspec.architecture` = "stable-diffusion-3-<type>/lora"."""
+    if config.get("qk_norm") is None:
+        return "medium"
+    return "5-medium" if config.get("dual_attention_layers") else "5-large"
+
+
 def kohya_name(original_module: str) -> str:
     """kohya's LoRA name of an original MMDiT module: `lora_unet_` + the path with dots as underscores."""
     return KOHYA_PREFIX + original_module.replace(".", "_")
