@@ -181,6 +181,9 @@ class SD3Family(ModelFamily):
 
         return "caption_projection_dim" in config and kohya_model_type(config) == self.model_type
 
+    def matches_single_file(self, keys) -> bool:
+        return False  # single-file SD3 is refused by name (model/single_file.detect_family)
+
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return self.matches_denoiser(denoiser_config)
 
