@@ -46,6 +46,9 @@ def base_config(tmp_path) -> dict:
     return {"model": {"path": str(tmp_path)}, "data": {"path": str(tmp_path)}, "output": {"dir": str(tmp_path / "o")}}
 
 
+LIST_ITEM_REQUIRED = {"subsets": {"path": "d"}, "lr_rules": {"match": "unet"}, "entries": {"prompt": "a cat"}}
+
+
 def with_value(data: dict, key: str, value) -> dict:
     """`data` with `key` (dotted; `name[0]` is the first item of a list, created with its required keys) set."""
     node = data
@@ -54,11 +57,9 @@ def with_value(data: dict, key: str, value) -> dict:
         if part.endswith("[0]"):
             part = part[:-3]
             node = node.setdefault(part, [{}])[0]
+            node.update(LIST_ITEM_REQUIRED[part])  # a new list of the schema: add its items' required keys here
             if part == "subsets":
-                node.setdefault("path", data["data"]["path"])
                 data["data"].pop("path", None)
-            if part == "lr_rules":
-                node.setdefault("match", "unet")
         else:
             node = node.setdefault(part, {})
     leaf = parts[-1]
