@@ -120,6 +120,7 @@ def test_dataset_config_with_two_subsets(tiny_model, shapes_data, tmp_path, caps
 shuffle_caption = true
 caption_extension = ".txt"
 keep_tokens = 1
+enable_wildcard = true
 [[datasets]]
 resolution = 64
 batch_size = 2
@@ -162,6 +163,7 @@ max_train_steps = 7
     assert (first["path"], first["repeats"], first["caption_extension"], first["keep_tokens"]) == (str(a), 2, ".txt", 1)
     assert (second["repeats"], second["caption_extension"], second["class_caption"]) == (1, ".caption", "shape")
     assert first["shuffle_tags"] and second["shuffle_tags"]  # [general] reaches every subset
+    assert first["wildcards"] and second["multiline_captions"]  # kohya's enable_wildcard turns on both
     assert (data["train"]["batch_size"], data["train"]["max_steps"], data["data"]["max_side"]) == (2, 7, 128)
     assert data["data"]["bucketing"] is True
     _, result = _train_two_steps(out)

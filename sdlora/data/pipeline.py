@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 
 from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
-from sdlora.data.captions import base_caption, count_truncated, transform_caption
+from sdlora.data.captions import base_caption, count_truncated, pick_variant, transform_caption
 from sdlora.data.images import BadImage, open_checked
 from sdlora.data.masks import check_masks, load_mask
-from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
+from sdlora.data.sampler import CAPTION_LINE, SAMPLE, WILDCARD, epoch_batches, rng_for
 from sdlora.data.samples import Sample, center_offset, load_pixels
 from sdlora.data.sources import Item, Note, Rejected, discover
 from sdlora.errors import UserError
@@ -64,7 +64,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     say(bucket_table(counts))
     limit = data.max_token_length
     truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
-                                comps.tokenizer, limit)
+                                comps.tokenizers[0], limit)
     if truncated:
         say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's {limit} tokens "
             f"(data.max_token_length) and will be truncated")
@@ -166,7 +166,11 @@ class TrainingData:
             rng = rng_for(self.cfg.train.seed, epoch, SAMPLE, index, position)
             offset = crop_offset(sample.geo, self.cfg.data.crop, rng)
             flip = bool(rng.random() < 0.5) and self.cfg.data.flip
-            caption = transform_caption(sample.item.caption, self.subsets[sample.item.subset], rng)
+            opts, seed = self.subsets[sample.item.subset], self.cfg.train.seed
+            text = pick_variant(sample.item.caption, opts,  # their own streams: no other draw moves
+                                rng_for(seed, epoch, CAPTION_LINE, index, position) if opts.multiline_captions else None,
+                                rng_for(seed, epoch, WILDCARD, sample_index) if opts.wildcards else None)
+            caption = transform_caption(text, opts, rng)
             out.append(Slot(sample_index, offset, flip, caption))
         return out
 
