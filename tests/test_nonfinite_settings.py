@@ -63,7 +63,8 @@ def with_value(data: dict, key: str, value) -> dict:
         else:
             node = node.setdefault(part, {})
     leaf = parts[-1]
-    node[leaf] = [value, 0.5] if typing.get_origin(FLOAT_KEYS[key]) is tuple else value
+    origin = typing.get_origin(FLOAT_KEYS[key])
+    node[leaf] = [value, 0.5] if origin is tuple else {"text_encoder": value} if origin is dict else value
     return data
 
 
