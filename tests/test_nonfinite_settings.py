@@ -145,3 +145,13 @@ def test_every_float_argument_refuses_non_finite_values_in_one_line(name, value,
         build_parser().parse_args(argv)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and "finite" in err, (argv, err)
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_a_sample_prompt_files_guidance_scale_is_finite(value):
+    """sample.prompts_file's numbers are settings too (kohya's --l guidance scale)."""
+    from sdlora.training.sample_prompts import parse_prompt_line
+
+    with pytest.raises(UserError, match="finite") as info:
+        parse_prompt_line(f"a cat --l {value}", "prompts.txt line 1")
+    assert "prompts.txt line 1" in str(info.value) and "\n" not in str(info.value)
