@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = _expand_home(build_parser().parse_args(argv))
     try:
         return _dispatch(args)
     except UserError as e:
@@ -175,6 +175,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _expand_home(args: argparse.Namespace) -> argparse.Namespace:
+    """A leading `~` in any argument is the user's home (a shell leaves `--out=~/x` or a quoted '~/x' as it is);
+    every string argument that starts with `~` is a path (a --set KEY=VALUE's path is expanded by the config)."""
+    def expand(v):
+        if isinstance(v, str) and v.startswith("~"):
+            return os.path.expanduser(v)
+        return [expand(x) for x in v] if isinstance(v, list) else v
+
+    for name, value in vars(args).items():
+        setattr(args, name, expand(value))
+    return args
 
 
 def _stopped(e) -> int:
