@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdlora.adapter.io import LAYOUTS, load_adapter, save_adapter
+from sdlora.adapter.io import LAYOUTS, load_adapter, reader_notes, save_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
@@ -69,6 +69,8 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
     torch_dtype = DTYPES[dtype]
     if fmt in LAYOUTS:  # every write is atomic; a failed one is a WriteError naming `out` (one line, exit 2)
         save_adapter(adapter.to(torch_dtype), out, fmt, tag_frequencies=_tag_frequencies(cfg) if fmt == "kohya" else None)
+        for note in reader_notes(adapter, fmt):
+            report(f"export: warning: {note}")
     else:
         _export_merged(adapter, record, fmt, out, torch_dtype, base or (record.base_model if record else None),
                        cfg.get("model") or {})

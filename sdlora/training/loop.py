@@ -21,7 +21,7 @@ from sdlora.training import preflight
 from sdlora.training.checkpoint import Checkpointer, find_checkpoint
 from sdlora.training.draws import GlobalBatchDraws
 from sdlora.training.ema import export_ema, make_ema
-from sdlora.training.export import export_adapter
+from sdlora.training.export import UI_FILE, export_adapter, export_for_uis
 from sdlora.training.fisher import store_run_fisher
 from sdlora.training.losses import diffusion_loss, diffusion_target
 from sdlora.training.nonfinite import NonFiniteCounter, agree, all_finite, grads_finite
@@ -305,9 +305,10 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run: RunStart, 
             store_run_fisher(cfg, adapter_path, accelerator.device, say)
         if ema is not None:
             export_ema(ema, export, out / "adapter_ema.safetensors", step)
+        for_uis = export_for_uis(adapter_path, out / UI_FILE, cfg)
         finish_run(out, step, time.perf_counter() - t0)
         ran = f"steps {first_step + 1}-{step} ({step - first_step})" if first_step else f"{step} steps"  # this launch's
-        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}; {for_uis}")
     accelerator.end_training()
     return TrainResult(out, adapter_path, comps, layers, losses, step)
 

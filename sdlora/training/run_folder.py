@@ -79,7 +79,8 @@ def clear_previous_run(out: Path) -> None:
     shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
     shutil.rmtree(out / "samples", ignore_errors=True)
-    for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors"):
+    for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors",
+                 "adapter_kohya.safetensors"):
         (out / name).unlink(missing_ok=True)
 
 
