@@ -199,7 +199,7 @@ def train_unet_te(p, vae, pixels, captions, out: Path, seed: int, record: dict, 
     start, losses, seconds = 0, [], 0.0
     ckpt = out / "unet_te_checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors and plain values only: never runs code
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])

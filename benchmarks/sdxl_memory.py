@@ -230,9 +230,9 @@ def read_json(folder: Path, part: str) -> dict:
     return json.loads((folder / part / "config.json").read_text())
 
 
-def build(folder: Path, cfg, with_frozen: bool = True):
-    """The family's models from `folder`'s configs (random values), LoRA injected and placed as training does.
-    Returns (components, layers); call inside FakeTensorMode for fake tensors."""
+def build(folder: Path, cfg, with_frozen: bool = True, device: torch.device = torch.device("cpu")):
+    """The family's models from `folder`'s configs (random values), LoRA injected and placed on `device` as training
+    does. Returns (components, layers); call inside FakeTensorMode for fake tensors."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -244,46 +244,46 @@ def build(folder: Path, cfg, with_frozen: bool = True):
                          "text_encoder_2": CLIPTextModelWithProjection(
                              CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
+    comps = types.SimpleNamespace(unet=unet, denoiser=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
                                   scaling_factor=read_json(folder, "vae")["scaling_factor"])
-    layers = inject_all(unet, text_encoders, cfg)
+    layers = inject_all({"unet": unet, **text_encoders}, cfg, SDXL)
     models = [unet, vae, *text_encoders.values()]
     fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
     for t in (t for m in models for t in (*m.parameters(), *m.buffers())):
         if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
             t.constant = None
     with fake_module_conversion(fake):
-        place_models(comps, layers, torch.device("cpu"), torch.bfloat16, cfg)
+        place_models(comps, layers, device, torch.bfloat16, cfg)
     return comps, layers
 
 
-def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int]) -> dict:
+def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int], device="cpu") -> dict:
     """One cached sample as the step reads it: the latent distribution (bf16, as `latent_distribution` returns it on
     a bf16 VAE), the cached conditioning (bf16) and the micro-conditioning sizes (float32 pixels)."""
-    lat = px // 8
-    hidden = torch.randn(1, 77, hidden_width, dtype=torch.bfloat16)
-    size = torch.tensor([[float(px), float(px)]])
-    return {"mean": torch.randn(1, 4, lat, lat, dtype=torch.bfloat16),
-            "std": torch.rand(1, 4, lat, lat, dtype=torch.bfloat16),
-            "cond": SDXLConditioning(hidden, torch.randn(1, pooled_width, dtype=torch.bfloat16),
+    lat, bf16 = px // 8, {"dtype": torch.bfloat16, "device": device}
+    hidden = torch.randn(1, 77, hidden_width, **bf16)
+    size = torch.tensor([[float(px), float(px)]], device=device)
+    return {"mean": torch.randn(1, 4, lat, lat, **bf16), "std": torch.rand(1, 4, lat, lat, **bf16),
+            "cond": SDXLConditioning(hidden, torch.randn(1, pooled_width, **bf16),
                                      tuple(hidden.split(list(widths), dim=-1))),
-            "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2), "target_size": size.clone()}}
+            "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2, device=device),
+                      "target_size": size.clone()}}
 
 
-def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True):
+def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True, device=torch.device("cpu")):
     """One training step as training/loop.py runs it for a cached batch (a non-dropped caption); `cuda_lists`: the
     autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU
-    autocast's own."""
+    autocast's own. On a CUDA `device` the step runs under CUDA's own autocast (`cuda_lists` is then moot)."""
     unet, scheduler, scaling = comps.unet, comps.noise_scheduler, comps.scaling_factor  # the VAE config's
 
     def step(inputs: dict) -> None:
         latents = (inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])) * scaling
         noise = sample_noise(latents, cfg.loss.noise_offset)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # the lists act inside autocast only, which includes the checkpoints' recomputation during backward
-        with cuda_fp32_norms() if cuda_lists else contextlib.nullcontext():
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerator.autocast() with mixed_precision bf16
+        with cuda_fp32_norms() if cuda_lists and device.type == "cpu" else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # accelerator.autocast(), mixed_precision bf16
                 pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
             loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)

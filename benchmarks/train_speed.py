@@ -9,7 +9,7 @@ every frozen tensor to itself), and run interleaved, round by round, so machine 
     python3 benchmarks/train_speed.py                  # CPU, 256 px, fp32 (about 10 min on 2 cores)
     python3 benchmarks/train_speed.py --quick          # smoke: 1 warm-up + 2 timed steps at 128 px
     python3 benchmarks/train_speed.py --device cuda --resolution 512 --dtype bf16
-    python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16
+    python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16 --rank 32 --json x.json
     python3 benchmarks/train_speed.py --family sdxl --arch tiny --quick --doc ''   # smoke: tiny SDXL, seconds
 
 SDXL: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant; each
@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -63,11 +62,12 @@ from sdlora.model.components import Components  # noqa: E402
 from sdlora.model.families import family_named  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
+from speed_report import Result, summary, table, write_doc  # noqa: E402  (benchmarks/speed_report.py)
 
 CONFIGS = {"sd1": ROOT / "sdlora" / "resources" / "configs" / "sd_v1",
            "sdxl": ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RANK = 16
+RANK = 16  # the default; --rank sets another (SDXL's usual: 32)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -86,13 +86,15 @@ def build_base(family: str, arch: str = "full") -> Components:
         comps = load_components(str(make_tiny_sdxl(folder) if family == "sdxl" else make_tiny_model(folder)))
     else:
         configs = CONFIGS[family]
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))]
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))}
         if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2")))
-        comps = Components(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
-                           AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")), encoders[0], None,
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+                  "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")), **encoders}
+        comps = Components(family_named(family), models, dict.fromkeys(encoders),
                            DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler")),
-                           f"random {family}", family_named(family), *encoders[1:])
+                           f"random {family}")
     for m in (comps.unet, comps.vae, *comps.text_encoders.values()):
         m.requires_grad_(False)
     return comps
@@ -104,9 +106,9 @@ def shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def make_cfg(**train):
+def make_cfg(rank=RANK, **train):
     return validate({"model": {"path": "-"}, "data": {"path": "-"}, "output": {"dir": "-"},
-                     "lora": {"rank": RANK, "alpha": RANK}, "train": {"seed": 0, **train},
+                     "lora": {"rank": rank, "alpha": rank}, "train": {"seed": 0, **train},
                      "reg": {"embedding_norm": {"weight": 0.1}}, "log": {"tracker": "none"}})
 
 
@@ -184,7 +186,7 @@ def floor_step(unet, encoders, family, scheduler, cfg, batch, gen, autocast, *, 
 SD1_ONLY = ("sdlora+penalty",)  # the benchmark's penalty variant measures SD 1.5's one-encoder penalty
 
 
-def build_variants(base: Components, device, dtype, autocast, only):
+def build_variants(base: Components, device, dtype, autocast, only, rank: int = RANK):
     unet0, vae, scheduler, family = base.unet, base.vae, base.noise_scheduler, base.family
     encoders0 = list(base.text_encoders.values())
     # The penalty's content mask reads the EOS of make_batch's ids (SD 1.5's 49407; its text-encoder config says 2)
@@ -194,14 +196,14 @@ def build_variants(base: Components, device, dtype, autocast, only):
 
     def sdlora_variant(name, cfg, **kw):
         unet, encoders = shared_copy(unet0), {n: shared_copy(te) for n, te in base.text_encoders.items()}
-        layers = inject_all(unet, encoders, cfg)
-        comps = dataclasses.replace(base, unet=unet, **dict(zip(("text_encoder", "text_encoder_2"), encoders.values())))
+        layers = inject_all({"unet": unet, **encoders}, cfg, family)
+        comps = dataclasses.replace(base, models={**base.models, "unet": unet, **encoders})
         place_models(comps, layers, device, dtype, cfg)
         groups = build_param_groups(layers, cfg, family)
         opt = make_optimizer(groups.groups, cfg)
         params = [p for g in groups.groups for p in g["params"]]
         te = list(encoders.values())
-        reg = EmbeddingNormRegulariser(te[0], tokenizer, cfg) if kw.pop("penalty", False) else None
+        reg = EmbeddingNormRegulariser(te[0], tokenizer, cfg, family=family, output="text_encoder") if kw.pop("penalty", False) else None
         step = lambda b: lora_step(unet, te, family, opt, params, scheduler, cfg, b, gen, autocast,  # noqa: E731
                                    regulariser=reg, **kw)
         variant = Variant(name, step, params, opt)
@@ -209,7 +211,7 @@ def build_variants(base: Components, device, dtype, autocast, only):
             variant.own_cost = lambda b: penalty_seconds(reg, te[0], family, b)
         return variant
 
-    cfg = make_cfg()
+    cfg = make_cfg(rank)
     wanted = lambda n: (only is None or n in only) and (family.name == "sd1" or n not in SD1_ONLY)  # noqa: E731
     if wanted("floor"):
         variants.append(Variant("floor", lambda b: floor_step(unet0, encoders0, family, scheduler, cfg, b, gen, autocast)))
@@ -221,25 +223,25 @@ def build_variants(base: Components, device, dtype, autocast, only):
     if wanted("sdlora+penalty"):
         variants.append(sdlora_variant("sdlora+penalty", cfg, penalty=True))
     if wanted("peer"):
-        variants.append(peer_variant(base, cfg, gen, device, dtype, autocast))
+        variants.append(peer_variant(base, cfg, gen, device, dtype, autocast, rank))
     if wanted("sdlora+vae"):
         variants.append(sdlora_variant("sdlora+vae", cfg, vae=vae))
     if wanted("sdlora+ckpt"):
-        variants.append(sdlora_variant("sdlora+ckpt", make_cfg(gradient_checkpointing=True)))
+        variants.append(sdlora_variant("sdlora+ckpt", make_cfg(rank, gradient_checkpointing=True)))
     return variants
 
 
-def peer_variant(base: Components, cfg, gen, device, dtype, autocast):
+def peer_variant(base: Components, cfg, gen, device, dtype, autocast, rank: int = RANK):
     """What diffusers' LoRA training examples do (train_text_to_image_lora.py; for SDXL train_dreambooth_lora_sdxl.py
     with --train_text_encoder: both encoders): peft adapters via add_adapter on the same targets, the LoRA weights
     cast to fp32 (their cast_training_params), one optimiser over UNet and text-encoder parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
     unet, encoders = shared_copy(base.unet), [shared_copy(te) for te in base.text_encoders.values()]
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                 target_modules=list(cfg.lora.unet_targets)))
     for te in encoders:  # transformers' add_adapter is this call (transformers 5's asks for peft >= 0.22 first)
-        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True,
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                            target_modules=list(cfg.lora.text_encoder_targets)), te)
     for m in (unet, *encoders):
         m.to(device=device, dtype=dtype)
@@ -342,74 +344,29 @@ def make_batch(base: Components, resolution, device, dtype, i):
         latents=torch.randn(1, 4, resolution // 8, resolution // 8, generator=g).to(device, dtype))
 
 
-# ---------------------------------------------------------------------------------------------- report
-@dataclasses.dataclass(frozen=True)
-class Result:
-    name: str
-    seconds: list[float]
-    peak_bytes: int  # during the step, above what the process held before it
-    persistent: int  # adapter factors and the optimiser state
-
-
-def paired_ratio(v, ref) -> float:
-    """Median over rounds of v's time over ref's time in the same round."""
-    return statistics.median(a / b for a, b in zip(v.seconds, ref.seconds))
-
-
-def table(variants) -> str:
-    by = {v.name: v for v in variants}
-    mib = {v.name: (v.peak_bytes + v.persistent) / 2**20 for v in variants}
-    rows = ["| variant | s/step median (best) | x floor | x floor+te_bwd | x peer | x peer, best rounds | peak MiB "
-            "| MiB x peer |", "|---|---|---|---|---|---|---|---|"]
-    for name, v in by.items():
-        cells = [f"{paired_ratio(v, by[ref]):.3f}" if ref in by else "-" for ref in ("floor", "floor+te_bwd", "peer")]
-        best = f"{min(v.seconds) / min(by['peer'].seconds):.3f}" if "peer" in by else "-"
-        mp = f"{mib[name] / mib['peer']:.3f}" if "peer" in mib else "-"
-        rows.append(f"| {name} | {statistics.median(v.seconds):.3f} ({min(v.seconds):.3f}) | {' | '.join(cells)} | {best} "
-                    f"| {mib[name]:.0f} | {mp} |")
-    return "\n".join(rows)
-
-
-def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    model = {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family] + (" (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else "")
-    section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}, batch 1\n\n"
-               f"Command: `python3 benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  \n"
-               f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
-               f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
-               f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")
-    marker = f"<!-- table:{device.type} -->" if args.family == "sd1" else f"<!-- table:{args.family}:{device.type} -->"
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if marker in old:  # replace this device's table, keep the rest of the page
-        head, _, rest = old.partition(marker)
-        tail = rest.partition("<!-- /table -->")[2]
-        text = f"{head}{marker}\n{section}<!-- /table -->{tail}"
-    else:
-        text = old.rstrip() + f"\n\n{marker}\n{section}<!-- /table -->\n"
-    atomic.write_text(path, text)
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings between torch.cuda.synchronize calls)")
     p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"], help="the architecture measured (default sd1)")
     p.add_argument("--arch", default="full", choices=["full", "tiny"],
                    help="full: the real architecture (random weights); tiny: the test suite's tiny model, a smoke run")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--rank", type=int, default=RANK, help=f"LoRA rank = alpha, sdlora and the peer (default {RANK})")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--only", nargs="*", help="variants to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: 128 px, 1 warm-up, 2 timed rounds")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="page to write the table into ('' = none)")
+    p.add_argument("--json", default="", help="also write the numbers as JSON here (what summary() returns)")
     args = p.parse_args(argv)
     if args.quick:
         args.resolution, args.warmup, args.steps = 128, 1, 2
+    return args
+
+
+def measure(args, say=print) -> dict:
+    """Build the variants, run the rounds; returns {"table", "variants": summary(), "settings", "seconds"}."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if device.type in ("cpu", "cuda") and dtype != torch.float32:
@@ -422,19 +379,33 @@ def main(argv=None) -> int:
         keep_freed_cpu_memory()  # as the trainer does on CPU (sdlora/allocator.py); the same for every variant
     t_start = time.perf_counter()
     base = build_base(args.family, args.arch)
-    variants = build_variants(base, device, dtype, autocast, args.only)  # LoRA is injected on the CPU, as in the trainer
-    for model in (base.unet, base.vae, *base.text_encoders.values()):  # shared weights moved already (same Parameter
-        model.to(device, dtype)  # objects); this moves the base's buffers
-    print(f"built {len(variants)} variants in {time.perf_counter() - t_start:.0f} s; "
-          f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}", flush=True)
-    run_rounds(variants, base, args, device, dtype, say=lambda line: print(line, flush=True))
-    tbl = table([Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants])
+    variants = build_variants(base, device, dtype, autocast, args.only, args.rank)  # LoRA injected on the CPU, as in
+    for model in (base.unet, base.vae, *base.text_encoders.values()):  # the trainer; shared weights moved already
+        model.to(device, dtype)  # (same Parameter objects); this moves the base's buffers
+    built = time.perf_counter() - t_start
+    say(f"built {len(variants)} variants in {built:.0f} s; "
+        f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}")
+    run_rounds(variants, base, args, device, dtype, say=say)
+    results = [Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants]
+    tbl = table(results)
     extra = isolated_costs(variants, base, args, device, dtype)
     if extra:
         tbl += "\n\n" + extra
-    print(tbl)
+    settings = {k: getattr(args, k) for k in ("device", "family", "arch", "resolution", "dtype", "rank", "warmup",
+                                              "steps", "only")}
+    return {"table": tbl, "variants": summary(results), "settings": settings, "build_seconds": built,
+            "seconds": time.perf_counter() - t_start,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    measured = measure(args, say=lambda line: print(line, flush=True))
+    print(measured["table"])
     if args.doc:
-        write_doc(Path(args.doc), tbl, args, device, time.perf_counter() - t_start)
+        write_doc(Path(args.doc), measured["table"], args, torch.device(args.device), measured["seconds"])
+    if args.json:
+        atomic.write_json(Path(args.json), {k: v for k, v in measured.items() if k != "table"})
     return 0
 
 

@@ -214,8 +214,9 @@ def run(work: Path, variant: str) -> list[str]:
     files = trained_files(out)
     sh("export", str(out), "--format", "kohya", "--out", str(root / "kohya.safetensors"))
     sh("export", str(out), "--format", "kohya", "--dtype", "fp16", "--out", str(root / "kohya16.safetensors"))
-    sh("export", str(out), "--format", "merged-diffusers", "--out", str(root / "merged"))
-    sh("export", str(out), "--format", "merged-single-file", "--out", str(root / "merged.safetensors"))
+    sh("export", str(out), "--format", "merged-diffusers", "--out", str(root / "merged"), "--base", str(model))
+    sh("export", str(out), "--format", "merged-single-file", "--out", str(root / "merged.safetensors"),
+       "--base", str(model))
     files["kohya"] = root / "kohya.safetensors"
     files["kohya-fp16"] = root / "kohya16.safetensors"
     files["merged-single-file"] = root / "merged.safetensors"

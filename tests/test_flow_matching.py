@@ -24,7 +24,11 @@ def test_draws_equal_diffusers_density_sampling(sampling):
     theirs = compute_density_for_timestep_sampling(sampling if sampling != "uniform" else "none", 64, logit_mean=0.3,
                                                    logit_std=1.2, mode_scale=1.29,
                                                    generator=torch.Generator().manual_seed(3))
-    assert torch.equal(ours, theirs)  # the same formulas on the same random numbers: bit-identical
+    if sampling == "logit_normal":  # z * std + mean vs torch.normal's fused form: 1-2 float32 ulps before sigmoid
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0) and not torch.equal(ours, torch.sigmoid(
+            torch.randn(64, generator=torch.Generator().manual_seed(3))))  # (and the mean and std are applied)
+    else:
+        assert torch.equal(ours, theirs)  # the same formulas on the same random numbers: bit-identical
 
 
 def test_cosmap_draw_has_the_density_diffusers_weights_by():
@@ -112,12 +116,6 @@ def test_draws_are_reproducible_and_resume_exact():
     resumed.set_state(state)
     assert torch.equal(fm.draw_sigmas(draw, 4, resumed), second) and not torch.equal(first, second)
     assert torch.all((first >= 0.1) & (first <= 0.9))
-
-
-def test_vae_latents_invert_the_pipelines_decode_scaling():
-    sample = torch.randn(2, 16, 4, 4)
-    latents = fm.vae_latents(sample, 1.5305, 0.0609)
-    assert torch.allclose(latents / 1.5305 + 0.0609, sample, atol=1e-6)  # what StableDiffusion3Pipeline decodes
 
 
 def test_bad_names_and_ranges_are_refused_in_one_line():

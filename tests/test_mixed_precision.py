@@ -35,13 +35,14 @@ def test_offset_factors_stay_fp32_under_bf16_and_the_export_is_the_fp32_update(m
                       lora={"init": init, "conv": conv})
     result = train(cfg, log=lambda *_: None)
     comps = load_components(cfg.model.path)
-    initial = inject_all(comps.unet, comps.text_encoder, cfg)  # the same seeded init, never cast: B0, A0 in fp32
+    initial = inject_all(comps.adaptable(), cfg, comps.family)  # the same seeded init, never cast: B0, A0 in fp32
     exported = load_adapter(result.adapter_path).modules
     worst = 0.0
     for name, layer in result.layers.items():
         assert layer.offset_A.dtype == torch.float32 and layer.offset_B.dtype == torch.float32, name
         s = float(layer.scale())  # fixed alpha: s = s0
-        sb, a = s * layer.lora_B.detach().double().flatten(1), layer.lora_A.detach().double().flatten(1)
+        # .cpu(): the comparison runs on the CPU whatever device trained (tests/test_gpu_training.py reuses this test)
+        sb, a = s * layer.lora_B.detach().cpu().double().flatten(1), layer.lora_A.detach().cpu().double().flatten(1)
         b0, a0 = initial[name].offset_B.double().flatten(1), initial[name].offset_A.double().flatten(1)  # s0 in b0
         reference = sb @ a - b0 @ a0  # float64
         m = exported[name]

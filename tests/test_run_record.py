@@ -55,8 +55,8 @@ def test_every_export_reads_back_what_was_trained(case, make_config, tiny_model,
              "diffusers": run_export(tmp_path / "run", "diffusers", tmp_path / "d.safetensors", report=quiet),
              "kohya": run_export(tmp_path / "run", "kohya", tmp_path / "k.safetensors", report=quiet),
              "merged-single-file": run_export(tmp_path / "run", "merged-single-file", tmp_path / "m.safetensors",
-                                              report=quiet)}
-    folder = run_export(tmp_path / "run", "merged-diffusers", tmp_path / "merged", report=quiet)
+                                              base=str(model), report=quiet)}
+    folder = run_export(tmp_path / "run", "merged-diffusers", tmp_path / "merged", base=str(model), report=quiet)
     records = {k: RunRecord.from_metadata(_meta(p)) for k, p in files.items()}
     records["merged-diffusers"] = RunRecord.from_folder(folder)
     for where, record in records.items():

@@ -127,7 +127,7 @@ def test_export_and_merge_say_that_the_dora_kohya_file_is_not_for_comfyui_and_re
     run_export(native, "diffusers", tmp_path / "d.safetensors", report=said.append)  # diffusers reads it exactly
     assert not [line for line in said if "warning" in line]
     # a DoRA run leaves no file for those tools, and its end message says why
-    line = export_for_uis(native, tmp_path / UI_FILE, None)
+    line = export_for_uis(native, tmp_path / UI_FILE)
     assert not (tmp_path / UI_FILE).exists() and "ComfyUI" in line and "merged-single-file" in line
 
 

@@ -67,10 +67,11 @@ def test_a_full_disk_at_the_final_adapter_names_the_intact_checkpoint_and_the_co
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya", "merged-single-file", "merged-diffusers"])
 def test_a_full_disk_during_export_is_one_line_naming_the_file_and_keeps_the_old_one(fmt, make_config, tmp_path,
-                                                                                      monkeypatch, capsys):
+                                                                                      tiny_model, monkeypatch, capsys):
     train(make_config(train={"max_steps": 1}), log=lambda *_: None)
     out = tmp_path / ("merged" if fmt == "merged-diffusers" else "out.safetensors")
-    run_export(tmp_path / "run", fmt, out, report=lambda *_: None)
+    base = ["--base", str(tiny_model)] if fmt.startswith("merged") else []
+    run_export(tmp_path / "run", fmt, out, base=str(tiny_model), report=lambda *_: None)
     before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) if out.is_dir() \
         else out.read_bytes()
     fill_disk_at(monkeypatch)
@@ -81,7 +82,7 @@ def test_a_full_disk_during_export_is_one_line_naming_the_file_and_keeps_the_old
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(safetensors.torch, "save_file", full)
-    assert main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(out), "--force"]) == 2
+    assert main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(out), "--force", *base]) == 2
     err = error_line(capsys)
     assert f"could not write {out}: the disk is full" in err, err
     after = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) if out.is_dir() \

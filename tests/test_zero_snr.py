@@ -99,13 +99,15 @@ def test_a_zero_snr_run_samples_and_every_export_says_so(tiny_sdxl_v, shapes_dat
     assert record.zero_terminal_snr and record.prediction_type == "v_prediction"
     kohya = _metadata(run_export(result.adapter_path, "kohya", tmp_path / "k.safetensors", report=QUIET))
     assert kohya["ss_zero_terminal_snr"] == "True" and kohya["ss_v_parameterization"] == "True"
-    folder = run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", report=QUIET)
+    folder = run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=str(tiny_sdxl_v),
+                        report=QUIET)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"], scheduler["prediction_type"]) == (
         True, "trailing", "v_prediction")
     merged = load_components(str(folder))
     assert merged.zero_terminal_snr and merged.prediction_type == "v_prediction"
-    single = run_export(result.adapter_path, "merged-single-file", tmp_path / "m.safetensors", report=QUIET)
+    single = run_export(result.adapter_path, "merged-single-file", tmp_path / "m.safetensors",
+                        base=str(tiny_sdxl_v), report=QUIET)
     with safe_open(str(single), "pt") as f:
         assert {L.V_PRED_KEY, L.ZTSNR_KEY} <= set(f.keys())  # ComfyUI's markers of a zero-SNR v-prediction SDXL
     configs = tmp_path / "configs"  # the model's configs without a scheduler: the file alone says v and zero SNR

@@ -3,6 +3,7 @@ an adapter in a chosen layout. Every reader and writer of adapter files goes thr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -44,11 +45,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def load_adapter(path: str | Path) -> AdapterWeights:
-    """Read an adapter in the native layout or kohya's (see `detect_layout`)."""
+    """Read an adapter in the native layout or kohya's (see `detect_layout`). A module holding NaN or inf (in a
+    tensor or its alpha) is a `UserError` naming the file and the module: no reader (resize's and merge's SVDs,
+    export, inspect, lora.init_from) can do anything sound with it."""
     sd, meta = read_safetensors(path)
-    if detect_layout(sd) == "kohya":
-        return from_kohya_state_dict(sd, meta)
-    return from_native_keys(sd, meta)
+    adapter = from_kohya_state_dict(sd, meta) if detect_layout(sd) == "kohya" else from_native_keys(sd, meta)
+    for name, module in adapter.modules.items():
+        bad = [role for role, t in module.tensors().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if module.alpha is not None and not math.isfinite(module.alpha):
+            bad.append("alpha")
+        if bad:
+            raise UserError(f"{path}: module {name} holds non-finite values (NaN/inf) in {', '.join(bad)}; the file "
+                            "is broken (re-export it from a finite checkpoint)")
+    return adapter
 
 
 def reader_notes(adapter: AdapterWeights, layout: str) -> list[str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import WriteError
+from sdlora.errors import UserError, WriteError
+from sdlora.util.ownership import MERGED_MARKER
 from sdlora.util import atomic
 
 
@@ -29,7 +30,11 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
         f = folder / "scheduler_config.json"
         if f.is_file():
             config = json.loads(f.read_text(encoding="utf-8"))
-            cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+            name = config.get("_class_name", "DDIMScheduler")
+            cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+            # The file names a class: only one of diffusers' schedulers may be it (a model folder may come from anyone).
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+                raise UserError(f"{f}: _class_name {name!r} is not a diffusers scheduler")
             return cls.from_config(config)
     raise AssertionError("bundled scheduler config missing")
 
@@ -41,12 +46,13 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, recor
     from sdlora.util.finite import require_finite
 
     encoders = {name: te.to(dtype) for name, te in comps.text_encoders.items()}
-    pipe = comps.family.pipeline(unet=comps.unet.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
                                  tokenizers=comps.tokenizers, scheduler=scheduler)
-    for name in ("unet", "vae", *encoders):  # save_pretrained does not go through atomic.save_safetensors
-        require_finite(getattr(pipe, name).state_dict(), out / name)
+    for part in comps.family.parts:  # save_pretrained does not go through atomic.save_safetensors
+        require_finite(getattr(pipe, part.name).state_dict(), out / part.name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        atomic.write_json(tmp / MERGED_MARKER, {"written_by": "sdlora export", "format": "merged-diffusers"})
         if record is not None:
             record.write_folder(tmp)
 

@@ -2,9 +2,12 @@
 
 SOURCE is an adapter .safetensors file, a run folder (output.dir, holding adapter.safetensors) or a
 checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors; with --ema, the
-adapter_ema.safetensors that train.ema writes beside it). The base model
-(needed by the merged formats) is the run's `model.path`, from the adapter's run record
-(`sdlora.adapter.run_record`), unless --base names another.
+adapter_ema.safetensors that train.ema writes beside it). The merged formats need --base MODEL (and, as the
+training config did, --vae / --config-dir / --allow-pickle where the base needs them).
+
+An adapter file may come from anyone, so its run record (`sdlora.adapter.run_record`) is a description only:
+it says what the adapter predicts and labels the files, but never picks a path to open (base model, VAE,
+config folder, caption files) or turns on an option (`allow_pickle`); those come from the command line.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from sdlora.adapter.io import LAYOUTS, load_adapter, reader_notes, save_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
-from sdlora.training.export import DTYPES
+from sdlora.util.dtypes import DTYPES
+from sdlora.util.ownership import require_replaceable
 
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
 
@@ -37,63 +41,48 @@ def resolve_adapter_file(source: str | Path, ema: bool = False) -> Path:
     raise UserError(f"export: no such file or folder: {p}")
 
 
-def _tag_frequencies(cfg: dict) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency from the run's caption files, where they are still on disk."""
-    from sdlora.adapter.kohya import tag_frequency
-
-    data = cfg.get("data") or {}
-    ext = data.get("caption_extension", ".txt")
-    sources = [(data.get("path"), ext)] + [(s.get("path"), s.get("caption_extension", ext)) for s in data.get("subsets") or []]
-    captions = {}
-    for folder, ext in sources:  # each subset has its own caption extension
-        if not folder:
-            continue
-        f = Path(folder)
-        if f.is_dir():
-            captions[f.name] = [c.read_text(encoding="utf-8", errors="replace").strip() for c in sorted(f.rglob(f"*{ext}"))]
-    return tag_frequency(captions)
-
-
 def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = False, base: str | None = None,
-               report=print, ema: bool = False) -> Path:
+               report=print, ema: bool = False, vae: str | None = None, config_dir: str | None = None,
+               allow_pickle: bool = False) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"export --format {fmt!r}: allowed {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise UserError(f"export --dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     out = Path(out).expanduser()
+    require_replaceable(out, "export")  # --force or not: never a file or folder sdlora did not write
     if out.exists() and not force:
         raise UserError(f"export: {out} exists; pass --force to replace it")
     adapter = load_adapter(resolve_adapter_file(source, ema))
     record = RunRecord.from_metadata(adapter.metadata)  # None for another trainer's file
-    cfg = record.config if record is not None else {}
     torch_dtype = DTYPES[dtype]
     if fmt in LAYOUTS:  # every write is atomic; a failed one is a WriteError naming `out` (one line, exit 2)
-        save_adapter(adapter.to(torch_dtype), out, fmt, tag_frequencies=_tag_frequencies(cfg) if fmt == "kohya" else None)
+        tags = record.tag_frequency if fmt == "kohya" and record is not None else None  # counted at training
+        save_adapter(adapter.to(torch_dtype), out, fmt, tag_frequencies=tags)
         for note in reader_notes(adapter, fmt):
             report(f"export: warning: {note}")
     else:
-        _export_merged(adapter, record, fmt, out, torch_dtype, base or (record.base_model if record else None),
-                       cfg.get("model") or {})
+        if not base:
+            said = f" (its run record says it was trained on {record.base_model})" if record and record.base_model else ""
+            raise UserError(f"export --format {fmt}: pass --base MODEL, the base model to merge into{said}")
+        _export_merged(adapter, record, fmt, out, torch_dtype, str(Path(base).expanduser()),
+                       vae=vae, config_dir=config_dir, allow_pickle=allow_pickle)
     report(f"export: {fmt} written to {out}")
     return out
 
 
-def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str | None,
-                   model_cfg: dict) -> None:
+def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str, *,
+                   vae: str | None, config_dir: str | None, allow_pickle: bool) -> None:
     from sdlora.adapter.algebra import merge_adapter
     from sdlora.adapter.merge import pipeline_scheduler, save_merged_diffusers, single_file_carry
     from sdlora.model.loading import load_components
     from sdlora.model.schedule import inference_schedule
     from sdlora.model.single_file import save_single_file
 
-    if not base:
-        raise UserError("export: the adapter does not say which base model it was trained on; pass --base MODEL")
-    config_dir, allow_pickle = model_cfg.get("config_dir"), bool(model_cfg.get("allow_pickle", False))
     # The merged model predicts what the adapter was trained to predict, on the schedule it was trained on (the
-    # record), whatever the base's configs say.
-    comps = load_components(base, vae_path=model_cfg.get("vae_path"), config_dir=config_dir, allow_pickle=allow_pickle,
-                            prediction_type=record.prediction_type if record else model_cfg.get("prediction_type"),
-                            zero_terminal_snr=record.zero_terminal_snr if record else model_cfg.get("zero_terminal_snr"))
+    # record describes both), whatever the base's configs say; every path and option is the command line's.
+    comps = load_components(base, vae_path=vae, config_dir=config_dir, allow_pickle=allow_pickle,
+                            prediction_type=record.prediction_type if record else None,
+                            zero_terminal_snr=record.zero_terminal_snr if record else None)
     merge_adapter(adapter, comps.adaptable())
     if fmt == "merged-diffusers":
         scheduler = pipeline_scheduler(base, comps.family.base_model_version("epsilon"), config_dir)

@@ -27,13 +27,11 @@ arXiv 2403.03206), section 3.1; the conventions are diffusers' (`FlowMatchEulerD
 - Loss weightings (`WEIGHTINGS`): "none", "sigma_sqrt" (`sigma**-2`), "cosmap" (`2 / (pi (1 - 2 sigma + 2 sigma**2))`),
   as diffusers' `compute_loss_weighting_for_sd3` (its "logit_normal" and "mode" schemes weight by 1).
 
-How this becomes the family's objective (issue 26's interface: training latents, then per step the noisy input, the
-timestep input, the target, the per-example weight, and the timestep range): `vae_latents` turns the VAE's sample
-into training latents (shift and scale from the VAE config); `draw_sigmas` draws the step's sigmas from the run's
-generator; `noisy_latents(x0, noise, sigma)` is the noisy input; `transformer_timestep(sigma, n)` the timestep
-input; `training_target(kind, x0, noise)` the target compared with `model_output(kind, pred, x_t, sigma)`;
-`loss_weight(weighting, sigma)` the per-example weight; `SigmaDraw.sigma_range` the range (sigma in [lo, hi], the
-flow analogue of DDPM's timestep bounds). Min-SNR, noise offset, zero terminal SNR and v-prediction are DDPM notions
+How this becomes the family's objective: model/flow_objective.py's `FlowMatchingObjective` implements
+model/objective.py's interface with these functions (objective.vae_latents for training latents; the sigma draw from the
+step's Draws through `from_normal` / `from_uniform`, `shift_sigmas` and the sigma range; `noisy_latents`,
+`transformer_timestep`, `training_target` and `loss_weight` for the noised batch; `model_output` for the prediction).
+Min-SNR, noise offset, zero terminal SNR and v-prediction are DDPM notions
 with no meaning here: the family refuses them.
 """
 
@@ -63,13 +61,6 @@ class SigmaDraw:
     sigma_range: tuple[float, float] = (0.0, 1.0)
 
 
-def vae_latents(sample: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
-    """Training latents from a VAE sample: `(sample - shift_factor) * scaling_factor` (both from the VAE config;
-    SD3: 0.0609, 1.5305; a VAE without a shift factor: 0). The inverse of what StableDiffusion3Pipeline does before
-    decoding (`latents / scaling_factor + shift_factor`)."""
-    return (sample - (shift_factor or 0.0)) * scaling_factor
-
-
 def shift_from_scheduler_config(config) -> float:
     """The model's shift: `shift` of its FlowMatchEulerDiscreteScheduler config (a mapping). SD3 / SD3.5: 3.0.
     Raises UserError for a resolution-dependent (dynamic) shift, which this objective does not implement."""
@@ -85,23 +76,34 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def draw_density(sampling: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
-                 mode_scale: float = 1.29, device="cpu") -> torch.Tensor:
-    """`n` values in [0, 1] from the named density, before the shift; shape (n,), float32.
-    "uniform", "logit_normal", "mode": the same numbers as diffusers' `compute_density_for_timestep_sampling` with
-    the same generator state. "cosmap": the SD3 paper's map `1 - 1 / (tan(pi u / 2) + 1)` of a uniform u (eq. 20),
-    whose density is `2 / (pi (1 - 2t + 2t^2))`. Raises UserError for another name."""
-    if sampling == "logit_normal":
-        u = torch.normal(mean=logit_mean, std=logit_std, size=(n,), device=device, generator=generator)
-        return torch.sigmoid(u)
-    if sampling not in SAMPLINGS:
-        raise UserError(f"sigma sampling {sampling!r}: allowed {', '.join(SAMPLINGS)}")
-    u = torch.rand(size=(n,), device=device, generator=generator)
+def from_uniform(sampling: str, u: torch.Tensor, mode_scale: float = 1.29) -> torch.Tensor:
+    """The value in [0, 1] (before the shift) that "uniform", "mode" or "cosmap" makes of a uniform `u`:
+    u itself; the paper's f_mode `1 - u - s (cos^2(pi u / 2) - 1 + u)` (as diffusers); the paper's cosmap map
+    `1 - 1 / (tan(pi u / 2) + 1)` (eq. 20), whose density is `2 / (pi (1 - 2t + 2t^2))`."""
     if sampling == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if sampling == "cosmap":
         return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
     return u
+
+
+def from_normal(z: torch.Tensor, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """The logit-normal value `sigmoid(logit_mean + logit_std * z)` of a standard normal `z`."""
+    return torch.sigmoid(z * logit_std + logit_mean)
+
+
+def draw_density(sampling: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, device="cpu") -> torch.Tensor:
+    """`n` values in [0, 1] from the named density, before the shift; shape (n,), float32: one uniform per value
+    (`from_uniform`), or one standard normal for "logit_normal" (`from_normal`). The numbers of diffusers'
+    `compute_density_for_timestep_sampling` with the same generator state: identical for "uniform" and "mode",
+    within float32 rounding for "logit_normal" (diffusers draws `torch.normal(mean, std)`, which rounds
+    `mean + std * z` once less). Raises UserError for another name."""
+    if sampling == "logit_normal":
+        return from_normal(torch.randn(n, device=device, generator=generator), logit_mean, logit_std)
+    if sampling not in SAMPLINGS:
+        raise UserError(f"sigma sampling {sampling!r}: allowed {', '.join(SAMPLINGS)}")
+    return from_uniform(sampling, torch.rand(size=(n,), device=device, generator=generator), mode_scale)
 
 
 def draw_sigmas(draw: SigmaDraw, n: int, generator: torch.Generator, scheduler_config=None,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-
-import torch
 
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, save_native
 from sdlora.lora.layers import AdapterLayer
+from sdlora.util.dtypes import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UI_FILE = "adapter_kohya.safetensors"  # beside adapter.safetensors: the run's file for ComfyUI and AUTOMATIC1111
 
 
@@ -38,21 +37,48 @@ def export_adapter(layers: dict[str, AdapterLayer], path: str | Path, cfg, recor
     return adapter
 
 
-def export_for_uis(adapter_path: Path, out: Path, cfg) -> str:
+def export_for_uis(adapter_path: Path, out: Path) -> str:
     """The run's file for ComfyUI and AUTOMATIC1111 (the kohya layout, which they read; adapter.safetensors' diffusers
     layout leaves ComfyUI's UNet attention modules unloaded), written from the run's adapter; returns the line the
     run's end message gives. A kind those tools do not read exactly (DoRA: `io.reader_notes`) gets no such file, and
     the line says so (docs/formats.md, benchmarks/comfyui_check.py)."""
     from sdlora.adapter.io import load_adapter, reader_notes, save_adapter
-    from sdlora.commands.export import _tag_frequencies
 
     adapter = load_adapter(adapter_path)
     notes = reader_notes(adapter, "kohya")
     if notes:
         return f"no file for ComfyUI / AUTOMATIC1111: {notes[0]}"
     try:
-        save_adapter(adapter, out, "kohya", tag_frequencies=_tag_frequencies(cfg.to_dict()))
+        record = RunRecord.from_metadata(adapter.metadata)
+        save_adapter(adapter, out, "kohya", tag_frequencies=record.tag_frequency if record is not None else None)
     except OSError as e:  # a full disk here loses nothing: adapter.safetensors is written and holds the same
         return (f"{out} could not be written ({e.strerror or e}); write it with: sdlora export {adapter_path} "
                 f"--format kohya --out {out}")
     return f"for ComfyUI / AUTOMATIC1111: {out}"
+
+
+def layers_holding(layers: dict[str, AdapterLayer], tensors: dict[str, torch.Tensor]) -> dict[str, AdapterLayer]:
+    """Views of `layers` that hold `tensors` (keyed `<module>.<tensor>`, as `ema.adapter_tensors` keys them) instead
+    of their own: shallow copies sharing the base modules and every tensor not given. The layers are not changed."""
+    views = {}
+    for name, layer in layers.items():
+        view = copy.copy(layer)
+        view._parameters, view._buffers = dict(layer._parameters), dict(layer._buffers)
+        for table in (view._parameters, view._buffers):
+            for key in table:
+                if f"{name}.{key}" in tensors:
+                    table[key] = tensors[f"{name}.{key}"]
+        views[name] = view
+    return views
+
+
+class Exporter:
+    """Writes the run's adapter files: `exporter(path, steps, report=None, tensors=None)`, the live layers' adapter,
+    or with `tensors` (the EMA's `average()`) those in their place, with the run record at `steps`."""
+
+    def __init__(self, layers: dict[str, AdapterLayer], cfg, record: RunRecord):
+        self.layers, self.cfg, self.record = layers, cfg, record
+
+    def __call__(self, path: str | Path, steps: int, report=None, tensors: dict | None = None) -> AdapterWeights:
+        layers = self.layers if tensors is None else layers_holding(self.layers, tensors)
+        return export_adapter(layers, path, self.cfg, self.record, steps=steps, report=report)

@@ -1,0 +1,263 @@
+"""`sdlora import-kohya`: three kohya configs of different shapes each import, the table names every option of the
+input, and the imported config trains on the tiny SD 1.x model. The fixtures are written here from kohya's documented
+option names (sd-scripts library/train_util.py, docs/config_README-en.md; the kohya_ss GUI's saved JSON keys)."""
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdlora.cli import main
+from sdlora.config import load_config
+from sdlora.kohya_import.network import block_rules
+from sdlora.training.loop import train
+
+
+def _kohya_tree(root: Path, source: Path, folder: str, n: int, captions: bool = True) -> Path:
+    (root / folder).mkdir(parents=True)
+    for png in sorted(source.glob("*.png"))[:n]:
+        shutil.copy(png, root / folder / png.name)
+        if captions:
+            shutil.copy(png.with_suffix(".txt"), root / folder / png.name.replace(".png", ".txt"))
+    return root
+
+
+def _import(args, capsys) -> tuple[int, str, str]:
+    code = main(["import-kohya", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _table_options(table: str) -> list[str]:
+    """The first column of the printed table (rows between the ruler and the summary line)."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("----")) + 1
+    return [line.split("  ")[0] for line in lines[start:] if line and not line.startswith(("wrote ", "note: "))]
+
+
+def _train_two_steps(path: Path):
+    cfg = load_config(path, ["train.max_steps=2", "optim.warmup_steps=0", "log.tracker=none"])
+    return cfg, train(cfg, log=lambda *a: None)
+
+
+def test_dreambooth_folder_tree_with_regularisation_images(tiny_model, shapes_data, tmp_path, capsys):
+    img = _kohya_tree(tmp_path / "img", shapes_data, "3_sks shape", 4)
+    reg = _kohya_tree(tmp_path / "reg", shapes_data, "1_shape", 2, captions=False)
+    config = tmp_path / "kohya.toml"
+    config.write_text(f"""
+[model_arguments]
+pretrained_model_name_or_path = "{tiny_model}"
+v2 = false
+[dataset_arguments]
+train_data_dir = "{img}"
+reg_data_dir = "{reg}"
+resolution = "64,64"
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+caption_dropout_rate = 0.1
+color_aug = true
+[training_arguments]
+output_dir = "{tmp_path / 'out'}"
+output_name = "sks"
+train_batch_size = 2
+max_train_epochs = 2
+prior_loss_weight = 0.5
+noise_offset = 0.05
+min_snr_gamma = 5
+clip_skip = 2
+xformers = true
+save_every_n_epochs = 1
+not_a_kohya_option = 1
+[optimizer_arguments]
+optimizer_type = "AdamW"
+learning_rate = 1e-3
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 0.25
+[additional_network_arguments]
+network_dim = 4
+network_alpha = 2
+""")
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([config, "--out", out], capsys)
+    assert code == 0, err
+    given = [k for section in tomllib.loads(config.read_text()).values() for k in section]
+    shown = _table_options(table)
+    assert all(any(s == k or s.endswith("." + k) for s in shown) for k in given), (given, shown)
+    assert "not_a_kohya_option" in table and "unknown option" in table  # never silently dropped
+    assert "color_aug" in [s.split(".")[-1] for s in shown] and "NOT SUPPORTED" in table
+    data = yaml.safe_load(out.read_text())
+    assert data["data"]["subsets"][0]["path"] == str(img) and data["data"]["subsets"][1] == {
+        "path": str(reg), "is_regularization": True, "caption_extension": ".txt", "shuffle_tags": True,
+        "keep_tokens": 1, "caption_dropout": 0.1}
+    # 4 images x 3 repeats = 12, balanced by as many regularisation images: 24 per epoch / batch 2 = 12 steps
+    assert data["train"]["max_steps"] == 24 and data["checkpoint"]["every_steps"] == 12
+    assert data["optim"] == {"optimizer": "adamw", "weight_decay": 0.01, "lr": 1e-3, "text_encoder_lr": 1e-3,
+                             "scheduler": "cosine", "warmup_steps": 6}
+    assert (data["lora"]["rank"], data["lora"]["alpha"], data["text_encoder"]["clip_skip"]) == (4, 2.0, 2)
+    assert data["output"] == {"dir": str(tmp_path / "out" / "sks"), "name": "sks"}
+    cfg, result = _train_two_steps(out)
+    assert result.adapter_path.is_file() and cfg.data.prior_loss_weight == 0.5
+    # kohya's module set: attention and feed-forward linears and proj_in/out, and the text encoder's MLP too
+    assert any(n.endswith("ff.net.2") for n in result.layers) and any(n.endswith("proj_in") for n in result.layers)
+    assert any(n.endswith("mlp.fc1") for n in result.layers)
+
+
+def test_dataset_config_with_two_subsets(tiny_model, shapes_data, tmp_path, capsys):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    _kohya_tree(tmp_path, shapes_data, "a", 3)
+    (tmp_path / "b").mkdir()
+    for png in sorted(shapes_data.glob("*.png"))[3:6]:
+        shutil.copy(png, b / png.name)
+        (b / png.name.replace(".png", ".caption")).write_text("a shape, drawn, plain")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+enable_wildcard = true
+[[datasets]]
+resolution = 64
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+bucket_reso_steps = 64
+  [[datasets.subsets]]
+  image_dir = "{a}"
+  num_repeats = 2
+  [[datasets.subsets]]
+  image_dir = "{b}"
+  num_repeats = 1
+  caption_extension = ".caption"
+  class_tokens = "shape"
+  keep_tokens_separator = "|||"
+""")
+    config = tmp_path / "kohya.toml"
+    config.write_text(f"""
+pretrained_model_name_or_path = "{tiny_model}"
+dataset_config = "{dataset}"
+output_dir = "{tmp_path / 'out'}"
+network_dim = 4
+network_alpha = 4
+learning_rate = 1e-3
+max_train_steps = 7
+""")
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([config, "--out", out], capsys)
+    assert code == 0, err
+    shown = _table_options(table)
+    for place in ("general.shuffle_caption", "datasets.0.resolution", "datasets.0.batch_size",
+                  "datasets.0.subsets.0.num_repeats", "datasets.0.subsets.1.caption_extension",
+                  "datasets.0.subsets.1.class_tokens", "datasets.0.subsets.1.keep_tokens_separator", "dataset_config",
+                  "pretrained_model_name_or_path", "max_train_steps"):
+        assert place in shown, (place, shown)
+    assert "keep_tokens_separator" in table and "NOT SUPPORTED" in table
+    data = yaml.safe_load(out.read_text())
+    first, second = data["data"]["subsets"]
+    assert (first["path"], first["repeats"], first["caption_extension"], first["keep_tokens"]) == (str(a), 2, ".txt", 1)
+    assert (second["repeats"], second["caption_extension"], second["class_caption"]) == (1, ".caption", "shape")
+    assert first["shuffle_tags"] and second["shuffle_tags"]  # [general] reaches every subset
+    assert first["wildcards"] and second["multiline_captions"]  # kohya's enable_wildcard turns on both
+    assert (data["train"]["batch_size"], data["train"]["max_steps"], data["data"]["max_side"]) == (2, 7, 128)
+    assert data["data"]["bucketing"] is True
+    _, result = _train_two_steps(out)
+    assert result.adapter_path.is_file()
+
+
+def test_gui_json_with_loraplus_and_block_weights(tiny_model, shapes_data, tmp_path, capsys):
+    img = _kohya_tree(tmp_path / "img", shapes_data, "2_shape", 4)
+    gui = {  # the GUI writes every field, numbers often as strings and "" for unset
+        "LoRA_type": "Standard", "pretrained_model_name_or_path": str(tiny_model), "train_data_dir": str(img),
+        "reg_data_dir": "", "output_dir": str(tmp_path / "out"), "output_name": "gui", "max_resolution": "64,64",
+        "enable_bucket": True, "network_dim": "4", "network_alpha": "4", "conv_dim": 8, "conv_alpha": 1,
+        "loraplus_lr_ratio": "16", "loraplus_unet_lr_ratio": "", "loraplus_text_encoder_lr_ratio": "",
+        "down_lr_weight": "1,0.5,1,1,1,1,1,1,1,1,1,1", "mid_lr_weight": "0.25", "up_lr_weight": "1,1,1,0.5",
+        "block_lr_zero_threshold": "", "block_dims": "", "optimizer": "AdamW", "optimizer_args": "", "unet_lr": "0.001",
+        "text_encoder_lr": "0.0005", "learning_rate": "0.001", "lr_scheduler": "constant", "lr_warmup": "0",
+        "train_batch_size": 2, "epoch": 1, "max_train_steps": "0", "max_train_epochs": "", "caption_extension": ".txt",
+        "seed": "1234", "mixed_precision": "no", "save_precision": "fp16", "xformers": "xformers",
+        "noise_offset_type": "Original", "noise_offset": 0, "multires_noise_iterations": 8, "sdxl": False,
+        "flux1_checkbox": False, "num_cpu_threads_per_process": 2, "sample_every_n_steps": 0,
+        "sample_prompts": "a red circle --n blurry --w 64 --h 64 --d 5 --s 2", "sample_sampler": "ddim",
+        "factor": -1, "train_on_input": True}
+    config = tmp_path / "gui.json"
+    config.write_text(json.dumps(gui))
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([config, "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(k for k in gui) == sorted(s for s in _table_options(table) if not s.startswith("("))
+    data = yaml.safe_load(out.read_text())
+    assert data["optim"]["b_lr_ratio"] == 16 and data["optim"]["lr"] == 0.001
+    assert data["optim"]["text_encoder_lr"] == 0.0005
+    assert data["lora"]["conv"] is True and data["lora"]["conv_targets"] == ["proj_in", "proj_out"]  # not LoCon
+    assert data["sample"]["entries"] == [{"prompt": "a red circle", "negative_prompt": "blurry", "width": 64,
+                                          "height": 64, "seed": 5, "num_inference_steps": 2}]
+    assert data["train"]["max_steps"] == 4  # the GUI's epoch: 8 images with repeats / batch 2
+    cfg, result = _train_two_steps(out)
+    from sdlora.lora.groups import assign_rates
+
+    rates = assign_rates(result.layers, cfg)
+    lr = {name: a.lr for name, a in rates.items()}
+    assert lr["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.0005)
+    assert lr["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.00025)
+    assert lr["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.0005)
+    assert lr["unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.001)
+    assert lr["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.001)
+    assert lr["text_encoder.encoder.layers.0.self_attn.q_proj"] == pytest.approx(0.0005)
+
+
+def test_block_weights_follow_kohyas_block_index():
+    """SD 1.x: down weight k is down_blocks.(k-1)//3, its (k-1)%3-th attention (2: the downsampler); up weight k is
+    up_blocks.k//3; a weight of 1 needs no rule; one rule per distinct weight."""
+    rules = block_rules("0,0.5,0.5", None, "cosine", sdxl=False, conv=False)
+    assert rules[0] == {"match": r"^unet\.(?:down_blocks\.0\.attentions\.0\.|down_blocks\.0\.attentions\.1\.)",
+                        "lr_scale": 0.5}
+    # kohya's cosine curve over 12 up blocks: sin(pi/2 * i/11) reversed; up_blocks.0 has no attention (no LoRA)
+    assert len(rules) == 1 + 9 and rules[1]["match"] == r"^unet\.(?:up_blocks\.1\.attentions\.0\.)"
+    assert block_rules(None, "2", None, sdxl=True, conv=True)[0]["match"] == r"^unet\.(?:mid_block\.resnets\.0\.)"
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("network_dim = [\n")
+    code, _, err = _import([broken, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 2 and err.startswith("error: kohya config") and len(err.strip().splitlines()) == 1
+    gui = tmp_path / "notgui.json"
+    gui.write_text("[1, 2]")
+    code, _, err = _import([gui, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 2 and "top level" in err
+    nodata = tmp_path / "nodata.toml"
+    nodata.write_text('pretrained_model_name_or_path = "m"\noutput_dir = "o"\n')
+    code, _, err = _import([nodata, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 2 and "train_data_dir" in err and not (tmp_path / "x.yaml").exists()
+
+
+def test_an_existing_out_is_kept_without_force(tiny_model, shapes_data, tmp_path, capsys):
+    img = _kohya_tree(tmp_path / "img", shapes_data, "1_shape", 2)
+    config = tmp_path / "k.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny_model}"\ntrain_data_dir = "{img}"\n'
+                      f'output_dir = "{tmp_path}"\nnetwork_dim = "four"\n')
+    out = tmp_path / "new.yaml"
+    out.write_text("mine")
+    code, _, err = _import([config, "--out", out], capsys)
+    assert code == 2 and "--force" in err and out.read_text() == "mine"
+    code, table, err = _import([config, "--out", out, "--force"], capsys)
+    assert code == 0, err
+    assert "invalid value" in table and "'four'" in table  # an unreadable value is a row, not a traceback
+    assert yaml.safe_load(out.read_text())["lora"]["rank"] == 4  # kohya's default rank stands
+
+
+def test_docs_name_every_option_the_table_knows():
+    from sdlora.kohya_import import dataset, network
+    from sdlora.kohya_import.options import OPTIONS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    names = [n for n in [*OPTIONS, *network.NETWORK_ARGS, *dataset.RULES] if not n.startswith("(")]
+    missing = sorted({n for n in names if f"`{n}`" not in text and f"`{n} " not in text})
+    assert not missing, f"docs/kohya.md does not name: {missing}"
