@@ -76,13 +76,13 @@ def make_adapter(models: dict[str, nn.Module], kind: str, conv: bool):
     from sdlora.adapter.names import canonical_name
     from sdlora.adapter.weights import AdapterWeights
     from sdlora.config import LoraConfig
-    from sdlora.lora.inject import layer_class, plan_text_encoder, plan_unet
+    from sdlora.lora.inject import layer_class, plan_denoiser, plan_text_encoder
     from sdlora.training.export import adapter_from_layers
 
     cfg = LoraConfig(type=kind, rank=RANK, alpha=ALPHA, conv=conv)
     modules = {}
     for component, model in models.items():
-        plan = plan_unet(model, cfg) if component == "unet" else plan_text_encoder(model, cfg)
+        plan = plan_denoiser(model, cfg) if component == "unet" else plan_text_encoder(model, cfg)
         for path, spec in plan.items():
             meta = model.get_submodule(path)
             name = canonical_name(component, path)
@@ -100,6 +100,10 @@ def make_adapter(models: dict[str, nn.Module], kind: str, conv: bool):
                 for p in layer.parameters_by_name().values():
                     if p.dim():
                         p.add_(0.3 * p.detach().abs().mean().clamp(min=0.02) * torch.randn(p.shape, generator=g))
+                if hasattr(layer, "lora_B"):  # LoRA, DoRA: an update V - W0 of 20% of W0's size, as a run makes
+                    a = layer.lora_A.detach()
+                    size = 0.2 * float(base.weight.std()) / (layer.scale_value() * a.shape[0] ** 0.5 * float(a.pow(2).mean().sqrt()))
+                    layer.lora_B.copy_(size * torch.randn(layer.lora_B.shape, generator=g))
             modules.update(adapter_from_layers({name: layer}).modules)
     return AdapterWeights(modules)
 
