@@ -16,6 +16,7 @@ from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
 from sdlora.training import preflight
 from sdlora.training.checkpoint import find_checkpoint
+from sdlora.training.export import UI_FILE, export_for_uis
 from sdlora.training.fisher import store_run_fisher
 from sdlora.training.nonfinite import agree, all_finite, grads_finite
 from sdlora.training.run_folder import (
@@ -147,9 +148,10 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
             store_run_fisher(cfg, adapter, adapter_path, comps, layers, run.data, run.objective, accelerator.autocast, say)
         if run.ema is not None:  # the average written in the live tensors' place
             run.export(out / "adapter_ema.safetensors", step, tensors=run.ema.average())
+        for_uis = export_for_uis(adapter_path, out / UI_FILE)
         finish_run(out, step, time.perf_counter() - t0)
         ran = f"steps {first_step + 1}-{step} ({step - first_step})" if first_step else f"{step} steps"  # this launch's
-        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}; {for_uis}")
     accelerator.end_training()
     return TrainResult(out, adapter_path, comps, layers, run.losses, step)
 
