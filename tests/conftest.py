@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from sdlora.config import validate  # noqa: E402
 from sdlora.commands.demo import make_shapes_dataset  # noqa: E402
 from sdlora.model.tiny import make_tiny_model  # noqa: E402
+from sdlora.model.tiny_sd3 import make_tiny_sd3  # noqa: E402
 
 # Two threads, as CI's machine has two cores; OMP_NUM_THREADS=1 runs the suite beside another torch process
 # without the two oversubscribing the cores (each slows 5-50x then).
@@ -26,22 +27,22 @@ def tiny_model(tmp_path_factory):
 # Tiny SD3-family models (model/tiny_sd3.py), built once per session on first use.
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd3") / "model", seed=0, variant="sd3")
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "model", seed=0, variant="sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_no_t5(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd3_no_t5") / "model", seed=0, variant="sd3-no-t5")
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_no_t5") / "model", seed=0, variant="sd3-no-t5")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd35m(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd35m") / "model", seed=0, variant="sd35m")
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd35m") / "model", seed=0, variant="sd35m")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd35l(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_sd35l") / "model", seed=0, variant="sd35l")
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd35l") / "model", seed=0, variant="sd35l")
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,8 @@ def test_global_batch_draws_do_not_depend_on_the_process_count():
         gen = torch.Generator().manual_seed(0)
         acc = SimpleNamespace(num_processes=num_processes, process_index=index)
         d = GlobalBatchDraws(gen, torch.zeros(batch_size, 4, 2, 2), batch_size, acc)
-        return torch.cat([d.randn().flatten(1), d.noise(0.1).flatten(1), d.timesteps(0, 1000)[:, None].float()], 1)
+        return torch.cat([d.randn().flatten(1), d.normal((4, 2, 2)).flatten(1), d.normal((4, 1, 1)).flatten(1),
+                          d.uniform()[:, None], d.integers(0, 1000)[:, None].float()], 1)
 
     whole = draws(1, 0, 4)
     assert torch.equal(torch.cat([draws(2, 0, 2), draws(2, 1, 2)]), whole)

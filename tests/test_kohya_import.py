@@ -120,6 +120,7 @@ def test_dataset_config_with_two_subsets(tiny_model, shapes_data, tmp_path, caps
 shuffle_caption = true
 caption_extension = ".txt"
 keep_tokens = 1
+enable_wildcard = true
 [[datasets]]
 resolution = 64
 batch_size = 2
@@ -162,6 +163,7 @@ max_train_steps = 7
     assert (first["path"], first["repeats"], first["caption_extension"], first["keep_tokens"]) == (str(a), 2, ".txt", 1)
     assert (second["repeats"], second["caption_extension"], second["class_caption"]) == (1, ".caption", "shape")
     assert first["shuffle_tags"] and second["shuffle_tags"]  # [general] reaches every subset
+    assert first["wildcards"] and second["multiline_captions"]  # kohya's enable_wildcard turns on both
     assert (data["train"]["batch_size"], data["train"]["max_steps"], data["data"]["max_side"]) == (2, 7, 128)
     assert data["data"]["bucketing"] is True
     _, result = _train_two_steps(out)
@@ -249,3 +251,13 @@ def test_an_existing_out_is_kept_without_force(tiny_model, shapes_data, tmp_path
     assert code == 0, err
     assert "invalid value" in table and "'four'" in table  # an unreadable value is a row, not a traceback
     assert yaml.safe_load(out.read_text())["lora"]["rank"] == 4  # kohya's default rank stands
+
+
+def test_docs_name_every_option_the_table_knows():
+    from sdlora.kohya_import import dataset, network
+    from sdlora.kohya_import.options import OPTIONS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    names = [n for n in [*OPTIONS, *network.NETWORK_ARGS, *dataset.RULES] if not n.startswith("(")]
+    missing = sorted({n for n in names if f"`{n}`" not in text and f"`{n} " not in text})
+    assert not missing, f"docs/kohya.md does not name: {missing}"

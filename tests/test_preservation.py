@@ -11,7 +11,7 @@ from sdlora.errors import UserError
 from sdlora.lora import inject_all
 from sdlora.model.loading import load_components
 from sdlora.model.text import encode, tokenize
-from sdlora.reg.preservation import Preservation, preservation_prompts, remove_trigger_words
+from sdlora.training.preservation import Preservation, preservation_prompts, remove_trigger_words
 from sdlora.training.loop import train
 
 PROMPTS = ["a dog on a sofa", "a mountain lake at sunrise", "a red car"]
@@ -25,7 +25,7 @@ def quiet(*a, **k):
 def adapted_model(cfg, seed=0):
     """The tiny model with adapters whose B is randomised: the adapted model is far from the base."""
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers.values():

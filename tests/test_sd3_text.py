@@ -66,3 +66,18 @@ def test_t5_ids_are_required_when_t5_is_present(pipes):
     assert isinstance(tokens, SD3Tokens) and tokens.t5 is None
     with pytest.raises(ValueError, match="no T5 token ids"):
         encode_sd3(tokens, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, joint_attention_dim=96)
+
+
+def test_mixed_dtypes_follow_the_pipelines_casts(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    # CLIP-L in bf16, CLIP-G and T5 in fp32: both CLIP outputs take CLIP-L's dtype, T5's keeps its own, and the
+    # joined tensor is whatever torch.cat promotes them to, in the pipeline and here alike
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.text_encoder.to(torch.bfloat16)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=16)
+    ours_embeds, ours_pooled = _ours(pipe, CAPTIONS, 16)
+    assert ours_embeds.dtype == embeds.dtype and ours_pooled.dtype == pooled.dtype
+    assert torch.equal(ours_embeds, embeds) and torch.equal(ours_pooled, pooled)

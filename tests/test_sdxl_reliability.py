@@ -58,7 +58,7 @@ def test_an_sdxl_run_interrupted_and_resumed_equals_the_uninterrupted_run_valida
     encoders = [m.eval() for m in c.text_encoders.values()]
     c.unet.eval()
     held_out = build_training_data(cfg, c, say=quiet).held_out
-    images = ValidationLoss(cfg, c, held_out, c.noise_scheduler.config.num_train_timesteps).images
+    images = ValidationLoss(cfg, c, held_out, c.family.objective(c.noise_scheduler, c.vae.config, cfg.loss)).images
     total = 0.0
     with torch.no_grad():
         for im in images:

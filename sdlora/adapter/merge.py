@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError, WriteError
+from sdlora.util.ownership import MERGED_MARKER
 from sdlora.util import atomic
 
 
@@ -45,12 +46,13 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, recor
     from sdlora.util.finite import require_finite
 
     encoders = {name: te.to(dtype) for name, te in comps.text_encoders.items()}
-    pipe = comps.family.pipeline(unet=comps.unet.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
                                  tokenizers=comps.tokenizers, scheduler=scheduler)
-    for name in ("unet", "vae", *encoders):  # save_pretrained does not go through atomic.save_safetensors
-        require_finite(getattr(pipe, name).state_dict(), out / name)
+    for part in comps.family.parts:  # save_pretrained does not go through atomic.save_safetensors
+        require_finite(getattr(pipe, part.name).state_dict(), out / part.name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        atomic.write_json(tmp / MERGED_MARKER, {"written_by": "sdlora export", "format": "merged-diffusers"})
         if record is not None:
             record.write_folder(tmp)
 

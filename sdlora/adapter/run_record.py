@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class RunRecord:
                    text_encoder_trained=cfg.text_encoder.train, mixed_precision=cfg.train.mixed_precision,
                    seed=cfg.train.seed, output_name=cfg.output.name, steps=steps, sdlora_version=__version__,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict(),
-                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.unet.config))
+                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.denoiser.config))
 
     def at_step(self, steps: int) -> "RunRecord":
         return replace(self, steps=steps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -89,6 +90,7 @@ class RunRecord:
         return {METADATA_KEY: self.to_json(), "sdlora.version": self.sdlora_version, "sdlora.rank": str(self.rank),
                 "sdlora.alpha": str(self.alpha), "sdlora.base_model": self.base_model,
                 "sdlora.base_model_version": self.base_model_version, "sdlora.prediction_type": self.prediction_type,
+                "sdlora.zero_terminal_snr": str(self.zero_terminal_snr),
                 "sdlora.steps": str(self.steps), "sdlora.created": self.created,
                 "sdlora.config": json.dumps(self.config, sort_keys=True)}
 
@@ -164,7 +166,6 @@ class RunRecord:
 def caption_tag_frequency(cfg) -> dict[str, dict[str, int]]:
     """kohya's ss_tag_frequency from the caption files of the user's own config (`data.path` / `data.subsets`,
     each with its caption extension), read when the run starts."""
-    from sdlora.adapter.kohya import tag_frequency
 
     captions = {}
     for subset in cfg.data_subsets():
@@ -173,3 +174,14 @@ def caption_tag_frequency(cfg) -> dict[str, dict[str, int]]:
             captions[folder.name] = [c.read_text(encoding="utf-8", errors="replace").strip()
                                      for c in sorted(folder.rglob(f"*{subset.caption_extension}"))]
     return tag_frequency(captions)
+
+
+def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs."""
+    out = {}
+    for folder, captions in captions_by_folder.items():
+        counts: Counter[str] = Counter()
+        for caption in captions:
+            counts.update(t.strip() for t in caption.split(",") if t.strip())
+        out[folder] = dict(counts)
+    return out

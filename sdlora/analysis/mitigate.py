@@ -16,6 +16,7 @@ from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
 from sdlora.analysis.inspect import BaseModel
 from sdlora.errors import UserError
+from sdlora.util.ownership import require_replaceable
 from sdlora.util.tables import format_table
 
 
@@ -27,6 +28,7 @@ def mitigate_adapter(path: str | Path, base: BaseModel, lam: float, out: str | P
         raise UserError(f"--mitigate-intruders: LAMBDA must be >= 0 (1 = unchanged, 0 = intruders removed), got {lam}")
     if out.exists() and out.resolve() == path.resolve():
         raise UserError(f"--out {out} is the input adapter; choose a new file name")
+    require_replaceable(out, "inspect --mitigate-intruders")  # never a file sdlora did not write
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; choose a new file name or pass --overwrite")
     adapter = load_adapter(path)

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from sdlora.util import atomic
 from sdlora.errors import UserError
+from sdlora.util.ownership import require_own_or_empty_folder
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
@@ -126,6 +127,17 @@ def demo_config(root: Path, steps: int, model_path: Path | None = None, seed: in
     }
 
 
+def is_demo_folder(folder: Path) -> bool:
+    """A folder an earlier `sdlora demo` wrote: its demo.yaml is the demo's recipe for this folder."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "demo.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("output") == demo_recipe(folder, 1)["output"]
+
+
 def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     import yaml
 
@@ -135,9 +147,10 @@ def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
     from sdlora.mini.judge import Judge, accuracy_on_real_renders
     from sdlora.training.loop import train
 
+    root = Path(out).expanduser().resolve()
+    require_own_or_empty_folder(root, "demo --out", is_demo_folder)  # never writes into a folder of someone else's
     check_demo_dependencies()
     keep_freed_cpu_memory()
-    root = Path(out).resolve()
     t0 = time.perf_counter()
     print("[1/4] the judge: a classifier of digits and the star, fitted on real digit scans (sdlora/mini/judge.py)")
     judge = Judge.fit()
@@ -146,9 +159,9 @@ def run_demo(out: str | Path, steps: int = DEMO_STEPS) -> dict:
           f"colours {own['colour']:.1%}")
     print(f"[2/4] the new concept: 24 renders of a star captioned 'a <colour> sks on a <colour> background' "
           f"-> {root / 'data'}")
-    make_demo_data(root / "data")
     cfg_dict = demo_recipe(root, steps)
-    atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+    atomic.write_text(root / "demo.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))  # first: marks the folder the demo's
+    make_demo_data(root / "data")
     print(f"[3/4] training a LoRA on sdlora-mini ({MINI_MODEL_DIR.name}), {steps} steps on CPU (config: {root / 'demo.yaml'})")
     result = train(validate(cfg_dict), overwrite=True)
     print("[4/4] sampling base and adapted model (DDIM, CFG 4, fixed seeds) and judging what they draw")

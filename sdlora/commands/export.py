@@ -18,7 +18,8 @@ from sdlora.adapter.io import LAYOUTS, load_adapter, save_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
-from sdlora.training.export import DTYPES
+from sdlora.util.dtypes import DTYPES
+from sdlora.util.ownership import require_replaceable
 
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")
 
@@ -48,6 +49,7 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
     if dtype not in DTYPES:
         raise UserError(f"export --dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     out = Path(out).expanduser()
+    require_replaceable(out, "export")  # --force or not: never a file or folder sdlora did not write
     if out.exists() and not force:
         raise UserError(f"export: {out} exists; pass --force to replace it")
     adapter = load_adapter(resolve_adapter_file(source, ema))

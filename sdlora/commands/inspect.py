@@ -7,6 +7,9 @@ from pathlib import Path
 
 from sdlora.errors import UserError
 from sdlora.util.atomic import write_json
+from sdlora.util.ownership import INSPECT_MARK, inspect_folder_is_replaceable
+
+PLOT_FILES = ("inspect.json", "dw_norm.png", "intruders.png")  # what --out receives
 
 
 def run_inspect(args) -> int:
@@ -26,14 +29,16 @@ def run_inspect(args) -> int:
         print(json.dumps(report, indent=2) if args.json else format_mitigation(report))
         return 0
 
+    if args.out:  # before any work: never a file sdlora did not write
+        out = Path(args.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder for the plots and inspect.json")
+        inspect_folder_is_replaceable(out, PLOT_FILES)
     report = inspect_adapter(args.adapter, base, top_k=args.top_k, epsilon=args.epsilon)
     compare = inspect_adapter(args.compare, base, top_k=args.top_k, epsilon=args.epsilon) if args.compare else None
     full = dict(report, compare=compare) if compare else report
     if args.out:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a folder for the plots and inspect.json")
-        write_json(out / "inspect.json", full)  # before the plots: the report survives a missing matplotlib
+        write_json(out / "inspect.json", {**INSPECT_MARK, **full})  # before the plots: the report survives a missing matplotlib
         written = write_plots([report] + ([compare] if compare else []), out)
     print(json.dumps(full, indent=2) if args.json else format_report(report, compare))
     if args.out and not args.json:

@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 
 from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
-from sdlora.data.captions import base_caption, count_truncated, transform_caption
+from sdlora.data.captions import base_caption, count_truncated, pick_variant, transform_caption
 from sdlora.data.images import BadImage, open_checked
 from sdlora.data.masks import check_masks, load_mask
-from sdlora.data.sampler import SAMPLE, epoch_batches, rng_for
+from sdlora.data.sampler import CAPTION_LINE, SAMPLE, WILDCARD, epoch_batches, rng_for
 from sdlora.data.samples import Sample, center_offset, load_pixels
 from sdlora.data.sources import Item, Note, Rejected, discover
 from sdlora.errors import UserError
@@ -40,7 +40,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     subsets = cfg.data_subsets()
     notes: list[Note] = []
     samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
-    held_out = []
+    held_out, scanned = [], samples
     if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
         from sdlora.data.held_out import split_held_out
 
@@ -64,13 +64,14 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     say(bucket_table(counts))
     limit = data.max_token_length
     truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
-                                comps.tokenizer, limit)
+                                comps.tokenizers[0], limit)
     if truncated:
         say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's {limit} tokens "
             f"(data.max_token_length) and will be truncated")
     result = TrainingData(cfg, samples, skipped, num_processes=num_processes, process_index=process_index,
                           latent_factor=latent_factor)
     result.held_out = held_out
+    result.scanned = scanned  # every usable image in scan order, held-out ones included (the end-of-run row Fisher)
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result
@@ -165,7 +166,11 @@ class TrainingData:
             rng = rng_for(self.cfg.train.seed, epoch, SAMPLE, index, position)
             offset = crop_offset(sample.geo, self.cfg.data.crop, rng)
             flip = bool(rng.random() < 0.5) and self.cfg.data.flip
-            caption = transform_caption(sample.item.caption, self.subsets[sample.item.subset], rng)
+            opts, seed = self.subsets[sample.item.subset], self.cfg.train.seed
+            text = pick_variant(sample.item.caption, opts,  # their own streams: no other draw moves
+                                rng_for(seed, epoch, CAPTION_LINE, index, position) if opts.multiline_captions else None,
+                                rng_for(seed, epoch, WILDCARD, sample_index) if opts.wildcards else None)
+            caption = transform_caption(text, opts, rng)
             out.append(Slot(sample_index, offset, flip, caption))
         return out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ORDER, BATCH_ORDER, SAMPLE = 0, 1, 2  # purposes: streams of draws that must not overlap
+ORDER, BATCH_ORDER, SAMPLE, CAPTION_LINE, WILDCARD = 0, 1, 2, 3, 4  # purposes: streams of draws that must not overlap
 
 
 def rng_for(seed: int, epoch: int, purpose: int, *position: int) -> np.random.Generator:

@@ -167,7 +167,7 @@ def from_folder(folder: Path, subset: SubsetConfig, *, default_caption: str | No
             names = ", ".join(t.name for t in twins)
             out.append((p, Problem(f"duplicate name: {names} would share one caption"), repeats))
             continue
-        out.append((p, read_caption(p, ext, fallback, notes), repeats))
+        out.append((p, read_caption(p, ext, fallback, notes, subset.multiline_captions), repeats))
     return out
 
 
@@ -200,9 +200,16 @@ def decode_text(raw: bytes, name: str):
     return text
 
 
-def read_caption(image: Path, ext: str, fallback: str | None, notes: list[Note] | None = None):
-    """The caption file's text; the fallback when it is missing or empty (with a Note where that is
-    probably not what was meant); else a Problem."""
+def one_line(text: str, lines: bool = False) -> str:
+    """Whitespace collapsed; with `lines` (multiline_captions) each non-blank line kept as its own caption, "\n" apart."""
+    if lines:
+        return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+    return " ".join(text.split())
+
+
+def read_caption(image: Path, ext: str, fallback: str | None, notes: list[Note] | None = None, lines: bool = False):
+    """The caption file's text (its lines kept apart with `lines`); the fallback when it is missing or empty (with a
+    Note where that is probably not what was meant); else a Problem."""
     notes = notes if notes is not None else []
     ext = caption_ext(ext)
     cap = image.with_suffix(ext)
@@ -227,7 +234,7 @@ def read_caption(image: Path, ext: str, fallback: str | None, notes: list[Note] 
             return Problem(f"caption {cap.name} is empty and no class_caption")
         notes.append(Note(cap, "caption file is empty: trained on the folder name / class_caption instead"))
         return fallback
-    return " ".join(text.split())  # captions are one line; newlines inside a .txt are just spaces
+    return one_line(text, lines)  # without multiline_captions, newlines inside a .txt are just spaces
 
 
 def _inside(name: str) -> bool:
@@ -269,7 +276,7 @@ def from_metadata(root: Path, subset: SubsetConfig, notes: list[Note] | None = N
             out.append((path, Problem(f"listed in {METADATA} line {n} but missing"), subset.repeats))
             continue
         text = row.get("text")
-        text = " ".join(text.split()) if isinstance(text, str) else ""
+        text = one_line(text, subset.multiline_captions) if isinstance(text, str) else ""
         if not text:
             if subset.class_caption is None:
                 text = Problem(f"empty or missing text in {METADATA} line {n} and no class_caption")

@@ -17,8 +17,6 @@ from pathlib import Path
 from sdlora.kohya_import.rules import (DEFAULT, MAPPED, NO_EFFECT, OFF, UNSUPPORTED, Builder, Invalid, Row, Unmappable,
                                        as_bool, as_float, as_int, as_str, is_unset)
 
-WILDCARD = "wildcards and several captions per image are issue 29 item 6 (not yet in sdlora)"
-
 
 def _subset(key: str, read):
     return lambda v: ({key: read(v)}, None)
@@ -76,7 +74,7 @@ RULES = {
     "caption_separator": _off_unless(",", "sdlora splits tags at commas only"),
     "keep_tokens_separator": _off_unless("", "sdlora keeps the first keep_tokens tags, no separator"),
     "secondary_separator": _off_unless("", "sdlora splits tags at commas only"),
-    "enable_wildcard": _off_unless(False, WILDCARD),
+    "enable_wildcard": lambda v: ({"wildcards": as_bool(v), "multiline_captions": as_bool(v)}, None),
     "color_aug": _off_unless(False, "sdlora has no colour augmentation"),
     "face_crop_aug_range": _off_unless(None, "sdlora has no face-crop augmentation"),
     "token_warmup_min": _off_unless(1, "sdlora has no caption token warm-up"),

@@ -13,17 +13,15 @@ import math
 
 from sdlora.kohya_import import network
 from sdlora.kohya_import.dataset import DATA, steps_per_epoch
+from sdlora.kohya_import.optim import (ITEM_5, legacy_optimizer, learning_rate, optimizer, optimizer_args, scheduler,
+                                       scheduler_part, text_encoder_lr, warmup)
 from sdlora.kohya_import.rules import (MAPPED, OFF, Builder, Custom, Invalid, NoEffect, To, Unmappable, Unsupported,
-                                       as_bool, as_float, as_int, as_list, as_str, key_values)
+                                       as_bool, as_float, as_int, as_str)
 
 # kohya's argparse defaults that differ from sdlora's (options absent from the input take these).
 KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "optimizer_type": "AdamW", "network_dim": 4,
                   "network_alpha": 1.0, "network_module": "networks.lora", "seed": 0}
 ITEM_4 = "the loss and noise options are left for issue 29 item 4 (they change the training step)"
-ITEM_5 = "sdlora's optimisers: adamw, adamw8bit, prodigy (more are issue 29 item 5)"
-SDLORA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy",
-                     "bitsandbytes.optim.adamw8bit": "adamw8bit", "prodigyopt.prodigy": "prodigy"}
-TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's and bitsandbytes' AdamW8bit default; Prodigy's is 0
 
 
 def _flag(key: str, value=True):
@@ -34,131 +32,6 @@ def _flag(key: str, value=True):
 def _nonzero(key: str, read=as_float):
     """A number where kohya (or the GUI) reads 0 as unset."""
     return Custom(lambda v, b: (OFF, "0 is off") if read(v) == 0 else (MAPPED, b.set(key, read(v))), key)
-
-
-# ---------------------------------------------------------------------------------------- learning rates
-def _given(b: Builder, option: str) -> bool:
-    value = b.options.get(option)
-    if value is None or value == "" or value == []:
-        return False
-    try:
-        return as_float(value[0] if isinstance(value, list) else value) != 0 or (
-            option == "text_encoder_lr" and not b.options.get("_gui"))  # kohya reads a 0 as a rate; the GUI as unset
-    except Invalid:
-        return True
-
-
-def _learning_rate(v, b: Builder):
-    lr, keys = as_float(v), []
-    if not _given(b, "unet_lr"):
-        keys.append(b.set("optim.lr", lr))
-    if not _given(b, "text_encoder_lr"):
-        keys.append(b.set("optim.text_encoder_lr", lr))
-    return MAPPED, ", ".join(keys) if keys else "overridden by unet_lr and text_encoder_lr"
-
-
-def _text_encoder_lr(v, b: Builder):
-    rates = [as_float(x) for x in (v if isinstance(v, list) else [v])]
-    if not rates:
-        return OFF, "empty list: learning_rate"
-    keys = [b.set("optim.text_encoder_lr", rates[0])]
-    if len(rates) > 1:
-        keys.append(b.set("optim.text_encoder_2_lr", rates[1]))
-    return MAPPED, ", ".join(keys)
-
-
-def _optimizer(v, b: Builder):
-    name = as_str(v).strip().lower() or "adamw"
-    if name not in SDLORA_OPTIMIZERS:
-        raise Unmappable(f"{v!r}: {ITEM_5}")
-    kind = SDLORA_OPTIMIZERS[name]
-    b.set("optim.optimizer", kind)
-    if kind != "prodigy":  # kohya passes no weight_decay unless optimizer_args does: the optimiser's own default
-        b.set("optim.weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
-        return MAPPED, f"optim.optimizer, optim.weight_decay {TORCH_ADAMW_WEIGHT_DECAY} (the optimiser's default)"
-    return MAPPED, "optim.optimizer"
-
-
-def _legacy_optimizer(kind: str | None):
-    def convert(v, b: Builder):
-        if not as_bool(v):
-            return OFF, "false"
-        if kind is None:
-            raise Unmappable(f"Lion: {ITEM_5}")
-        return _optimizer(kind, b)
-    return Custom(convert, "optim.optimizer")
-
-
-# Prodigy's and AdamW's arguments sdlora exposes; the rest are NOT SUPPORTED unless they equal the package default.
-PRODIGY_DEFAULTS = {"decouple": "true", "use_bias_correction": "false", "safeguard_warmup": "false", "d0": "1e-6",
-                    "d_coef": "1.0", "growth_rate": "inf", "slice_p": "1"}
-
-
-def _optimizer_args(v, b: Builder):
-    details, gaps = [], []
-    for key, raw in key_values(as_list(v), "optimizer_args"):
-        if key == "weight_decay":
-            details.append(b.set("optim.weight_decay", as_float(raw)))
-        elif key == "eps":
-            details.append(b.set("optim.eps", as_float(raw)))
-        elif key == "betas":
-            betas = [as_float(x) for x in raw.strip("()[]").split(",") if x.strip()]
-            if len(betas) < 2:
-                raise Invalid(f"optimizer_args betas={raw!r}: two numbers expected")
-            details.append(b.set("optim.betas", betas[:2]))
-        elif key in PRODIGY_DEFAULTS and _same_number(raw, PRODIGY_DEFAULTS[key]):
-            details.append(f"{key}={raw} is Prodigy's default")
-        else:
-            gaps.append(f"{key}={raw}")
-    if gaps:
-        raise Unmappable(f"{', '.join(gaps)}: sdlora's optimisers take betas, eps and weight_decay only"
-                         + (f" (mapped: {', '.join(details)})" if details else ""))
-    return MAPPED, ", ".join(details)
-
-
-def _same_number(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a.strip().lower() == b
-
-
-# ------------------------------------------------------------------------------------------ the schedule
-def _scheduler(v, b: Builder):
-    name = as_str(v).strip().lower()
-    cycles = b.options.get("lr_scheduler_num_cycles")
-    power = b.options.get("lr_scheduler_power")
-    if name in ("constant", "constant_with_warmup", "cosine", "linear"):
-        kind = {"constant_with_warmup": "constant"}.get(name, name)
-        return MAPPED, b.set("optim.scheduler", kind)
-    if name == "cosine_with_restarts" and (cycles in (None, "") or as_int(cycles) == 1):
-        return MAPPED, b.set("optim.scheduler", "cosine") + " (one cycle = cosine)"
-    if name == "polynomial" and (power in (None, "") or as_float(power) == 1):
-        return MAPPED, b.set("optim.scheduler", "linear") + " (power 1; kohya ends at 1e-7, sdlora at 0)"
-    raise Unmappable(f"{v!r}: sdlora's schedules are constant, cosine (one cycle), linear, each after a linear warm-up")
-
-
-def _scheduler_part(reader, neutral, used_by: tuple[str, ...]):
-    def convert(v, b: Builder):
-        scheduler = as_str(b.options.get("lr_scheduler") or "constant").strip().lower()
-        if scheduler in used_by:
-            return MAPPED, "read with lr_scheduler (see its row)"
-        if v in ("", None) or reader(v) == neutral:
-            return OFF, f"not read by lr_scheduler {scheduler}"
-        return OFF, f"not read by lr_scheduler {scheduler} (only by {', '.join(used_by)})"
-    return Custom(convert)
-
-
-def _warmup(v, b: Builder):
-    raw = as_float(v)
-    if raw == 0:
-        return OFF, "0"
-    if raw < 1:  # kohya: a float below 1 is a share of the training steps
-        steps = int(raw * b.get("train.max_steps", KOHYA_DEFAULTS["max_train_steps"]))
-        return MAPPED, b.set("optim.warmup_steps", steps) + f" = {steps} ({raw:g} of train.max_steps)"
-    if as_str(b.options.get("lr_scheduler", "constant")).lower() == "constant":
-        b.notes.append("kohya refuses warm-up with lr_scheduler=constant; sdlora warms up, then holds the rate")
-    return MAPPED, b.set("optim.warmup_steps", as_int(raw))
 
 
 # ------------------------------------------------------------------------------------- length and saving
@@ -324,23 +197,23 @@ OPTIONS: dict[str, object] = {
     "no_metadata": NoEffect(META),
     "stop_text_encoder_training": Unsupported("sdlora trains the text encoder for the whole run", off=(0, "0")),
     # optimiser and schedule
-    "learning_rate": Custom(_learning_rate, "optim.lr, optim.text_encoder_lr"),
+    "learning_rate": Custom(learning_rate, "optim.lr, optim.text_encoder_lr"),
     "unet_lr": _nonzero("optim.lr"),
-    "text_encoder_lr": Custom(_text_encoder_lr, "optim.text_encoder_lr, optim.text_encoder_2_lr"),
-    "optimizer_type": Custom(_optimizer, "optim.optimizer"),
-    "use_8bit_adam": _legacy_optimizer("AdamW8bit"),
-    "use_lion_optimizer": _legacy_optimizer(None),
-    "optimizer_args": Custom(_optimizer_args, "optim.betas, optim.eps, optim.weight_decay"),
+    "text_encoder_lr": Custom(text_encoder_lr, "optim.text_encoder_lr, optim.text_encoder_2_lr"),
+    "optimizer_type": Custom(optimizer, "optim.optimizer"),
+    "use_8bit_adam": legacy_optimizer("AdamW8bit"),
+    "use_lion_optimizer": legacy_optimizer(None),
+    "optimizer_args": Custom(optimizer_args, "optim.betas, optim.eps, optim.weight_decay"),
     "optimizer_schedulefree_wrapper": Unsupported(ITEM_5),
     "schedulefree_wrapper_args": Unsupported(ITEM_5),
     "fused_backward_pass": Unsupported("sdlora steps the optimiser after the backward pass"),
     "max_grad_norm": Custom(_max_grad_norm, "optim.max_grad_norm"),
-    "lr_scheduler": Custom(_scheduler, "optim.scheduler"),
+    "lr_scheduler": Custom(scheduler, "optim.scheduler"),
     "lr_scheduler_type": Unsupported("sdlora's schedules are constant, cosine, linear"),
     "lr_scheduler_args": Unsupported("sdlora's schedules take no arguments"),
-    "lr_warmup_steps": Custom(_warmup, "optim.warmup_steps"),
-    "lr_scheduler_num_cycles": _scheduler_part(as_int, 1, ("cosine_with_restarts", "cosine_with_min_lr")),
-    "lr_scheduler_power": _scheduler_part(as_float, 1.0, ("polynomial",)),
+    "lr_warmup_steps": Custom(warmup, "optim.warmup_steps"),
+    "lr_scheduler_num_cycles": scheduler_part(as_int, 1, ("cosine_with_restarts", "cosine_with_min_lr")),
+    "lr_scheduler_power": scheduler_part(as_float, 1.0, ("polynomial",)),
     "lr_decay_steps": Unsupported("only for kohya's warmup_stable_decay schedule", off=(0, "0")),
     "lr_scheduler_timescale": Unsupported("only for kohya's inverse_sqrt schedule"),
     "lr_scheduler_min_lr_ratio": Unsupported("sdlora's schedules end at 0"),
@@ -388,6 +261,7 @@ OPTIONS: dict[str, object] = {
     "output_dir": Custom(_output_dir, "output.dir"),
     "output_name": To("output.name", as_str),
     "save_model_as": Custom(_save_model_as),
+    "use_safetensors": NoEffect("sdlora writes .safetensors"),
     "save_precision": Custom(_save_precision, "export.dtype"),
     "save_every_n_steps": _nonzero("checkpoint.every_steps", as_int),
     "save_every_n_epochs": _per_epoch("checkpoint.every_steps"),
@@ -430,7 +304,8 @@ for _name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_
               "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload"):
     OPTIONS[_name] = NoEffect(HUB)
 for _name in ("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
-              "metadata_reso", "metadata_arch"):
+              "metadata_reso", "metadata_arch", "metadata_is_negative_embedding", "metadata_merged_from",
+              "metadata_preprocessor", "metadata_thumbnail", "metadata_trigger_phrase", "metadata_usage_hint"):
     OPTIONS[_name] = NoEffect(META)
 for _name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling", "discrete_flow_shift",
               "model_prediction_type", "guidance_scale", "apply_t5_attn_mask", "t5xxl", "t5xxl_max_token_length",

@@ -63,7 +63,7 @@ def write_tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None
         "clean_up_tokenization_spaces": True, **special}), encoding="utf-8")
 
 
-TINY_VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-v", "sd3", "sd3-no-t5", "sd35m", "sd35l")
+TINY_VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-v")  # SD3 / SD3.5: model/tiny_sd3.py
 
 
 def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, variant: str = "sd1") -> Path:
@@ -78,10 +78,6 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, variant: str = "s
     if variant not in TINY_VARIANTS:
         raise UserError(f"tiny model variant {variant!r}: allowed {', '.join(TINY_VARIANTS)}")
     _quiet_loaders()
-    if variant.startswith("sd3"):
-        from sdlora.model.tiny_sd3 import make_tiny_sd3
-
-        return make_tiny_sd3(out_dir, seed=seed, variant=variant)
     if variant.startswith("sdxl"):
         return make_tiny_sdxl(out_dir, seed=seed, v_prediction=variant == "sdxl-v")
     out = Path(out_dir)

@@ -1,10 +1,12 @@
-"""The random draws of a training step (latent sampling, noise, timesteps), independent of the process count."""
+"""The random draws of a training step (latent sampling, noise, timesteps), independent of the process count.
+
+Both classes answer the `Draws` questions of model/objective.py (`normal`, `uniform`, `integers`), so the objective
+asks for what it needs without knowing whose generator it is.
+"""
 
 from __future__ import annotations
 
 import torch
-
-from sdlora.training.losses import sample_noise
 
 
 class GlobalBatchDraws:
@@ -12,7 +14,7 @@ class GlobalBatchDraws:
 
     Every process draws the same numbers from the same generator, so process r's samples get exactly the
     draws they would get in a one-process run with batch_size x num_processes: the result does not depend
-    on the process count.
+    on the process count. Drawn on `local`'s device; tensors of a shape in its dtype, per-example values in float32.
     """
 
     def __init__(self, generator: torch.Generator, local: torch.Tensor, batch_size: int, accelerator):
@@ -25,12 +27,35 @@ class GlobalBatchDraws:
         return t[self.start:self.start + self.n]
 
     def randn(self) -> torch.Tensor:
-        t = self.like
-        return self._mine(torch.randn((self.total, *t.shape[1:]), generator=self.gen, device=t.device, dtype=t.dtype))
+        """A standard normal shaped like `local` (sampling the VAE's latent distribution)."""
+        return self.normal(tuple(self.like.shape[1:]))
 
-    def noise(self, noise_offset: float) -> torch.Tensor:
+    def normal(self, shape: tuple) -> torch.Tensor:
+        """(n, *shape) standard normals: in `local`'s dtype, float32 for one value per example (shape ())."""
         t = self.like
-        return self._mine(sample_noise(t.new_empty((self.total, *t.shape[1:])), noise_offset, self.gen))
+        dtype = t.dtype if len(shape) else torch.float32  # a per-example noise level keeps its bits under bf16
+        return self._mine(torch.randn((self.total, *shape), generator=self.gen, device=t.device, dtype=dtype))
 
-    def timesteps(self, low: int, high: int) -> torch.Tensor:
+    def uniform(self) -> torch.Tensor:
+        """(n,) uniforms in [0, 1), float32."""
+        return self._mine(torch.rand((self.total,), generator=self.gen, device=self.like.device, dtype=torch.float32))
+
+    def integers(self, low: int, high: int) -> torch.Tensor:
         return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))
+
+
+class GeneratorDraws:
+    """`count` examples' draws from a CPU generator (float32), moved to `device` (the row Fisher estimate: the same
+    numbers on every device)."""
+
+    def __init__(self, generator: torch.Generator, count: int, device):
+        self.gen, self.n, self.device = generator, count, device
+
+    def normal(self, shape: tuple) -> torch.Tensor:
+        return torch.randn((self.n, *shape), generator=self.gen).to(self.device)
+
+    def uniform(self) -> torch.Tensor:
+        return torch.rand((self.n,), generator=self.gen).to(self.device)
+
+    def integers(self, low: int, high: int) -> torch.Tensor:
+        return torch.randint(low, high, (self.n,), generator=self.gen).to(self.device)

@@ -8,13 +8,12 @@ After every optimiser step t (counted from 1, skipped non-finite steps included,
 over every trained adapter tensor (A, B, a learnable alpha; frozen ones such as offset factors or a fixed
 alpha are copied, so d·c + (1 − d)·c rounding never moves a constant), in fp32,
 on the training device or the CPU. It costs one copy of the adapter (a few MB for a LoRA) and a fused
-multiply-add per step. The state is saved in each checkpoint (ema.safetensors) and restored with it, so a
-resumed run's average is bit-identical to an uninterrupted one's.
+multiply-add per step. `average()` is what the exporter writes as adapter_ema.safetensors. The state is saved in
+each checkpoint (ema.safetensors) and restored with it, so a resumed run's average is bit-identical to an
+uninterrupted one's.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 
@@ -63,26 +62,11 @@ class AdapterEMA:
         for k, v in state.items():
             self.shadow[k].copy_(v)
 
-    @contextmanager
-    def swapped_in(self):
-        """The layers hold the average inside the block (to export it), their own weights again after."""
+    def average(self) -> dict[str, torch.Tensor]:
+        """The average, keyed as `adapter_tensors` keys the live tensors, each on its live tensor's device and in its
+        dtype: what `training.export.Exporter` writes in their place (the live layers are never changed)."""
         live = adapter_tensors(self.layers)
-        saved = {k: t.detach().clone() for k, t in live.items()}
-        try:
-            with torch.no_grad():
-                for k, t in live.items():
-                    t.copy_(self.shadow[k].to(t.device, t.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for k, t in live.items():
-                    t.copy_(saved[k])
-
-
-def export_ema(ema: AdapterEMA, export, path, step: int) -> None:
-    """Write the average as an adapter file (same layout, dtype and metadata as the raw adapter)."""
-    with ema.swapped_in():
-        export(path, step)
+        return {k: avg.to(live[k].device, live[k].dtype) for k, avg in self.shadow.items()}
 
 
 def make_ema(cfg, layers: dict, device) -> AdapterEMA | None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-
-import torch
 
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, save_native
 from sdlora.lora.layers import AdapterLayer
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sdlora.util.dtypes import DTYPES
 
 
 def adapter_from_layers(layers: dict[str, AdapterLayer], *, reduce_to_rank: bool = False,
@@ -35,3 +33,30 @@ def export_adapter(layers: dict[str, AdapterLayer], path: str | Path, cfg, recor
     adapter = adapter.to(DTYPES[cfg.export.dtype])
     save_native(adapter, path)
     return adapter
+
+
+def layers_holding(layers: dict[str, AdapterLayer], tensors: dict[str, torch.Tensor]) -> dict[str, AdapterLayer]:
+    """Views of `layers` that hold `tensors` (keyed `<module>.<tensor>`, as `ema.adapter_tensors` keys them) instead
+    of their own: shallow copies sharing the base modules and every tensor not given. The layers are not changed."""
+    views = {}
+    for name, layer in layers.items():
+        view = copy.copy(layer)
+        view._parameters, view._buffers = dict(layer._parameters), dict(layer._buffers)
+        for table in (view._parameters, view._buffers):
+            for key in table:
+                if f"{name}.{key}" in tensors:
+                    table[key] = tensors[f"{name}.{key}"]
+        views[name] = view
+    return views
+
+
+class Exporter:
+    """Writes the run's adapter files: `exporter(path, steps, report=None, tensors=None)`, the live layers' adapter,
+    or with `tensors` (the EMA's `average()`) those in their place, with the run record at `steps`."""
+
+    def __init__(self, layers: dict[str, AdapterLayer], cfg, record: RunRecord):
+        self.layers, self.cfg, self.record = layers, cfg, record
+
+    def __call__(self, path: str | Path, steps: int, report=None, tensors: dict | None = None) -> AdapterWeights:
+        layers = self.layers if tensors is None else layers_holding(self.layers, tensors)
+        return export_adapter(layers, path, self.cfg, self.record, steps=steps, report=report)

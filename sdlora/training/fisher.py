@@ -6,14 +6,15 @@ single-example gradients, summed over each output row's inputs (FWSVD's row Fish
 is merged into the weights first (`algebra.merge_adapter`, through each kind's `delta_weight`), so the gradient is
 the same for every adapter kind and needs nothing from the training layers. Cost: N forward and backward passes.
 
-Examples come from an image folder (the run's own data at the end of `sdlora train`, or `--fisher-data FOLDER`)
-or from a prompts file (`--fisher-data PROMPTS.txt`), whose latents the adapted model samples itself (then the
+Examples come from an image folder (`--fisher-data FOLDER`), the run's own images at the end of `sdlora train` (the
+training models in memory, the adapter merged into copies of its modules' weights), or from a prompts file (`--fisher-data PROMPTS.txt`), whose latents the adapted model samples itself (then the
 estimate is the model's own Fisher, not the empirical one). Any family: SDXL's examples carry its size and crop
 conditioning (the folder's images as `data.pipeline.size_conditioning` gives it, a prompt's as its pipeline samples).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,8 +24,10 @@ from sdlora.adapter.algebra import component_module, merge_adapter
 from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.names import split_name
 from sdlora.errors import UserError
+from sdlora.model.objective import vae_latents
 from sdlora.model.text import tokenize
-from sdlora.training.losses import diffusion_loss, diffusion_target
+from sdlora.training.draws import GeneratorDraws
+from sdlora.training.step import step_loss
 
 PROMPT_SAMPLING_STEPS = 20  # DDIM steps per latent sampled for a prompts file
 
@@ -45,18 +48,24 @@ class Example(NamedTuple):
 
 
 def folder_examples(comps, subsets, data_cfg) -> list[Example]:
-    """Every usable image of `subsets` as its scaled latent mean, centre-cropped to its bucket, unflipped, its caption
-    as written (prefix and suffix, no dropout): what the validation loss sees."""
+    """Every usable image of `subsets` as its latent mean (scaled and shifted as the VAE config says), centre-cropped
+    to its bucket, unflipped, its caption as written (prefix and suffix, no dropout): what the validation loss sees."""
     from sdlora.data.buckets import bucket_sizes
-    from sdlora.data.captions import base_caption
-    from sdlora.data.pipeline import scan, size_conditioning
-    from sdlora.data.samples import center_offset, load_pixels
+    from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
     samples, _ = scan(discover(subsets, 1.0), data_cfg, bucket_sizes(data_cfg))
     if not samples:
         raise UserError(f"Fisher data: no usable images in {', '.join(s.path for s in subsets)}")
-    vae = comps.vae
+    return sample_examples(comps.vae, samples, subsets, data_cfg)
+
+
+def sample_examples(vae, samples: list, subsets, data_cfg) -> list[Example]:
+    """`folder_examples` for samples already scanned (`data.pipeline.scan`)."""
+    from sdlora.data.captions import base_caption
+    from sdlora.data.pipeline import size_conditioning
+    from sdlora.data.samples import center_offset, load_pixels
+
     p = next(vae.parameters())
     out = []
     for sample in samples:
@@ -64,7 +73,8 @@ def folder_examples(comps, subsets, data_cfg) -> list[Example]:
         pixels = load_pixels(sample, offset, False, data_cfg)[None]
         with torch.no_grad():
             mean = vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float()
-        out.append(Example((mean * vae.config.scaling_factor)[0], base_caption(sample.item.caption, subsets[sample.item.subset]),
+        latent = vae_latents(mean, vae.config.scaling_factor, vae.config.get("shift_factor"))[0]
+        out.append(Example(latent, base_caption(sample.item.caption, subsets[sample.item.subset]),
                            size_conditioning(sample, offset, False)))
     return out
 
@@ -76,7 +86,7 @@ def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> li
     after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
-    pipe = comps.family.pipeline(unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser, vae=comps.vae, text_encoders=comps.text_encoders,
                                  tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
@@ -95,14 +105,15 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def estimate_row_fisher(comps, adapter, examples: list[Example], *, samples: int, seed: int = 0,
-                        loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None,
-                        min_timestep: int = 0, max_timestep: int | None = None, data: str = "") -> RowFisher:
+def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, samples: int, seed: int = 0,
+                        loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None, data: str = "",
+                        autocast=contextlib.nullcontext) -> RowFisher:
     """The row Fisher of every module of `adapter` over `samples` single-example gradients (examples taken in turn,
-    each with a timestep drawn uniformly in [min_timestep, max_timestep) and fresh noise, from a generator seeded
-    with `seed`). `comps` must hold the adapter merged into its weights (`algebra.merge_adapter`; `fisher_from_data`
-    does it); any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning).
-    `loss_cfg` is the run's loss section (default: plain MSE). Returns (out,) float32 per module."""
+    each with noise and a time drawn by `objective` (DDPM: a timestep uniform in its range; no noise offset: pass
+    `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
+    its weights (`algebra.merge_adapter`; `fisher_from_data` does it; `merged_into_modules` for training models);
+    any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning). `loss_cfg` is the
+    run's loss section (default: plain MSE). Returns (out,) float32 per module."""
     from sdlora.config import LossConfig
 
     if samples < 1 or not examples:
@@ -115,24 +126,19 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], *, samples: int
     for w in weights.values():
         w.requires_grad_(True)
     train_te = any(split_name(n)[0] in comps.family.text_encoders for n in weights)
-    encoders, tokenizers = list(comps.text_encoders.values()), comps.tokenizers
-    scheduler, family = comps.noise_scheduler, comps.family
-    t_max = max_timestep or scheduler.config.num_train_timesteps
-    device = next(comps.unet.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    encoders, tokenizers, family = list(comps.text_encoders.values()), comps.tokenizers, comps.family
+    device = next(comps.denoiser.parameters()).device
+    draws = GeneratorDraws(torch.Generator().manual_seed(seed), 1, device)
     sums = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
     names, params = list(weights), list(weights.values())
     for n in range(samples):
         example = examples[n % len(examples)]
-        latents = example.latent[None].to(device)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(min_timestep, t_max, (1,), generator=gen).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
+        x0 = example.latent[None].to(device)
+        noised = objective.noised(x0, *objective.draw(draws, x0))
         ids = [tokenize(tok, [example.caption], max_token_length).to(device) for tok in tokenizers]
         with torch.set_grad_enabled(train_te):
             embeddings = family.encode(encoders, ids, clip_skip)
-        pred = comps.unet(noisy, t, **family.unet_kwargs(embeddings, example.batch())).sample
-        loss = diffusion_loss(pred, diffusion_target(scheduler, latents, noise, t), t, scheduler, loss_cfg)
+        loss = step_loss(objective, family, comps.denoiser, noised, embeddings, example.batch(), loss_cfg, autocast)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for name, g in zip(names, grads):
             if g is not None:
@@ -148,7 +154,7 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     images with captions, or a text file of prompts (one per line; latents sampled by the adapted model).
     `resolution`: the images' bucket area budget (default: the adapter's run record's, else the family's native)."""
     from sdlora.adapter.run_record import RunRecord
-    from sdlora.config import DataConfig, SubsetConfig
+    from sdlora.config import DataConfig, LossConfig, SubsetConfig
     from sdlora.model.loading import load_components
 
     path = Path(source).expanduser()
@@ -165,36 +171,79 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     merge_adapter(adapter, comps.adaptable(), where=f"--base {base}")
     if not path.is_dir():
         examples = prompt_examples(comps, read_prompts(path), res, seed)
-    return estimate_row_fisher(comps, adapter, examples, samples=samples, seed=seed, loss_cfg=loss_cfg,
+    objective = comps.family.objective(comps.noise_scheduler, comps.vae.config, loss_cfg or LossConfig()).plain()
+    return estimate_row_fisher(comps, adapter, examples, objective, samples=samples, seed=seed, loss_cfg=loss_cfg,
                                clip_skip=clip_skip, data=path.name)
 
 
-def store_run_fisher(cfg, adapter_path: Path, device, say=print) -> RowFisher:
-    """`export.fisher_samples`: the row Fisher of the run's final adapter on the run's own data (every image of
-    `data`, centre-cropped, captions as written), with the run's loss, clip skip and timestep range, on a fresh copy
-    of the base model; written into the adapter file's metadata (atomically)."""
+def store_run_fisher(cfg, adapter, adapter_path: Path, comps, layers: dict, data, objective,
+                     autocast=contextlib.nullcontext, say=print) -> RowFisher:
+    """`export.fisher_samples`: the row Fisher of the run's final `adapter` (as written to `adapter_path`) on the
+    run's own images (every usable image of `data`, validation's held-out ones included, centre-cropped, captions as
+    written), with the run's loss, clip skip and timestep range, on the training models in memory (`comps` with its
+    injected `layers`; the adapter merged into copies of the adapted modules' weights, `merged_into_modules`);
+    written into the adapter file's metadata (atomically). In fp32 the numbers are those of a fresh base model with
+    the file merged in; under mixed precision the frozen weights are the training dtype's (`autocast`)."""
     import time
 
     from sdlora.adapter.fisher import with_fisher
-    from sdlora.adapter.io import load_adapter
     from sdlora.adapter.weights import save_native
-    from sdlora.model.loading import load_components
 
     t0 = time.perf_counter()
-    adapter = load_adapter(adapter_path)
-    m = cfg.model
-    comps = load_components(m.path, vae_path=m.vae_path, config_dir=m.config_dir, allow_pickle=m.allow_pickle,
-                            prediction_type=m.prediction_type, zero_terminal_snr=m.zero_terminal_snr)
-    for part in (*comps.adaptable().values(), comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
-        part.to(device, torch.float32)
-    examples = folder_examples(comps, cfg.data_subsets(), cfg.data)
-    merge_adapter(adapter, comps.adaptable())
-    fisher = estimate_row_fisher(comps, adapter, examples, samples=cfg.export.fisher_samples, seed=cfg.train.seed,
-                                 loss_cfg=cfg.loss, clip_skip=cfg.text_encoder.clip_skip,
-                                 max_token_length=cfg.data.max_token_length, min_timestep=cfg.loss.min_timestep,
-                                 max_timestep=cfg.loss.max_timestep, data="the run's data")
+    examples = sample_examples(comps.vae, data.scanned, cfg.data_subsets(), cfg.data)
+    with merged_into_modules(comps, layers, adapter):
+        fisher = estimate_row_fisher(comps, adapter, examples, objective.plain(), samples=cfg.export.fisher_samples,
+                                     seed=cfg.train.seed, loss_cfg=cfg.loss, clip_skip=cfg.text_encoder.clip_skip,
+                                     max_token_length=cfg.data.max_token_length, data="the run's data",
+                                     autocast=autocast)
     adapter.metadata = with_fisher(adapter.metadata, fisher)
     save_native(adapter, adapter_path)
     say(f"sdlora: row Fisher of {len(fisher.modules)} modules over {fisher.samples} samples stored in {adapter_path} "
         f"({time.perf_counter() - t0:.1f}s)")
     return fisher
+
+
+@contextlib.contextmanager
+def merged_into_modules(comps, layers: dict, adapter):
+    """Inside the block each adapted module of `comps` is a copy of its base module whose weight is W0 + ΔW (fp32,
+    merged as `algebra.merge_adapter` merges: in float64 from the record's ΔW), in place of its adapter layer, and
+    the models are in eval mode; after it the layers, the modes and every requires_grad flag are as they were.
+    W0 is the layer's base weight (plus the init's offset s0·B0·A0, in float64, for the compensated and principal
+    inits, whose stored base weight is offset by it)."""
+    models = comps.adaptable()
+    where = {id(m): (model, path) for model in models.values() for path, m in model.named_modules()}
+    flags = {p: p.requires_grad for model in models.values() for p in model.parameters()}
+    modes = {m: m.training for model in models.values() for m in model.modules()}
+    swapped = []
+    try:
+        for name, record in adapter.modules.items():
+            layer = layers[name]
+            model, path = where[id(layer)]
+            parent, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent) if parent else model
+            swapped.append((parent, child, layer))
+            setattr(parent, child, merged_copy(layer, record))
+        for model in models.values():
+            model.eval()
+        yield
+    finally:
+        for parent, child, layer in reversed(swapped):
+            setattr(parent, child, layer)
+        for m, training in modes.items():
+            m.train(training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def merged_copy(layer, record) -> torch.nn.Module:
+    """A copy of `layer.base` (sharing its bias and buffers) with the weight W0 + ΔW as a new fp32 parameter."""
+    import copy
+
+    w0 = layer.base.weight.detach().to(torch.float32)
+    if getattr(layer, "offset_A", None) is not None:
+        w0 = (w0.to(torch.float64) + layer._dense(layer.offset_A.double(), layer.offset_B.double())).to(torch.float32)
+    merged = (w0.to(torch.float64) + record.delta_weight(w0).to(torch.float64)).to(torch.float32)
+    module = copy.copy(layer.base)
+    module._parameters = {**layer.base._parameters, "weight": torch.nn.Parameter(merged, requires_grad=False)}
+    return module

@@ -1,33 +1,17 @@
-"""The diffusion loss and its options (prediction type, min-SNR weighting, Huber)."""
+"""The pointwise diffusion loss (MSE or Huber), loss masks and per-example weights.
+
+What the loss compares (the target, min-SNR and other per-example weights of the noise process) is the objective's
+(model/objective.py); this module turns a prediction, a target and weights into the loss.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from sdlora.model.objective import ddpm_target, min_snr_weights, offset_noise
 
-def diffusion_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {kind!r} (epsilon, v_prediction)")
-
-
-def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    ac = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return ac / (1.0 - ac)
-
-
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
-    s = snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(s, torch.full_like(s, gamma))
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (s + 1.0)
-    return clipped / s
+diffusion_target = ddpm_target  # the DDPM target under the name tests and benchmarks use
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 0.1,
@@ -44,19 +28,28 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse",
     return elem.flatten(1).mean(1)
 
 
-def diffusion_loss(pred, target, timesteps, noise_scheduler, loss_cfg, loss_weight: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None):
+def weighted_loss(pred, target, loss_cfg, *weights: torch.Tensor | None, mask: torch.Tensor | None = None):
+    """The batch mean of `per_sample_loss` times each (B,) weight in turn (None: 1): the objective's per-example
+    weight (min-SNR), then the data's (`loss_weight`: data.prior_loss_weight)."""
     per = per_sample_loss(pred, target, loss_cfg.type, loss_cfg.huber_delta, mask)
-    if loss_cfg.min_snr_gamma is not None:
-        per = per * min_snr_weights(noise_scheduler, timesteps, loss_cfg.min_snr_gamma)
-    if loss_weight is not None:
-        per = per * loss_weight.to(per.device, per.dtype)
+    for weight in weights:
+        if weight is not None:
+            per = per * weight.to(per.device, per.dtype)
     return per.mean()
 
 
+def diffusion_loss(pred, target, timesteps, noise_scheduler, loss_cfg, loss_weight: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None):
+    """`weighted_loss` with DDPM's min-SNR weights (loss.min_snr_gamma) and `loss_weight`."""
+    snr_weight = None
+    if loss_cfg.min_snr_gamma is not None:
+        snr_weight = min_snr_weights(noise_scheduler, timesteps, loss_cfg.min_snr_gamma)
+    return weighted_loss(pred, target, loss_cfg, snr_weight, loss_weight, mask=mask)
+
+
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator=None) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator,
-                                                   device=latents.device, dtype=latents.dtype)
-    return noise
+    """Noise like `latents` with the noise offset (model/objective.offset_noise), from `generator`."""
+    def normal(shape):
+        return torch.randn((latents.shape[0], *shape), generator=generator, device=latents.device, dtype=latents.dtype)
+
+    return offset_noise(normal, latents.shape[1:], noise_offset)

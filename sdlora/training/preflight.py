@@ -33,7 +33,7 @@ def before_model(cfg) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir: {out} exists and is not a folder")
     if cfg.reg.preservation.weight and cfg.reg.preservation.source == "file":
-        from sdlora.reg.preservation import read_prompts_file
+        from sdlora.training.preservation import read_prompts_file
 
         read_prompts_file(cfg.reg.preservation.prompts_file)  # missing, unreadable or empty: one line, now
     if cfg.sample.prompts_file:
@@ -43,11 +43,6 @@ def before_model(cfg) -> None:
     for key in ("init_alphas_from", "init_from"):
         if getattr(cfg.lora, key) and not Path(getattr(cfg.lora, key)).expanduser().is_file():
             raise UserError(f"lora.{key}: no such file: {getattr(cfg.lora, key)}")
-
-
-def with_processes(cfg, num_processes: int) -> None:
-    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads).
-    None today: every feature trains on any number of processes (tests/test_data_parallel.py)."""
 
 
 def against_model(cfg, comps) -> None:

@@ -18,21 +18,42 @@ from sdlora.training.signals import TrainingInterrupted, signal_name
 from sdlora.util import atomic
 
 
+# What a run writes in output.dir (and --overwrite clears): nothing else there is ever touched.
+RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors")
+RUN_FOLDERS = ("checkpoints", "logs", "samples")
+STATUSES = ("running", "failed", "interrupted", "finished", "stopped_nonfinite")
+
+
+def run_status(out: Path) -> str | None:
+    """The status in out/run.json if sdlora wrote it (a JSON object with one of sdlora's statuses), else None."""
+    try:
+        state = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    status = state.get("status") if isinstance(state, dict) else None
+    return status if status in STATUSES else None
+
+
 def check_output_dir(out: Path, *, overwrite: bool, resume: bool = False) -> bool:
     """Refuse to write into a folder that holds a run unless told to; True if the old run is to be cleared.
 
-    Reads only: nothing is cleared until `RunStart.begin`. A run that failed after its start but before saving
-    anything (say, at its first step) holds nothing to lose, so the corrected command may reuse its folder without
-    --overwrite.
+    Only a folder that holds an sdlora run (its run.json) is ever cleared or resumed; a folder without one may take
+    a run only if it holds none of the names a run writes (`RUN_FILES`, `RUN_FOLDERS`): a typo'd or reused
+    output.dir keeps its own samples/, logs/, config.yaml. Reads only: nothing is cleared until `RunStart.begin`.
+    A run that failed after its start but before saving anything (say, at its first step) holds nothing to lose,
+    so the corrected command may reuse its folder without --overwrite.
     """
-    marker = out / "run.json"
+    status = run_status(out)
+    if status is None:
+        taken = [n for n in RUN_FILES + RUN_FOLDERS if (out / n).exists() or (out / n).is_symlink()]
+        if taken:
+            raise UserError(f"output.dir {out} holds {taken[0]} but no sdlora run (no run.json sdlora wrote); sdlora "
+                            "replaces only what it wrote for a run: choose another output.dir or move those files away")
+        return False
     if resume:
         return False
     if overwrite:
         return True
-    if not marker.is_file():
-        return False
-    status = json.loads(marker.read_text() or "{}").get("status", "unknown")
     if status == "failed" and not saved_anything(out):
         return True
     hint = "--resume to continue it" if status != "failed" else "--resume to continue from its last checkpoint"
@@ -60,8 +81,8 @@ class RunStart:
         if self.main:
             if self.replace:
                 clear_previous_run(self.out)  # a replaced run's checkpoints must never be resumed by mistake
+            mark_running(self.out)  # first: from here on the folder is an sdlora run's (check_output_dir)
             atomic.write_text(self.out / "config.yaml", config_text)
-            mark_running(self.out)
         self.started = True
 
     def failed(self, error: BaseException) -> None:
@@ -76,9 +97,9 @@ def clear_previous_run(out: Path) -> None:
     and `samples/` and the adapters are this run's only (an old EMA export would outlive a run without EMA)."""
     import shutil
 
-    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
-    shutil.rmtree(out / "logs", ignore_errors=True)
-    shutil.rmtree(out / "samples", ignore_errors=True)
+    assert run_status(out) is not None, out  # check_output_dir: only an sdlora run's folder is ever cleared
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
     for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors"):
         (out / name).unlink(missing_ok=True)
 
@@ -114,11 +135,11 @@ def stop_nonfinite_weights(out: Path, step: int, main: bool, say) -> None:
                            f"(finite loss and gradients; lower optim.lr); nothing was saved from it; {where}")
 
 
-def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None) -> None:
-    """The run's adapter; a write that fails (full disk, read-only folder) is one line naming the intact
-    checkpoint and the command that writes the same adapter from it."""
+def write_final_adapter(export, path: Path, step: int, checkpoint: Path | None, cfg, report=None):
+    """The run's adapter, written and returned (AdapterWeights, as in the file); a write that fails (full disk,
+    read-only folder) is one line naming the intact checkpoint and the command that writes the same adapter from it."""
     try:
-        export(path, step, report)
+        return export(path, step, report)
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         if checkpoint is None:

@@ -3,8 +3,8 @@
 The held-out images are a folder (`validation.path`) or `validation.num_images` images taken out of the
 training set (a seeded pick, the same for every run of the same data and seed). Each is centre-cropped to its
 bucket, unflipped, with its caption as written (prefix and suffix, no dropout or shuffling), and encoded once
-by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` timesteps spread evenly
-over the training range and one noise tensor per timestep from a generator seeded with `validation.seed`
+by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` times spread evenly
+over the objective's training range (`fixed_times`) and one noise tensor per timestep from a generator seeded with `validation.seed`
 (on the CPU: the same numbers on every device). All of it is fixed at start, so the loss at a step depends
 only on the weights at that step: it compares across runs of the same data and across a kill-and-resume. It
 uses no global RNG, so turning it on does not change training.
@@ -21,14 +21,14 @@ from sdlora.data.pipeline import conditioning_fields, size_conditioning
 from sdlora.data.samples import center_offset, load_pixels
 from sdlora.errors import UserError
 from sdlora.model.text import tokenize
-from sdlora.training.losses import diffusion_loss, diffusion_target
+from sdlora.training.step import step_loss
 
 
 @dataclass
 class HeldOutImage:
-    latents: torch.Tensor  # (K, C, h, w): the scaled latent mean, repeated per timestep
+    latents: torch.Tensor  # (K, C, h, w): the latent mean as training latents (objective.latents), repeated per time
     noise: torch.Tensor  # (K, C, h, w)
-    timesteps: torch.Tensor  # (K,)
+    timesteps: torch.Tensor  # (K,): the objective's times (DDPM: timesteps)
     caption: str
     sizes: tuple  # SDXL's micro-conditioning of the centre crop (data.pipeline.size_conditioning)
 
@@ -53,51 +53,49 @@ def held_out_samples(cfg, training_data, say) -> list:
 
 
 class ValidationLoss:
-    def __init__(self, cfg, comps, samples: list, t_max: int):
-        self.cfg, self.comps = cfg, comps
+    def __init__(self, cfg, comps, samples: list, objective):
+        self.cfg, self.comps, self.objective = cfg, comps, objective
         v = cfg.validation
         gen = torch.Generator().manual_seed(v.seed)
         vae = comps.vae
         params = next(vae.parameters())
-        spread = torch.linspace(cfg.loss.min_timestep, t_max - 1, v.timesteps).round().long()
+        spread = objective.fixed_times(v.timesteps)
         self.images = []
         for sample in samples:
             offset = center_offset(sample)
             pixels = load_pixels(sample, offset, False, cfg.data)[None]
             with torch.no_grad():
                 mean = vae.encode(pixels.to(params.device, params.dtype)).latent_dist.mean.float().cpu()
-            latents = (mean * vae.config.scaling_factor).expand(v.timesteps, -1, -1, -1).contiguous()
+            latents = objective.latents(mean).expand(v.timesteps, -1, -1, -1).contiguous()
             noise = torch.randn(latents.shape, generator=gen)
             caption = base_caption(sample.item.caption, cfg.data)
             self.images.append(HeldOutImage(latents, noise, spread.clone(), caption, size_conditioning(sample, offset, False)))
 
     @torch.no_grad()
-    def measure(self, unet, text_encoders: list, accelerator) -> float:
-        """The mean loss over every held-out image and timestep, with the live (adapted) models; `text_encoders`: the
+    def measure(self, denoiser, text_encoders: list, accelerator) -> float:
+        """The mean loss over every held-out image and time, with the live (adapted) models; `text_encoders`: the
         family's, in its order (`Components.text_encoders`)."""
-        scheduler, family, device = self.comps.noise_scheduler, self.comps.family, accelerator.device
+        family, device = self.comps.family, accelerator.device
         total = 0.0
         for image in self.images:
             latents, noise, t = image.latents.to(device), image.noise.to(device), image.timesteps.to(device)
-            noisy = scheduler.add_noise(latents, noise, t)
+            noised = self.objective.noised(latents, noise, t)
             captions = [image.caption] * len(t)
             ids = [tokenize(tok, captions, self.cfg.data.max_token_length).to(device) for tok in self.comps.tokenizers]
             embeddings = family.encode(text_encoders, ids, self.cfg.text_encoder.clip_skip)
             batch = conditioning_fields(captions, [image.sizes] * len(t))
-            with accelerator.autocast():
-                pred = unet(noisy, t, **family.unet_kwargs(embeddings, batch)).sample
-            target = diffusion_target(scheduler, latents, noise, t)
-            total += float(diffusion_loss(pred, target, t, scheduler, self.cfg.loss))
+            total += float(step_loss(self.objective, family, denoiser, noised, embeddings, batch, self.cfg.loss,
+                                     accelerator.autocast))
         return total / len(self.images)
 
 
-def make_validation(cfg, comps, training_data, t_max: int, say) -> ValidationLoss | None:
+def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss | None:
     if not cfg.validation.every_steps:
         return None
     samples = held_out_samples(cfg, training_data, say)
     say(f"sdlora: validation: {len(samples)} held-out images x {cfg.validation.timesteps} timesteps every "
         f"{cfg.validation.every_steps} steps")
-    return ValidationLoss(cfg, comps, samples, t_max)
+    return ValidationLoss(cfg, comps, samples, objective)
 
 
 def validation_due(step: int, cfg) -> bool:

@@ -1,4 +1,4 @@
-"""Output preservation without a regularisation set (`reg.preservation`): the UNet-side twin of the
+"""Output preservation without a regularisation set (`reg.preservation`): the denoiser-side twin of the
 embedding-norm penalty.
 
     term = weight · mean (ε_θ(x_t, t, c_p) − ε_0(x_t, t, c_p))²
@@ -11,7 +11,8 @@ trains, through its adapters too. Where the prompt has nothing to do with the su
 back toward the base (OneTrainer's prior prediction, ai-toolkit's difference/blank-prompt preservation).
 
 The prompts of a step are drawn with their own generator seeded by (train.seed, step): no global RNG is
-touched, and a resumed run draws what the uninterrupted one drew.
+touched, and a resumed run draws what the uninterrupted one drew. Both predictions go through the step's
+`training.step.predict` (which is why this regulariser lives beside the step, not in `reg/`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from sdlora.errors import UserError
 from sdlora.lora.layers import adapters_disabled
 from sdlora.model.text import tokenize
+from sdlora.training.step import predict
 
 
 def remove_trigger_words(caption: str, trigger_words: list[str]) -> str:
@@ -71,8 +73,9 @@ def preservation_loss(adapted: torch.Tensor, base: torch.Tensor) -> torch.Tensor
 
 
 class Preservation:
-    """What the loop calls on due steps: `term(unet, encoders, noisy, timesteps, batch, step, autocast)` -> the
-    unweighted term; `autocast` is the accelerator's (mixed precision) or none."""
+    """What the loop calls on due steps: `term(denoiser, encoders, noisy, timesteps, batch, step, autocast)` -> the
+    unweighted term, both predictions through `training.step.predict`; `noisy` and `timesteps` are the step's
+    (`Noised.noisy`, `.timesteps`); `autocast` is the accelerator's (mixed precision) or none."""
 
     def __init__(self, cfg, comps, prompts: list[str], process_index: int = 0, num_processes: int = 1):
         self.cfg, self.comps, self.prompts = cfg, comps, prompts
@@ -98,13 +101,12 @@ class Preservation:
         """The base model's prediction and conditioning: UNet and text encoder(s) with every adapter disabled."""
         comps, family = self.comps, self.comps.family
         encoders = list(comps.text_encoders.values())
-        with adapters_disabled(comps.unet, *encoders):
+        with adapters_disabled(comps.denoiser, *encoders):
             cond = family.encode(encoders, input_ids, self.cfg.text_encoder.clip_skip)
-            with autocast():
-                pred = comps.unet(noisy, timesteps, **family.unet_kwargs(cond, batch)).sample
+            pred = predict(family, comps.denoiser, noisy, timesteps, cond, batch, autocast)
         return pred, cond
 
-    def __call__(self, unet, encoders, noisy, timesteps, batch: dict, step: int,
+    def __call__(self, denoiser, encoders, noisy, timesteps, batch: dict, step: int,
                  autocast=contextlib.nullcontext) -> torch.Tensor:
         prompts = self.prompts_for(step, noisy.shape[0])
         ids = self.token_ids(prompts, noisy.device)
@@ -112,8 +114,7 @@ class Preservation:
         base, cond = self.base_prediction(noisy, timesteps, ids, kept, autocast)
         if self.cfg.text_encoder.train:  # the adapted text encoder, with gradient; a frozen one has no adapters
             cond = self.comps.family.encode(encoders, ids, self.cfg.text_encoder.clip_skip)
-        with autocast():
-            adapted = unet(noisy, timesteps, **self.comps.family.unet_kwargs(cond, kept)).sample
+        adapted = predict(self.comps.family, denoiser, noisy, timesteps, cond, kept, autocast)
         return preservation_loss(adapted, base)
 
 
