@@ -164,7 +164,7 @@ PRODIGY_LR_RANGE = (0.1, 10.0)
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "came", "adamw_schedulefree"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra), Prodigy (prodigy extra), Adafactor (transformers'; a given rate, no relative step or parameter scaling), Lion, CAME or schedule-free AdamW (the optimizers extra: pytorch-optimizer); docs/training.md.")
     lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
     text_encoder_2_lr: Optional[float] = Field(None, ge=0.0, description="SDXL: learning rate of the second text encoder's (OpenCLIP bigG) adapters (default: optim.text_encoder_lr).")
@@ -185,6 +185,14 @@ class OptimConfig(Section):
         if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "lr" not in data:
             data = {**data, "lr": PRODIGY_LR}
         return data
+
+    @model_validator(mode="after")
+    def _schedule_free(self) -> "OptimConfig":
+        if self.optimizer == "adamw_schedulefree" and self.scheduler != "constant":
+            raise ValueError(f"optim.scheduler={self.scheduler} with optim.optimizer=adamw_schedulefree: schedule-free "
+                             "AdamW replaces the schedule (use optim.scheduler: constant; optim.warmup_steps is its "
+                             "own warm-up)")
+        return self
 
     @model_validator(mode="after")
     def _ranges(self) -> "OptimConfig":

@@ -261,3 +261,26 @@ def test_docs_name_every_option_the_table_knows():
     names = [n for n in [*OPTIONS, *network.NETWORK_ARGS, *dataset.RULES] if not n.startswith("(")]
     missing = sorted({n for n in names if f"`{n}`" not in text and f"`{n} " not in text})
     assert not missing, f"docs/kohya.md does not name: {missing}"
+
+
+@pytest.mark.parametrize("lines, optim, status", [
+    ('optimizer_args = ["weight_decay=0.05"]\noptimizer_type = "AdamW8bit"', {"optimizer": "adamw8bit", "weight_decay": 0.05}, "mapped"),
+    ('optimizer_type = "AdamW"', {"optimizer": "adamw", "weight_decay": 0.01}, "mapped"),
+    ('optimizer_type = "Adafactor"\noptimizer_args = ["relative_step=False", "scale_parameter=False", "warmup_init=False"]',
+     {"optimizer": "adafactor"}, "mapped"),
+    ('optimizer_type = "Adafactor"', {}, "NOT SUPPORTED"),  # relative step: the rate would be ignored
+    ('use_lion_optimizer = true', {"optimizer": "lion", "weight_decay": 0.0}, "mapped"),  # not kohya's AdamW default
+    ('optimizer_type = "came_pytorch.CAME"', {"optimizer": "came"}, "mapped"),
+    ('optimizer_type = "AdamWScheduleFree"', {"optimizer": "adamw_schedulefree"}, "mapped"),
+    ('optimizer_type = "DAdaptAdam"', {}, "NOT SUPPORTED"),
+])
+def test_optimizer_types(tmp_path, lines, optim, status):
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\n{lines}\n')
+    data, rows, _ = convert(config)
+    row = next(r for r in rows if r.option in ("optimizer_type", "use_lion_optimizer"))
+    assert row.status == status, row
+    got = data.get("optim", {})
+    assert {k: got.get(k) for k in optim} == optim and (optim or "optimizer" not in got)

@@ -202,7 +202,7 @@ OPTIONS: dict[str, object] = {
     "text_encoder_lr": Custom(text_encoder_lr, "optim.text_encoder_lr, optim.text_encoder_2_lr"),
     "optimizer_type": Custom(optimizer, "optim.optimizer"),
     "use_8bit_adam": legacy_optimizer("AdamW8bit"),
-    "use_lion_optimizer": legacy_optimizer(None),
+    "use_lion_optimizer": legacy_optimizer("Lion"),
     "optimizer_args": Custom(optimizer_args, "optim.betas, optim.eps, optim.weight_decay"),
     "optimizer_schedulefree_wrapper": Unsupported(ITEM_5),
     "schedulefree_wrapper_args": Unsupported(ITEM_5),
