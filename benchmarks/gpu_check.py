@@ -79,6 +79,8 @@ def child_env(device: str) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, also on a machine with a GPU
+    # tests/conftest.py sets 2 threads (CI's cores) unless told; the demo's judge and sampling run on the CPU
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     return env
 
 

@@ -35,11 +35,16 @@ def phase_table(report: dict) -> list[str]:
 
 
 def tests_section(r: dict, title: str = "`gpu` tests") -> list[str]:
-    rows = [f"### {title} ({', '.join(f'{v} {k}' for k, v in r.get('counts', {}).items() if v) or 'none ran'})",
+    counts = r.get("counts")  # a phase stopped at its limit has only the rows of the tests that finished
+    if counts is None:
+        counts = {k: sum(t["outcome"] == k for t in r.get("tests", [])) for k in ("passed", "failed", "error", "skipped")}
+        title += ", stopped before the end"
+    rows = [f"### {title} ({', '.join(f'{v} {k}' for k, v in counts.items() if v) or 'none ran'})",
             "", "| test | outcome | s | reason / message |", "|---|---|---|---|"]
     for t in r.get("tests", []):
-        why = t.get("reason") or (t.get("message") or "").strip().splitlines()[-1:] or ""
-        why = why if isinstance(why, str) else (why[0] if why else "")
+        lines = (t.get("message") or "").strip().splitlines()
+        errors = [line[1:].strip() for line in lines if line.startswith("E ")]  # pytest's "E   assert ..." lines
+        why = t.get("reason") or (errors[0] if errors else lines[-1] if lines else "")
         rows.append(f"| {t['test']} | {t['outcome']} | {t['seconds']:.1f} | {why[:160].replace('|', '/')} |")
     return rows
 

@@ -213,11 +213,12 @@ def full_finetune(seed: int, steps: int, lr: float, data: Path, pipe, judge, ada
     import torch.nn.functional as F
     from PIL import Image
 
+    from sdlora.model.families import SD1
     from sdlora.reg.probe import DriftProbe
 
     unet, te, vae, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     saved = {"unet": copy.deepcopy(unet.state_dict()), "te": copy.deepcopy(te.state_dict())}
-    probe = DriftProbe(te, tok)
+    probe = DriftProbe(te, tok, family=SD1, output="text_encoder")  # the mini model is an SD 1.x model
     probe.measure()  # caches the untrained encoder's embeddings
     files = sorted(data.glob("*.png"))
     pixels = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])

@@ -8,7 +8,7 @@ The setting (issue 27 item 12): the real architectures from the bundled configs 
 sd3.5_medium and sd3.5_large: transformer and scheduler configs as published), frozen weights in bf16, sdlora's LoRA
 (rank 16, alpha 16, fp32 factors and alphas) on diffusers' default SD3 targets (both streams' attention: attn.to_q/k/v,
 attn.to_out.0, attn.add_q/k/v_proj, attn.to_add_out; `train_dreambooth_lora_sd3.py`), injected by
-`sdlora.lora.inject_all` and placed by `training/placement.place_models` (which turns on gradient checkpointing);
+`sdlora.lora.inject` and placed by `training/placement.place_models` (which turns on gradient checkpointing);
 every encoder frozen and its outputs cached, so only the transformer is resident: the VAE (84 M parameters) and the
 text encoders (T5-XXL alone 4.7 B) are not on the device during the step. Inputs: the cached latent distribution
 (1 x 16 x 128 x 128, bf16) and the cached conditioning (1 x (77 + 256) x 4096 hidden states and 1 x 2048 pooled, bf16).
@@ -43,8 +43,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E4
 from sdxl_memory import (CARD_GIB, GIB, StepMemTracker, adam8bit_bytes, cuda_fp32_norms,  # noqa: E402
                          fake_module_conversion, gib, on_gpu)
 from sdlora.config import validate  # noqa: E402
-from sdlora.lora import build_param_groups, inject_all  # noqa: E402
+from sdlora.lora import build_param_groups  # noqa: E402
+from sdlora.lora.inject import inject, plan_denoiser  # noqa: E402
 from sdlora.model import flow_matching as fm  # noqa: E402
+from sdlora.model.families import SD1  # noqa: E402
+from sdlora.model.objective import vae_latents  # noqa: E402
 from sdlora.training.losses import per_sample_loss  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
@@ -69,8 +72,9 @@ def build(transformer_config: dict, cfg):
     from diffusers import SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_config(transformer_config)
-    layers = inject_all(transformer, {}, cfg)  # the family will name the component; the trace needs no names
-    comps = types.SimpleNamespace(unet=transformer, vae=torch.nn.Linear(1, 1), text_encoders={})
+    # no SD3 family yet: the transformer is adapted under the denoiser name "unet" (the trace needs no names)
+    layers = inject(transformer, "unet", plan_denoiser(transformer, cfg.lora), cfg.lora, cfg.train.seed)
+    comps = types.SimpleNamespace(unet=transformer, denoiser=transformer, vae=torch.nn.Linear(1, 1), text_encoders={})
     fake = isinstance(next(transformer.parameters()), FakeTensor)
     for t in (*transformer.parameters(), *transformer.buffers()):
         if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
@@ -85,7 +89,7 @@ def make_train_step(transformer, params, optimizer, max_grad_norm: float | None)
 
     def step(inputs: dict) -> None:
         sample = inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])
-        x0 = fm.vae_latents(sample, SD3_VAE_SCALE, SD3_VAE_SHIFT)
+        x0 = vae_latents(sample, SD3_VAE_SCALE, SD3_VAE_SHIFT)
         noise = torch.randn_like(x0)
         sigma = fm.from_normal(torch.randn(x0.shape[0]), draw.logit_mean, draw.logit_std)
         sigma = fm.shift_sigmas(sigma, draw.shift).to(x0.device)
@@ -114,7 +118,7 @@ def trace(transformer_config: dict, px: int, cfg, *, fake: bool, steps: int = 2,
     t0 = time.perf_counter()
     with mode:
         transformer, layers = build(transformer_config, cfg)
-        groups = build_param_groups(layers, cfg)
+        groups = build_param_groups(layers, cfg, SD1)  # the rates of a "unet" denoiser (see build)
         params = [p for g in groups.groups for p in g["params"]]
         optimizer = make_optimizer(groups.groups, cfg)
         lat = px // 8

@@ -244,9 +244,9 @@ def build(folder: Path, cfg, with_frozen: bool = True, device: torch.device = to
                          "text_encoder_2": CLIPTextModelWithProjection(
                              CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    comps = types.SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
+    comps = types.SimpleNamespace(unet=unet, denoiser=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
                                   scaling_factor=read_json(folder, "vae")["scaling_factor"])
-    layers = inject_all(unet, text_encoders, cfg)
+    layers = inject_all({"unet": unet, **text_encoders}, cfg, SDXL)
     models = [unet, vae, *text_encoders.values()]
     fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
     for t in (t for m in models for t in (*m.parameters(), *m.buffers())):

@@ -86,13 +86,15 @@ def build_base(family: str, arch: str = "full") -> Components:
         comps = load_components(str(make_tiny_sdxl(folder) if family == "sdxl" else make_tiny_model(folder)))
     else:
         configs = CONFIGS[family]
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))]
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))}
         if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2")))
-        comps = Components(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
-                           AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")), encoders[0], None,
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+                  "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")), **encoders}
+        comps = Components(family_named(family), models, dict.fromkeys(encoders),
                            DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler")),
-                           f"random {family}", family_named(family), *encoders[1:])
+                           f"random {family}")
     for m in (comps.unet, comps.vae, *comps.text_encoders.values()):
         m.requires_grad_(False)
     return comps
@@ -194,14 +196,14 @@ def build_variants(base: Components, device, dtype, autocast, only, rank: int = 
 
     def sdlora_variant(name, cfg, **kw):
         unet, encoders = shared_copy(unet0), {n: shared_copy(te) for n, te in base.text_encoders.items()}
-        layers = inject_all(unet, encoders, cfg)
-        comps = dataclasses.replace(base, unet=unet, **dict(zip(("text_encoder", "text_encoder_2"), encoders.values())))
+        layers = inject_all({"unet": unet, **encoders}, cfg, family)
+        comps = dataclasses.replace(base, models={**base.models, "unet": unet, **encoders})
         place_models(comps, layers, device, dtype, cfg)
         groups = build_param_groups(layers, cfg, family)
         opt = make_optimizer(groups.groups, cfg)
         params = [p for g in groups.groups for p in g["params"]]
         te = list(encoders.values())
-        reg = EmbeddingNormRegulariser(te[0], tokenizer, cfg) if kw.pop("penalty", False) else None
+        reg = EmbeddingNormRegulariser(te[0], tokenizer, cfg, family=family, output="text_encoder") if kw.pop("penalty", False) else None
         step = lambda b: lora_step(unet, te, family, opt, params, scheduler, cfg, b, gen, autocast,  # noqa: E731
                                    regulariser=reg, **kw)
         variant = Variant(name, step, params, opt)

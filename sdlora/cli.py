@@ -6,11 +6,30 @@ Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback onl
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 from sdlora.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a missing argument, a bad value) are one line and exit 2, as every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """A float argument: NaN and ±inf are refused (a rank, ratio, weight or threshold must be a finite number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,7 +51,7 @@ def _fisher_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer")
+    parser = _Parser(prog="sdlora", description="Stable Diffusion LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a LoRA from a config file")
@@ -68,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for PNG plots and inspect.json; with --mitigate-intruders: the new adapter file")
     p.add_argument("--json", action="store_true", help="print the report as JSON on standard output")
     p.add_argument("--top-k", type=int, default=10, help="top singular vectors of W0+dW checked for intruders (default 10)")
-    p.add_argument("--epsilon", type=float, default=0.5, help="intruder if max |cos| with W0's singular vectors < this (0.5)")
-    p.add_argument("--mitigate-intruders", type=float, metavar="LAMBDA",
+    p.add_argument("--epsilon", type=finite_float, default=0.5, help="intruder if max |cos| with W0's singular vectors < this (0.5)")
+    p.add_argument("--mitigate-intruders", type=finite_float, metavar="LAMBDA",
                    help="write --out with every intruder direction scaled by LAMBDA (needs --base)")
     p.add_argument("--overwrite", action="store_true", help="with --mitigate-intruders: replace an existing --out file")
     _common(p)
@@ -92,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="several adapters as one: exact (concat), or at a rank (svd, Fisher-weighted)")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (native or kohya layout)")
     p.add_argument("--out", required=True, help="the merged adapter (.safetensors)")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
+    p.add_argument("--weights", nargs="+", type=finite_float, metavar="W", help="one weight per adapter (default: 1 each)")
     p.add_argument("--method", default="concat", choices=["concat", "svd", "fisher"],
                    help="concat: exact, rank = sum of ranks; svd: the weighted sum at --rank; fisher: the per-row "
                         "Fisher-weighted average at --rank (default concat)")
@@ -107,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter .safetensors (native or kohya layout)")
     p.add_argument("--out", required=True, help="the resized adapter (.safetensors)")
     rule = p.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--rank", type=float, help="this rank in every module")
-    rule.add_argument("--sv-ratio", type=float, metavar="X", help="per module: keep every singular value >= σ_max / X")
-    rule.add_argument("--sv-fro", type=float, metavar="X", help="per module: the fewest components keeping share X of |dW|_F")
-    rule.add_argument("--sv-cumulative", type=float, metavar="X", help="per module: the fewest components keeping share X of Σσ")
+    rule.add_argument("--rank", type=finite_float, help="this rank in every module")
+    rule.add_argument("--sv-ratio", type=finite_float, metavar="X", help="per module: keep every singular value >= σ_max / X")
+    rule.add_argument("--sv-fro", type=finite_float, metavar="X", help="per module: the fewest components keeping share X of |dW|_F")
+    rule.add_argument("--sv-cumulative", type=finite_float, metavar="X", help="per module: the fewest components keeping share X of Σσ")
     p.add_argument("--max-rank", type=int, help="with a per-module rule: no module above this rank")
     p.add_argument("--fisher", action="store_true", help="FWSVD: weight each output row by the adapter's row Fisher")
     p.add_argument("--fisher-data", metavar="FOLDER|PROMPTS",
@@ -125,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the extracted adapter (.safetensors)")
     p.add_argument("--conv", action="store_true", help="also the UNet's 3x3 convolutions (resnets, down/upsamplers)")
     p.add_argument("--conv-rank", type=int, help="rank of the 3x3 convolutions (default: --rank)")
-    p.add_argument("--min-diff", type=float, default=0.0, metavar="X",
+    p.add_argument("--min-diff", type=finite_float, default=0.0, metavar="X",
                    help="leave out modules with |dW|_F <= X * |W0|_F (default 0: only unchanged modules)")
     p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
     _output_options(p)

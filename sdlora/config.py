@@ -7,20 +7,19 @@ unknown key, a wrong type or an out-of-range value is a `UserError` naming the f
 
 from __future__ import annotations
 
-import json
 import os
-import typing
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from sdlora.config_file import apply_overrides, read_config_file
+from sdlora.config_help import describe_error, describe_model
+from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
+                                   SamplePromptConfig, ValidationConfig)
+from sdlora.config_base import Section
+from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -147,10 +146,13 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- optim
+Rate = Annotated[float, Field(ge=0.0)]
+
+
 class LrRule(Section):
     match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up; SDXL also text_encoder_2, text_encoder_2.layers.N, unet.input, unet.middle, unet.output) or a regular expression searched in the module name.")
     lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
-    lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the component's base rate (optim.lr, optim.text_encoder_lr or optim.text_encoder_2_lr).")
+    lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the part's base rate (optim.part_lr of the part, else optim.lr or optim.text_encoder_lr).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LrRule":
@@ -167,7 +169,8 @@ class OptimConfig(Section):
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "came", "adamw_schedulefree"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra), Prodigy (prodigy extra), Adafactor (transformers'; a given rate, no relative step or parameter scaling), Lion, CAME or schedule-free AdamW (the optimizers extra: pytorch-optimizer); docs/training.md.")
     lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
-    text_encoder_2_lr: Optional[float] = Field(None, ge=0.0, description="SDXL: learning rate of the second text encoder's (OpenCLIP bigG) adapters (default: optim.text_encoder_lr).")
+    part_lr: dict[str, Rate] = Field(default_factory=dict, description="Learning rate of one part's adapters, by the model family's part name (unet, text_encoder; SDXL also text_encoder_2, its OpenCLIP bigG), e.g. {text_encoder_2: 4.0e-5}; a part not listed trains at optim.lr (the denoiser) or optim.text_encoder_lr (a text encoder). A name that is no adapted part of the model is an error before training.")
+    text_encoder_2_lr: Optional[float] = Field(None, ge=0.0, description="Kept for existing configs: the same as optim.part_lr.text_encoder_2 (SDXL's second text encoder, OpenCLIP bigG; default: optim.text_encoder_lr).")
     alpha_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of learnable alphas (default: the module's rate).")
     b_lr_ratio: float = Field(1.0, gt=0.0, description="B's rate = ratio x A's rate (LoRA+).")
     lr_rules: list[LrRule] = Field(default_factory=list, description="Ordered per-layer rate rules; first match wins; a rule matching nothing is an error.")
@@ -199,10 +202,13 @@ class OptimConfig(Section):
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"optim.betas: {b} is out of range (each beta must be in [0, 1))")
+        if self.text_encoder_2_lr is not None and "text_encoder_2" in self.part_lr:
+            raise ValueError("optim.text_encoder_2_lr and optim.part_lr.text_encoder_2 are the same key; give one")
         if self.optimizer == "prodigy":
             rates = [("optim.lr", self.lr), ("optim.text_encoder_lr", self.text_encoder_lr),
-                     ("optim.text_encoder_2_lr", self.text_encoder_2_lr),
-                     ("optim.alpha_lr", self.alpha_lr)] + [(f"optim.lr_rules.{i}.lr", r.lr) for i, r in enumerate(self.lr_rules)]
+                     ("optim.text_encoder_2_lr", self.text_encoder_2_lr)]
+            rates += [(f"optim.part_lr.{part}", lr) for part, lr in self.part_lr.items()]
+            rates += [("optim.alpha_lr", self.alpha_lr)] + [(f"optim.lr_rules.{i}.lr", r.lr) for i, r in enumerate(self.lr_rules)]
             for key, lr in rates:
                 if lr is not None and lr != 0 and not PRODIGY_LR_RANGE[0] <= lr <= PRODIGY_LR_RANGE[1]:
                     raise ValueError(f"{key}: {lr:g} with optim.optimizer=prodigy: Prodigy finds the step size itself "
@@ -215,6 +221,15 @@ class OptimConfig(Section):
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DEFAULT_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+# The inits each LyCORIS kind allows (lora/init.py builds them; docs/lora.md). LoHa and LoKr start with ΔW = 0
+# exactly (the output at step 0 is the base model's) and leave the base weight alone. `compensated` and `principal`
+# do not apply to them: they offset the base by a non-zero start update, and the exported update ΔW - ΔW0 is then a
+# difference of two Hadamard (Kronecker) products, which no single LoHa (LoKr) module holds, so the file could not
+# reproduce the trained model. `orthogonal` applies to LoHa; a Kronecker product is zero only when a factor is, so
+# for LoKr it would be the zero init under another name.
+LYCORIS_INITS = {"loha": ("zero", "orthogonal"), "lokr": ("zero",)}
 
 
 class LoraConfig(Section):
@@ -245,8 +260,6 @@ class LoraConfig(Section):
                                  f"(allowed: any non-zero number; alpha = rank gives scale 1)")
         if self.init_from and self.init_alphas_from:
             raise ValueError("lora.init_from takes each module's alpha from its file: drop lora.init_alphas_from")
-        from sdlora.lora.init import LYCORIS_INITS  # the reasons are documented there and in docs/lora.md
-
         if self.type in LYCORIS_INITS and self.init not in LYCORIS_INITS[self.type]:
             why = ("its offset of the base by the start update would make the export a difference of two "
                    f"{'Hadamard' if self.type == 'loha' else 'Kronecker'} products, which no {self.type} file holds"
@@ -280,157 +293,6 @@ class LossConfig(Section):
         if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
             raise ValueError(f"loss.min_timestep ({self.min_timestep}) must be < loss.max_timestep ({self.max_timestep})")
         return self
-
-
-# ------------------------------------------------------------------------------------------------ reg
-class EmbeddingNormConfig(Section):
-    weight: float = Field(0.0, ge=0.0, description="Penalty weight (0 = off); SDXL: of the first text encoder's (CLIP-L) tokens.")
-    text_encoder_2_weight: Optional[float] = Field(None, ge=0.0, description="SDXL: penalty weight of the second text encoder's (OpenCLIP bigG) tokens (default: reg.embedding_norm.weight).")
-    pooled_weight: Optional[float] = Field(None, ge=0.0, description="SDXL: penalty weight of the pooled embedding's norm (default: reg.embedding_norm.text_encoder_2_weight).")
-    norm: Literal["l2", "l1"] = Field("l2", description="Vector norm of each token embedding.")
-    tokens: Literal["all", "content"] = Field("all", description="All positions, or up to and including the end-of-text token.")
-    reduce: Literal["per_token", "mean"] = Field("per_token", description="mean_t |‖E_t‖-‖E0_t‖| (per_token) or |mean_t ‖E_t‖ - mean_t ‖E0_t‖| (mean).")
-    cache_size: int = Field(4096, ge=0, description="Distinct captions whose base norms (base embeddings, with the direction term) are kept in memory (LRU).")
-    direction_weight: float = Field(0.0, ge=0.0, description="Weight of the direction term mean_t (1 - cos(E_t, E0_t)) (0 = off; docs/embedding-norm.md).")
-    direction_prompts: Literal["batch", "pinned", "both"] = Field("batch", description="Which text the direction term holds: the batch's captions, reg.embedding_norm.pinned_prompts (one more text-encoder pass per step), or both (the mean of the two).")
-    pinned_prompts: list[str] = Field(default_factory=list, description="Prompts (or terms) whose embedding direction is held when direction_prompts is pinned or both.")
-
-    def weight_of(self, output: str) -> float:
-        """The penalty weight of one of the family's text outputs (`text_encoder`, SDXL's `text_encoder_2`, `pooled`)."""
-        if output == "text_encoder":
-            return self.weight
-        second = self.weight if self.text_encoder_2_weight is None else self.text_encoder_2_weight
-        if output == "text_encoder_2":
-            return second
-        return second if self.pooled_weight is None else self.pooled_weight
-
-    @model_validator(mode="after")
-    def _pinned(self) -> "EmbeddingNormConfig":
-        if self.direction_weight and self.direction_prompts != "batch" and not self.pinned_prompts:
-            raise ValueError(f"reg.embedding_norm.direction_prompts={self.direction_prompts} needs "
-                             "reg.embedding_norm.pinned_prompts")
-        _no_blank(self.pinned_prompts, "reg.embedding_norm.pinned_prompts")
-        return self
-
-
-class PreservationConfig(Section):
-    weight: float = Field(0.0, ge=0.0, description="Output preservation without a regularisation set (0 = off; docs/training.md): weight · MSE(adapted prediction, base prediction) on preservation prompts, with the step's noisy latents and timesteps; the base prediction has every adapter (UNet and text encoder) disabled.")
-    source: Literal["empty", "prompts", "file", "captions"] = Field("empty", description="Preservation prompts: the empty prompt, reg.preservation.prompts, one prompt per line of reg.preservation.prompts_file, or the dataset's captions with reg.preservation.trigger_words removed.")
-    prompts: list[str] = Field(default_factory=list, description="The prompts of source=prompts (text unrelated to what is trained, e.g. class words).")
-    prompts_file: Optional[str] = Field(None, description="A UTF-8 text file, one prompt per line (blank lines skipped), for source=file.")
-    trigger_words: list[str] = Field(default_factory=list, description="Words removed from the dataset's captions for source=captions (whole words, case-sensitive; a tag left empty is dropped).")
-    every_steps: int = Field(1, ge=1, description="Add the term every N steps (each time: a UNet forward without gradient, one with, and their text-encoder passes).")
-
-    @model_validator(mode="after")
-    def _source(self) -> "PreservationConfig":
-        needs = {"prompts": ("prompts", self.prompts), "file": ("prompts_file", self.prompts_file),
-                 "captions": ("trigger_words", self.trigger_words)}
-        for source, (key, value) in needs.items():
-            if self.source == source and not value:
-                raise ValueError(f"reg.preservation.source={source} needs reg.preservation.{key}")
-            if self.source != source and value:
-                raise ValueError(f"reg.preservation.{key} is set but reg.preservation.source is {self.source} "
-                                 f"(set source: {source}, or drop {key})")
-        _no_blank(self.prompts, "reg.preservation.prompts")
-        _no_blank(self.trigger_words, "reg.preservation.trigger_words")
-        return self
-
-
-class RegConfig(Section):
-    embedding_norm: EmbeddingNormConfig = Field(default_factory=EmbeddingNormConfig)
-    preservation: PreservationConfig = Field(default_factory=PreservationConfig)
-    probe_prompts: Optional[list[str]] = Field(None, description="Prompts of the drift probe (default: a built-in list of everyday prompts).")
-    probe_every: int = Field(0, ge=0, description="Run the drift probe every N steps (0 = only at the end).")
-
-    @model_validator(mode="after")
-    def _probe_prompts(self) -> "RegConfig":
-        if self.probe_prompts is not None:
-            if not self.probe_prompts:
-                raise ValueError("reg.probe_prompts is an empty list (give prompts, or leave it unset for the built-in list)")
-            _no_blank(self.probe_prompts, "reg.probe_prompts")
-        return self
-
-
-def _no_blank(prompts: list[str], key: str) -> None:
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ValueError(f"{key}.{i} is blank (every prompt needs text)")
-
-
-# --------------------------------------------------------------------------------------------- sample
-class SamplePromptConfig(Section):
-    prompt: str = Field(..., description="The prompt of this sample.")
-    negative_prompt: Optional[str] = Field(None, description="Its negative prompt (default sample.negative_prompt).")
-    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Its width (default sample.width).")
-    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Its height (default sample.height).")
-    seed: Optional[int] = Field(None, ge=0, description="Its seed (default sample.seed).")
-    guidance_scale: Optional[float] = Field(None, ge=0.0, description="Its classifier-free guidance scale (default sample.guidance_scale).")
-    num_inference_steps: Optional[int] = Field(None, ge=1, le=1000, description="Its denoising steps (default sample.num_inference_steps).")
-
-    @model_validator(mode="after")
-    def _not_blank(self) -> "SamplePromptConfig":
-        if not self.prompt.strip():
-            raise ValueError("prompt is blank (every sample needs text)")
-        return self
-
-
-class SampleConfig(Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training, each with the settings below.")
-    entries: list[SamplePromptConfig] = Field(default_factory=list, description="Prompts with their own settings: each a mapping with prompt and any of negative_prompt, width, height, seed, guidance_scale, num_inference_steps (unset ones: the sample.* value); sampled after sample.prompts.")
-    prompts_file: Optional[str] = Field(None, description="A prompt file in kohya's format (docs/training.md): one prompt a line, options --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s steps; # starts a comment; sampled after sample.entries.")
-    every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
-    num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
-    guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
-    guidance_rescale: Optional[float] = Field(None, ge=0.0, le=1.0, description="Guidance rescale phi (Lin et al. 2023, against over-exposure); default 0.7 with zero terminal SNR (model.zero_terminal_snr), else 0 (off).")
-    seed: int = Field(0, ge=0, description="Sampling seed (the same for every sample step).")
-    negative_prompt: str = Field("", description="Negative prompt.")
-    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
-    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
-
-    def has_prompts(self) -> bool:
-        return bool(self.prompts or self.entries or self.prompts_file)
-
-    @model_validator(mode="after")
-    def _prompts_when_on(self) -> "SampleConfig":
-        if self.every_steps and not self.has_prompts():
-            raise ValueError("sample.every_steps is set but there are no prompts (give sample.prompts, sample.entries "
-                             "or sample.prompts_file, or every_steps: 0)")
-        _no_blank(self.prompts, "sample.prompts")
-        return self
-
-
-# ------------------------------------------------------------------------------------------ validation
-class ValidationConfig(Section):
-    every_steps: int = Field(0, ge=0, description="Compute the validation loss every N steps and at the last (0 = off); logged as validation/loss to metrics.jsonl and the tracker.")
-    path: Optional[str] = Field(None, description="Folder of held-out images with captions (read like data.path).")
-    num_images: int = Field(0, ge=0, description="Instead of a folder: hold this many images of the dataset out of training (a pick seeded by validation.seed).")
-    timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
-    seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")
-    with_probe: bool = Field(False, description="Also run the drift probe at validation steps.")
-    with_samples: bool = Field(False, description="Also write samples (sample.prompts, entries, prompts_file) at validation steps.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ValidationConfig":
-        if self.every_steps and (self.path is None) == (self.num_images == 0):
-            raise ValueError("validation.every_steps needs exactly one of validation.path (a folder) or "
-                             "validation.num_images (held out of the dataset)")
-        return self
-
-
-# ----------------------------------------------------------------------------------------- checkpoint
-class CheckpointConfig(Section):
-    every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are removed.")
-
-
-class ExportConfig(Section):
-    reduce_rank: bool = Field(False, description="Truncate rank-2r exports of offset inits back to rank r by SVD (reports the error).")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported adapter.")
-    fisher_samples: int = Field(0, ge=0, description="At the end of training, estimate the adapter's row Fisher over this many single-image gradients of the run's own data and store it in adapter.safetensors (sdlora.fisher metadata) for `sdlora merge --method fisher` / `resize --fisher` (0 = off; 32 is a reasonable start; costs one forward and backward pass each).")
-
-
-class LogConfig(Section):
-    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Experiment tracker (through Accelerate): TensorBoard files under <output.dir>/logs, Weights & Biases (project sdlora, run output.name; needs pip install 'sdlora[wandb]'), or none; metrics.jsonl is written either way.")
 
 
 class Config(Section):
@@ -476,10 +338,18 @@ class Config(Section):
     def text_encoder_lr(self) -> float:
         return self.optim.lr if self.optim.text_encoder_lr is None else self.optim.text_encoder_lr
 
-    @property
-    def text_encoder_2_lr(self) -> float:
-        """SDXL's second text encoder: its own rate, else the first encoder's."""
-        return self.text_encoder_lr if self.optim.text_encoder_2_lr is None else self.optim.text_encoder_2_lr
+    def part_rates(self) -> dict[str, float]:
+        """optim.part_lr with optim.text_encoder_2_lr (kept for existing configs) folded in."""
+        legacy = {"text_encoder_2": self.optim.text_encoder_2_lr} if self.optim.text_encoder_2_lr is not None else {}
+        return {**legacy, **self.optim.part_lr}
+
+    def part_lr(self, part) -> float:
+        """The base rate of a part's adapters (`part`: a model/parts.Part): optim.part_lr's entry, else optim.lr for
+        the denoiser and optim.text_encoder_lr for a text encoder."""
+        rates = self.part_rates()
+        if part.name in rates:
+            return rates[part.name]
+        return self.text_encoder_lr if part.role == "text_encoder" else self.optim.lr
 
     def data_subsets(self) -> list[SubsetConfig]:
         """data.path as a one-entry subset list, else data.subsets; a caption option a subset does not set
@@ -494,49 +364,12 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------------------- validation & errors
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """The keys allowed at `loc`'s parent, for the unknown-key message."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
-        if field is None:
-            return None
-        ann = field.annotation
-        args = getattr(ann, "__args__", ()) or ()
-        cands = [ann, *args] + [a for x in args for a in (getattr(x, "__args__", ()) or ())]
-        nxt = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        cls = nxt
-    return sorted(cls.model_fields)
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(Config, err["loc"])
-        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-        return f"{loc}: unknown key{hint}"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    msg = err["msg"]
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-        return f"{loc}: {msg}" if loc and not msg.startswith(loc + ".") else msg
-    value = err.get("input")
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return f"{loc}: got {shown}, {msg[0].lower() + msg[1:]}"
-
-
 def validate(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-        first = _describe(errors[0])
+        first = describe_error(Config, errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise UserError(f"config error: {first}{more}") from None
 
@@ -550,25 +383,6 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def _literal_choices(annotation) -> tuple:
-    """The allowed values of a Literal annotation (also inside Optional[...] / a union); () for any other type."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return typing.get_args(annotation)
-    return tuple(v for arg in typing.get_args(annotation) for v in _literal_choices(arg))
-
-
-def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> str:
-    """Every key with its type default and description (the reference `sdlora config-help` prints)."""
-    lines = []
-    for name, f in model.model_fields.items():
-        path = f"{prefix}{name}"
-        ann = f.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if sub is not None:
-            lines.append(describe_keys(sub, path + "."))
-            continue
-        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        choices = _literal_choices(ann)
-        allowed = f"  (one of: {', '.join(map(str, choices))})" if choices else ""
-        lines.append(f"{path} = {default}{allowed}\n    {f.description or ''}")
-    return "\n".join(lines)
+def describe_keys() -> str:
+    """Every key with its default and description: the reference `sdlora config-help` prints (config_help.py)."""
+    return describe_model(Config)

@@ -53,7 +53,8 @@ def _samples_on(c) -> bool:
 
 def _embedding_norm_on(c) -> bool:
     e = c.reg.embedding_norm
-    return bool(e.weight or e.direction_weight or e.text_encoder_2_weight or e.pooled_weight)
+    return bool(e.weight or e.direction_weight or e.text_encoder_2_weight or e.pooled_weight or
+                any(e.output_weights.values()))
 
 
 # The table. Keys that already fail validation on their own when they cannot apply (reg.preservation's prompt
@@ -90,7 +91,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("loss.huber_delta",), "loss.type: huber", lambda c, f: c.loss.type == "huber"),
     # regularisers
     Rule(("reg.embedding_norm.weight", "reg.embedding_norm.direction_weight", "reg.embedding_norm.text_encoder_2_weight",
-          "reg.embedding_norm.pooled_weight"), "text_encoder.train: true (a frozen encoder's embeddings cannot drift)",
+          "reg.embedding_norm.pooled_weight", "reg.embedding_norm.output_weights"),
+         "text_encoder.train: true (a frozen encoder's embeddings cannot drift)",
          lambda c, f: _te_trained(c)),
     Rule(("reg.embedding_norm.text_encoder_2_weight", "reg.embedding_norm.pooled_weight"),
          "a model with a second text encoder (SDXL)", lambda c, f: "text_encoder_2" in f.text_encoders, uses_model=True),
@@ -105,6 +107,10 @@ RULES: tuple[Rule, ...] = (
     Rule(("sample.prompts", "sample.entries", "sample.prompts_file", "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_rescale",
           "sample.seed", "sample.negative_prompt", "sample.width", "sample.height"),
          "sample.every_steps above 0 (or validation.with_samples)", lambda c, f: _samples_on(c)),
+    # classifier-free guidance runs only above 1 (diffusers' do_classifier_free_guidance): no negative branch
+    Rule(("sample.negative_prompt", "sample.guidance_rescale"), "sample.guidance_scale above 1 (or a sample's own)",
+         lambda c, f: c.sample.guidance_scale > 1 or bool(c.sample.prompts_file)
+         or any((e.guidance_scale or 0) > 1 for e in c.sample.entries)),
     Rule(("validation.path", "validation.timesteps", "validation.seed", "validation.with_probe",
           "validation.with_samples"), "validation.every_steps above 0", lambda c, f: bool(c.validation.every_steps)),
     # held out of training for a validation that never runs: the run would lose images for nothing

@@ -72,14 +72,14 @@ def test_orthogonal_conv_rank_limit_names_lora_conv_rank(make_config, tiny_model
     comps = load_components(str(tiny_model))
     with pytest.raises(UserError, match=r"lora.conv_rank: 80 is too large for lora.init=orthogonal at unet.conv_in "
                                         r"\(input width 36\); the largest rank it allows there is 73"):
-        inject_all(comps.unet, comps.text_encoder, cfg)
+        inject_all(comps.adaptable(), cfg, comps.family)
 
 
 @pytest.mark.parametrize("init, rank", [("orthogonal", 65), ("principal", 32)])
 def test_the_largest_allowed_rank_builds_and_leaves_the_output_unchanged(make_config, tiny_model, init, rank):
     cfg = make_config(lora={"init": init, "rank": rank, "unet_targets": ["to_q"]}, text_encoder={"train": False})
     comps = load_components(str(tiny_model))
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     for layer in layers.values():
         x = torch.randn(3, layer.base.in_features)
         layer.enabled = False
@@ -224,7 +224,7 @@ def test_prodigy_refuses_different_rates_per_group_naming_the_key(make_config, t
     lora = {"learnable_alpha": True} if "alpha_lr" in optim else {}
     cfg = make_config(optim={"optimizer": "prodigy", "lr": 1.0, **optim}, lora=lora)
     comps = load_components(str(tiny_model))
-    groups = build_param_groups(inject_all(comps.unet, comps.text_encoders, cfg), cfg, comps.family)
+    groups = build_param_groups(inject_all(comps.adaptable(), cfg, comps.family), cfg, comps.family)
     with pytest.raises(UserError, match=rf"^{key}: .*optim.optimizer=prodigy steps every parameter group at one rate"):
         check_rates(groups.groups, cfg)
     adamw = make_config(optim={**optim, "optimizer": "adamw", "lr": 1.0}, lora=lora)

@@ -42,6 +42,8 @@ IDLE = [
     ({"export": {"reduce_rank": True}}, "export.reduce_rank", {"export": {"reduce_rank": True},
                                                                "lora": {"init": "compensated"}}),
     ({"data": {"num_workers": 2, "cache_latents": "memory"}}, "data.num_workers", {"data": {"num_workers": 2}}),
+    ({"sample": {"prompts": ["a"], "every_steps": 5, "guidance_scale": 1.0, "negative_prompt": "blur"}},
+     "sample.negative_prompt", {"sample": {"prompts": ["a"], "every_steps": 5, "negative_prompt": "blur"}}),
 ]
 
 

@@ -85,8 +85,8 @@ def test_magnitude_has_its_own_role_at_the_module_rate_without_weight_decay(make
     cfg = make_config(lora={"type": "dora", "learnable_alpha": True},
                       optim={"weight_decay": 0.01, "alpha_lr": 0.5, "lr_rules": [{"match": "unet.up", "lr": 0.25}]})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
-    groups = build_param_groups(layers, cfg).groups
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
+    groups = build_param_groups(layers, cfg, comps.family).groups
     group_of = {id(p): g for g in groups for p in g["params"]}
     for name, layer in layers.items():
         g = group_of[id(layer.magnitude)]
@@ -276,14 +276,14 @@ def test_init_from_continues_a_dora_file_exactly_and_refuses_another_kind(traine
     result, ours = trained_dora
     with pytest.raises(UserError, match="holds dora modules .*set lora.type: dora"):
         cfg = make_config(lora={"init_from": str(result.adapter_path), "conv": True})
-        inject_all(*_comps(cfg), cfg)
+        inject_all(*_comps(cfg))
     cfg = make_config(lora={"type": "dora", "init_from": str(result.adapter_path), "conv": True})
     comps = load_components(cfg.model.path)
-    inject_all(comps.unet, comps.text_encoder, cfg)
+    inject_all(comps.adaptable(), cfg, comps.family)
     diff = max_abs_diff(ours, model_outputs(comps.unet, comps.text_encoder, comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
 
 
 def _comps(cfg):
     comps = load_components(cfg.model.path)
-    return comps.unet, comps.text_encoder
+    return comps.adaptable(), cfg, comps.family

@@ -38,14 +38,14 @@ def test_direction_term_equals_a_dense_reference(make_config, prompts, tokens):
     cfg = make_config(reg={"embedding_norm": {"weight": 0.0, "direction_weight": 1.0, "direction_prompts": prompts,
                                               "pinned_prompts": PINNED, "tokens": tokens}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in layers.items():
             if name.startswith("text_encoder."):
                 layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
     te, tok = comps.text_encoder, comps.tokenizer
-    reg = EmbeddingNormRegulariser(te, tok, cfg)
+    reg = EmbeddingNormRegulariser(te, tok, cfg, family=comps.family, output="text_encoder")
     ids = tokenize(tok, CAPTIONS)
     got = reg(ids, encode(te, ids))
     parts = {"batch": [dense_direction(te, tok, CAPTIONS, tokens)], "pinned": [dense_direction(te, tok, PINNED, tokens)]}

@@ -19,7 +19,7 @@ CAPTIONS = ["a photo of a red circle", "a photo of a blue square, white backgrou
 def _adapted(make_config, **lora):
     cfg = make_config(lora={"rank": 4, "alpha": 4, **lora}, reg={"embedding_norm": {"weight": 1.0}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     return cfg, comps, layers
 
 
@@ -72,7 +72,7 @@ def test_content_tokens_run_up_to_and_including_the_end_of_text_token(tiny_model
 @pytest.mark.parametrize("init", ["zero", "orthogonal", "compensated", "principal"])
 def test_penalty_is_zero_at_step0_and_positive_once_the_text_encoder_moved(make_config, init):
     cfg, comps, layers = _adapted(make_config, init=init)
-    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg, family=comps.family, output="text_encoder")
     ids = tokenize(comps.tokenizer, CAPTIONS)
     at_start = reg(ids, encode(comps.text_encoder, ids)).penalty.detach()
     assert float(at_start) <= 1e-5, float(at_start)  # fp32 rounding only: the adapters are a no-op at step 0
@@ -84,7 +84,7 @@ def test_penalty_is_zero_at_step0_and_positive_once_the_text_encoder_moved(make_
 def test_penalty_gradient_reaches_text_encoder_lora_and_not_the_unet(make_config):
     cfg, comps, layers = _adapted(make_config)
     _perturb_text_encoder(layers)  # |x| has no gradient at 0: move off the start first
-    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg, family=comps.family, output="text_encoder")
     ids = tokenize(comps.tokenizer, CAPTIONS)
     emb = encode(comps.text_encoder, ids)
     comps.unet(torch.randn(len(CAPTIONS), 4, 8, 8), torch.tensor([10, 500, 900]), emb)  # the UNet is in the graph too
@@ -102,7 +102,7 @@ def test_penalty_gradient_reaches_text_encoder_lora_and_not_the_unet(make_config
 def test_penalty_alone_brings_the_drift_back_down(make_config):
     cfg, comps, layers = _adapted(make_config)
     _perturb_text_encoder(layers, size=0.5)
-    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg)
+    reg = EmbeddingNormRegulariser(comps.text_encoder, comps.tokenizer, cfg, family=comps.family, output="text_encoder")
     ids = tokenize(comps.tokenizer, CAPTIONS)
     params = [p for n, l in layers.items() if n.startswith("text_encoder.") for p in (l.lora_A, l.lora_B)]
     opt = torch.optim.Adam(params, lr=1e-2)
@@ -193,9 +193,26 @@ def test_weight_zero_adds_no_text_encoder_pass_and_cache_hits_add_none_either(ma
 
 def test_drift_probe_reports_no_drift_for_the_base_model_and_some_after_a_change(make_config):
     cfg, comps, layers = _adapted(make_config)
-    probe = DriftProbe(comps.text_encoder, comps.tokenizer)
+    probe = DriftProbe(comps.text_encoder, comps.tokenizer, family=comps.family, output="text_encoder")
     still = probe.measure()
     assert still["probe/drift"] <= 1e-6 and still["probe/cosine"] >= 1 - 1e-6
     _perturb_text_encoder(layers)
     moved = probe.measure()
     assert moved["probe/drift"] > 1e-3 and moved["probe/cosine"] < 1 - 1e-4
+
+
+def test_a_caption_repeated_in_a_batch_is_encoded_once(make_config):
+    """The base-norm cache shares the text cache's LRU (util/lru.py): a caption twice in one batch costs one base
+    pass and one miss (it once encoded each copy and counted two misses)."""
+    cfg, comps, _ = _adapted(make_config)
+    ids = tokenize(comps.tokenizer, [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]])
+    cache = BaseNormCache(comps.text_encoder, clip_skip=1, norm="l2", capacity=8)
+    rows = []
+    hook = comps.text_encoder.register_forward_hook(
+        lambda m, args, kwargs, out: rows.append((args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
+    try:
+        norms = cache.norms(ids)
+    finally:
+        hook.remove()
+    assert rows == [2] and (cache.misses, cache.hits) == (2, 1) and len(cache.entries) == 2
+    assert torch.equal(norms[0], norms[2])

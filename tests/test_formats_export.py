@@ -21,6 +21,7 @@ from sdlora.adapter.kohya import canonical_from_kohya, kohya_name
 from sdlora.lora import inject_all
 from sdlora.model.loading import load_components
 from sdlora.adapter.run_record import RunRecord
+from sdlora.model.families import SD1
 
 TOL = 1e-5
 
@@ -29,7 +30,7 @@ def _trained(make_config, run_dir, *, init, learnable, conv, seed=0):
     cfg = make_config(lora={"init": init, "learnable_alpha": learnable, "conv": conv, "alpha": 3, "rank": 4},
                       output={"dir": str(run_dir)})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers.values():
@@ -94,7 +95,7 @@ def test_kohya_names_follow_kohya_for_every_adaptable_module_of_sd15(make_config
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdlora.model.single_file import BUNDLED_CONFIGS
-    from sdlora.lora.inject import plan_text_encoder, plan_unet
+    from sdlora.lora.inject import plan_denoiser, plan_text_encoder
 
     root = BUNDLED_CONFIGS / "sd_v1"
     te_cfg = {k: v for k, v in json.loads((root / "text_encoder/config.json").read_text()).items()
@@ -105,12 +106,12 @@ def test_kohya_names_follow_kohya_for_every_adaptable_module_of_sd15(make_config
     every = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
     cfg = make_config(lora={"conv": True, "unet_targets": every,
                             "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]})
-    ours = [f"unet.{p}" for p in plan_unet(unet, cfg.lora)] + [f"text_encoder.{p}" for p in plan_text_encoder(te, cfg.lora)]
+    ours = [f"unet.{p}" for p in plan_denoiser(unet, cfg.lora)] + [f"text_encoder.{p}" for p in plan_text_encoder(te, cfg.lora)]
     reference = _kohya_reference_names(unet, te)
     assert len(ours) == len(reference)
-    assert {kohya_name(n) for n in ours} == reference  # the whole kohya target set, nothing more
+    assert {kohya_name(n, SD1) for n in ours} == reference  # the whole kohya target set, nothing more
     for n in ours:  # and every name reads back without the model
-        assert canonical_from_kohya(kohya_name(n)) == n
+        assert canonical_from_kohya(kohya_name(n, SD1)) == n
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_model_prediction_type_sets_the_training_target_and_every_export_records
     v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
     assert float((diffusion_target(comps.noise_scheduler, x0, eps, t) - v).abs().max()) <= 1e-5
 
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     adapter = tmp_path / "run" / "adapter.safetensors"
     adapter.parent.mkdir()
     export_adapter(layers, adapter, cfg, RunRecord.from_training(cfg, comps), steps=1)

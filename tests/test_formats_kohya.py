@@ -11,6 +11,7 @@ from sdlora.adapter.io import load_adapter
 from sdlora.adapter.weights import AdapterWeights, ModuleDelta
 from sdlora.errors import UserError
 from sdlora.adapter.kohya import canonical_from_kohya, from_kohya_state_dict, kohya_name, save_kohya, to_kohya_state_dict
+from sdlora.model.families import SD1
 
 NAMES = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
@@ -30,7 +31,7 @@ NAMES = {
 
 @pytest.mark.parametrize("canonical, kohya", list(NAMES.items()))
 def test_kohya_names_both_ways_without_a_model(canonical, kohya):
-    assert kohya_name(canonical) == kohya
+    assert kohya_name(canonical, SD1) == kohya
     assert canonical_from_kohya(kohya) == canonical
 
 
@@ -56,7 +57,7 @@ def test_kohya_round_trip_keeps_every_delta_exactly():
     for n, m in adapter.modules.items():
         # One alpha for the file (the network dim, rank 4) and r / alpha in the factors; with ranks 2, 4, 8 the
         # factors 1/2 and 2 are exact in floating point, so the round trip is bit for bit.
-        assert float(sd[kohya_name(n) + ".alpha"]) == 4.0
+        assert float(sd[kohya_name(n, SD1) + ".alpha"]) == 4.0
         assert torch.equal(back.modules[n].delta_weight(), m.delta_weight()), n
 
 

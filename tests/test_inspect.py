@@ -22,6 +22,7 @@ from sdlora.analysis.mitigate import mitigate_adapter
 from sdlora.reg.probe import DEFAULT_PROBE_PROMPTS, drift_stats
 from sdlora.model.text import content_mask, encode, tokenize
 from sdlora.training.loop import train
+from sdlora.model.families import SD1
 
 REL = 1e-6  # float64 maths on the same fp32 factors: differences are rounding only
 
@@ -234,7 +235,7 @@ def test_another_trainers_kohya_file_with_alpha_not_rank_gives_the_same_report(t
     adapter = load_adapter(trained.adapter_path)
     sd = {}
     for name, m in adapter.modules.items():
-        k, alpha = kohya_name(name), 1.0  # scale 1/rank, so up is stored rank times larger
+        k, alpha = kohya_name(name, SD1), 1.0  # scale 1/rank, so up is stored rank times larger
         sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"] = m.down, m.up * m.rank / alpha
         sd[f"{k}.alpha"] = torch.tensor(alpha)
     path = tmp_path / "other.safetensors"

@@ -45,7 +45,7 @@ def _adapter(model, root, shapes_data=None):
                     "output": {"dir": str(root / "run")}, "lora": {"rank": 4, "alpha": 4, "conv": True},
                     "log": {"tracker": "none"}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for layer in layers.values():

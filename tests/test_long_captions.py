@@ -11,6 +11,7 @@ from sdlora.model.text import content_mask, encode, tokenize
 from sdlora.reg.probe import DriftProbe
 from sdlora.training.loop import train
 from sdlora.training.text_cache import TextEncoderOutputCache
+from sdlora.model.families import SD1
 
 FIRST = " ".join(["red", "cat"] * 37 + ["red"])  # 75 one-token words
 SECOND = " ".join(["blue", "dog", "photo"] * 25)  # 75 more
@@ -62,8 +63,8 @@ def test_content_mask_and_text_cache_and_probe_work_per_chunk(comps):
     halves = tokenize(tok, [FIRST, SECOND, "a red cat", ""])
     assert torch.equal(content_mask(ids, tok.eos_token_id), content_mask(halves, tok.eos_token_id).reshape(2, 154))
     with torch.no_grad():
-        assert torch.equal(TextEncoderOutputCache(te)(ids), encode(te, ids))
-    probe = DriftProbe(te, tok, [FIRST + " " + SECOND], max_token_length=150)
+        assert torch.equal(TextEncoderOutputCache(te, family=SD1)(ids), encode(te, ids))
+    probe = DriftProbe(te, tok, [FIRST + " " + SECOND], max_token_length=150, family=SD1, output="text_encoder")
     assert probe.input_ids.shape == (1, 154)
     stats = probe.measure()
     # Adapters absent: E == E0, so the drift is 0 and the cosine 1 (to fp32 rounding of a ratio of norms ~ 1).

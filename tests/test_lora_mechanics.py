@@ -146,7 +146,7 @@ def test_alpha_changes_in_training_and_init_alphas_from_reproduces_it(make_confi
     cfg2 = make_config(lora={"learnable_alpha": True, "init_alphas_from": str(first.adapter_path)},
                        output={"dir": str(tmp_path / "second")})
     comps = load_components(cfg2.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg2)
+    layers = inject_all(comps.adaptable(), cfg2, comps.family)
     for n, layer in layers.items():
         assert float(layer.alpha) == pytest.approx(learned[n], abs=1e-6), n
 
@@ -157,14 +157,14 @@ def test_init_alphas_from_an_adapter_missing_modules_is_a_clear_error(make_confi
                       output={"dir": str(tmp_path / "second")})
     comps = load_components(cfg.model.path)
     with pytest.raises(UserError, match="init_alphas_from.*text_encoder"):
-        inject_all(comps.unet, comps.text_encoder, cfg)
+        inject_all(comps.adaptable(), cfg, comps.family)
 
 
 def _groups_for(make_config, **optim):
     cfg = make_config(optim=optim, lora={"learnable_alpha": True})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
-    return cfg, layers, build_param_groups(layers, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
+    return cfg, layers, build_param_groups(layers, cfg, comps.family)
 
 
 def test_lr_rules_put_each_parameter_in_the_group_its_rule_names(make_config):
@@ -195,7 +195,7 @@ def test_an_lr_rule_matching_nothing_fails_naming_it(make_config):
 def test_train_a_false_trains_only_B(make_config):
     cfg = make_config(lora={"train_a": False, "init": "orthogonal"}, train={"max_steps": 3})
     comps = load_components(cfg.model.path)
-    before = {n: l.lora_A.detach().clone() for n, l in inject_all(comps.unet, comps.text_encoder, cfg).items()}
+    before = {n: l.lora_A.detach().clone() for n, l in inject_all(comps.adaptable(), cfg, comps.family).items()}
     result = train(cfg)
     for n, layer in result.layers.items():
         assert torch.equal(layer.lora_A.detach(), before[n]), n
@@ -205,7 +205,7 @@ def test_train_a_false_trains_only_B(make_config):
 def test_conv_adapters_have_base_kernel_stride_padding_and_1x1_B(make_config):
     cfg = make_config(lora={"conv": True, "conv_rank": 2})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     convs = {n: l for n, l in layers.items() if isinstance(l, LoRAConv2d)}
     assert any(n.endswith(".conv1") for n in convs) and any("downsamplers" in n for n in convs)
     for n, layer in convs.items():
@@ -255,6 +255,6 @@ def test_whole_model_output_at_step0_equals_the_base_model(make_config, init):
     cfg = make_config(lora={"init": init, "conv": True, "alpha": 3})
     comps = load_components(cfg.model.path)
     base = model_outputs(comps.unet, comps.text_encoder, comps.tokenizer)
-    inject_all(comps.unet, comps.text_encoder, cfg)
+    inject_all(comps.adaptable(), cfg, comps.family)
     diff = max_abs_diff(model_outputs(comps.unet, comps.text_encoder, comps.tokenizer), base)
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff

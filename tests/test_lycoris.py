@@ -19,6 +19,7 @@ from sdlora.lora import adapters_disabled, build_param_groups, inject_all
 from sdlora.lora.lycoris import LoHaLayer, LoKrLayer
 from sdlora.model.loading import load_components
 from sdlora.training.loop import train
+from sdlora.model.families import SD1
 
 TOL = 1e-5  # fp32 outputs of O(1) size, as in test_dora.py
 CLASSES = {"loha": LoHaLayer, "lokr": LoKrLayer}
@@ -166,8 +167,8 @@ def test_roles_give_up_factors_the_lora_plus_ratio_and_full_factors_the_module_r
                       optim={"weight_decay": 0.01, "alpha_lr": 0.5, "b_lr_ratio": 4.0,
                              "lr_rules": [{"match": "unet.up", "lr": 0.25}]})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
-    group_of = {id(p): g for g in build_param_groups(layers, cfg).groups for p in g["params"]}
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
+    group_of = {id(p): g for g in build_param_groups(layers, cfg, comps.family).groups for p in g["params"]}
     seen = set()
     for name, layer in layers.items():
         lr = 0.25 if name.startswith("unet.up_blocks") else 1e-3
@@ -261,9 +262,9 @@ def test_kohya_layout_has_lycoris_keys_round_trips_and_reads_as_lycoris_computes
         for role, t in m.tensors().items():
             assert torch.equal(t, r.tensors()[role]), (name, role)
         w0 = models[name.split(".")[0]].get_submodule(name.split(".", 1)[1]).weight
-        theirs = _lycoris_loader_delta(sd, kohya_name(name), w0.shape)
+        theirs = _lycoris_loader_delta(sd, kohya_name(name, SD1), w0.shape)
         torch.testing.assert_close(theirs, m.delta_weight(w0), rtol=1e-12, atol=1e-12)
-        assert float(sd[kohya_name(name) + ".alpha"]) == m.rank  # alpha / rank = 1: the scale is in the factors
+        assert float(sd[kohya_name(name, SD1) + ".alpha"]) == m.rank  # alpha / rank = 1: the scale is in the factors
 
 
 def _magnitude(m):
@@ -388,10 +389,10 @@ def test_init_from_continues_the_file_exactly_and_refuses_another_kind(trained, 
     with pytest.raises(UserError, match=f"holds {kind} modules .*set lora.type: {kind}"):
         cfg = make_config(lora=lora)
         comps = load_components(cfg.model.path)
-        inject_all(comps.unet, comps.text_encoder, cfg)
+        inject_all(comps.adaptable(), cfg, comps.family)
     cfg = make_config(lora={**lora, "type": kind, "learnable_alpha": True})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     diff = max_abs_diff(ours, model_outputs(comps.unet.eval(), comps.text_encoder.eval(), comps.tokenizer))
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
     trained_alphas = {n: float(layer.alpha.detach()) for n, layer in result.layers.items()}

@@ -170,3 +170,14 @@ def test_a_mask_dir_matching_no_image_is_a_warning(make_config, masked_data, tmp
     cfg = make_config(train={"max_steps": 1, "batch_size": 1},
                       data={"path": str(folder), "masked_loss": True, "mask_dir": str(masks)})
     assert any("holds no mask named like any of the 3 images" in line for line in quiet_train(cfg))
+
+
+def test_a_fully_transparent_image_is_named_like_an_all_black_mask(make_config, masked_data):
+    folder, _ = masked_data
+    clear = np.full((64, 64, 4), 200, np.uint8)
+    clear[:, :, 3] = 0  # its alpha channel is its mask (no data.mask_dir): weight 0 everywhere
+    Image.fromarray(clear, "RGBA").save(folder / "alpha.png")
+    lines = quiet_train(make_config(train={"max_steps": 1, "batch_size": 1},
+                                    data={"path": str(folder), "masked_loss": True}))
+    warned = [line for line in lines if "black loss mask" in line]
+    assert len(warned) == 1 and "1 of 3 images" in warned[0] and "alpha.png" in warned[0], lines

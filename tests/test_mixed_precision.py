@@ -35,7 +35,7 @@ def test_offset_factors_stay_fp32_under_bf16_and_the_export_is_the_fp32_update(m
                       lora={"init": init, "conv": conv})
     result = train(cfg, log=lambda *_: None)
     comps = load_components(cfg.model.path)
-    initial = inject_all(comps.unet, comps.text_encoder, cfg)  # the same seeded init, never cast: B0, A0 in fp32
+    initial = inject_all(comps.adaptable(), cfg, comps.family)  # the same seeded init, never cast: B0, A0 in fp32
     exported = load_adapter(result.adapter_path).modules
     worst = 0.0
     for name, layer in result.layers.items():

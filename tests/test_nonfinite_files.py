@@ -24,7 +24,7 @@ def poisoned(tiny_model, tmp_path_factory):
                     "output": {"dir": str(root / "run")}, "lora": {"rank": 4, "alpha": 4, "learnable_alpha": True},
                     "log": {"tracker": "none"}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in layers.values():
@@ -96,18 +96,25 @@ def test_extract_from_a_fine_tune_holding_nan_names_the_file_and_module(tiny_mod
     one_line_naming(capsys, tuned, "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
 
 
-def test_resume_from_a_checkpoint_holding_nan_names_the_checkpoint_and_tensor(make_config, tmp_path):
+@pytest.mark.parametrize("part", ["lora_state.safetensors", "ema.safetensors", "optimizer.pt"])
+def test_resume_from_a_checkpoint_holding_nan_names_the_checkpoint_and_tensor(make_config, tmp_path, part):
     from sdlora.errors import UserError
     from sdlora.training.checkpoint import write_manifest
     from sdlora.training.loop import train
 
-    cfg = make_config(train={"max_steps": 1}, checkpoint={"every_steps": 1})
-    train(cfg, log=lambda *a: None)
+    run = {"train": {"max_steps": 1, "ema": {"enabled": True}}, "checkpoint": {"every_steps": 1}}
+    train(make_config(run), log=lambda *a: None)
     folder = next((tmp_path / "run" / "checkpoints").glob("step_*"))
-    state = load_file(folder / "lora_state.safetensors")
-    key = next(k for k in state if k.endswith("lora_B"))
-    state[key][0, 0] = float("nan")
-    save_file(state, folder / "lora_state.safetensors")
+    if part == "optimizer.pt":
+        state = torch.load(folder / part, weights_only=True)
+        state["state"][0]["exp_avg"].view(-1)[0] = float("nan")
+        torch.save(state, folder / part)
+        key = "state.0.exp_avg"
+    else:
+        state = load_file(folder / part)
+        key = next(k for k in state if k.endswith("lora_B"))
+        state[key].view(-1)[0] = float("nan")
+        save_file(state, folder / part)
     write_manifest(folder, 1)  # a consistent manifest: a shared checkpoint, not a torn save
-    with pytest.raises(UserError, match=rf"checkpoint {folder}: {key} holds non-finite values"):
-        train(make_config(train={"max_steps": 2}, checkpoint={"every_steps": 1}), resume="latest", log=lambda *a: None)
+    with pytest.raises(UserError, match=rf"checkpoint {folder}: .*{key} holds non-finite values"):
+        train(make_config(run, train={"max_steps": 2}), resume="latest", log=lambda *a: None)

@@ -25,7 +25,7 @@ def quiet(*a, **k):
 def adapted_model(cfg, seed=0):
     """The tiny model with adapters whose B is randomised: the adapted model is far from the base."""
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers.values():

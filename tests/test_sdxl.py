@@ -9,6 +9,7 @@ from PIL import Image
 from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401  (fixtures)
 from outputs import load_sdxl_pipeline, max_abs_diff, sdxl_model_outputs, sdxl_pipeline_outputs
 from sdlora.config import validate
+from sdlora.errors import UserError
 from sdlora.lora import build_param_groups, inject_all
 from sdlora.model.families import SDXL, family_of_version
 from sdlora.model.loading import load_components
@@ -129,7 +130,7 @@ def test_the_second_text_encoder_has_its_own_rate_and_groups(sdxl_config, tiny_s
     cfg = sdxl_config(optim={"lr": 1e-3, "text_encoder_lr": 2e-4, "text_encoder_2_lr": 5e-5,
                              "lr_rules": [{"match": "unet.output", "lr_scale": 0.5}]})
     comps = load_components(str(tiny_sdxl))
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     assert {n.split(".")[0] for n in layers} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(n.startswith("text_encoder_2.encoder.") for n in layers if n.startswith("text_encoder_2."))
     groups = build_param_groups(layers, cfg, comps.family)
@@ -218,3 +219,20 @@ def test_kohya_sdxl_file_uses_the_original_block_names_and_loads_exactly_in_diff
     # Relative to the adapter's effect on each output (a module read at a wrong alpha / r is off by a share of it);
     # fp32 rounding of peft's B(A x) against the float64-merged reference stays ~1e-6 of it on any x86 CPU.
     assert all(diff[k] <= 1e-5 * effect[k] for k in diff), (diff, effect)
+
+
+def test_a_part_rate_by_name_is_the_older_text_encoder_2_key_and_an_unknown_part_is_refused(sdxl_config, tiny_sdxl):
+    """optim.part_lr.text_encoder_2 gives the same rates as optim.text_encoder_2_lr; giving both, or naming a part
+    the model has no adapters in, is a one-line error."""
+    comps = load_components(str(tiny_sdxl))
+    layers = inject_all(comps.adaptable(), sdxl_config(), comps.family)
+    old = sdxl_config(optim={"lr": 1e-3, "text_encoder_lr": 2e-4, "text_encoder_2_lr": 5e-5})
+    new = sdxl_config(optim={"lr": 1e-3, "text_encoder_lr": 2e-4, "part_lr": {"text_encoder_2": 5e-5}})
+    rates = [{n: a.lr for n, a in build_param_groups(layers, c, comps.family).assignment.items()} for c in (old, new)]
+    assert rates[0] == rates[1] and {r for n, r in rates[1].items() if n.startswith("text_encoder_2.")} == {5e-5}
+    with pytest.raises(UserError, match="optim.text_encoder_2_lr and optim.part_lr.text_encoder_2 are the same key"):
+        sdxl_config(optim={"text_encoder_2_lr": 1e-4, "part_lr": {"text_encoder_2": 1e-4}})
+    with pytest.raises(UserError, match=r"optim.part_lr.vae: SDXL has no part 'vae' that carries adapters"):
+        build_param_groups(layers, sdxl_config(optim={"part_lr": {"vae": 1e-4}}), comps.family)
+    with pytest.raises(UserError, match=r"optim.part_lr.text_encoder_2: got -1"):
+        sdxl_config(optim={"part_lr": {"text_encoder_2": -1}})

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from sdlora.errors import UserError
 from sdlora.lora import inject_all
 from sdlora.model.families import SDXL
 from sdlora.model.loading import load_components
@@ -22,7 +23,7 @@ OUTPUTS = ("text_encoder", "text_encoder_2", "pooled")
 def _adapted(sdxl_config, tiny_sdxl, **embedding_norm):
     cfg = sdxl_config(reg={"embedding_norm": {"weight": 1.0, **embedding_norm}})
     comps = load_components(str(tiny_sdxl))
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     return cfg, comps, layers
 
 
@@ -96,9 +97,9 @@ def test_each_encoder_has_its_own_base_norms_and_is_zero_at_the_start(sdxl_confi
 
 def test_weights_default_from_the_first_encoders_and_a_zero_weight_drops_the_term(sdxl_config, tiny_sdxl):
     en = sdxl_config(reg={"embedding_norm": {"weight": 0.3}}).reg.embedding_norm
-    assert [en.weight_of(o) for o in OUTPUTS] == [0.3, 0.3, 0.3]
+    assert [en.weight_of(o, SDXL) for o in OUTPUTS] == [0.3, 0.3, 0.3]
     en = sdxl_config(reg={"embedding_norm": {"weight": 0.3, "text_encoder_2_weight": 0.1}}).reg.embedding_norm
-    assert [en.weight_of(o) for o in OUTPUTS] == [0.3, 0.1, 0.1]
+    assert [en.weight_of(o, SDXL) for o in OUTPUTS] == [0.3, 0.1, 0.1]
     cfg, comps, _ = _adapted(sdxl_config, tiny_sdxl, weight=0.0, text_encoder_2_weight=0.1, pooled_weight=0.0)
     assert list(_regulariser(comps, cfg).parts) == ["text_encoder_2"]
 
@@ -136,3 +137,20 @@ def test_with_an_aggressive_text_encoder_rate_the_penalty_keeps_each_encoders_dr
     # Every step logs each term on its own.
     for p in ("embedding_norm/", "embedding_norm/text_encoder_2/", "embedding_norm/pooled/"):
         assert all({p + "penalty", p + "relative_drift", p + "cache_hits"} <= set(row) for row in metrics), p
+
+
+def test_a_weight_map_per_text_output_is_the_older_keys_and_an_unknown_output_is_refused(sdxl_config, tiny_sdxl):
+    """reg.embedding_norm.output_weights gives the weights text_encoder_2_weight / pooled_weight gave (a pooled
+    embedding defaults to its encoder's tokens' weight); both forms of one key, or an output the family lacks, are
+    one-line errors."""
+    old = sdxl_config(reg={"embedding_norm": {"weight": 0.3, "text_encoder_2_weight": 0.1, "pooled_weight": 0.05}})
+    new = sdxl_config(reg={"embedding_norm": {"weight": 0.3, "output_weights": {"text_encoder_2": 0.1, "pooled": 0.05}}})
+    assert [old.reg.embedding_norm.weight_of(o, SDXL) for o in OUTPUTS] == [0.3, 0.1, 0.05]
+    assert [new.reg.embedding_norm.weight_of(o, SDXL) for o in OUTPUTS] == [0.3, 0.1, 0.05]
+    only_bigg = sdxl_config(reg={"embedding_norm": {"output_weights": {"text_encoder_2": 0.2}}}).reg.embedding_norm
+    assert [only_bigg.weight_of(o, SDXL) for o in OUTPUTS] == [0.0, 0.2, 0.2]
+    with pytest.raises(UserError, match="pooled_weight and reg.embedding_norm.output_weights.pooled are the same key"):
+        sdxl_config(reg={"embedding_norm": {"pooled_weight": 0.1, "output_weights": {"pooled": 0.1}}})
+    cfg, comps, _ = _adapted(sdxl_config, tiny_sdxl, output_weights={"text_encoder_3": 0.1})
+    with pytest.raises(UserError, match=r"output_weights.text_encoder_3: SDXL has no text output 'text_encoder_3'"):
+        _regulariser(comps, cfg)

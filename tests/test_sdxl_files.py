@@ -46,7 +46,7 @@ def trained_sdxl(tiny_sdxl, tmp_path_factory):
                     "output": {"dir": str(run)}, "log": {"tracker": "none"},
                     "lora": {"rank": 4, "alpha": 3, "init": "principal", "learnable_alpha": True, "conv": True}})
     comps = load_components(str(tiny_sdxl))
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     assert {n.split(".")[0] for n in layers} == {"unet", "text_encoder", "text_encoder_2"}
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -292,3 +292,28 @@ def test_the_conditioning_with_bundled_tokenizers_equals_encode_prompt_with_the_
         # the padding matters: padding the second encoder's input with end-of-text changes its tokens after the text
         eos_padded = tokenize(ours[0], prompts)
         assert not torch.allclose(SDXL.encode([te1, te2], [eos_padded, eos_padded]).hidden, expected)
+
+
+def test_extract_from_an_sdxl_fine_tune_keeps_every_text_encoder(tiny_sdxl, tmp_path):
+    """A fine-tune whose UNet and both text encoders moved: extract finds each component's change (it once looped
+    over `unet` and `text_encoder` only and dropped `text_encoder_2` without a word)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.adapter.io import load_adapter
+    from sdlora.commands.extract import run_extract
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_sdxl, tuned)
+    g = torch.Generator().manual_seed(5)
+    for sub, cls, module in (("text_encoder", CLIPTextModel, "encoder.layers.1.self_attn.q_proj"),
+                             ("text_encoder_2", CLIPTextModelWithProjection, "encoder.layers.2.mlp.fc1")):
+        model = cls.from_pretrained(tuned / sub)
+        weight = model.get_submodule(module if sub == "text_encoder" else "text_model." + module).weight
+        with torch.no_grad():
+            weight.add_(0.1 * torch.randn(weight.shape, generator=g))
+        model.save_pretrained(tuned / sub)
+    out = tmp_path / "extracted.safetensors"
+    _, rows = run_extract(tiny_sdxl, tuned, out, 2, report=QUIET)
+    assert {r["name"] for r in rows} == {"text_encoder.encoder.layers.1.self_attn.q_proj",
+                                         "text_encoder_2.encoder.layers.2.mlp.fc1"}
+    assert set(load_adapter(out).modules) == {r["name"] for r in rows}

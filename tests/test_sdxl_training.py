@@ -81,7 +81,7 @@ def test_init_alphas_from_an_earlier_sdxl_run_covers_both_encoders(sdxl_config, 
     cfg = sdxl_config(lora={"learnable_alpha": True, "init_alphas_from": str(first.adapter_path)},
                       output={"dir": str(tmp_path / "second")})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     assert set(layers) == set(learned)
     for n, layer in layers.items():
         assert float(layer.alpha) == pytest.approx(learned[n], abs=1e-6), n

@@ -21,6 +21,7 @@ from sdlora.model.text import encode, tokenize
 from sdlora.training.text_cache import TextEncoderOutputCache, make_text_cache
 from sdlora.training.loop import train
 from sdlora.training.placement import place_models
+from sdlora.model.families import SD1
 
 # fp32; recomputation, memory layout and thread count only reorder float sums. A reordered sum's error is about
 # eps32 (6e-8) times the sum of the magnitudes of its terms, which is the scale of the gradients that do not
@@ -45,7 +46,7 @@ def loss_and_grads(make_config, threads=None, **train_opts):
 def _loss_and_grads(make_config, **train_opts):
     cfg = make_config({"train": train_opts, "lora": {"init": "orthogonal"}})  # A and B both get gradient
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     place_models(comps, layers, DEVICE, torch.float32, cfg)
     gen = torch.Generator().manual_seed(0)
     emb = encode(comps.text_encoder, tokenize(comps.tokenizer, PROMPTS).to(DEVICE))
@@ -80,16 +81,18 @@ def test_channels_last_gives_the_same_loss_and_lora_gradients(make_config):
 def test_gradient_checkpointing_is_switched_on_in_both_models(make_config):
     cfg = make_config({"train": {"gradient_checkpointing": True}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     place_models(comps, layers, torch.device("cpu"), torch.float32, cfg)
-    assert comps.unet.is_gradient_checkpointing and comps.text_encoder.is_gradient_checkpointing
+    te = comps.text_encoder  # transformers 5's name (the old one warns), else transformers 4's
+    te_on = te.is_activation_checkpointing if hasattr(type(te), "is_activation_checkpointing") else te.is_gradient_checkpointing
+    assert comps.unet.is_gradient_checkpointing and te_on
 
 
 def test_text_cache_returns_the_encoders_outputs_and_stays_bounded(tiny_model):
     comps = load_components(str(tiny_model))
     comps.text_encoder.eval()
     ids = tokenize(comps.tokenizer, PROMPTS + [PROMPTS[0], "a green square"])  # a repeat inside the batch
-    cache = TextEncoderOutputCache(comps.text_encoder, clip_skip=2, capacity=2)
+    cache = TextEncoderOutputCache(comps.text_encoder, clip_skip=2, capacity=2, family=comps.family)
     with torch.no_grad():
         expected = encode(comps.text_encoder, ids, clip_skip=2)
     got = cache(ids)
@@ -101,9 +104,9 @@ def test_text_cache_returns_the_encoders_outputs_and_stays_bounded(tiny_model):
 
 
 def test_text_cache_is_used_only_for_a_frozen_encoder_with_the_option_on(make_config):
-    assert make_text_cache(make_config(), None) is None  # text encoder trained by default
-    assert make_text_cache(make_config({"text_encoder": {"train": False}, "data": {"cache_text_encoder_outputs": False}}), None) is None
-    assert make_text_cache(make_config({"text_encoder": {"train": False}}), object()) is not None
+    assert make_text_cache(make_config(), None, SD1) is None  # text encoder trained by default
+    assert make_text_cache(make_config({"text_encoder": {"train": False}, "data": {"cache_text_encoder_outputs": False}}), None, SD1) is None
+    assert make_text_cache(make_config({"text_encoder": {"train": False}}), object(), SD1) is not None
 
 
 def test_training_with_the_text_cache_ends_with_the_same_adapter(make_config, tmp_path):

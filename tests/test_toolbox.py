@@ -38,7 +38,7 @@ def _adapter_file(tiny_model, root, *, seed, init="zero", conv=False, rank=4, al
                     "lora": {"rank": rank, "alpha": alpha, "init": init, "conv": conv, "learnable_alpha": True},
                     "log": {"tracker": "none"}})
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for layer in layers.values():
@@ -341,7 +341,7 @@ def test_init_from_starts_from_the_files_update_with_its_rank_and_alpha(two_adap
     run_export(source, layout, path, report=quiet)
     cfg = _init_from_config(tiny_model, tmp_path, path, init="compensated", text_encoder_targets=["q_proj"])
     comps = load_components(cfg.model.path)
-    layers = inject_all(comps.unet, comps.text_encoder, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     file_modules = load_adapter(source).modules
     for name, m in file_modules.items():
         assert layers[name].rank == m.rank and abs(float(layers[name].alpha.detach()) - m.alpha) <= 1e-6 * abs(m.alpha), name
@@ -378,7 +378,7 @@ def test_init_from_errors_name_the_key(two_adapters, tiny_model, tmp_path):
     cfg = validate({**cfg.to_dict(), "text_encoder": {"train": False}})
     comps = load_components(cfg.model.path)
     with pytest.raises(UserError, match="lora.init_from: .* text_encoder.train"):
-        inject_all(comps.unet, comps.text_encoder, cfg)
+        inject_all(comps.adaptable(), cfg, comps.family)
     with pytest.raises(Exception, match="drop lora.init_alphas_from"):
         validate({**cfg.to_dict(), "lora": {**cfg.to_dict()["lora"], "init_alphas_from": str(two_adapters[0])}})
 

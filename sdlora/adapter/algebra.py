@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from sdlora.adapter.names import TEXT_ENCODERS, split_name
+from sdlora.adapter.names import model_level, split_name
 from sdlora.errors import UserError
 
 # Below this fraction of ‖up‖_F·‖down‖_F a singular value of up @ down is rounding, not update: fp32 factors
@@ -287,10 +287,11 @@ def balance_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def find_module(model: torch.nn.Module, name: str, *, where: str = "the base model") -> torch.nn.Module:
-    """The module of canonical name `name` (`unet.<path>` / `text_encoder.<path>`) in that component's model,
-    with or without transformers 4's `text_model.` level; a UserError naming it when the model has none."""
+    """The module of canonical name `name` (`<part>.<path>`, adapter/names.py) in that part's model, with or
+    without the part's model level (transformers 4's `text_model.`); a UserError naming it when the model has none."""
     component, path = split_name(name)
-    candidates = [path] + ([f"text_model.{path}"] if component in TEXT_ENCODERS else [])
+    level = model_level(component)
+    candidates = [path] + ([level + path] if level else [])
     for p in candidates:
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(p)
@@ -301,7 +302,7 @@ def find_module(model: torch.nn.Module, name: str, *, where: str = "the base mod
 
 def component_module(models: dict[str, torch.nn.Module], name: str, *, where: str = "the base model") -> torch.nn.Module:
     """`find_module` in the model of `name`'s component; `models`: each component's model by name
-    (`Components.adaptable()`: unet, text_encoder, SDXL's text_encoder_2). A UserError naming the module when
+    (`Components.adaptable()`: the family's denoiser and text encoders). A UserError naming the module when
     `where` has no such component (an adapter for another family) or no such module."""
     component = split_name(name)[0]
     if component not in models:
@@ -312,7 +313,7 @@ def component_module(models: dict[str, torch.nn.Module], name: str, *, where: st
 @torch.no_grad()
 def merge_adapter(adapter, models: dict[str, torch.nn.Module], *, where: str = "the base model") -> None:
     """W += ΔW for every module, in place, computed in float64 so the merge adds no rounding of its own. `models`:
-    the model of each component by name (`Components.adaptable()`: unet, text_encoder, SDXL's text_encoder_2)."""
+    the model of each component by name (`Components.adaptable()`: the family's denoiser and text encoders)."""
     for name, delta in adapter.modules.items():
         weight = component_module(models, name, where=where).weight
         dw = delta.delta_weight(weight).to(torch.float64)

@@ -32,31 +32,38 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapter.family import adapter_family as family_and_prediction
+from sdlora.adapter.family import family_from_metadata
+from sdlora.adapter.names import PARTS
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import KINDS, AdapterWeights, kind_of, split_name
 from sdlora.errors import UserError
-from sdlora.adapter.family import adapter_family as family_and_prediction
-from sdlora.model.families import SD1, SDXL, ModelFamily
+from sdlora.model.families import FAMILIES, ModelFamily
 from sdlora.model.ldm_keys import _rename, unet_pairs
+from sdlora.model.parts import DENOISER
 from sdlora.util.atomic import save_safetensors
 
-UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_"
-TE_MODEL_LEVEL = "text_model_"
 
-# Module identifiers of UNet2DConditionModel and CLIPTextModel; digits between them are list indices.
-IDENTIFIERS = frozenset("""
-down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks
-attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3
-conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
-encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
-layer_norm1 layer_norm2 token_embedding position_embedding
-""".split())
+def _prefix_table(families) -> dict[str, tuple[str, ...]]:
+    """kohya prefix -> the part names it stands for in `families` (longest prefix first, so `lora_te1_` is not read
+    as `lora_te_`). A prefix may stand for different parts in different families (`lora_unet_` is any denoiser)."""
+    table: dict[str, tuple[str, ...]] = {}
+    for family in families:
+        for name, prefix in family.kohya_prefixes.items():
+            table[prefix] = tuple(dict.fromkeys(table.get(prefix, ()) + (name,)))
+    return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
+
+
+PREFIXES = _prefix_table(FAMILIES.values())
+# The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
+LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
+
+# Module identifiers of every family's parts (model/parts.py `words`); digits between them are list indices.
+IDENTIFIERS = frozenset().union(*(part.words for part in PARTS.values()))
 # The original UNet's (SDXL's kohya names), on top of the above.
 LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
 """.split())
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
 LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -81,24 +88,23 @@ def _layout_text(layout: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- names
-def kohya_name(name: str, family: ModelFamily = SD1, layout: dict | None = None) -> str:
+def kohya_name(name: str, family: ModelFamily, layout: dict | None = None) -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (SD 1.x/2.x);
-    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`, the original
-    blocks numbered by `layout` (the trained UNet's, `RunRecord.unet_layout`; default SDXL base's). A UserError
-    when the module is not in that layout (an adapter of another UNet, whose layout no record gives)."""
+    SDXL: `lora_unet_input_blocks_1_1_proj_in`, `lora_te1_text_model_...`, `lora_te2_text_model_...`: the part's
+    kohya prefix, its model level, the path with dots as underscores; SDXL's original blocks numbered by `layout`
+    (the trained UNet's, `RunRecord.unet_layout`; default SDXL base's). A UserError when the module is not in that
+    layout (an adapter of another UNet, whose layout no record gives)."""
     component, path = split_name(name)
-    prefix = family.kohya_prefixes[component]
-    if component == "unet":
-        if family.kohya_unet_layout is not None:
-            layout = layout or family.kohya_unet_layout
-            ldm = _rename(path, _ldm_pairs(layout), forward=True)
-            if ldm is None:
-                raise UserError(f"kohya names: {name} is not a module of {family.title}'s original UNet blocks "
-                                f"({_layout_text(layout)}{'' if layout is not family.kohya_unet_layout else ', SDXL base'}); "
-                                "an adapter without sdlora's run record is numbered as SDXL base")
-            path = ldm
-        return prefix + path.replace(".", "_")
-    return prefix + TE_MODEL_LEVEL + path.replace(".", "_")
+    part = family.part(component)
+    if part is family.denoiser and family.kohya_unet_layout is not None:
+        layout = layout or family.kohya_unet_layout
+        ldm = _rename(path, _ldm_pairs(layout), forward=True)
+        if ldm is None:
+            raise UserError(f"kohya names: {name} is not a module of {family.title}'s original UNet blocks "
+                            f"({_layout_text(layout)}{'' if layout is not family.kohya_unet_layout else ', SDXL base'}); "
+                            "an adapter without sdlora's run record is numbered as SDXL base")
+        path = ldm
+    return part.kohya_prefix + part.kohya_level + path.replace(".", "_")
 
 
 @lru_cache(maxsize=None)
@@ -124,30 +130,34 @@ def _is_ldm(flat: str) -> bool:
     return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
 
 
-def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, layout: dict | None = None) -> str:
+def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, layout: dict | None = None,
+                         family: ModelFamily | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
 
     With `module_names` (canonical names of a model at hand) the name is looked up exactly instead. SDXL's original
-    block names are numbered by `layout` (the file's `RunRecord.unet_layout`; default SDXL base's).
+    block names are numbered by `layout` (the file's `RunRecord.unet_layout`; default SDXL base's). `family` (what
+    the file says) picks the part where a prefix stands for different parts in different families; a UserError
+    when it would matter and nothing says it.
     """
-    ldm = False
-    if stem.startswith(UNET_PREFIX):
-        component, flat = "unet", stem[len(UNET_PREFIX):]
-        ldm = _is_ldm(flat)
-    elif stem.startswith(SDXL_PREFIXES):
-        component = "text_encoder" if stem.startswith("lora_te1_") else "text_encoder_2"
-        flat = stem[len("lora_te1_"):].removeprefix(TE_MODEL_LEVEL)
-    elif stem.startswith(TE_PREFIX):
-        component, flat = "text_encoder", stem[len(TE_PREFIX):].removeprefix(TE_MODEL_LEVEL)
-    else:
-        raise UserError(f"kohya key {stem!r}: expected a lora_unet_, lora_te_, lora_te1_ or lora_te2_ prefix")
-    if ldm:  # SDXL's original block names: split them, then the LDM table gives diffusers' path
+    prefix = next((p for p in PREFIXES if stem.startswith(p)), None)
+    if prefix is None:
+        raise UserError(f"kohya key {stem!r}: expected a {', '.join(PREFIXES)} prefix")
+    candidates = PREFIXES[prefix]
+    if len(candidates) > 1 and family is not None:
+        candidates = tuple(n for n in candidates if family.kohya_prefixes.get(n) == prefix) or candidates
+    if len(candidates) > 1:
+        raise UserError(f"kohya key {stem!r}: {prefix} stands for {' or '.join(candidates)} depending on the model "
+                        "family, and the file does not say its family (ss_base_model_version)")
+    component = candidates[0]
+    flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
+    if PARTS[component].role == DENOISER and _is_ldm(flat):
+        # SDXL's original block names: split them, then the LDM table gives diffusers' path
         parts = _split_identifiers(flat, True)
-        path = _rename(".".join(parts), _ldm_pairs(layout or SDXL.kohya_unet_layout), forward=False) \
+        path = _rename(".".join(parts), _ldm_pairs(layout or LDM_FAMILY.kohya_unet_layout), forward=False) \
             if parts is not None else None
         if path is None:
-            raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SDXL UNet")
-        return f"unet.{path}"
+            raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an {LDM_FAMILY.title} UNet")
+        return f"{component}.{path}"
     if module_names is not None:
         for name in module_names:
             if name.startswith(component + ".") and name[len(component) + 1:].replace(".", "_") == flat:
@@ -198,7 +208,7 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
 
 
 _SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.KOHYA_KEYS.values()} | {"alpha"}, key=len, reverse=True)
-_KOHYA_KEY = re.compile(r"^(?P<stem>lora_(?:unet|te|te1|te2)_.+?)\.(?P<kind>" +
+_KOHYA_KEY = re.compile(r"^(?P<stem>(?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(?P<kind>" +
                         "|".join(re.escape(x) for x in _SUFFIXES) + ")$")
 
 
@@ -218,17 +228,19 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
     info = json.loads(meta.get("sdlora.modules", "{}"))
     record = RunRecord.from_metadata(meta)
     layout = record.unet_layout if record is not None else None
-    if record is None and not meta.get("ss_base_model_version", "").startswith("sdxl") and \
-            any(s.startswith(UNET_PREFIX) and _is_ldm(s[len(UNET_PREFIX):]) for s in parts):
+    labelled = meta.get("ss_base_model_version", "").startswith(LDM_FAMILY.name)
+    unet = LDM_FAMILY.denoiser.kohya_prefix
+    if record is None and not labelled and any(s.startswith(unet) and _is_ldm(s[len(unet):]) for s in parts):
         # kohya names the UNet by its original (LDM) blocks for SDXL alone: the keys say SDXL whatever a label says
         # (adapter/family.py reads it: the canonical names no longer show it)
-        meta["ss_base_model_version"] = SDXL.base_model_version("epsilon")
+        meta["ss_base_model_version"] = LDM_FAMILY.base_model_version("epsilon")
+    family = record.family if record is not None else (family_from_metadata(meta) or (None,))[0]
     modules = {}
     for stem, p in sorted(parts.items()):
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        name = canonical_from_kohya(stem, module_names, layout)
+        name = canonical_from_kohya(stem, module_names, layout, family)
         own = info.get(name, {})
         record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
                                        shape=tuple(own["shape"]) if own.get("shape") else None)

@@ -46,10 +46,10 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, recor
     from sdlora.util.finite import require_finite
 
     encoders = {name: te.to(dtype) for name, te in comps.text_encoders.items()}
-    pipe = comps.family.pipeline(unet=comps.unet.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
                                  tokenizers=comps.tokenizers, scheduler=scheduler)
-    for name in ("unet", "vae", *encoders):  # save_pretrained does not go through atomic.save_safetensors
-        require_finite(getattr(pipe, name).state_dict(), out / name)
+    for part in comps.family.parts:  # save_pretrained does not go through atomic.save_safetensors
+        require_finite(getattr(pipe, part.name).state_dict(), out / part.name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         atomic.write_json(tmp / MERGED_MARKER, {"written_by": "sdlora export", "format": "merged-diffusers"})

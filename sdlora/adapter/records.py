@@ -14,8 +14,7 @@ import torch
 
 from sdlora.adapter.algebra import as_matrix, balance_factors, factor_to_rank, factored_singular_values
 from sdlora.errors import UserError
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from sdlora.util.dtypes import HALF_DTYPES
 
 
 @dataclass

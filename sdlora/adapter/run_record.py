@@ -76,7 +76,7 @@ class RunRecord:
                    text_encoder_trained=cfg.text_encoder.train, mixed_precision=cfg.train.mixed_precision,
                    seed=cfg.train.seed, output_name=cfg.output.name, steps=steps, sdlora_version=__version__,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=cfg.to_dict(),
-                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.unet.config))
+                   tag_frequency=caption_tag_frequency(cfg), unet_layout=unet_layout(comps.family, comps.denoiser.config))
 
     def at_step(self, steps: int) -> "RunRecord":
         return replace(self, steps=steps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

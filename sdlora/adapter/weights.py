@@ -5,14 +5,13 @@ LoHa, LoKr; adapter/records.py and adapter/lycoris.py), with every scale (alpha 
 scaling) already in the tensors, so any loader reads scale 1: folded into one factor in memory and in fp32 files;
 in fp16/bf16 files spread evenly over the factors (`balance_factors`), which keeps them in the 16-bit normal range.
 
-Module names are canonical and independent of library versions:
-  `unet.<module path>`            e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
-  `text_encoder.<module path>`    e.g. text_encoder.encoder.layers.0.self_attn.q_proj
-  `text_encoder_2.<module path>`  SDXL's second text encoder, the same paths
-(the `text_model.` level that transformers 4 has and transformers 5 dropped is not part of the name).
+Module names are canonical and independent of library versions (adapter/names.py): `<part>.<module path>`, e.g.
+  `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, `text_encoder.encoder.layers.0.self_attn.q_proj`,
+  `text_encoder_2.<module path>` (SDXL's second text encoder, the same paths)
+(a part's model level, the `text_model.` that transformers 4 has and transformers 5 dropped, is not part of the name).
 
-Native layout keys: `unet.<path>.lora_A.weight` (down) / `.lora_B.weight` (up) and
-`text_encoder.text_model.<path>.lora_A.weight` (and `text_encoder_2.text_model.<path>...`, the prefix
+Native layout keys: `<part>.<model level><path>.lora_A.weight` (down) / `.lora_B.weight` (up):
+`unet.<path>...`, `text_encoder.text_model.<path>...` (and `text_encoder_2.text_model.<path>...`, the prefix
 `StableDiffusionXLPipeline.load_lora_weights` reads); diffusers strips `text_model.` where the model has none.
 Other kinds put their own suffixes (each record's NATIVE_KEYS: peft's names) after the same prefixes.
 """
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sdlora.adapter.lycoris import LoHaDelta, LoKrDelta
-from sdlora.adapter.names import COMPONENTS, TEXT_ENCODERS, canonical_name, split_name  # noqa: F401  (re-exported)
+from sdlora.adapter.names import COMPONENTS, TEXT_ENCODERS, canonical_name, model_level, split_name  # noqa: F401
 from sdlora.adapter.records import HALF_DTYPES, AdapterDelta, DoRADelta, ModuleDelta  # noqa: F401  (re-exported)
 from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
@@ -73,8 +72,9 @@ class AdapterWeights:
 
 # --------------------------------------------------------------------------------------- native layout
 def native_prefix(name: str) -> str:
+    """The key prefix of a module in the native layout: the part, its model level (`text_model.`), the path."""
     component, path = split_name(name)
-    return f"{component}.text_model.{path}" if component in TEXT_ENCODERS else name
+    return f"{component}.{model_level(component)}{path}"
 
 
 def native_state_dict(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def from_native_keys(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapt
         suffix = NATIVE_ALIASES.get(suffix, suffix)
         component, _, path = stem.partition(".")
         if component not in COMPONENTS:
-            raise UserError(f"adapter key {key!r}: expected a unet., text_encoder. or text_encoder_2. prefix")
+            raise UserError(f"adapter key {key!r}: expected a {', '.join(c + '.' for c in COMPONENTS)} prefix")
         parts.setdefault(canonical_name(component, path), {})[suffix] = t
     mods = {}
     for n in sorted(parts):

@@ -17,10 +17,11 @@ import torch
 
 from sdlora.adapter.algebra import as_matrix, component_module
 from sdlora.adapter.io import file_layout, load_adapter
-from sdlora.adapter.names import split_name
+from sdlora.adapter.names import PARTS, split_name
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.analysis import maths as analysis
 from sdlora.errors import UserError
+from sdlora.model.parts import DENOISER, TEXT_ENCODER
 from sdlora.util.tables import format_table
 
 
@@ -53,24 +54,26 @@ class BaseModel:
 
 
 # ---------------------------------------------------------------------------------------------- groups
-_GROUPS = [
-    (re.compile(r"^(text_encoder(?:_\d+)?)\.encoder\.layers\.(\d+)\."), lambda m: f"{m.group(1)}.layers.{m.group(2)}"),
-    (re.compile(r"^(text_encoder(?:_\d+)?)\."), lambda m: m.group(1)),
-    (re.compile(r"^unet\.down_blocks\.(\d+)\."), lambda m: f"unet.down.{m.group(1)}"),
-    (re.compile(r"^unet\.conv_in\b"), lambda m: "unet.down"),
-    (re.compile(r"^unet\.mid_block\."), lambda m: "unet.mid"),
-    (re.compile(r"^unet\.up_blocks\.(\d+)\."), lambda m: f"unet.up.{m.group(1)}"),
-    (re.compile(r"^unet\.conv_out\b"), lambda m: "unet.up"),
-]
+# Within a part, by its role (model/parts.py): (pattern over the module path, the group's words after the part name).
+_GROUPS = {
+    TEXT_ENCODER: [(re.compile(r"^encoder\.layers\.(\d+)\."), lambda m: f".layers.{m.group(1)}")],
+    DENOISER: [(re.compile(r"^down_blocks\.(\d+)\."), lambda m: f".down.{m.group(1)}"),
+               (re.compile(r"^conv_in\b"), lambda m: ".down"),
+               (re.compile(r"^mid_block\."), lambda m: ".mid"),
+               (re.compile(r"^up_blocks\.(\d+)\."), lambda m: f".up.{m.group(1)}"),
+               (re.compile(r"^conv_out\b"), lambda m: ".up")],
+}
 
 
 def group_of(name: str) -> str:
-    """The block group a module belongs to, in `optim.lr_rules`' naming (text_encoder.layers.N, unet.down.N, ...)."""
-    for pattern, label in _GROUPS:
-        m = pattern.match(name)
+    """The block group a module belongs to, in `optim.lr_rules`' naming (text_encoder.layers.N, unet.down.N, ...):
+    its part, and within a text encoder its layer, within a UNet its block."""
+    component, path = split_name(name)
+    for pattern, label in _GROUPS.get(PARTS[component].role, ()):
+        m = pattern.match(path)
         if m:
-            return label(m)
-    return "unet"
+            return component + label(m)
+    return component
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -154,7 +157,7 @@ def text_encoder_drift(adapter: AdapterWeights, base: BaseModel) -> dict | None:
             base.module(n).weight.copy_(w0)
     outputs = {}
     for p in probes:  # `probe/<value>` for the family's first output, `probe/<output>/<value>` for the others
-        output = p.prefix.removeprefix("probe/").rstrip("/") or "text_encoder"
+        output = p.prefix.removeprefix("probe/").rstrip("/") or comps.family.text_outputs[0][0]
         outputs[output] = {k.removeprefix(p.prefix): v for k, v in stats.items()
                            if k.startswith(p.prefix) and "/" not in k.removeprefix(p.prefix)}
     first = next(iter(outputs.values()))

@@ -165,7 +165,3 @@ def mitigate_intruders(w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, l
 
 def frobenius(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(as_matrix(t)))
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

@@ -22,11 +22,17 @@ def _pyplot():
 
 def short_name(name: str) -> str:
     """Drop the parts every module shares so that axis labels stay readable."""
-    for long, short in (("text_encoder.encoder.layers.", "te."), ("text_encoder_2.encoder.layers.", "te2."), ("unet.down_blocks.", "down."), ("unet.up_blocks.", "up."),
-                        ("unet.mid_block.", "mid."), ("attentions.", "at."), ("transformer_blocks.", "tb."),
-                        ("resnets.", "res."), (".self_attn.", ".")):
-        name = name.replace(long, short)
-    return name
+    part, _, path = name.partition(".")
+    if part.startswith("text_encoder"):  # text_encoder -> te, text_encoder_2 -> te2
+        part = "te" + part.removeprefix("text_encoder").lstrip("_")
+        path = path.removeprefix("encoder.layers.")
+    else:
+        for long, short in (("down_blocks.", "down."), ("up_blocks.", "up."), ("mid_block.", "mid.")):
+            if path.startswith(long):
+                part, path = short.rstrip("."), path.removeprefix(long)
+    for long, short in (("attentions.", "at."), ("transformer_blocks.", "tb."), ("resnets.", "res."), (".self_attn.", ".")):
+        path = path.replace(long, short)
+    return f"{part}.{path}" if path else part
 
 
 def bar_chart(path: Path, names: list[str], series: list[list], labels: list[str], title: str) -> Path:

@@ -11,10 +11,11 @@ from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.io import LAYOUTS, save_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
+from sdlora.util.dtypes import DTYPES
 from sdlora.util.ownership import require_replaceable
 from sdlora.util.tables import format_table
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = tuple(DTYPES)
 
 
 def check_output(command: str, out, *, force: bool, layout: str, dtype: str) -> Path:
@@ -45,7 +46,6 @@ def write_adapter(adapter: AdapterWeights, out: Path, layout: str, dtype: str, *
                   base_model_version: str | None = None) -> None:
     """Atomically, in `layout`; a 16-bit dtype balances each module's factors first (AdapterWeights.to). A file
     without a run record names its base model by `base_model_version` (else the input's ss_base_model_version)."""
-    from sdlora.training.export import DTYPES
 
     version = base_model_version or adapter.metadata.get("ss_base_model_version")
     save_adapter(adapter.to(DTYPES[dtype]), out, layout, base_model_version=version)

@@ -18,7 +18,7 @@ from sdlora.adapter.io import LAYOUTS, load_adapter, save_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
-from sdlora.training.export import DTYPES
+from sdlora.util.dtypes import DTYPES
 from sdlora.util.ownership import require_replaceable
 
 FORMATS = ("diffusers", "kohya", "merged-diffusers", "merged-single-file")

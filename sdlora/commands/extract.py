@@ -1,7 +1,7 @@
 """`sdlora extract --base BASE --tuned TUNED --rank R --out L [--conv] [--conv-rank R]`: a LoRA from two checkpoints.
 
-For every adaptable module (the UNet's attention Linears and 1x1 projections, the text encoder's layer Linears;
-with --conv the UNet's 3x3 convolutions that sdlora's conv LoRA adapts), ΔW = W_tuned - W_base in float64 and its
+For every adaptable module of every adaptable part of the family (the UNet's attention Linears and 1x1 projections,
+each text encoder's layer Linears; with --conv the UNet's 3x3 convolutions that sdlora's conv LoRA adapts), ΔW = W_tuned - W_base in float64 and its
 best rank-R factors (`algebra.dense_to_rank`, a randomised SVD where R is small). A module whose weights are
 equal, or whose ‖ΔW‖_F is below --min-diff · ‖W_base‖_F, is left out. The report gives per module the relative
 Frobenius error ‖ΔW - up·down‖_F / ‖ΔW‖_F. Either model may be a diffusers folder or a single file.
@@ -20,18 +20,20 @@ from sdlora.adapter.weights import AdapterWeights, ModuleDelta
 from sdlora.commands.adapter_output import check_output, module_table, write_adapter
 from sdlora.config import DEFAULT_CONV_TARGETS
 from sdlora.errors import UserError
+from sdlora.model.parts import TEXT_ENCODER
 
 
 def _is_conv_target(path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in DEFAULT_CONV_TARGETS)
 
 
-def extractable(component: str, model: nn.Module, conv: bool) -> dict[str, nn.Module]:
-    """Module path -> module of what extract considers: the modules kohya's LoRA and diffusers' loader map (not
-    conv_in, conv_out or the time embedding, whose kohya keys diffusers cannot load)."""
+def extractable(role: str, model: nn.Module, conv: bool) -> dict[str, nn.Module]:
+    """Module path -> module of what extract considers in a part of `role` (model/parts.py): the modules kohya's
+    LoRA and diffusers' loader map (not conv_in, conv_out or the time embedding, whose kohya keys diffusers cannot
+    load)."""
     found = {}
     for path, m in model.named_modules():
-        if component != "unet":
+        if role == TEXT_ENCODER:
             keep = isinstance(m, nn.Linear) and ".layers." in f".{path}"
         elif isinstance(m, nn.Linear):
             keep = ".attentions." in f".{path}"
@@ -48,11 +50,13 @@ def extractable(component: str, model: nn.Module, conv: bool) -> dict[str, nn.Mo
 @torch.no_grad()
 def extract_adapter(base, tuned, rank: int, *, conv: bool = False, conv_rank: int | None = None,
                     min_diff: float = 0.0) -> tuple[AdapterWeights, list[dict]]:
-    """`base` and `tuned` are loaded Components; returns the adapter and one report row per extracted module."""
+    """`base` and `tuned` are loaded Components of one family; returns the adapter and one report row per extracted
+    module, over every adaptable part of the family (its denoiser and each text encoder)."""
     modules, rows = {}, []
-    for component in ("unet",) + base.family.text_encoders:  # SDXL: both text encoders
-        base_model, tuned_model = getattr(base, component), getattr(tuned, component)
-        for path, module in extractable(component, base_model, conv).items():
+    tuned_models = tuned.adaptable()
+    for component, base_model in base.adaptable().items():
+        tuned_model = tuned_models[component]
+        for path, module in extractable(base.family.part(component).role, base_model, conv).items():
             name = canonical_name(component, path)
             try:
                 other = tuned_model.get_submodule(path)

@@ -11,7 +11,6 @@ latent cell (area pooling by the VAE's downscale factor), so the loss is weighte
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -54,14 +53,6 @@ def read_mask(image: Path, mask_dir: str | None) -> Image.Image | None:
         return ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
     except OSError as e:
         raise UserError(f"cannot read the loss mask of {image} ({path or 'alpha channel'}): {e}") from None
-
-
-def mask_identity(image: Path, mask_dir: str | None) -> str:
-    """What the latent cache key must change with: the mask file's bytes, or the image's (alpha) bytes."""
-    path = mask_file(image, mask_dir)
-    if path is None:
-        return "alpha-or-none"  # the image's own bytes are already in the key
-    return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_mask(sample, offset: tuple[int, int], flip: bool, data, latent_factor: int) -> torch.Tensor:

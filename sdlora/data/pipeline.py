@@ -64,7 +64,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     say(bucket_table(counts))
     limit = data.max_token_length
     truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
-                                comps.tokenizer, limit)
+                                comps.tokenizers[0], limit)
     if truncated:
         say(f"sdlora: {truncated} of {len(samples)} captions are longer than the text encoder's {limit} tokens "
             f"(data.max_token_length) and will be truncated")

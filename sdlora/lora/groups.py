@@ -18,10 +18,10 @@ from torch import nn
 
 from sdlora.errors import UserError
 from sdlora.lora.layers import AdapterLayer
-from sdlora.model.families import SD1, ModelFamily
+from sdlora.model.families import ModelFamily
 
 
-def rule_pattern(match: str, family: ModelFamily = SD1) -> re.Pattern:
+def rule_pattern(match: str, family: ModelFamily) -> re.Pattern:
     """A rule's `match` as a regular expression over canonical module names: the family's named block group, or
     the text itself as a regular expression."""
     named = family.named_group(match)
@@ -51,24 +51,25 @@ class ParamGroups:
 
 
 def component_of(name: str) -> str:
-    """`unet`, `text_encoder` or `text_encoder_2`: the component a canonical module name belongs to."""
+    """The part a canonical module name belongs to (`unet`, `text_encoder`, SDXL's `text_encoder_2`)."""
     return name.partition(".")[0]
 
 
-def component_lr(name: str, cfg) -> float:
-    """The component's base rate: optim.lr, optim.text_encoder_lr, or (SDXL) optim.text_encoder_2_lr."""
-    component = component_of(name)
-    if component == "text_encoder_2":
-        return cfg.text_encoder_2_lr
-    return cfg.text_encoder_lr if component == "text_encoder" else cfg.optim.lr
+def check_part_rates(cfg, family: ModelFamily) -> None:
+    """A UserError naming an optim.part_lr key that is none of `family`'s adaptable parts."""
+    for name in cfg.part_rates():
+        if name not in family.adaptable_parts:
+            raise UserError(f"optim.part_lr.{name}: {family.title} has no part {name!r} that carries adapters "
+                            f"(its parts: {', '.join(family.adaptable_parts)})")
 
 
-def assign_rates(layers: dict[str, AdapterLayer], cfg, family: ModelFamily = SD1) -> dict[str, Assignment]:
+def assign_rates(layers: dict[str, AdapterLayer], cfg, family: ModelFamily) -> dict[str, Assignment]:
+    check_part_rates(cfg, family)
     rules = [(rule_pattern(r.match, family), r) for r in cfg.optim.lr_rules]
     used = set()
     out = {}
     for name in layers:
-        base = component_lr(name, cfg)
+        base = cfg.part_lr(family.part(component_of(name)))
         out[name] = Assignment(None, base)
         for i, (pattern, rule) in enumerate(rules):
             if pattern.search(name):
@@ -87,7 +88,7 @@ def _label(name: str, rule: int | None, cfg) -> str:
     return component_of(name)
 
 
-def build_param_groups(layers: dict[str, AdapterLayer], cfg, family: ModelFamily = SD1) -> ParamGroups:
+def build_param_groups(layers: dict[str, AdapterLayer], cfg, family: ModelFamily) -> ParamGroups:
     """Group every trainable adapter parameter by its rate (role_rate): A at the module's rate, B at ratio x, alpha at
     alpha_lr.
     Named rule groups (`unet.up.1`) are the model family's block groups."""

@@ -12,9 +12,6 @@ import math
 
 import torch
 
-INIT_SCHEMES = ("zero", "orthogonal", "compensated", "principal")
-
-
 def _uniform(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
 
@@ -97,12 +94,8 @@ def initialise(scheme: str, weight: torch.Tensor, rank: int, scale: float, gen: 
 
 
 # ------------------------------------------------------------------------------------------- LyCORIS kinds
-# LoHa and LoKr start with ΔW = 0 exactly (the output at step 0 is the base model's) and leave the base weight alone.
-# `compensated` and `principal` do not apply to them: they offset the base by a non-zero start update, and the
-# exported update ΔW - ΔW0 is then a difference of two Hadamard (Kronecker) products, which no single LoHa (LoKr)
-# module holds, so the file could not reproduce the trained model. `orthogonal` applies to LoHa (below); a Kronecker
-# product is zero only when a factor is, so for LoKr it would be the zero init under another name.
-LYCORIS_INITS = {"loha": ("zero", "orthogonal"), "lokr": ("zero",)}
+# Which inits LoHa and LoKr allow, and why, is the config's table (config.LYCORIS_INITS): validation reads it
+# without importing torch.
 
 
 def _normal(shape, std: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Putting LoRA layers into the UNet and the text encoder, by module-name patterns.
+"""Putting LoRA layers into the denoiser and the text encoders, by module-name patterns.
 
 A target is a name ending (`to_q` matches `...attn1.to_q`; `to_out.0` matches `...to_out.0`) or a
 regular expression prefixed with `re:` searched in the module's path. Every target must match at
@@ -102,14 +102,14 @@ def _name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def plan_unet(unet: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
+def plan_denoiser(denoiser: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
     specs = {p: LayerSpec(lora_cfg.rank, lora_cfg.alpha)
-             for p in find_targets(unet, lora_cfg.unet_targets, (nn.Linear,), key="lora.unet_targets")}
+             for p in find_targets(denoiser, lora_cfg.unet_targets, (nn.Linear,), key="lora.unet_targets")}
     if lora_cfg.conv:
         rank = lora_cfg.conv_rank or lora_cfg.rank
         alpha = lora_cfg.alpha if lora_cfg.conv_alpha is None else lora_cfg.conv_alpha
         # proj_in/proj_out are 1x1 convs in SD 1.x and Linear in SD 2.x: accept both kinds.
-        for p in find_targets(unet, lora_cfg.conv_targets, (nn.Conv2d, nn.Linear), key="lora.conv_targets"):
+        for p in find_targets(denoiser, lora_cfg.conv_targets, (nn.Conv2d, nn.Linear), key="lora.conv_targets"):
             specs.setdefault(p, LayerSpec(rank, alpha, "lora.conv_rank" if lora_cfg.conv_rank else "lora.rank"))
     return specs
 
@@ -119,19 +119,22 @@ def plan_text_encoder(text_encoder: nn.Module, lora_cfg) -> dict[str, LayerSpec]
             for p in find_targets(text_encoder, lora_cfg.text_encoder_targets, (nn.Linear,), key="lora.text_encoder_targets")}
 
 
-def inject_all(unet: nn.Module, text_encoders, cfg) -> dict[str, AdapterLayer]:
-    """Freeze the models and inject LoRA per the config; returns every layer by canonical name. `text_encoders` is
-    one text encoder (component `text_encoder`) or a dict component -> model (`Components.text_encoders`; SDXL:
-    `text_encoder` and `text_encoder_2`, each adapted with the same targets)."""
-    if isinstance(text_encoders, nn.Module):
-        text_encoders = {"text_encoder": text_encoders}
-    unet.requires_grad_(False)
-    for text_encoder in text_encoders.values():
-        text_encoder.requires_grad_(False)
-    plans = {"unet": (unet, plan_unet(unet, cfg.lora))}
-    if cfg.text_encoder.train:
-        for component, text_encoder in text_encoders.items():
-            plans[component] = (text_encoder, plan_text_encoder(text_encoder, cfg.lora))
+def inject_all(models: dict[str, nn.Module], cfg, family) -> dict[str, AdapterLayer]:
+    """Freeze the models and inject LoRA per the config; returns every layer by canonical name. `models`: the
+    family's adaptable parts by name (`Components.adaptable()`): the denoiser is adapted with lora.unet_targets
+    (and conv_targets), each text encoder whose part carries LoRA (model/parts.py) with lora.text_encoder_targets
+    when text_encoder.train is on."""
+    denoiser = family.denoiser.name
+    adapted = [denoiser] + [p.name for p in family.text_encoder_parts if cfg.text_encoder.train and p.lora]
+    missing = [name for name in adapted if name not in models]
+    if missing:
+        raise ValueError(f"inject_all: adapting {family.title} needs the models {', '.join(missing)}")
+    for name in family.adaptable_parts:
+        if name in models:
+            models[name].requires_grad_(False)
+    plans = {denoiser: (models[denoiser], plan_denoiser(models[denoiser], cfg.lora))}
+    for name in adapted[1:]:
+        plans[name] = (models[name], plan_text_encoder(models[name], cfg.lora))
     if cfg.lora.init_from:
         plan_from_adapter(plans, cfg.lora.init_from, cfg)
     if cfg.lora.init_alphas_from:

@@ -1,4 +1,4 @@
-"""The loaded parts of a base model, and which family they are."""
+"""The loaded parts of a base model, by part name, and which family they are."""
 
 from __future__ import annotations
 
@@ -6,38 +6,78 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.model.families import SD1, ModelFamily
+from sdlora.model.families import ModelFamily
 
 
 @dataclass
 class Components:
-    unet: "torch.nn.Module"
-    vae: "torch.nn.Module"
-    text_encoder: "torch.nn.Module"
-    tokenizer: object
-    noise_scheduler: object  # DDPMScheduler built from the model's scheduler config
+    """Each of the family's parts (model/parts.py) loaded: `models` by part name (the denoiser, the text encoders,
+    the VAE), `tokenizers_by_part` by text-encoder part name, the noise scheduler of training, and what was loaded.
+
+    `unet`, `text_encoder`, `text_encoder_2`, `tokenizer`, `tokenizer_2` and `vae` are the SD families' parts by
+    their old names (properties over `models`)."""
+
+    family: ModelFamily
+    models: dict[str, "torch.nn.Module"]
+    tokenizers_by_part: dict[str, object]
+    noise_scheduler: object  # the family's scheduler class, built from the model's scheduler config
     source: str  # what was loaded, for metadata
-    family: ModelFamily = SD1
-    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection)
-    tokenizer_2: object = None  # SDXL's second tokenizer (pads with "!")
+
+    def __post_init__(self):
+        needed = {p.name for p in self.family.parts}
+        if set(self.models) != needed:
+            raise ValueError(f"{self.family.title} components need the parts {sorted(needed)}, got {sorted(self.models)}")
+
+    # -- parts by role ----------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> "torch.nn.Module":
+        return self.models[self.family.denoiser.name]
 
     @property
     def text_encoders(self) -> dict[str, "torch.nn.Module"]:
-        """The family's text encoders by component name (`text_encoder`, and `text_encoder_2` for SDXL), in the
-        order the family's conditioning reads them."""
-        parts = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-        return {name: parts[name] for name in self.family.text_encoders}
+        """The family's text encoders by part name (`text_encoder`, and `text_encoder_2` for SDXL), in the order the
+        family's conditioning reads them."""
+        return {name: self.models[name] for name in self.family.text_encoders}
 
     @property
     def tokenizers(self) -> list:
         """One tokenizer per text encoder, in the same order."""
-        parts = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
-        return [parts[name] for name in self.family.text_encoders]
+        return [self.tokenizers_by_part[name] for name in self.family.text_encoders]
 
     def adaptable(self) -> dict[str, "torch.nn.Module"]:
-        """The models an adapter's modules live in, by component name (`unet`, then the text encoders)."""
-        return {"unet": self.unet, **self.text_encoders}
+        """The models an adapter's modules live in, by part name (the denoiser, then the text encoders)."""
+        return {name: self.models[name] for name in self.family.adaptable_parts}
 
+    # -- the SD families' parts by their old names ------------------------------------------------------------
+    @property
+    def unet(self) -> "torch.nn.Module":
+        return self.denoiser
+
+    @property
+    def vae(self) -> "torch.nn.Module":
+        return self.models[self.family.vae.name]
+
+    @vae.setter
+    def vae(self, model: "torch.nn.Module") -> None:
+        self.models[self.family.vae.name] = model
+
+    @property
+    def text_encoder(self) -> "torch.nn.Module":
+        return self.models["text_encoder"]
+
+    @property
+    def text_encoder_2(self) -> "torch.nn.Module | None":
+        return self.models.get("text_encoder_2")
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers_by_part["text_encoder"]
+
+    @property
+    def tokenizer_2(self):
+        return self.tokenizers_by_part.get("text_encoder_2")
+
+    # -- the noise schedule ------------------------------------------------------------------------------------
     @property
     def zero_terminal_snr(self) -> bool:
         """Whether the noise schedule is rescaled to zero terminal SNR (model.zero_terminal_snr; model/schedule.py)."""

@@ -27,13 +27,11 @@ arXiv 2403.03206), section 3.1; the conventions are diffusers' (`FlowMatchEulerD
 - Loss weightings (`WEIGHTINGS`): "none", "sigma_sqrt" (`sigma**-2`), "cosmap" (`2 / (pi (1 - 2 sigma + 2 sigma**2))`),
   as diffusers' `compute_loss_weighting_for_sd3` (its "logit_normal" and "mode" schemes weight by 1).
 
-How this becomes the family's objective (issue 26's interface: training latents, then per step the noisy input, the
-timestep input, the target, the per-example weight, and the timestep range): `vae_latents` turns the VAE's sample
-into training latents (shift and scale from the VAE config); `draw_sigmas` draws the step's sigmas from the run's
-generator; `noisy_latents(x0, noise, sigma)` is the noisy input; `transformer_timestep(sigma, n)` the timestep
-input; `training_target(kind, x0, noise)` the target compared with `model_output(kind, pred, x_t, sigma)`;
-`loss_weight(weighting, sigma)` the per-example weight; `SigmaDraw.sigma_range` the range (sigma in [lo, hi], the
-flow analogue of DDPM's timestep bounds). Min-SNR, noise offset, zero terminal SNR and v-prediction are DDPM notions
+How this becomes the family's objective: model/flow_objective.py's `FlowMatchingObjective` implements
+model/objective.py's interface with these functions (objective.vae_latents for training latents; the sigma draw from the
+step's Draws through `from_normal` / `from_uniform`, `shift_sigmas` and the sigma range; `noisy_latents`,
+`transformer_timestep`, `training_target` and `loss_weight` for the noised batch; `model_output` for the prediction).
+Min-SNR, noise offset, zero terminal SNR and v-prediction are DDPM notions
 with no meaning here: the family refuses them.
 """
 
@@ -61,13 +59,6 @@ class SigmaDraw:
     mode_scale: float = 1.29  # diffusers' script default (the paper's f_mode scale)
     shift: float | None = None
     sigma_range: tuple[float, float] = (0.0, 1.0)
-
-
-def vae_latents(sample: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
-    """Training latents from a VAE sample: `(sample - shift_factor) * scaling_factor` (both from the VAE config;
-    SD3: 0.0609, 1.5305; a VAE without a shift factor: 0). The inverse of what StableDiffusion3Pipeline does before
-    decoding (`latents / scaling_factor + shift_factor`)."""
-    return (sample - (shift_factor or 0.0)) * scaling_factor
 
 
 def shift_from_scheduler_config(config) -> float:

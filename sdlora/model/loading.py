@@ -13,11 +13,9 @@ from pathlib import Path
 
 from sdlora.errors import UserError
 from sdlora.model.components import Components
-from sdlora.model.families import SUPPORTED, family_of_unet
+from sdlora.model.families import FAMILIES, SUPPORTED, ModelFamily
 from sdlora.model.schedule import set_noise_schedule
 
-MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 # What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
 try:
@@ -41,13 +39,14 @@ def _quiet_loaders():
 
 
 def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
+    return path.is_dir() and (path / "model_index.json").is_file()
 
 
 def load_components(model_path: str, *, vae_path: str | None = None, config_dir: str | None = None,
                     allow_pickle: bool = False, prediction_type: str | None = None,
                     zero_terminal_snr: bool | None = None) -> Components:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler, offline, in fp32.
+    """Load the family's parts (model/parts.py: denoiser, text encoders, tokenizers, VAE) and its training noise
+    scheduler, offline, in fp32.
 
     `prediction_type` (model.prediction_type) and `zero_terminal_snr` (model.zero_terminal_snr) override what the
     model's configs or metadata say (None: keep it)."""
@@ -63,11 +62,11 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
         comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
     if vae_path:
         comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle, base_config=comps.vae.config)
-        latent = comps.unet.config.in_channels
+        latent = comps.denoiser.config.in_channels
         if comps.vae.config.latent_channels != latent:
             raise UserError(f"model.vae_path: {vae_path} makes {comps.vae.config.latent_channels}-channel latents; "
-                            f"the model's UNet takes {latent} (an SD VAE is needed)")
-    require_finite_weights({"unet": comps.unet, **comps.text_encoders, **({} if vae_path else {"vae": comps.vae})}, path)
+                            f"the model's {comps.family.denoiser.name} takes {latent} (an SD VAE is needed)")
+    require_finite_weights({**comps.adaptable(), **({} if vae_path else {"vae": comps.vae})}, path)
     if vae_path:
         require_finite_weights({"vae": comps.vae}, vae_path)
     set_noise_schedule(comps, prediction_type, zero_terminal_snr)
@@ -90,35 +89,33 @@ def require_finite_weights(parts: dict, source) -> None:
 
 
 def _load_diffusers_folder(path: Path) -> Components:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     if not is_diffusers_folder(path):
-        raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json with a unet/ subfolder)")
-    sdxl = check_family(path)
-    parts = MODEL_PARTS + (SDXL_PARTS if sdxl else ())
-    missing = [p for p in parts if not (path / p).is_dir()]
+        raise UserError(f"model.path: {path} is not a diffusers model folder (no model_index.json)")
+    return load_parts(path, check_family(path))
+
+
+def load_parts(path: Path, family: ModelFamily) -> Components:
+    """Every part of `family`'s parts table from a diffusers folder (each from its subfolder with its class, each text
+    encoder's tokenizer, the scheduler as `family.scheduler_class`), offline, in fp32; a UserError naming a missing
+    subfolder or a part that does not load."""
+    import diffusers
+
+    needed = [p.name for p in family.parts] + list(family.tokenizer_names) + ["scheduler"]
+    missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
-        raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(parts)})")
-    text_encoder_2 = tokenizer_2 = None
+        raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(needed)})")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        if sdxl:
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                         local_files_only=True)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+        models = {p.name: p.build_class().from_pretrained(path, subfolder=p.name, local_files_only=True)
+                  for p in family.parts}
+        tokenizers = {p.name: p.tokenizer_type().from_pretrained(path, subfolder=p.tokenizer, local_files_only=True)
+                      for p in family.text_encoder_parts}
+        scheduler = getattr(diffusers, family.scheduler_class).from_pretrained(path, subfolder="scheduler",
+                                                                               local_files_only=True)
     except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: {path} could not be loaded: {first[:300]}") from None
-    check_unet(unet, vae, path)
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, str(path), family=family_of_unet(unet),
-                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-
-
+    check_unet(models[family.denoiser.name], models[family.vae.name], path)
+    return Components(family, models, tokenizers, scheduler, str(path))
 
 
 def _json_or_empty(p: Path) -> dict:
@@ -129,25 +126,18 @@ def _json_or_empty(p: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def check_family(path: Path) -> bool:
-    """Refuse, before any weight loads, a diffusers folder of a family sdlora cannot train; True for SDXL (its
-    second text encoder and tokenizer are then needed)."""
+def check_family(path: Path) -> ModelFamily:
+    """The family of a diffusers folder, from its model_index.json and its denoiser's config, before any weight
+    loads; a family's model sdlora cannot train (the SDXL refiner, an extra-conditioning UNet) is refused by name."""
     index = _json_or_empty(path / "model_index.json")
-    unet_cfg = _json_or_empty(path / "unet" / "config.json")
-    pipeline = str(index.get("_class_name", ""))
-    text_time = unet_cfg.get("addition_embed_type") == "text_time"
-    if text_time or "XL" in pipeline or "text_encoder_2" in index:
-        if not (text_time and "text_encoder_2" in index and "tokenizer_2" in index):
-            raise UserError(f"model.path: {path} is an SDXL model ({pipeline or 'text_time UNet'}) without both of its "
-                            "parts: needs a text_time UNet and text_encoder_2 / tokenizer_2 in model_index.json")
-        if index.get("text_encoder") in (None, [None, None]):
-            raise UserError(f"model.path: {path} is an SDXL {pipeline or 'model'} without the first text encoder "
-                            f"(the refiner?); {SUPPORTED}: the base model and its fine-tunes")
-        return True
-    if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
-        kind = unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type")
-        raise UserError(f"model.path: {path} is a {pipeline or 'UNet'} with extra conditioning ({kind}); {SUPPORTED}")
-    return False
+    for family in FAMILIES.values():
+        denoiser = path / family.denoiser.name
+        config = _json_or_empty(denoiser / "config.json")
+        if denoiser.is_dir() and family.claims_folder(index, config):
+            family.check_folder(path, index, config)
+            return family
+    names = sorted({f.denoiser.name for f in FAMILIES.values()})
+    raise UserError(f"model.path: {path} has no denoiser subfolder sdlora knows ({', '.join(names)}); {SUPPORTED}")
 
 
 def check_unet(unet, vae, where) -> None:

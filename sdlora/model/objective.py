@@ -24,7 +24,8 @@ diffusers' train_dreambooth_lora_sd3.py): `draw` takes `draws.normal((C, h, w))`
 `prediction` = pred·(-sigma) + x_t when preconditioned) and the weighting per sigma (none, sigma_sqrt, cosmap).
 
 `Draws` is any object with `normal(shape) -> (B, *shape)`, `uniform() -> (B,)` and `integers(low, high) -> (B,)`
-on the step's device (training/draws.py: the training step's global-batch draws, and a plain generator's).
+on the step's device (training/draws.py: the training step's global-batch draws, and a plain generator's); a
+shaped normal comes in the latents' dtype, per-example values (`normal(())`, `uniform()`) in float32.
 Every draw goes through it, in the order the objective asks, so a step's numbers depend on the seed only.
 """
 

@@ -129,12 +129,13 @@ def family_of_architecture(arch: str):
     return next(f for f in FAMILIES.values() if f.base_model_version("epsilon") == arch)
 
 
-def _configs(version: str, config_dir: str | os.PathLike | None, family=None) -> Path:
+def _configs(version: str, config_dir: str | os.PathLike | None, parts: tuple[str, ...]) -> Path:
+    """The folder of configs for a single file: `config_dir` (which must hold each of `parts`' config.json),
+    else the bundled ones of `version`."""
     if config_dir is None:
         return BUNDLED_CONFIGS / version
     d = Path(os.path.expanduser(str(config_dir)))
-    text_encoders = family.text_encoders if family is not None else ("text_encoder",)
-    needed = ["unet/config.json", "vae/config.json"] + [f"{te}/config.json" for te in text_encoders]
+    needed = [f"{part}/config.json" for part in parts]
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
         raise UserError(f"model.config_dir: {d} lacks {missing[0]} (a diffusers model folder's configs are needed)")
@@ -216,7 +217,7 @@ def _mapped(fn, path, what):
 def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
     """A single-file checkpoint as `Components` (fp32), offline. The noise schedule is the file's: its prediction
     type (see the module docstring) and, for an SDXL file with the `ztsnr` marker, zero terminal SNR."""
-    from diffusers import DDPMScheduler
+    import diffusers
 
     from sdlora.model.components import Components
 
@@ -224,7 +225,7 @@ def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
     sd, meta = read_checkpoint(path, allow_pickle=allow_pickle)
     family = detect_family(sd, str(path))
     arch = family.base_model_version("epsilon")
-    root = _configs(arch, config_dir, family)
+    root = _configs(arch, config_dir, tuple(p.name for p in family.parts))
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched_config = _read_json(sched_file) if sched_file.is_file() else _read_json(BUNDLED_CONFIGS / arch / "scheduler" / "scheduler_config.json")
     stated = stated_prediction(sd, meta)  # what the file says of itself wins over a config folder's default
@@ -242,19 +243,17 @@ def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
     sched_config["prediction_type"] = prediction
     read = _read_with_diffusers if family.single_file_reader == "diffusers" else _read_with_sdlora
     models = read(sd, root, family, path)
-    tokenizers = [load_tokenizer(root, name) for name in family.tokenizer_names]
-    scheduler = DDPMScheduler.from_config({k: v for k, v in sched_config.items() if not k.startswith("_")})
-    encoders = {name: models[name] for name in family.text_encoders}
-    extra = {"text_encoder_2": encoders.get("text_encoder_2"),
-             "tokenizer_2": tokenizers[1] if len(tokenizers) > 1 else None}
-    return Components(models["unet"], models["vae"], encoders["text_encoder"], tokenizers[0], scheduler, str(path),
-                      family=family, **extra)
+    tokenizers = {p.name: load_tokenizer(root, p.tokenizer) for p in family.text_encoder_parts}
+    scheduler = getattr(diffusers, family.scheduler_class).from_config(
+        {k: v for k, v in sched_config.items() if not k.startswith("_")})
+    return Components(family, models, tokenizers, scheduler, str(path))
 
 
 def _read_with_sdlora(sd: dict, root: Path, family, path) -> dict:
     """UNet, VAE and text encoders through sdlora's own mapping (ldm_keys), strict: a missing weight is named."""
-    models = {"unet": build_unet(sd, _read_json(root / "unet" / "config.json"), path),
-              "vae": build_vae(sd, _read_json(root / "vae" / "config.json"), path)}
+    denoiser, vae = family.denoiser.name, family.vae.name
+    models = {denoiser: build_unet(sd, _read_json(root / denoiser / "config.json"), path),
+              vae: build_vae(sd, _read_json(root / vae / "config.json"), path)}
     for component, layout, prefix in family.ldm_text_encoders:
         models[component] = build_text_encoder(sd, _read_json(root / component / "config.json"), layout, path, prefix)
     return models
@@ -263,26 +262,24 @@ def _read_with_sdlora(sd: dict, root: Path, family, path) -> dict:
 def _read_with_diffusers(sd: dict, root: Path, family, path) -> dict:
     """UNet, VAE and text encoders through diffusers' single-file converters (what `from_single_file` runs), with
     `root`'s configs, offline; every parameter must come from the file (diffusers would leave a missing one empty)."""
-    import diffusers
-    import transformers
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
     index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    for part in family.parts:  # the parts table picks each class; a configs folder that says otherwise is refused
+        entry = index.get(part.name)
+        named = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
+        if named is not None and named != part.model_class.rpartition(".")[2]:
+            raise UserError(f"model.config_dir: {root / 'model_index.json'} names {named!r} as {part.name}; "
+                            f"{family.title}'s {part.name} is {part.model_class.rpartition('.')[2]}")
     models = {}
     try:
-        for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
-            models[name] = cls.from_single_file(sd, config=str(root), subfolder=name, local_files_only=True,
-                                                torch_dtype=torch.float32)
-        for name in family.text_encoders:
-            entry = index.get(name) or [None, "CLIPTextModel"]
-            cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
-            # The configs' file names a class: only the CLIP text encoders sdlora reads (the folder may come from anyone).
-            if cls_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-                raise UserError(f"model.config_dir: {root / 'model_index.json'} names {cls_name!r} as {name}; allowed "
-                                "CLIPTextModel, CLIPTextModelWithProjection")
-            cls = getattr(transformers, cls_name)
-            models[name] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=name, config=str(root),
-                                                                local_files_only=True, torch_dtype=torch.float32)
+        for part in (family.denoiser, family.vae):
+            models[part.name] = part.build_class().from_single_file(sd, config=str(root), subfolder=part.name,
+                                                                    local_files_only=True, torch_dtype=torch.float32)
+        for part in family.text_encoder_parts:
+            models[part.name] = create_diffusers_clip_model_from_ldm(part.build_class(), sd, subfolder=part.name,
+                                                                     config=str(root), local_files_only=True,
+                                                                     torch_dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: {path}: diffusers could not read it as {family.title} with the configs in {root} "
@@ -307,7 +304,7 @@ def load_single_file_vae(path, *, config_dir=None, allow_pickle: bool = False, b
     if base_config is not None:
         config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     else:
-        config = _read_json(_configs("sd_v1", config_dir) / "vae" / "config.json")
+        config = _read_json(_configs("sd_v1", config_dir, ("vae",)) / "vae" / "config.json")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:  # already diffusers' names
         vae = _empty(lambda: AutoencoderKL.from_config(config))
         return _fill(vae, {k: v for k, v in sd.items() if k in vae.state_dict()}, "VAE", path)
@@ -322,7 +319,7 @@ def ldm_state_dict(comps) -> dict[str, torch.Tensor]:
     """The original single-file layout of the loaded models (the inverse of the reading mapping): each text encoder
     in its family's layout and prefix, and the family's marker keys (an SDXL v-prediction file's `v_pred`)."""
     family = comps.family
-    sd = L.unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))
+    sd = L.unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))  # the SD families' UNet layout
     sd.update(L.vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config)))
     for component, layout, prefix in family.ldm_text_encoders:
         te = comps.text_encoders[component]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_TOKENS = 75  # content tokens per chunk: the CLIP window of 77 minus the start and end tokens
-
 
 def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's length (77 for CLIP: 75 content tokens + BOS/EOS), or

@@ -12,7 +12,6 @@ output) holds each to its own base norms, with its own cache and weight: `TextRe
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -20,6 +19,7 @@ import torch
 
 from sdlora.lora.layers import adapters_disabled
 from sdlora.model.text import content_mask, encode, tokenize
+from sdlora.util.lru import CaptionLRU
 
 
 def token_norms(embeddings: torch.Tensor, norm: str = "l2") -> torch.Tensor:
@@ -36,33 +36,33 @@ def base_embeddings(text_encoder, input_ids: torch.Tensor, clip_skip: int, encod
 
 
 class BaseNormCache:
-    """‖E0_t‖ per distinct token sequence (or, with `keep_embeddings`, E0 itself, for the direction term);
-    least recently used entries are dropped past `capacity`."""
+    """‖E0_t‖ per distinct token sequence (or, with `keep_embeddings`, E0 itself, for the direction term), in the
+    shared least-recently-used cache (util/lru.py): a caption repeated in a batch is encoded once."""
 
     def __init__(self, text_encoder, clip_skip: int, norm: str, capacity: int, keep_embeddings: bool = False,
                  encode_fn=encode):
-        self.text_encoder, self.clip_skip, self.norm, self.capacity = text_encoder, clip_skip, norm, capacity
+        self.text_encoder, self.clip_skip, self.norm = text_encoder, clip_skip, norm
         self.keep_embeddings, self.encode_fn = keep_embeddings, encode_fn
-        self.entries: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
-        self.hits = self.misses = 0
+        self.lru = CaptionLRU(capacity)
+
+    @property
+    def hits(self) -> int:
+        return self.lru.hits
+
+    @property
+    def misses(self) -> int:
+        return self.lru.misses
+
+    @property
+    def entries(self):
+        return self.lru.entries
+
+    def _compute(self, input_ids: torch.Tensor) -> torch.Tensor:
+        fresh = base_embeddings(self.text_encoder, input_ids, self.clip_skip, self.encode_fn)
+        return fresh if self.keep_embeddings else token_norms(fresh, self.norm)
 
     def norms(self, input_ids: torch.Tensor) -> torch.Tensor:
-        keys = [row.cpu().numpy().tobytes() for row in input_ids]
-        found = {k: self.entries[k] for k in keys if k in self.entries}
-        missing = [i for i, k in enumerate(keys) if k not in found]
-        if missing:
-            fresh = base_embeddings(self.text_encoder, input_ids[missing], self.clip_skip, self.encode_fn)
-            if not self.keep_embeddings:
-                fresh = token_norms(fresh, self.norm)
-            found.update((keys[i], row) for i, row in zip(missing, fresh))
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        for k in keys:  # refresh recency, insert new entries, drop the least recently used
-            self.entries[k] = found[k]
-            self.entries.move_to_end(k)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-        return torch.stack([found[k] for k in keys]).to(input_ids.device)
+        return torch.stack(self.lru.rows(input_ids, self._compute)).to(input_ids.device)
 
 
 @dataclass
@@ -109,13 +109,13 @@ def embedding_norm_penalty(embeddings: torch.Tensor, base_norms: torch.Tensor, m
 class EmbeddingNormRegulariser:
     """What the training loop calls: `penalty(input_ids, embeddings) -> PenaltyResult`, E0 norms cached."""
 
-    def __init__(self, text_encoder, tokenizer, cfg, *, family=None, output: str = "text_encoder"):
-        """`family` and `output`: which of the family's `text_outputs` this holds (default: SD 1.x/2.x's one)."""
+    def __init__(self, text_encoder, tokenizer, cfg, *, family, output: str):
+        """`family` and `output`: which of the family's `text_outputs` this holds (SD 1.x/2.x: `text_encoder`)."""
         self.cfg = cfg.reg.embedding_norm
         self.eos_token_id, self.window = tokenizer.eos_token_id, tokenizer.model_max_length
         self.text_encoder, self.clip_skip = text_encoder, cfg.text_encoder.clip_skip
-        self.encode_fn = encode if family is None else partial(_encode_output, family, output)
-        self.per_token = family is None or dict((n, t) for n, _, t in family.text_outputs)[output]
+        self.encode_fn = partial(_encode_output, family, output)
+        self.per_token = dict((n, t) for n, _, t in family.text_outputs)[output]
         self.direction = self.cfg.direction_weight > 0
         self.cache = BaseNormCache(text_encoder, cfg.text_encoder.clip_skip, self.cfg.norm, self.cfg.cache_size,
                                    keep_embeddings=self.direction, encode_fn=self.encode_fn)
@@ -169,10 +169,11 @@ class TextRegulariser:
 
     def __init__(self, family, text_encoders: dict, tokenizers: dict, cfg):
         self.cfg = cfg.reg.embedding_norm
+        self.cfg.check_outputs(family)
         components = list(text_encoders)  # the order of the loop's token ids (one per text encoder)
         self.parts = {}  # output -> (regulariser, index of its encoder's ids, weight)
         for output, component, _ in family.text_outputs:
-            weight = self.cfg.weight_of(output)
+            weight = self.cfg.weight_of(output, family)
             if weight == 0 and self.cfg.direction_weight == 0:
                 continue  # this output not held: no extra pass, nothing cached
             reg = EmbeddingNormRegulariser(text_encoders[component], tokenizers[component], cfg, family=family,
@@ -195,12 +196,13 @@ class TextRegulariser:
     def scalars(self, result: TextPenalty) -> dict[str, torch.Tensor]:
         out = {}
         for output, term in result.terms.items():
-            out.update(term.scalars(_prefix(output)))
+            out.update(term.scalars(_prefix(output, self.family)))
         return out
 
     def cache_hits(self) -> dict[str, int]:
-        return {_prefix(output) + "cache_hits": reg.cache.hits for output, (reg, _, _) in self.parts.items()}
+        return {_prefix(output, self.family) + "cache_hits": reg.cache.hits for output, (reg, _, _) in self.parts.items()}
 
 
-def _prefix(output: str) -> str:
-    return "embedding_norm/" if output == "text_encoder" else f"embedding_norm/{output}/"
+def _prefix(output: str, family) -> str:
+    """The family's first text output logs as `embedding_norm/<value>`, the others as `embedding_norm/<output>/...`."""
+    return "embedding_norm/" if output == family.text_outputs[0][0] else f"embedding_norm/{output}/"

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from sdlora.model.text import content_mask, encode, tokenize
+from sdlora.model.text import content_mask, tokenize
 from sdlora.reg.embedding_norm import _encode_output, base_embeddings, token_norms
 
 DEFAULT_PROBE_PROMPTS = [
@@ -35,14 +35,14 @@ DEFAULT_PROBE_PROMPTS = [
 
 class DriftProbe:
     def __init__(self, text_encoder, tokenizer, prompts: list[str] | None = None, clip_skip: int = 1,
-                 max_token_length: int | None = None, *, family=None, output: str = "text_encoder"):
-        """`family` and `output`: which of the family's `text_outputs` this measures (default: SD 1.x/2.x's one)."""
+                 max_token_length: int | None = None, *, family, output: str):
+        """`family` and `output`: which of the family's `text_outputs` this measures (SD 1.x/2.x: `text_encoder`)."""
         self.text_encoder, self.clip_skip = text_encoder, clip_skip
-        self.encode_fn = encode if family is None else partial(_encode_output, family, output)
-        self.prefix = "probe/" if output == "text_encoder" else f"probe/{output}/"
+        self.encode_fn = partial(_encode_output, family, output)
+        self.prefix = "probe/" if output == family.text_outputs[0][0] else f"probe/{output}/"
         self.prompts = list(prompts or DEFAULT_PROBE_PROMPTS)
         self.input_ids = tokenize(tokenizer, self.prompts, max_token_length)  # chunked like the training captions
-        per_token = family is None or dict((n, t) for n, _, t in family.text_outputs)[output]
+        per_token = dict((n, t) for n, _, t in family.text_outputs)[output]
         self.mask = (content_mask(self.input_ids, tokenizer.eos_token_id, tokenizer.model_max_length) if per_token
                      else torch.ones(len(self.prompts), 1, dtype=torch.bool))  # pooled: one vector per prompt
         self._base: torch.Tensor | None = None

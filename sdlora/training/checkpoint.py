@@ -132,6 +132,21 @@ def load_torch_file(path: Path, folder: Path):
         raise UserError(f"--resume: checkpoint {folder}: {path.name} does not load ({type(e).__name__})") from None
 
 
+def _finite(state, folder: Path, name: str, where: str = ""):
+    """`state` (nested dicts, lists, tensors) itself; a UserError naming the first tensor holding NaN or inf (a
+    shared or damaged checkpoint would otherwise train one step from it and then refuse every write)."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        inner = f"{where}.{key}" if where else str(key)
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise UserError(f"--resume: checkpoint {folder}: {name} {inner} holds non-finite values (NaN/inf); "
+                                "resume from an earlier checkpoint")
+        else:
+            _finite(value, folder, name, inner)
+    return state
+
+
 def find_checkpoint(out: str | os.PathLike, spec: str, report=print) -> Path:
     """`latest` -> the newest intact checkpoint under out/checkpoints (broken newer ones are reported and
     skipped); a path -> that checkpoint folder, which must be intact."""
@@ -316,13 +331,13 @@ class Checkpointer:
                             f"{self.accelerator.num_processes}; resume with the same number")
         listed = _listed(folder)  # only files the (verified) manifest names and hashes are opened
         load_lora_state(self.layers, load_file(str(folder / "lora_state.safetensors")), folder)
-        self.optimizer.load_state_dict(load_torch_file(folder / "optimizer.pt", folder))
+        self.optimizer.load_state_dict(_finite(load_torch_file(folder / "optimizer.pt", folder), folder, "optimizer.pt"))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.data is not None and state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         if self.ema is not None:
             if "ema.safetensors" in listed:
-                self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+                self.ema.load_state_dict(_finite(load_file(str(folder / "ema.safetensors")), folder, "ema.safetensors"))
             else:  # a checkpoint saved before train.ema was turned on: the average starts here
                 self.ema.reset()
         rng_file = f"rng_rank{self.accelerator.process_index}.pt"

@@ -14,7 +14,7 @@ class GlobalBatchDraws:
 
     Every process draws the same numbers from the same generator, so process r's samples get exactly the
     draws they would get in a one-process run with batch_size x num_processes: the result does not depend
-    on the process count. Drawn on `local`'s device, floats in its dtype.
+    on the process count. Drawn on `local`'s device; tensors of a shape in its dtype, per-example values in float32.
     """
 
     def __init__(self, generator: torch.Generator, local: torch.Tensor, batch_size: int, accelerator):
@@ -31,12 +31,14 @@ class GlobalBatchDraws:
         return self.normal(tuple(self.like.shape[1:]))
 
     def normal(self, shape: tuple) -> torch.Tensor:
+        """(n, *shape) standard normals: in `local`'s dtype, float32 for one value per example (shape ())."""
         t = self.like
-        return self._mine(torch.randn((self.total, *shape), generator=self.gen, device=t.device, dtype=t.dtype))
+        dtype = t.dtype if len(shape) else torch.float32  # a per-example noise level keeps its bits under bf16
+        return self._mine(torch.randn((self.total, *shape), generator=self.gen, device=t.device, dtype=dtype))
 
     def uniform(self) -> torch.Tensor:
-        t = self.like
-        return self._mine(torch.rand((self.total,), generator=self.gen, device=t.device, dtype=t.dtype))
+        """(n,) uniforms in [0, 1), float32."""
+        return self._mine(torch.rand((self.total,), generator=self.gen, device=self.like.device, dtype=torch.float32))
 
     def integers(self, low: int, high: int) -> torch.Tensor:
         return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))

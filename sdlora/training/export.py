@@ -5,13 +5,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
-
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, save_native
 from sdlora.lora.layers import AdapterLayer
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sdlora.util.dtypes import DTYPES
 
 
 def adapter_from_layers(layers: dict[str, AdapterLayer], *, reduce_to_rank: bool = False,

@@ -86,7 +86,7 @@ def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> li
     after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
-    pipe = comps.family.pipeline(unet=comps.unet, vae=comps.vae, text_encoders=comps.text_encoders,
+    pipe = comps.family.pipeline(denoiser=comps.denoiser, vae=comps.vae, text_encoders=comps.text_encoders,
                                  tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +127,7 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, s
         w.requires_grad_(True)
     train_te = any(split_name(n)[0] in comps.family.text_encoders for n in weights)
     encoders, tokenizers, family = list(comps.text_encoders.values()), comps.tokenizers, comps.family
-    device = next(comps.unet.parameters()).device
+    device = next(comps.denoiser.parameters()).device
     draws = GeneratorDraws(torch.Generator().manual_seed(seed), 1, device)
     sums = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
     names, params = list(weights), list(weights.values())
@@ -138,7 +138,7 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, s
         ids = [tokenize(tok, [example.caption], max_token_length).to(device) for tok in tokenizers]
         with torch.set_grad_enabled(train_te):
             embeddings = family.encode(encoders, ids, clip_skip)
-        loss = step_loss(objective, family, comps.unet, noised, embeddings, example.batch(), loss_cfg, autocast)
+        loss = step_loss(objective, family, comps.denoiser, noised, embeddings, example.batch(), loss_cfg, autocast)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for name, g in zip(names, grads):
             if g is not None:

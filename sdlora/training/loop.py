@@ -63,7 +63,6 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, dr
         log_with=None if cfg.log.tracker == "none" or dry_run else cfg.log.tracker,
         project_dir=str(out / "logs"),
     )
-    preflight.with_processes(cfg, accelerator.num_processes)
     main = accelerator.is_main_process
     say = log if main else (lambda *a, **k: None)
     if accelerator.device.type == "cpu":
@@ -95,7 +94,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
     if dry_run:
         from sdlora.util.tables import plan_table
 
-        say(plan_table(layers, groups, cfg))
+        say(plan_table(layers, groups, cfg, comps.family))
         return TrainResult(out, None, comps, layers)
     say(f"sdlora: {len(layers)} adapted modules, {trainable_count(layers):,} trainable parameters")
     run = prepare_run(cfg, accelerator, out, main, say, comps, layers, groups)
@@ -272,7 +271,7 @@ def run_probe(probe, accelerator, probe_log: JsonlLog, step: int) -> dict:
 
 
 def run_validation(validation, comps, accelerator, metrics_log: JsonlLog, step: int) -> float:
-    value = validation.measure(comps.unet, list(comps.text_encoders.values()), accelerator)
+    value = validation.measure(comps.denoiser, list(comps.text_encoders.values()), accelerator)
     accelerator.log({"validation/loss": value}, step=step)
     metrics_log.append(step, {"validation/loss": value})  # its own record in metrics.jsonl
     return value

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from sdlora.adapter.names import PARTS
 from sdlora.errors import UserError
 
 
@@ -113,7 +114,9 @@ def _rate_key(label: str, cfg) -> tuple[str, str]:
         return f"optim.lr_rules.{i}", (f"lr {rule.lr:g}" if rule.lr is not None else f"lr_scale {rule.lr_scale:g}")
     if where == "text_encoder_2" and o.text_encoder_2_lr is not None:
         return "optim.text_encoder_2_lr", f"{o.text_encoder_2_lr:g}"
-    if where.startswith("text_encoder"):
+    if where in o.part_lr:
+        return f"optim.part_lr.{where}", f"{o.part_lr[where]:g}"
+    if where in PARTS and PARTS[where].role == "text_encoder":
         return "optim.text_encoder_lr", f"{cfg.text_encoder_lr:g}"
     return "optim.lr", f"{o.lr:g}"
 

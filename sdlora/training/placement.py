@@ -7,8 +7,9 @@ import torch
 
 from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
+from sdlora.util.dtypes import torch_dtype
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {name: torch_dtype(name) for name in ("no", "fp16", "bf16")}  # train.mixed_precision
 
 
 def place_models(comps: Components, layers: dict[str, AdapterLayer], device, weight_dtype, cfg) -> None:
@@ -17,7 +18,7 @@ def place_models(comps: Components, layers: dict[str, AdapterLayer], device, wei
     comps.vae.requires_grad_(False)
     fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
     encoders = list(comps.text_encoders.values())
-    for model in (comps.unet, *encoders, comps.vae):
+    for model in (comps.denoiser, *encoders, comps.vae):
         model.to(device=device, dtype=weight_dtype)
     with torch.no_grad():
         for (name, key), value in fp32.items():
@@ -29,13 +30,24 @@ def place_models(comps: Components, layers: dict[str, AdapterLayer], device, wei
     comps.vae.eval()
     for text_encoder in encoders:
         text_encoder.train(cfg.text_encoder.train)
-    comps.unet.train()
+    comps.denoiser.train()
     if cfg.train.gradient_checkpointing:  # non-reentrant checkpoints: gradients reach the LoRA factors inside
-        comps.unet.enable_gradient_checkpointing()
+        comps.denoiser.enable_gradient_checkpointing()
         if cfg.text_encoder.train:
             for text_encoder in encoders:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(text_encoder)
     if cfg.train.channels_last:
-        comps.unet.to(memory_format=torch.channels_last)
+        comps.denoiser.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        comps.unet.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+        comps.denoiser.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of a transformers model: transformers 5's
+    `activation_checkpointing_enable` where it exists (the old `gradient_checkpointing_enable` warns and goes in
+    v6), else the old name (transformers 4)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

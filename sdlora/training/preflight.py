@@ -45,11 +45,6 @@ def before_model(cfg) -> None:
             raise UserError(f"lora.{key}: no such file: {getattr(cfg.lora, key)}")
 
 
-def with_processes(cfg, num_processes: int) -> None:
-    """Settings that depend on how many processes train (known once Accelerate is up, before the model loads).
-    None today: every feature trains on any number of processes (tests/test_data_parallel.py)."""
-
-
 def against_model(cfg, comps) -> None:
     """Settings whose limits only the loaded model knows."""
     steps = comps.noise_scheduler.config.num_train_timesteps

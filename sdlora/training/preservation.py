@@ -101,9 +101,9 @@ class Preservation:
         """The base model's prediction and conditioning: UNet and text encoder(s) with every adapter disabled."""
         comps, family = self.comps, self.comps.family
         encoders = list(comps.text_encoders.values())
-        with adapters_disabled(comps.unet, *encoders):
+        with adapters_disabled(comps.denoiser, *encoders):
             cond = family.encode(encoders, input_ids, self.cfg.text_encoder.clip_skip)
-            pred = predict(family, comps.unet, noisy, timesteps, cond, batch, autocast)
+            pred = predict(family, comps.denoiser, noisy, timesteps, cond, batch, autocast)
         return pred, cond
 
     def __call__(self, denoiser, encoders, noisy, timesteps, batch: dict, step: int,

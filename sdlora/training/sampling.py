@@ -45,7 +45,7 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None, prompts=Non
     own with a CPU generator seeded by its seed, so its PNG's Seed reproduces it alone."""
     s, family = cfg.sample, comps.family
     encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-    pipe = family.pipeline(unet=unet, vae=comps.vae, text_encoders=dict(zip(family.text_encoders, encoders)),
+    pipe = family.pipeline(denoiser=unet, vae=comps.vae, text_encoders=dict(zip(family.text_encoders, encoders)),
                            tokenizers=comps.tokenizers, scheduler=inference_scheduler(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     prompts = sample_prompts(cfg) if prompts is None else prompts

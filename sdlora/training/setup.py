@@ -70,7 +70,7 @@ def build_model(cfg: Config, say):
     preflight.against_model(cfg, comps)
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
         say(line)
-    layers = inject_all(comps.unet, comps.text_encoders, cfg)
+    layers = inject_all(comps.adaptable(), cfg, comps.family)
     groups = build_param_groups(layers, cfg, comps.family)
     check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
     return comps, layers, groups
@@ -82,7 +82,7 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
     encoders = list(comps.text_encoders.values())  # the family's text encoders, in the order its conditioning reads them
-    trained = [comps.unet] + (encoders if cfg.text_encoder.train else [])
+    trained = [comps.denoiser] + (encoders if cfg.text_encoder.train else [])
     # The LR schedule is stepped by the loop once per optimiser step (Accelerate's wrapper would step it once
     # per process under data parallelism).
     prepared = accelerator.prepare(*trained, optimizer)  # the data is sharded by sdlora.data, not by Accelerate
@@ -127,7 +127,7 @@ def make_regulariser(cfg: Config, comps: Components, say):
     from sdlora.reg.embedding_norm import TextRegulariser
 
     en = cfg.reg.embedding_norm
-    if en.direction_weight == 0 and not any(en.weight_of(output) for output, _, _ in comps.family.text_outputs):
+    if en.direction_weight == 0 and not any(en.weight_of(output, comps.family) for output, _, _ in comps.family.text_outputs):
         return None  # no extra text-encoder pass at all
     if not cfg.text_encoder.train:  # its keys were reported at start (config_effects.py)
         return None

@@ -18,8 +18,9 @@ def format_table(headers: list[str], rows: list[list], align: str | None = None)
 ROLE_LABELS = {"down": "A", "up": "B", "factor": "W", "magnitude": "m", "scale": "alpha"}  # as the log labels read
 
 
-def plan_table(layers, groups, cfg) -> str:
-    """One row per adapted module: name, kind, rank, alpha, init, rates (per role: A / B / ... / alpha), parameters."""
+def plan_table(layers, groups, cfg, family) -> str:
+    """One row per adapted module: name, kind, rank, alpha, init, rates (per role: A / B / ... / alpha), parameters;
+    then the count per part of `family` (model/parts.py)."""
     rate_of = {id(p): g["lr"] for g in groups.groups for p in g["params"]}
     roles = [r for r in ROLE_LABELS if any(r == layer.PARAMETER_ROLES[n] for layer in layers.values()
                                            for n in layer.parameters_by_name())]
@@ -39,10 +40,18 @@ def plan_table(layers, groups, cfg) -> str:
                      "/".join(rate(r) for r in roles), f"{n:,}"])
     table = format_table(["module", "kind", "rank", "alpha", "init", "lr " + "/".join(ROLE_LABELS[r] for r in roles),
                           "params"], rows, "lllrlrr")
-    n_unet = sum(1 for n in layers if n.startswith("unet."))
     groups_txt = "\n".join(f"  {g['name']}: lr {g['lr']:.3e}, {sum(p.numel() for p in g['params']):,} params"
                            for g in groups.groups)
-    n_te2 = sum(1 for n in layers if n.startswith("text_encoder_2."))
-    te = f"{len(layers) - n_unet - n_te2} text encoder" + (f", {n_te2} text encoder 2" if n_te2 else "")
-    return (f"{table}\n\n{len(layers)} modules ({n_unet} UNet, {te}), "
+    counts = [(sum(1 for n in layers if n.startswith(part + ".")), title) for part, title in _part_titles(family)]
+    per_part = ", ".join(f"{n} {title}" for i, (n, title) in enumerate(counts) if n or i < 2)  # a later encoder: if adapted
+    return (f"{table}\n\n{len(layers)} modules ({per_part}), "
             f"{total:,} trainable parameters\noptimiser groups:\n{groups_txt}")
+
+
+def _part_titles(family) -> list[tuple[str, str]]:
+    """(part, what the plan's summary calls it) for the family's adaptable parts: `UNet` (the denoiser's class
+    name without `2DConditionModel`), `text encoder`, `text encoder 2`, ..."""
+    denoiser = family.denoiser
+    titles = [(denoiser.name, denoiser.model_class.rpartition(".")[2].removesuffix("2DConditionModel"))]
+    titles += [(name, "text encoder" + (f" {i + 1}" if i else "")) for i, name in enumerate(family.text_encoders)]
+    return titles

@@ -1,0 +1,109 @@
+"""The parts of a model family: one row per part, and the rows SD 1.x, SD 2.x and SDXL are made of.
+
+A part is what a diffusers folder keeps in one subfolder: the denoiser (a UNet, an MMDiT transformer), each text
+encoder (with its tokenizer) and the VAE. Its row says everything that names it or builds it, so that loading,
+canonical module names, the file layouts (native, kohya, single file), inspect's groups, extract and merge read
+the family's table instead of listing `unet` / `text_encoder_2`:
+
+- `name`: the part's name, which is its diffusers subfolder, its keyword in the family's pipeline and the first
+  word of its canonical module names (`unet.down_blocks.0...`, `text_encoder_2.encoder.layers.0...`);
+- `role`: `denoiser`, `text_encoder` or `vae` (what the loop, LoRA targets and rates do with it);
+- `model_class`: `<library>.<class>` built by `from_pretrained` (`diffusers.UNet2DConditionModel`,
+  `transformers.CLIPTextModelWithProjection`);
+- `tokenizer` / `tokenizer_class`: a text encoder's tokenizer subfolder and class;
+- `model_level`: a level of the model's module paths that canonical names leave out and the native layout writes
+  (`text_model.`: transformers 4 had it in CLIPTextModel, transformers 5 kept it in CLIPTextModelWithProjection);
+- `kohya_prefix`: the kohya LoRA key prefix (`lora_unet_`, `lora_te_`, `lora_te1_`); kohya writes the model level
+  after it (`lora_te_text_model_...`);
+- `single_file`: for a text encoder, (layout of `ldm_keys.TEXT_ENCODER_LAYOUTS`, key prefix) in the original
+  single-file layout;
+- `lora`: whether the part carries adapters when its role trains (a T5 encoder would say False: frozen by default);
+- `words`: the identifiers of the model's module paths (digits between them are list indices): kohya names lose
+  the dots (`attn1_to_out_0`), and these are what a name is split back into without the model at hand.
+
+Adding a family's parts is writing its rows here (docs/architecture.md, "Adding a model family").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdlora.model import ldm_keys as L
+
+DENOISER, TEXT_ENCODER, VAE = "denoiser", "text_encoder", "vae"
+ROLES = (DENOISER, TEXT_ENCODER, VAE)
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    role: str
+    model_class: str
+    tokenizer: str | None = None
+    tokenizer_class: str = "transformers.CLIPTokenizer"
+    model_level: str = ""
+    kohya_prefix: str | None = None
+    single_file: tuple[str, str] | None = None
+    lora: bool = True
+    words: frozenset = frozenset()
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"part {self.name}: role {self.role!r} is none of {', '.join(ROLES)}")
+
+    @property
+    def adaptable(self) -> bool:
+        """Whether adapters can live in it (the denoiser and the text encoders; never the VAE)."""
+        return self.role != VAE
+
+    @property
+    def kohya_level(self) -> str:
+        """The model level as kohya writes it after the prefix (`text_model_`)."""
+        return self.model_level.replace(".", "_")
+
+    def build_class(self):
+        """The class `model_class` names, imported on demand."""
+        return _import(self.model_class)
+
+    def tokenizer_type(self):
+        return _import(self.tokenizer_class)
+
+
+def _import(qualified: str):
+    import importlib
+
+    library, _, cls = qualified.rpartition(".")
+    return getattr(importlib.import_module(library), cls)
+
+
+# ---------------------------------------------------------------------------------- SD 1.x, 2.x and SDXL
+UNET_WORDS = frozenset("""
+down_blocks up_blocks mid_block attentions resnets downsamplers upsamplers transformer_blocks
+attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3
+conv conv1 conv2 conv_shortcut time_emb_proj conv_in conv_out conv_norm_out time_embedding linear_1 linear_2
+""".split())  # UNet2DConditionModel's
+CLIP_WORDS = frozenset("""
+encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings final_layer_norm
+layer_norm1 layer_norm2 token_embedding position_embedding
+""".split())  # CLIPTextModel's (and CLIPTextModelWithProjection's)
+
+UNET = Part("unet", DENOISER, "diffusers.UNet2DConditionModel", kohya_prefix="lora_unet_", words=UNET_WORDS)
+SD_VAE = Part("vae", VAE, "diffusers.AutoencoderKL")
+# The one CLIP text encoder of SD 1.x (CLIP-L) and SD 2.x (OpenCLIP-H, read as CLIPTextModel).
+SD1_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
+                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("clip_l", L.CLIP_L),
+                        words=CLIP_WORDS)
+SD2_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
+                        model_level="text_model.", kohya_prefix="lora_te_", single_file=("open_clip", L.OPEN_CLIP),
+                        words=CLIP_WORDS)
+# SDXL: CLIP-L and OpenCLIP bigG (with its projection: the pooled embedding); its second tokenizer pads with "!".
+SDXL_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
+                         model_level="text_model.", kohya_prefix="lora_te1_", single_file=("clip_l", L.SDXL_CLIP_L),
+                         words=CLIP_WORDS)
+SDXL_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
+                           tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_",
+                           single_file=("open_clip", L.SDXL_OPEN_CLIP), words=CLIP_WORDS)
+
+SD1_PARTS = (UNET, SD1_TEXT_ENCODER, SD_VAE)
+SD2_PARTS = (UNET, SD2_TEXT_ENCODER, SD_VAE)
+SDXL_PARTS = (UNET, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SD_VAE)
