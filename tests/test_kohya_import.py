@@ -202,7 +202,7 @@ def test_gui_json_with_loraplus_and_block_weights(tiny_model, shapes_data, tmp_p
     cfg, result = _train_two_steps(out)
     from sdlora.lora.groups import assign_rates
 
-    rates = assign_rates(result.layers, cfg)
+    rates = assign_rates(result.layers, cfg, result.components.family)
     lr = {name: a.lr for name, a in rates.items()}
     assert lr["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.0005)
     assert lr["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.00025)
