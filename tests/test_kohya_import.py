@@ -284,3 +284,28 @@ def test_optimizer_types(tmp_path, lines, optim, status):
     assert row.status == status, row
     got = data.get("optim", {})
     assert {k: got.get(k) for k in optim} == optim and (optim or "optimizer" not in got)
+
+
+def test_a_command_line_in_a_script_imports(tmp_path, capsys):
+    """The options after train_network.py, `--name value`, `--name=value`, switches, lists, continued lines."""
+    from sdlora.kohya_import.convert import convert
+
+    script = tmp_path / "train.sh"
+    script.write_text(f"""#!/bin/sh
+accelerate launch --num_cpu_threads_per_process 1 sdxl_train_network.py \\
+  --pretrained_model_name_or_path="/m/sdxl" --train_data_dir "{tmp_path}" --output_dir out \\
+  --network_module networks.lora --network_dim 8 --network_alpha=4 \\
+  --network_args "conv_dim=4" "conv_alpha=2" "mid_lr_weight=0.5,1,1" \\
+  --gradient_checkpointing --optimizer_type AdamW8bit --learning_rate 1e-4 --max_train_steps 300
+""")
+    data, rows, _ = convert(script)
+    shown = {r.option: r for r in rows}
+    assert {"--network_dim", "--network_args.conv_dim", "--gradient_checkpointing", "--pretrained_model_name_or_path",
+            "(script) sdxl_train_network.py"} <= set(shown)
+    assert "--num_cpu_threads_per_process" not in shown  # accelerate's own option, before the script
+    assert data["model"]["path"] == "/m/sdxl" and data["lora"]["rank"] == 8 and data["lora"]["alpha"] == 4.0
+    assert data["lora"]["conv_rank"] == 4 and data["train"]["gradient_checkpointing"] is True
+    assert data["train"]["max_steps"] == 300 and data["optim"]["optimizer"] == "adamw8bit"
+    assert data["optim"]["lr_rules"] == [{"match": r"^unet\.(?:mid_block\.resnets\.0\.)", "lr_scale": 0.5}]  # SDXL
+    code = main(["import-kohya", str(tmp_path / "nothing.sh"), "--out", str(tmp_path / "x.yaml")])
+    assert code == 2 and "not" in capsys.readouterr().err

@@ -184,6 +184,7 @@ OPTIONS: dict[str, object] = {
     "base_weights": Unsupported("sdlora does not merge other LoRAs into the base before training"),
     "base_weights_multiplier": Unsupported("only with base_weights"),
     "tokenizer_cache_dir": NoEffect("sdlora uses the model's (or its bundled) tokenizer offline"),
+    "sdxl": NoEffect("no key: sdlora reads SDXL from the model (block weights use SDXL's layout)"),
     # network
     "network_module": Custom(network.module, "lora.type"),
     "network_dim": Custom(network.dim, "lora.rank"),
