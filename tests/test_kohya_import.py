@@ -309,3 +309,14 @@ accelerate launch --num_cpu_threads_per_process 1 sdxl_train_network.py \\
     assert data["optim"]["lr_rules"] == [{"match": r"^unet\.(?:mid_block\.resnets\.0\.)", "lr_scale": 0.5}]  # SDXL
     code = main(["import-kohya", str(tmp_path / "nothing.sh"), "--out", str(tmp_path / "x.yaml")])
     assert code == 2 and "not" in capsys.readouterr().err
+
+
+def test_a_gui_prompt_sdlora_cannot_draw_is_a_row(tmp_path):
+    from sdlora.kohya_import.convert import convert
+
+    gui = tmp_path / "g.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "train_data_dir": str(tmp_path),
+                               "sample_prompts": "a cat --ss euler_a\na dog --d 3"}))
+    data, rows, _ = convert(gui)
+    row = next(r for r in rows if r.option == "sample_prompts")
+    assert row.status == "NOT SUPPORTED" and "--ss euler_a" in row.detail and "sample" not in data

@@ -109,9 +109,13 @@ def _sampler(v, b: Builder):
 
 def _sample_prompts(v, b: Builder):
     if b.options.get("_gui"):  # the GUI holds the prompts' text; kohya gets a file it writes from it
+        from sdlora.errors import UserError
         from sdlora.training.sample_prompts import parse_prompt_lines
 
-        entries = parse_prompt_lines(as_str(v).splitlines(), "sample_prompts")
+        try:
+            entries = parse_prompt_lines(as_str(v).splitlines(), "sample_prompts")
+        except UserError as e:  # e.g. kohya's --ss sampler option: a row, not the end of the import
+            raise Unmappable(str(e)) from None
         b.set("sample.entries", [e.as_config() for e in entries])
         return MAPPED, f"sample.entries ({len(entries)} prompts, kohya's --n/--w/--h/--d/--l/--s read)"
     path = as_str(v)
