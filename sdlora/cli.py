@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
     _output_options(p)
 
-    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML) or kohya_ss GUI JSON as an sdlora config, with a "
-                                            "table of every option")
-    p.add_argument("config", help="kohya --config_file TOML, or the kohya_ss GUI's saved JSON")
+    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML), command line or kohya_ss GUI JSON as an sdlora "
+                                            "config, with a table of every option")
+    p.add_argument("config", help="kohya --config_file TOML, the kohya_ss GUI's saved JSON, or a script / text file "
+                                  "holding the train_network.py command line (.sh .bat .cmd .ps1 .txt)")
     p.add_argument("--dataset-config", metavar="DATASET", help="kohya --dataset_config TOML/JSON (default: the one the "
                                                                "config names, if any)")
     p.add_argument("--out", required=True, help="the sdlora config to write (.yaml)")

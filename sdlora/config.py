@@ -166,7 +166,7 @@ PRODIGY_LR_RANGE = (0.1, 10.0)
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "came", "adamw_schedulefree"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra), Prodigy (prodigy extra), Adafactor (transformers'; a given rate, no relative step or parameter scaling), Lion, CAME or schedule-free AdamW (the optimizers extra: pytorch-optimizer); docs/training.md.")
     lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
     part_lr: dict[str, Rate] = Field(default_factory=dict, description="Learning rate of one part's adapters, by the model family's part name (unet, text_encoder; SDXL also text_encoder_2, its OpenCLIP bigG), e.g. {text_encoder_2: 4.0e-5}; a part not listed trains at optim.lr (the denoiser) or optim.text_encoder_lr (a text encoder). A name that is no adapted part of the model is an error before training.")
@@ -188,6 +188,14 @@ class OptimConfig(Section):
         if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "lr" not in data:
             data = {**data, "lr": PRODIGY_LR}
         return data
+
+    @model_validator(mode="after")
+    def _schedule_free(self) -> "OptimConfig":
+        if self.optimizer == "adamw_schedulefree" and self.scheduler != "constant":
+            raise ValueError(f"optim.scheduler={self.scheduler} with optim.optimizer=adamw_schedulefree: schedule-free "
+                             "AdamW replaces the schedule (use optim.scheduler: constant; optim.warmup_steps is its "
+                             "own warm-up)")
+        return self
 
     @model_validator(mode="after")
     def _ranges(self) -> "OptimConfig":
