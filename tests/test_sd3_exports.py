@@ -68,3 +68,34 @@ def test_stable_diffusion_3_pipeline_load_lora_weights_loads_the_export_exactly(
     clip_l, clip_g = (slice(0, w_l), slice(w_l, None))
     for part in (clip_l, clip_g):
         assert not close(base["hidden"][:, :77, part], ours["hidden"][:, :77, part])
+
+
+def test_the_merged_diffusers_folder_through_diffusers_equals_the_trained_model(trained_sd35m, tmp_path):
+    """`sdlora export --format merged-diffusers` of the run, loaded by StableDiffusion3Pipeline.from_pretrained:
+    the same outputs as sdlora's trained model (merging W0 + s·B·A in fp32 rounds once per weight: 1e-5 of scale)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from sdlora.commands.export import run_export
+
+    cfg, result = trained_sd35m
+    comps = result.components
+    out = run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=cfg.model.path, report=quiet)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    pipe.tokenizer_3.model_max_length = T5_LEN
+    theirs = outputs(pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                     [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], comps.family)
+    ours = outputs(comps.denoiser, list(comps.text_encoders.values()), comps.tokenizers, comps.family)
+    for key in ours:
+        assert close(theirs[key], ours[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "merged-single-file"])
+def test_formats_not_written_for_sd3_yet_are_refused_by_name(trained_sd35m, tmp_path, fmt):
+    from sdlora.commands.export import run_export
+    from sdlora.errors import UserError
+
+    cfg, result = trained_sd35m
+    with pytest.raises(UserError, match=rf"^export --format {fmt}: not written for SD3.5 Medium adapters yet"):
+        run_export(result.adapter_path, fmt, tmp_path / "x", base=cfg.model.path, report=quiet)
+    assert not (tmp_path / "x").exists()

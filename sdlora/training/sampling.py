@@ -35,6 +35,8 @@ def inference_scheduler(noise_scheduler):
     with zero terminal SNR, on the rescaled schedule from the last timestep (`model.schedule.for_sampling`)."""
     from diffusers import DDIMScheduler
 
+    if "prediction_type" not in noise_scheduler.config:  # rectified flow (SD3): its own Euler sampler, as the pipeline
+        return type(noise_scheduler).from_config(noise_scheduler.config)
     return for_sampling(DDIMScheduler.from_config(noise_scheduler.config), zero_terminal_snr_of(noise_scheduler))
 
 
