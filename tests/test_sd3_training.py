@@ -140,3 +140,19 @@ def test_the_base_prediction_with_adapters_disabled_is_the_folders(tiny_sd3, sd3
     expected = _outputs(load_components(str(tiny_sd3)), comps.family, cfg)
     for e, g in zip(expected, got):
         assert torch.allclose(g, e, rtol=0, atol=1e-5 * float(e.abs().max()))
+
+
+def test_the_embedding_norm_penalty_and_the_probe_hold_each_text_output_the_transformer_reads(tiny_sd3, sd3_config):
+    """Each CLIP's tokens, T5's tokens and each CLIP's half of the pooled vector: a penalty term and a probe line
+    each (T5 frozen: its drift is exactly 0)."""
+    cfg = sd3_config(tiny_sd3, {"reg": {"embedding_norm": {"weight": 0.01}, "probe_every": 1},
+                                "optim": {"lr": 2e-2}})
+    result = train(cfg, log=quiet)
+    row = metrics(result.out_dir)[-1]
+    probe = [json.loads(line) for line in (result.out_dir / "probe.jsonl").read_text().splitlines()][-1]
+    for output in ("text_encoder_2", "text_encoder_3", "pooled_l", "pooled"):
+        assert any(k.startswith(f"embedding_norm/{output}/") for k in row), output
+        assert f"probe/{output}/drift" in probe, output
+    assert any(k.startswith("embedding_norm/") and k.count("/") == 1 for k in row)  # text_encoder's own (first) name
+    assert probe["probe/text_encoder_3/drift"] == 0.0
+    assert probe["probe/drift"] > 0 and probe["probe/text_encoder_2/drift"] > 0 and probe["probe/pooled/drift"] > 0
