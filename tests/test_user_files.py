@@ -163,3 +163,19 @@ def test_demo_and_tiny_model_never_write_into_a_folder_of_someone_elses(command,
     err = capsys.readouterr().err.strip()
     assert str(folder) in err and len(err.splitlines()) == 1, err
     assert files_under(folder) == before
+
+
+def test_a_demo_folder_the_demo_wrote_is_its_own_to_rewrite(tmp_path):
+    import yaml
+
+    from sdlora.commands.demo import demo_recipe, is_demo_folder
+    from sdlora.util.ownership import require_own_or_empty_folder
+
+    folder = (tmp_path / "demo").resolve()
+    folder.mkdir()
+    (folder / "samples.png").write_bytes(b"an earlier demo's")
+    (folder / "demo.yaml").write_text(yaml.safe_dump(demo_recipe(folder, 150), sort_keys=False))
+    assert is_demo_folder(folder)
+    require_own_or_empty_folder(folder, "demo --out", is_demo_folder)  # no refusal
+    (folder / "demo.yaml").write_text(yaml.safe_dump(demo_recipe(tmp_path / "elsewhere", 150), sort_keys=False))
+    assert not is_demo_folder(folder)
