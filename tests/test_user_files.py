@@ -179,3 +179,20 @@ def test_a_demo_folder_the_demo_wrote_is_its_own_to_rewrite(tmp_path):
     require_own_or_empty_folder(folder, "demo --out", is_demo_folder)  # no refusal
     (folder / "demo.yaml").write_text(yaml.safe_dump(demo_recipe(tmp_path / "elsewhere", 150), sort_keys=False))
     assert not is_demo_folder(folder)
+
+
+def test_a_run_whose_config_yaml_cannot_be_written_is_marked_failed_and_its_folder_reused(make_config, tmp_path,
+                                                                                          monkeypatch):
+    """run.json is written first (it makes the folder an sdlora run's); a config.yaml that then fails to write marks
+    the run failed, so the same command reuses the folder once there is room, without --overwrite."""
+    from test_write_errors import fill_disk_at
+
+    out = tmp_path / "run"
+    cfg = make_config(output={"dir": str(out)}, train={"max_steps": 1})
+    fill_disk_at(monkeypatch, lambda path: path.name == "config.yaml")
+    with pytest.raises(UserError, match="config.yaml"):
+        train(cfg, log=quiet)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    train(cfg, log=quiet)
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
