@@ -169,6 +169,8 @@ class _LowBitMixin:
 
 class LowBitLinear(_LowBitMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "weight" in self._parameters:  # a copy given a full-precision weight (fisher's merge): the plain layer
+            return super().forward(x)
         x, bias, dtype = self._upcast_args(x)
         with torch.autocast(x.device.type, enabled=False):
             return _UpcastLinear.apply(x, bias, self, dtype)
@@ -176,6 +178,8 @@ class LowBitLinear(_LowBitMixin, nn.Linear):
 
 class LowBitConv2d(_LowBitMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "weight" in self._parameters:  # a copy given a full-precision weight (fisher's merge): the plain layer
+            return super().forward(x)
         x, bias, dtype = self._upcast_args(x)
         with torch.autocast(x.device.type, enabled=False):
             return _UpcastConv2d.apply(x, bias, self, dtype)
