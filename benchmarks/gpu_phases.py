@@ -139,18 +139,15 @@ def measured_peaks(bench, folder, px: int, cfgs: dict, device, widths, pooled, s
     """The same steps as bench.trace with real tensors on `device`, once per optimiser (`cfgs`: optimiser name ->
     config, the same but for optim.optimizer; the models are built once). CUDA: torch.cuda.max_memory_allocated over
     the steps (all the process holds on the device: weights, adapters, optimiser state, inputs, activations,
-    workspaces), max_memory_reserved, and the device's used memory (context included). CPU: the real-tensor trace."""
+    workspaces), max_memory_reserved, and the device's used memory (context included). CPU: bench's MemTracker on the
+    real tensors (the --tiny run's stand-in: the same code path, another instrument)."""
     import torch
 
     from sdlora.lora import build_param_groups
     from sdlora.model.families import SDXL
     from sdlora.training.optim import make_optimizer
 
-    if device.type == "cpu":
-        return [{"optimizer": name, "instrument": "MemTracker, real CPU tensors",
-                 "max_allocated": bench.trace(folder, px, cfg, fake=False, steps=steps, widths=widths, pooled=pooled,
-                                              cuda_lists=False)["peak"]["total"]}  # CPU autocast's lists, as traced
-                for name, cfg in cfgs.items()]
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     t0 = time.perf_counter()
     first = next(iter(cfgs.values()))
@@ -161,22 +158,35 @@ def measured_peaks(bench, folder, px: int, cfgs: dict, device, widths, pooled, s
     built, rows = time.perf_counter() - t0, []
     for name, cfg in cfgs.items():
         optimizer = make_optimizer(groups.groups, cfg)
-        step = bench.make_train_step(comps, cfg, params, optimizer, device=device)
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        step = bench.make_train_step(comps, cfg, params, optimizer, cuda_lists=cuda, device=device)  # as traced
+        row = {"optimizer": name, "build_seconds": built}
         t0 = time.perf_counter()
-        for _ in range(steps):
-            step(inputs)
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        rows.append({"optimizer": name, "start_allocated": start, "max_allocated": torch.cuda.max_memory_allocated(),
-                     "max_reserved": torch.cuda.max_memory_reserved(), "device_used": total - free,
-                     "step_seconds": (time.perf_counter() - t0) / steps, "build_seconds": built,
-                     "instrument": "torch.cuda.max_memory_allocated"})
+        if cuda:
+            torch.cuda.synchronize()
+            row["start_allocated"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(steps):
+                step(inputs)
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            row.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved(),
+                       device_used=total - free, instrument="torch.cuda.max_memory_allocated")
+        else:
+            tracker = bench.StepMemTracker()
+            tracker.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer, inputs["mean"],
+                                   inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+            with tracker:
+                row["start_allocated"] = tracker.total()
+                for _ in range(steps):
+                    step(inputs)
+                    tracker.reset_mod_stats()
+            row.update(max_allocated=tracker.by_category("peak")["total"], instrument="MemTracker, real CPU tensors")
+        row["step_seconds"] = (time.perf_counter() - t0) / steps
+        rows.append(row)
         del optimizer, step  # its state freed before the next optimiser's steps (gradients: set to None each step)
     del comps, layers, params, groups, inputs
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 

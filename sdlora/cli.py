@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", help="diffusers configs for single files without them (as model.config_dir)")
     _output_options(p)
 
-    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML) or kohya_ss GUI JSON as an sdlora config, with a "
-                                            "table of every option")
-    p.add_argument("config", help="kohya --config_file TOML, or the kohya_ss GUI's saved JSON")
+    p = sub.add_parser("import-kohya", help="a kohya-ss config (TOML), command line or kohya_ss GUI JSON as an sdlora "
+                                            "config, with a table of every option")
+    p.add_argument("config", help="kohya --config_file TOML, the kohya_ss GUI's saved JSON, or a script / text file "
+                                  "holding the train_network.py command line (.sh .bat .cmd .ps1 .txt)")
     p.add_argument("--dataset-config", metavar="DATASET", help="kohya --dataset_config TOML/JSON (default: the one the "
                                                                "config names, if any)")
     p.add_argument("--out", required=True, help="the sdlora config to write (.yaml)")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = _expand_home(build_parser().parse_args(argv))
     try:
         return _dispatch(args)
     except UserError as e:
@@ -175,6 +176,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _expand_home(args: argparse.Namespace) -> argparse.Namespace:
+    """A leading `~` in any argument is the user's home (a shell leaves `--out=~/x` or a quoted '~/x' as it is);
+    every string argument that starts with `~` is a path (a --set KEY=VALUE's path is expanded by the config)."""
+    def expand(v):
+        if isinstance(v, str) and v.startswith("~"):
+            return os.path.expanduser(v)
+        return [expand(x) for x in v] if isinstance(v, list) else v
+
+    for name, value in vars(args).items():
+        setattr(args, name, expand(value))
+    return args
 
 
 def _stopped(e) -> int:

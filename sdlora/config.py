@@ -17,16 +17,16 @@ from sdlora.config_file import apply_overrides, read_config_file
 from sdlora.config_help import describe_error, describe_model
 from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
                                    SamplePromptConfig, ValidationConfig)
-from sdlora.config_base import Section
+from sdlora.config_base import Section, UserPath
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
-    path: str = Field(..., description="Base model: a diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
-    vae_path: Optional[str] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
-    config_dir: Optional[str] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
+    path: UserPath = Field(..., description="Base model: a diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
+    vae_path: Optional[UserPath] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
+    config_dir: Optional[UserPath] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata or v_pred key, or the SD 2.x heuristic.")
     base_precision: Literal["full", "fp8", "int8", "int4"] = Field("full", description="How the frozen denoiser's and text encoders' Linear and Conv2d weights are stored: full (the training dtype, train.mixed_precision), fp8 (float8_e4m3fn, as kohya's --fp8_base), int8 or int4 (optimum-quanto: pip install 'sdlora[quant]'); each layer is upcast to the training dtype in its forward and backward. Adapters, norms, embeddings and the VAE keep their dtype (docs/training.md).")
@@ -68,14 +68,14 @@ class CaptionOptions(Section):
 
 
 class SubsetConfig(CaptionOptions):
-    path: str = Field(..., description="Folder of images (with captions), a kohya-style parent folder, or a folder with metadata.jsonl.")
+    path: UserPath = Field(..., description="Folder of images (with captions), a kohya-style parent folder, or a folder with metadata.jsonl.")
     repeats: int = Field(1, ge=1, description="How many times each image appears per epoch (kohya folder prefixes override this).")
     is_regularization: bool = Field(False, description="Prior-preservation images; their loss is weighted by data.prior_loss_weight.")
     class_caption: Optional[str] = Field(None, description="Caption for images without one (default: the kohya folder name).")
 
 
 class DataConfig(CaptionOptions):
-    path: Optional[str] = Field(None, description="A single image folder; shorthand for one entry in data.subsets.")
+    path: Optional[UserPath] = Field(None, description="A single image folder; shorthand for one entry in data.subsets.")
     subsets: list[SubsetConfig] = Field(default_factory=list, description="Several data sources, each with its own repeats and caption options.")
     resolution: int = Field(512, ge=32, le=4096, multiple_of=8, description="Training resolution; the bucket area budget is resolution².")
     bucketing: bool = Field(True, description="Aspect-ratio bucketing; when false every image is resized and cropped to resolution².")
@@ -87,7 +87,7 @@ class DataConfig(CaptionOptions):
     flip: bool = Field(False, description="Random horizontal flip.")
     prior_loss_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation-subset images.")
     cache_latents: Literal["none", "memory", "disk"] = Field("none", description="Cache VAE latents: not at all, in memory, or on disk (safetensors keyed by image content hash, crop and VAE identity). Needs data.crop=center.")
-    cache_dir: Optional[str] = Field(None, description="Disk latent cache folder (default: <output.dir>/../.sdlora-cache).")
+    cache_dir: Optional[UserPath] = Field(None, description="Disk latent cache folder (default: <output.dir>/../.sdlora-cache).")
     cache_text_encoder_outputs: bool = Field(True, description="Cache text-encoder outputs when the text encoder is frozen.")
     on_error: Literal["skip", "fail"] = Field("skip", description="A broken image or caption: skip it (listed at start) or stop before training naming the first bad file (docs/data.md has the table).")
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
@@ -95,7 +95,7 @@ class DataConfig(CaptionOptions):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     max_token_length: Literal[75, 150, 225] = Field(75, description="Caption tokens the text encoder sees: 75 (one CLIP window, as always), or 150/225: the caption cut in 75-token chunks, each with its own start/end tokens, encoded apart and concatenated (AUTOMATIC1111's layout; docs/data.md).")
     masked_loss: bool = Field(False, description="Weight the diffusion loss by a per-image mask (docs/data.md): a same-name file in data.mask_dir, else the image's alpha channel, else 1 everywhere; resized and cropped with the image, averaged per latent cell.")
-    mask_dir: Optional[str] = Field(None, description="Folder of loss masks named like the images (cat.jpg -> cat.png; white = 1, black = 0). Needs data.masked_loss.")
+    mask_dir: Optional[UserPath] = Field(None, description="Folder of loss masks named like the images (cat.jpg -> cat.png; white = 1, black = 0). Needs data.masked_loss.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -120,7 +120,7 @@ class DataConfig(CaptionOptions):
 
 # --------------------------------------------------------------------------------------------- output
 class OutputConfig(Section):
-    dir: str = Field(..., description="Run folder: adapter, checkpoints, samples, logs and the resolved config go here.")
+    dir: UserPath = Field(..., description="Run folder: adapter, checkpoints, samples, logs and the resolved config go here.")
     name: str = Field("sdlora", description="Name written into the adapter metadata (ss_output_name).")
 
 
@@ -167,7 +167,7 @@ PRODIGY_LR_RANGE = (0.1, 10.0)
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra) or Prodigy (prodigy extra).")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "came", "adamw_schedulefree"] = Field("adamw", description="AdamW (torch, foreach/fused), 8-bit AdamW (bitsandbytes extra), Prodigy (prodigy extra), Adafactor (transformers'; a given rate, no relative step or parameter scaling), Lion, CAME or schedule-free AdamW (the optimizers extra: pytorch-optimizer); docs/training.md.")
     lr: float = Field(1e-4, ge=0.0, description="Learning rate of the UNet adapters (default 1e-4; 1.0 with prodigy, whose rate multiplies its own step-size estimate).")
     text_encoder_lr: Optional[float] = Field(None, ge=0.0, description="Learning rate of the text-encoder adapters (default: optim.lr).")
     part_lr: dict[str, Rate] = Field(default_factory=dict, description="Learning rate of one part's adapters, by the model family's part name (unet, text_encoder; SDXL also text_encoder_2, its OpenCLIP bigG), e.g. {text_encoder_2: 4.0e-5}; a part not listed trains at optim.lr (the denoiser) or optim.text_encoder_lr (a text encoder). A name that is no adapted part of the model is an error before training.")
@@ -189,6 +189,14 @@ class OptimConfig(Section):
         if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "lr" not in data:
             data = {**data, "lr": PRODIGY_LR}
         return data
+
+    @model_validator(mode="after")
+    def _schedule_free(self) -> "OptimConfig":
+        if self.optimizer == "adamw_schedulefree" and self.scheduler != "constant":
+            raise ValueError(f"optim.scheduler={self.scheduler} with optim.optimizer=adamw_schedulefree: schedule-free "
+                             "AdamW replaces the schedule (use optim.scheduler: constant; optim.warmup_steps is its "
+                             "own warm-up)")
+        return self
 
     @model_validator(mode="after")
     def _ranges(self) -> "OptimConfig":
@@ -236,8 +244,8 @@ class LoraConfig(Section):
     conv_rank: Optional[int] = Field(None, ge=1, description="Rank of conv adapters (default: lora.rank).")
     conv_alpha: Optional[float] = Field(None, description="Alpha of conv adapters, not 0 (default: lora.alpha).")
     learnable_alpha: bool = Field(False, description="Train each module's alpha (fp32, rate optim.alpha_lr).")
-    init_alphas_from: Optional[str] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
-    init_from: Optional[str] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
+    init_alphas_from: Optional[UserPath] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
+    init_from: Optional[UserPath] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")

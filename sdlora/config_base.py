@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import os
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def _home(value):
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
+UserPath = Annotated[str, AfterValidator(_home)]  # every file or folder key: a leading ~ is the user's home
 
 
 class Section(BaseModel):

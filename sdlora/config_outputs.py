@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from sdlora.config_base import Section, no_blank
+from sdlora.config_base import Section, UserPath, no_blank
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -31,7 +31,7 @@ class SamplePromptConfig(Section):
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training, each with the settings below.")
     entries: list[SamplePromptConfig] = Field(default_factory=list, description="Prompts with their own settings: each a mapping with prompt and any of negative_prompt, width, height, seed, guidance_scale, num_inference_steps (unset ones: the sample.* value); sampled after sample.prompts.")
-    prompts_file: Optional[str] = Field(None, description="A prompt file in kohya's format (docs/training.md): one prompt a line, options --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s steps; # starts a comment; sampled after sample.entries.")
+    prompts_file: Optional[UserPath] = Field(None, description="A prompt file in kohya's format (docs/training.md): one prompt a line, options --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s steps; # starts a comment; sampled after sample.entries.")
     every_steps: int = Field(0, ge=0, description="Sample every N steps (0 = off).")
     num_inference_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
     guidance_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
@@ -56,7 +56,7 @@ class SampleConfig(Section):
 # ------------------------------------------------------------------------------------------ validation
 class ValidationConfig(Section):
     every_steps: int = Field(0, ge=0, description="Compute the validation loss every N steps and at the last (0 = off); logged as validation/loss to metrics.jsonl and the tracker.")
-    path: Optional[str] = Field(None, description="Folder of held-out images with captions (read like data.path).")
+    path: Optional[UserPath] = Field(None, description="Folder of held-out images with captions (read like data.path).")
     num_images: int = Field(0, ge=0, description="Instead of a folder: hold this many images of the dataset out of training (a pick seeded by validation.seed).")
     timesteps: int = Field(4, ge=1, description="Fixed timesteps per image, spread evenly over the training range.")
     seed: int = Field(0, ge=0, description="Seed of the fixed noise (and of the held-out pick).")

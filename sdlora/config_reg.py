@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from sdlora.config_base import Section, no_blank
+from sdlora.config_base import Section, UserPath, no_blank
 from sdlora.errors import UserError
 
 Weight = Annotated[float, Field(ge=0.0)]
@@ -67,7 +67,7 @@ class PreservationConfig(Section):
     weight: float = Field(0.0, ge=0.0, description="Output preservation without a regularisation set (0 = off; docs/training.md): weight · MSE(adapted prediction, base prediction) on preservation prompts, with the step's noisy latents and timesteps; the base prediction has every adapter (UNet and text encoder) disabled.")
     source: Literal["empty", "prompts", "file", "captions"] = Field("empty", description="Preservation prompts: the empty prompt, reg.preservation.prompts, one prompt per line of reg.preservation.prompts_file, or the dataset's captions with reg.preservation.trigger_words removed.")
     prompts: list[str] = Field(default_factory=list, description="The prompts of source=prompts (text unrelated to what is trained, e.g. class words).")
-    prompts_file: Optional[str] = Field(None, description="A UTF-8 text file, one prompt per line (blank lines skipped), for source=file.")
+    prompts_file: Optional[UserPath] = Field(None, description="A UTF-8 text file, one prompt per line (blank lines skipped), for source=file.")
     trigger_words: list[str] = Field(default_factory=list, description="Words removed from the dataset's captions for source=captions (whole words, case-sensitive; a tag left empty is dropped).")
     every_steps: int = Field(1, ge=1, description="Add the term every N steps (each time: a UNet forward without gradient, one with, and their text-encoder passes).")
 

@@ -5,8 +5,8 @@ CPU-only); `SDLORA_TEST_DEVICE=cpu` runs the same tests on the CPU, which proves
 (benchmarks/gpu_check.py --device cpu does). `cpu` also sets ACCELERATE_USE_CPU for this process and its children,
 so training stays on the CPU where CUDA is present.
 
-Each `gpu` test reuses a CPU test's logic with this device; the session-wide spy on the loop's `place_models` records
-the device of every run (fixtures' runs included), so a test that silently trained on another device fails.
+Each `gpu` test reuses a CPU test's logic with this device; the session-wide spy on training/setup.py's `place_models`
+records the device of every run (fixtures' runs included), so a test that silently trained on another device fails.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ _placed: list[str] = []  # the device type of every place_models call since the 
 
 @pytest.fixture(scope="session", autouse=True)
 def _record_placements():
-    """Spy (not a mock: the real function runs) on training/loop.py's place_models for the whole session."""
-    import sdlora.training.loop as loop
+    """Spy (not a mock: the real function runs) on training/setup.py's place_models for the whole session."""
+    import sdlora.training.setup as setup
 
-    real = loop.place_models
+    real = setup.place_models
 
     def recording(comps, layers, device, *args, **kwargs):
         _placed.append(torch.device(device).type)
         return real(comps, layers, device, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "place_models", recording)
+        mp.setattr(setup, "place_models", recording)
         yield
 
 

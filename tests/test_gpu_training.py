@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdlora.training.loop as loop
+import sdlora.training.setup as setup
 import test_checkpoint
 import test_ema
 import test_export_precision
@@ -78,7 +79,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_the_run_goes_on(make_co
 
 # --------------------------------------------------------------------------------------------- optimisers
 def test_adamw_is_fused_on_cuda_and_computes_what_foreach_computes(make_config, tmp_path, monkeypatch, placed):
-    made = spy(monkeypatch, loop, "make_optimizer")
+    made = spy(monkeypatch, setup, "make_optimizer")
     result = loop.train(make_config(output={"dir": str(tmp_path / "run")}, train={"max_steps": 2}), log=quiet)
     placed()
     assert made[0].defaults.get("fused") is (True if DEVICE == "cuda" else None), made[0].defaults
@@ -88,7 +89,7 @@ def test_adamw_is_fused_on_cuda_and_computes_what_foreach_computes(make_config, 
               for p in (layer.lora_A, layer.lora_B)]
     twins = [p.detach().clone().requires_grad_(True) for p in params]
     gen = torch.Generator(device=params[0].device).manual_seed(0)
-    fused = loop.make_optimizer([{"params": params, "name": "all"}], make_config())
+    fused = setup.make_optimizer([{"params": params, "name": "all"}], make_config())
     foreach = torch.optim.AdamW([{"params": twins}], **{k: fused.defaults[k] for k in ("lr", "betas", "eps",
                                                                                        "weight_decay")}, foreach=True)
     for _ in range(3):
@@ -107,7 +108,7 @@ def test_adamw8bit_trains_with_8bit_state(make_config, tmp_path, monkeypatch, pl
     # them the 8-bit state that SD's factors get (rank 16 x 320 = 5120 values and up).
     eight_bit = bnb.optim.AdamW8bit
     monkeypatch.setattr(bnb.optim, "AdamW8bit", lambda *a, **k: eight_bit(*a, **k, min_8bit_size=16))
-    made = spy(monkeypatch, loop, "make_optimizer")
+    made = spy(monkeypatch, setup, "make_optimizer")
     out = tmp_path / "run"
     result = loop.train(make_config(output={"dir": str(out)}, train={"max_steps": 3}, optim={"optimizer": "adamw8bit"},
                                     lora={"init": "orthogonal"}), log=quiet)
@@ -157,14 +158,14 @@ def ema_on_cpu(make_config):
 
 
 def test_ema_on_the_cpu_equals_the_reference_recursion(make_config, tmp_path, monkeypatch, placed):
-    made = spy(monkeypatch, loop, "make_ema")
+    made = spy(monkeypatch, setup, "make_ema")
     test_ema.test_ema_equals_the_reference_recursion_over_the_checkpointed_weights(ema_on_cpu(make_config), tmp_path)
     placed()
     assert made and all(t.device.type == "cpu" for t in made[0].shadow.values())
 
 
 def test_ema_on_the_cpu_survives_kill_and_resume_bit_identically(make_config, tmp_path, monkeypatch, placed):
-    made = spy(monkeypatch, loop, "make_ema")
+    made = spy(monkeypatch, setup, "make_ema")
     test_ema.test_ema_survives_kill_and_resume_bit_identically(ema_on_cpu(make_config), tmp_path)
     placed()
     assert len(made) == 3 and all(t.device.type == "cpu" for e in made for t in e.shadow.values())

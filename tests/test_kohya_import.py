@@ -202,7 +202,7 @@ def test_gui_json_with_loraplus_and_block_weights(tiny_model, shapes_data, tmp_p
     cfg, result = _train_two_steps(out)
     from sdlora.lora.groups import assign_rates
 
-    rates = assign_rates(result.layers, cfg)
+    rates = assign_rates(result.layers, cfg, result.components.family)
     lr = {name: a.lr for name, a in rates.items()}
     assert lr["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.0005)
     assert lr["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == pytest.approx(0.00025)
@@ -261,3 +261,62 @@ def test_docs_name_every_option_the_table_knows():
     names = [n for n in [*OPTIONS, *network.NETWORK_ARGS, *dataset.RULES] if not n.startswith("(")]
     missing = sorted({n for n in names if f"`{n}`" not in text and f"`{n} " not in text})
     assert not missing, f"docs/kohya.md does not name: {missing}"
+
+
+@pytest.mark.parametrize("lines, optim, status", [
+    ('optimizer_args = ["weight_decay=0.05"]\noptimizer_type = "AdamW8bit"', {"optimizer": "adamw8bit", "weight_decay": 0.05}, "mapped"),
+    ('optimizer_type = "AdamW"', {"optimizer": "adamw", "weight_decay": 0.01}, "mapped"),
+    ('optimizer_type = "Adafactor"\noptimizer_args = ["relative_step=False", "scale_parameter=False", "warmup_init=False"]',
+     {"optimizer": "adafactor"}, "mapped"),
+    ('optimizer_type = "Adafactor"', {}, "NOT SUPPORTED"),  # relative step: the rate would be ignored
+    ('use_lion_optimizer = true', {"optimizer": "lion", "weight_decay": 0.0}, "mapped"),  # not kohya's AdamW default
+    ('optimizer_type = "came_pytorch.CAME"', {"optimizer": "came"}, "mapped"),
+    ('optimizer_type = "AdamWScheduleFree"', {"optimizer": "adamw_schedulefree"}, "mapped"),
+    ('optimizer_type = "DAdaptAdam"', {}, "NOT SUPPORTED"),
+])
+def test_optimizer_types(tmp_path, lines, optim, status):
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\n{lines}\n')
+    data, rows, _ = convert(config)
+    row = next(r for r in rows if r.option in ("optimizer_type", "use_lion_optimizer"))
+    assert row.status == status, row
+    got = data.get("optim", {})
+    assert {k: got.get(k) for k in optim} == optim and (optim or "optimizer" not in got)
+
+
+def test_a_command_line_in_a_script_imports(tmp_path, capsys):
+    """The options after train_network.py, `--name value`, `--name=value`, switches, lists, continued lines."""
+    from sdlora.kohya_import.convert import convert
+
+    script = tmp_path / "train.sh"
+    script.write_text(f"""#!/bin/sh
+accelerate launch --num_cpu_threads_per_process 1 sdxl_train_network.py \\
+  --pretrained_model_name_or_path="/m/sdxl" --train_data_dir "{tmp_path}" --output_dir out \\
+  --network_module networks.lora --network_dim 8 --network_alpha=4 \\
+  --network_args "conv_dim=4" "conv_alpha=2" "mid_lr_weight=0.5,1,1" \\
+  --gradient_checkpointing --optimizer_type AdamW8bit --learning_rate 1e-4 --max_train_steps 300
+""")
+    data, rows, _ = convert(script)
+    shown = {r.option: r for r in rows}
+    assert {"--network_dim", "--network_args.conv_dim", "--gradient_checkpointing", "--pretrained_model_name_or_path",
+            "(script) sdxl_train_network.py"} <= set(shown)
+    assert "--num_cpu_threads_per_process" not in shown  # accelerate's own option, before the script
+    assert data["model"]["path"] == "/m/sdxl" and data["lora"]["rank"] == 8 and data["lora"]["alpha"] == 4.0
+    assert data["lora"]["conv_rank"] == 4 and data["train"]["gradient_checkpointing"] is True
+    assert data["train"]["max_steps"] == 300 and data["optim"]["optimizer"] == "adamw8bit"
+    assert data["optim"]["lr_rules"] == [{"match": r"^unet\.(?:mid_block\.resnets\.0\.)", "lr_scale": 0.5}]  # SDXL
+    code = main(["import-kohya", str(tmp_path / "nothing.sh"), "--out", str(tmp_path / "x.yaml")])
+    assert code == 2 and "not" in capsys.readouterr().err
+
+
+def test_a_gui_prompt_sdlora_cannot_draw_is_a_row(tmp_path):
+    from sdlora.kohya_import.convert import convert
+
+    gui = tmp_path / "g.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "train_data_dir": str(tmp_path),
+                               "sample_prompts": "a cat --ss euler_a\na dog --d 3"}))
+    data, rows, _ = convert(gui)
+    row = next(r for r in rows if r.option == "sample_prompts")
+    assert row.status == "NOT SUPPORTED" and "--ss euler_a" in row.detail and "sample" not in data

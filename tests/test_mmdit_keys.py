@@ -89,3 +89,57 @@ def test_fused_lora_applied_in_original_layout_equals_per_module_deltas_in_diffu
         key = f"transformer_blocks.0.attn.{name}.weight"
         assert torch.allclose(back[key], sd[key] + a / d.shape[0] * u @ d, atol=1e-5)
     assert torch.allclose(back["norm_out.linear.weight"], sd["norm_out.linear.weight"] + d_norm, atol=1e-6)
+
+
+def _delta(down, up, alpha):
+    return alpha / down.shape[0] * up @ down
+
+
+def _random_loras(model, paths, rank=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, path in enumerate(paths):
+        w = model.get_submodule(path).weight
+        out[path] = (torch.randn(rank, w.shape[1], generator=gen), torch.randn(w.shape[0], rank, generator=gen),
+                     float(rank if i % 2 else 2 * rank))  # scales 1 and 2: q/k/v parts of unequal scale too
+    return out
+
+
+def test_kohya_lora_applied_in_the_original_layout_equals_the_diffusers_lora_applied():
+    model = _model("sd35m")
+    sd = model.state_dict()
+    loras = _random_loras(model, list(mk.kohya_targets(model.config)))
+    kohya = mk.lora_to_kohya(loras, model.config)
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in kohya and "lora_unet_joint_blocks_0_x_block_attn2_qkv" in kohya
+    adapted = dict(sd)
+    for path, lora in loras.items():
+        adapted[f"{path}.weight"] = sd[f"{path}.weight"] + _delta(*lora)
+    expected = mk.to_original(adapted, model.config)
+    original = mk.to_original(sd, model.config)
+    for name, lora in kohya.items():
+        key = name[len(mk.KOHYA_PREFIX):]
+        key = next(k for k in original if k.replace(".", "_") == f"{key}_weight")
+        original[key] = original[key] + _delta(*lora)
+    # float32 products of N(0, 1) factors summed over ranks 2-6, values ~10: 1e-4 absolute is rounding
+    assert all(torch.allclose(original[k], expected[k], atol=1e-4) for k in expected)
+
+
+def test_kohya_lora_reads_back_with_each_parts_rank_and_only_the_adapted_thirds():
+    model = _model("sd3")
+    paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.norm1_context.linear",
+             "norm_out.linear", "transformer_blocks.0.ff_context.net.2"]
+    loras = _random_loras(model, paths, rank=3)
+    back = mk.lora_from_kohya(mk.lora_to_kohya(loras, model.config), model.config)
+    assert set(back) == set(paths)  # to_k was not adapted and does not come back
+    for path in paths:
+        assert back[path][0].shape[0] == 3  # the block-diagonal fused qkv gives back each part's own rank
+        assert torch.allclose(_delta(*back[path]), _delta(*loras[path]), atol=1e-5)
+    with pytest.raises(ValueError, match="lora_unet_joint_blocks_9_x_block_attn_qkv: not a kohya SD3 LoRA name"):
+        mk.lora_from_kohya({"lora_unet_joint_blocks_9_x_block_attn_qkv": back[paths[0]]}, model.config)
+    with pytest.raises(ValueError, match="pos_embed.proj: no kohya SD3 LoRA name"):
+        mk.lora_to_kohya({"pos_embed.proj": back[paths[0]]}, model.config)
+
+
+def test_kohya_model_type_of_each_variant():
+    types = {v: mk.kohya_model_type(tiny_sd3_transformer(v).config) for v in ("sd3", "sd35m", "sd35l")}
+    assert types == {"sd3": "medium", "sd35m": "5-medium", "sd35l": "5-large"}

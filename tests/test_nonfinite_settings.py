@@ -46,6 +46,9 @@ def base_config(tmp_path) -> dict:
     return {"model": {"path": str(tmp_path)}, "data": {"path": str(tmp_path)}, "output": {"dir": str(tmp_path / "o")}}
 
 
+LIST_ITEM_REQUIRED = {"subsets": {"path": "d"}, "lr_rules": {"match": "unet"}, "entries": {"prompt": "a cat"}}
+
+
 def with_value(data: dict, key: str, value) -> dict:
     """`data` with `key` (dotted; `name[0]` is the first item of a list, created with its required keys) set."""
     node = data
@@ -54,15 +57,14 @@ def with_value(data: dict, key: str, value) -> dict:
         if part.endswith("[0]"):
             part = part[:-3]
             node = node.setdefault(part, [{}])[0]
+            node.update(LIST_ITEM_REQUIRED[part])  # a new list of the schema: add its items' required keys here
             if part == "subsets":
-                node.setdefault("path", data["data"]["path"])
                 data["data"].pop("path", None)
-            if part == "lr_rules":
-                node.setdefault("match", "unet")
         else:
             node = node.setdefault(part, {})
     leaf = parts[-1]
-    node[leaf] = [value, 0.5] if typing.get_origin(FLOAT_KEYS[key]) is tuple else value
+    origin = typing.get_origin(FLOAT_KEYS[key])
+    node[leaf] = [value, 0.5] if origin is tuple else {"text_encoder": value} if origin is dict else value
     return data
 
 
@@ -143,3 +145,13 @@ def test_every_float_argument_refuses_non_finite_values_in_one_line(name, value,
         build_parser().parse_args(argv)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and "finite" in err, (argv, err)
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_a_sample_prompt_files_guidance_scale_is_finite(value):
+    """sample.prompts_file's numbers are settings too (kohya's --l guidance scale)."""
+    from sdlora.training.sample_prompts import parse_prompt_line
+
+    with pytest.raises(UserError, match="finite") as info:
+        parse_prompt_line(f"a cat --l {value}", "prompts.txt line 1")
+    assert "prompts.txt line 1" in str(info.value) and "\n" not in str(info.value)

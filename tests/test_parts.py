@@ -69,3 +69,23 @@ def test_names_and_kohya_prefixes_come_from_the_registered_families_parts():
         split_name("vae.encoder.conv_in")
     assert SD1.kohya_prefixes == {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     assert SDXL.tokenizer_names == ("tokenizer", "tokenizer_2") and SDXL.denoiser.name == "unet"
+
+
+def test_a_kohya_prefix_two_families_share_is_read_by_the_files_family(monkeypatch):
+    """`lora_unet_` is SD's UNet and SD3's transformer: with both registered, the file's family picks the part, and a
+    key no family is given for is a one-line error instead of a guess."""
+    from sdlora.adapter import kohya
+
+    sketch = _sd3_family()
+    monkeypatch.setattr(kohya, "PREFIXES", kohya._prefix_table([*FAMILIES.values(), sketch]))
+    monkeypatch.setattr(kohya, "PARTS", {**kohya.PARTS, "transformer": sketch.denoiser})
+    assert kohya.PREFIXES["lora_unet_"] == ("unet", "transformer")
+    name = "transformer.transformer_blocks.0.attn.to_q"
+    stem = "lora_unet_transformer_blocks_0_attn_to_q"
+    assert kohya.canonical_from_kohya(stem, frozenset({name}), family=sketch) == name
+    assert kohya.canonical_from_kohya("lora_unet_down_blocks_0_attentions_0_proj_in", family=SD1) == \
+        "unet.down_blocks.0.attentions.0.proj_in"
+    with pytest.raises(UserError, match="lora_unet_ stands for unet or transformer .* does not say its family"):
+        kohya.canonical_from_kohya(stem, frozenset({name}))
+    assert kohya.canonical_from_kohya("lora_te2_text_model_encoder_layers_0_mlp_fc1") == \
+        "text_encoder_2.encoder.layers.0.mlp.fc1"  # a prefix one part stands for needs no family

@@ -60,6 +60,14 @@ def load_adapter(path: str | Path) -> AdapterWeights:
     return adapter
 
 
+def reader_notes(adapter: AdapterWeights, layout: str) -> list[str]:
+    """What the other tools that read `layout` do not read exactly in this adapter (its kinds' KOHYA_NOTE), one line
+    each; empty when ComfyUI, AUTOMATIC1111 and diffusers read it as sdlora does."""
+    if layout != "kohya":
+        return []
+    return sorted({m.KOHYA_NOTE for m in adapter.modules.values() if m.KOHYA_NOTE})
+
+
 def save_adapter(adapter: AdapterWeights, path: str | Path, layout: str, *, keep_metadata: bool = False,
                  tag_frequencies: dict | None = None, base_model_version: str | None = None) -> None:
     """Write `adapter` atomically in `layout`. kohya: fresh ss_*/modelspec metadata from the adapter's run record,

@@ -321,6 +321,9 @@ def save_kohya(adapter: AdapterWeights, path: str | Path, *, base_model_version:
     sd = to_kohya_state_dict(adapter, base_model_version)
     meta = kohya_metadata(adapter, base_model_version=base_model_version, output_name=name,
                           tag_frequencies=tag_frequencies)
+    notes = sorted({m.KOHYA_NOTE for m in adapter.modules.values() if m.KOHYA_NOTE})  # see io.reader_notes
+    if notes:
+        meta["sdlora.readers"] = " ".join(notes)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(sd, meta)
     save_safetensors(path, sd, metadata=meta)
     return meta

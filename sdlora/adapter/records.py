@@ -42,6 +42,9 @@ class AdapterDelta:
     FACTORED: ClassVar[bool] = False  # whether ΔW = up @ down exactly (fields down, up): merge/resize cut the factors
     NETWORK_ARGS: ClassVar[dict[str, str]] = {}  # LyCORIS' ss_network_args for a kohya file ({}: kohya's networks.lora)
     DIFFUSERS_READS: ClassVar[bool] = True  # whether StableDiffusionPipeline.load_lora_weights reads the native layout
+    # Which kohya-layout readers do not compute this kind's file as sdlora does ("": ComfyUI, AUTOMATIC1111 and
+    # diffusers all do): said at export and kept in the file's metadata (`io.reader_notes`).
+    KOHYA_NOTE: ClassVar[str] = ""
 
     # -- per kind ---------------------------------------------------------------------------------------------
     @property
@@ -199,6 +202,13 @@ class DoRADelta(ModuleDelta):
     NEEDS_BASE: ClassVar[bool] = True
     FACTORED: ClassVar[bool] = False  # down, up are V's update; ΔW itself is dense
     NETWORK_ARGS: ClassVar[dict[str, str]] = {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"}
+    # ComfyUI (comfy/weight_adapter/base.py weight_decompose) divides an output-axis dora_scale by the norm of W0, not
+    # of W0 + ΔV (measured: up to 49% of the largest update off, benchmarks/comfyui_check.py); AUTOMATIC1111
+    # (network.py apply_weight_decompose) takes dora_scale on the input axis only; diffusers drops dora_scale.
+    KOHYA_NOTE: ClassVar[str] = (
+        "DoRA in the kohya layout is read exactly by LyCORIS and sdlora only: ComfyUI divides the output-axis "
+        "dora_scale by the base weight's norm instead of ‖W0 + ΔV‖, AUTOMATIC1111 reads dora_scale on the input axis, "
+        "diffusers drops it; for those, export merged-single-file (or the diffusers layout for diffusers)")
 
     def delta_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdlora.adapter.fisher import METADATA_KEY as FISHER_KEY
 from sdlora.adapter.fisher import RowFisher
-from sdlora.adapter.io import LAYOUTS, save_adapter
+from sdlora.adapter.io import LAYOUTS, reader_notes, save_adapter
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
 from sdlora.util.dtypes import DTYPES
@@ -43,12 +43,15 @@ def carried_metadata(meta: dict[str, str], command: str, provenance: dict) -> di
 
 
 def write_adapter(adapter: AdapterWeights, out: Path, layout: str, dtype: str, *,
-                  base_model_version: str | None = None) -> None:
+                  base_model_version: str | None = None, report=print, command: str = "sdlora") -> None:
     """Atomically, in `layout`; a 16-bit dtype balances each module's factors first (AdapterWeights.to). A file
-    without a run record names its base model by `base_model_version` (else the input's ss_base_model_version)."""
+    without a run record names its base model by `base_model_version` (else the input's ss_base_model_version).
+    What other tools do not read exactly in it (`io.reader_notes`) is reported as a warning."""
 
     version = base_model_version or adapter.metadata.get("ss_base_model_version")
     save_adapter(adapter.to(DTYPES[dtype]), out, layout, base_model_version=version)
+    for note in reader_notes(adapter, layout):
+        report(f"{command}: warning: {note}")
 
 
 def module_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdlora.adapter.io import LAYOUTS, load_adapter, save_adapter
+from sdlora.adapter.io import LAYOUTS, load_adapter, reader_notes, save_adapter
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights
 from sdlora.errors import UserError
@@ -58,6 +58,8 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
     if fmt in LAYOUTS:  # every write is atomic; a failed one is a WriteError naming `out` (one line, exit 2)
         tags = record.tag_frequency if fmt == "kohya" and record is not None else None  # counted at training
         save_adapter(adapter.to(torch_dtype), out, fmt, tag_frequencies=tags)
+        for note in reader_notes(adapter, fmt):
+            report(f"export: warning: {note}")
     else:
         if not base:
             said = f" (its run record says it was trained on {record.base_model})" if record and record.base_model else ""

@@ -137,7 +137,7 @@ def run_merge(paths: list[str], out, *, weights: list[float] | None = None, meth
     merged, rows = merge_adapters(adapters, weights, method, rank, fishers, base_weights(base, config_dir))
     merged.metadata = carried_metadata(adapters[0].metadata, "merge", {
         "sources": [Path(p).name for p in paths], "weights": weights, "method": method, "rank": rank})
-    write_adapter(merged, out, layout, dtype)
+    write_adapter(merged, out, layout, dtype, report=report, command="merge")
     columns = [("ranks in", "ranks_in"), ("rank", "rank")]
     if method != "concat":
         columns.append(("rel.error", "relative_error"))

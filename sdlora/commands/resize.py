@@ -96,7 +96,7 @@ def run_resize(path, out, rule: str, value: float, *, max_rank: int | None = Non
     resized, rows = resize_adapter(adapter, rule, value, max_rank, row_fisher)
     resized.metadata = carried_metadata(adapter.metadata, "resize", {"rule": rule, "value": value, "max_rank": max_rank,
                                                                      "fisher": fisher})
-    write_adapter(resized, out, layout, dtype)
+    write_adapter(resized, out, layout, dtype, report=report, command="resize")
     columns = [("rank in", "rank_in"), ("rank", "rank"), ("kept |dW|_F", "retained")]
     if fisher:
         columns.append(("kept Fisher-weighted", "retained_fisher"))

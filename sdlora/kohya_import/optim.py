@@ -5,10 +5,19 @@ from __future__ import annotations
 from sdlora.kohya_import.rules import (MAPPED, OFF, Builder, Custom, Invalid, Unmappable, as_bool, as_float, as_int,
                                        as_list, as_str, key_values)
 
-ITEM_5 = "sdlora's optimisers: adamw, adamw8bit, prodigy (more are issue 29 item 5)"
+ITEM_5 = "sdlora's optimisers: AdamW, AdamW8bit, Prodigy, Adafactor, Lion, CAME, AdamWScheduleFree"
+# kohya's optimizer_type (lower case; it also takes a `module.Class` path) -> optim.optimizer
 SDLORA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy",
-                     "bitsandbytes.optim.adamw8bit": "adamw8bit", "prodigyopt.prodigy": "prodigy"}
-TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's and bitsandbytes' AdamW8bit default; Prodigy's is 0
+                     "bitsandbytes.optim.adamw8bit": "adamw8bit", "prodigyopt.prodigy": "prodigy",
+                     "adafactor": "adafactor", "transformers.optimization.adafactor": "adafactor",
+                     "lion": "lion", "lion_pytorch.lion": "lion", "pytorch_optimizer.lion": "lion",
+                     "came": "came", "came_pytorch.came": "came", "pytorch_optimizer.came": "came",
+                     "adamwschedulefree": "adamw_schedulefree", "schedulefree.adamwschedulefree": "adamw_schedulefree",
+                     "pytorch_optimizer.schedulefreeadamw": "adamw_schedulefree"}
+TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's and bitsandbytes' AdamW8bit default; the others' is 0
+# kohya's Adafactor takes relative_step (default on: the rate is ignored) and scale_parameter from optimizer_args;
+# sdlora's is the LoRA recipe with them off.
+ADAFACTOR_OFF = ("relative_step", "scale_parameter", "warmup_init")
 KOHYA_MAX_TRAIN_STEPS = 1600  # kohya's default when neither steps nor epochs are given
 
 
@@ -43,24 +52,36 @@ def text_encoder_lr(v, b: Builder):
     return MAPPED, ", ".join(keys)
 
 
+def _optimizer_arg_keys(b: Builder) -> dict:
+    try:
+        return dict(key_values(as_list(b.options.get("optimizer_args") or []), "optimizer_args"))
+    except Invalid:
+        return {}
+
+
 def optimizer(v, b: Builder):
     name = as_str(v).strip().lower() or "adamw"
     if name not in SDLORA_OPTIMIZERS:
         raise Unmappable(f"{v!r}: {ITEM_5}")
     kind = SDLORA_OPTIMIZERS[name]
+    args = _optimizer_arg_keys(b)
+    if kind == "adafactor" and any(args.get(k, "true" if k == "relative_step" else "").lower() == "true"
+                                   for k in ADAFACTOR_OFF):
+        raise Unmappable("Adafactor with relative_step / scale_parameter / warmup_init on: sdlora's Adafactor uses "
+                         "the given rate with them off (optimizer_args relative_step=False scale_parameter=False "
+                         "warmup_init=False)")
     b.set("optim.optimizer", kind)
-    if kind != "prodigy":  # kohya passes no weight_decay unless optimizer_args does: the optimiser's own default
-        b.set("optim.weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
-        return MAPPED, f"optim.optimizer, optim.weight_decay {TORCH_ADAMW_WEIGHT_DECAY} (the optimiser's default)"
+    if "weight_decay" not in args:  # kohya passes none: the optimiser's own default
+        decay = TORCH_ADAMW_WEIGHT_DECAY if kind in ("adamw", "adamw8bit") else 0.0
+        b.set("optim.weight_decay", decay)
+        return MAPPED, f"optim.optimizer, optim.weight_decay {decay:g} (the optimiser's default)"
     return MAPPED, "optim.optimizer"
 
 
-def legacy_optimizer(kind: str | None):
+def legacy_optimizer(kind: str):
     def convert(v, b: Builder):
         if not as_bool(v):
             return OFF, "false"
-        if kind is None:
-            raise Unmappable(f"Lion: {ITEM_5}")
         return optimizer(kind, b)
     return Custom(convert, "optim.optimizer")
 
@@ -84,6 +105,8 @@ def optimizer_args(v, b: Builder):
             details.append(b.set("optim.betas", betas[:2]))
         elif key in PRODIGY_DEFAULTS and _same_number(raw, PRODIGY_DEFAULTS[key]):
             details.append(f"{key}={raw} is Prodigy's default")
+        elif key in ADAFACTOR_OFF and raw.lower() == "false":
+            details.append(f"{key}={raw} (sdlora's Adafactor)")
         else:
             gaps.append(f"{key}={raw}")
     if gaps:

@@ -109,9 +109,13 @@ def _sampler(v, b: Builder):
 
 def _sample_prompts(v, b: Builder):
     if b.options.get("_gui"):  # the GUI holds the prompts' text; kohya gets a file it writes from it
+        from sdlora.errors import UserError
         from sdlora.training.sample_prompts import parse_prompt_lines
 
-        entries = parse_prompt_lines(as_str(v).splitlines(), "sample_prompts")
+        try:
+            entries = parse_prompt_lines(as_str(v).splitlines(), "sample_prompts")
+        except UserError as e:  # e.g. kohya's --ss sampler option: a row, not the end of the import
+            raise Unmappable(str(e)) from None
         b.set("sample.entries", [e.as_config() for e in entries])
         return MAPPED, f"sample.entries ({len(entries)} prompts, kohya's --n/--w/--h/--d/--l/--s read)"
     path = as_str(v)
@@ -184,6 +188,7 @@ OPTIONS: dict[str, object] = {
     "base_weights": Unsupported("sdlora does not merge other LoRAs into the base before training"),
     "base_weights_multiplier": Unsupported("only with base_weights"),
     "tokenizer_cache_dir": NoEffect("sdlora uses the model's (or its bundled) tokenizer offline"),
+    "sdxl": NoEffect("no key: sdlora reads SDXL from the model (block weights use SDXL's layout)"),
     # network
     "network_module": Custom(network.module, "lora.type"),
     "network_dim": Custom(network.dim, "lora.rank"),
@@ -202,7 +207,7 @@ OPTIONS: dict[str, object] = {
     "text_encoder_lr": Custom(text_encoder_lr, "optim.text_encoder_lr, optim.text_encoder_2_lr"),
     "optimizer_type": Custom(optimizer, "optim.optimizer"),
     "use_8bit_adam": legacy_optimizer("AdamW8bit"),
-    "use_lion_optimizer": legacy_optimizer(None),
+    "use_lion_optimizer": legacy_optimizer("Lion"),
     "optimizer_args": Custom(optimizer_args, "optim.betas, optim.eps, optim.weight_decay"),
     "optimizer_schedulefree_wrapper": Unsupported(ITEM_5),
     "schedulefree_wrapper_args": Unsupported(ITEM_5),

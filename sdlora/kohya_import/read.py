@@ -5,6 +5,9 @@
 - The bmaltais kohya_ss GUI's JSON: its own names and value spellings (numbers as strings, "" for unset, a
   `LoRA_type` instead of `network_module` + `network_args`, LoRA+ and block weights as top-level keys). `gui_options`
   renames them to kohya's (kohya_gui/lora_gui.py builds the same TOML from them when it starts a run).
+- A shell script or text file holding the command (`accelerate launch ... train_network.py --flag value ...`,
+  lines continued with a backslash, `^` or a backtick): the options after the training script, each `--name` taking the
+  words up to the next `--` (none: a switch, true; several: a list, as `--network_args "a=1" "b=2"`).
 - A `--dataset_config` TOML or JSON: returned as parsed; dataset.py reads its sections.
 
 Each option keeps the name the input gave it, so the table shows what the user wrote.
@@ -13,6 +16,8 @@ Each option keeps the name the input gave it, so the table shows what the user w
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +140,47 @@ def gui_options(data: dict) -> list[Option]:
     return out
 
 
+COMMAND_SUFFIXES = (".sh", ".bash", ".bat", ".cmd", ".ps1", ".txt")
+TRAINING_SCRIPT = re.compile(r"(^|[/\\])(sdxl_)?train_network\.py$")
+
+
+def command_options(text: str) -> tuple[list[Option], bool]:
+    """(options, is it sdxl_train_network.py) of a kohya command line."""
+    joined = re.sub(r"[\\^`][ \t]*\r?\n", " ", text)
+    try:
+        words = shlex.split(joined, comments=True)
+    except ValueError as e:
+        raise UserError(f"kohya command does not parse: {e}") from None
+    script = next((i for i, w in enumerate(words) if TRAINING_SCRIPT.search(w)), None)
+    if script is None:
+        raise UserError("kohya command: no train_network.py or sdxl_train_network.py in it (sdlora imports LoRA "
+                        "training commands)")
+    out: list[Option] = []
+    for word in words[script + 1:]:
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            out.append(Option(f"--{name}", name, [value] if eq else []))
+        elif out:
+            out[-1].value.append(word)
+        else:
+            raise UserError(f"kohya command: {word!r} after the script is not an --option")
+    for option in out:
+        values = option.value
+        option.value = True if not values else values[0] if len(values) == 1 else values
+    return out, bool(TRAINING_SCRIPT.search(words[script]).group(2))
+
+
 def read_options(path: str | Path) -> tuple[list[Option], bool]:
-    """(options, is_gui) of a kohya config TOML or a GUI JSON."""
+    """(options, is_gui) of a kohya config TOML, a GUI JSON or a command line (an `sdxl` option is added for
+    sdxl_train_network.py)."""
+    if Path(path).suffix.lower() in COMMAND_SUFFIXES:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"kohya command {p} cannot be read: {e}") from None
+        options, sdxl = command_options(text)
+        return options + ([Option("(script) sdxl_train_network.py", "sdxl", True)] if sdxl else []), False
     data = read_file(path, "kohya config")
     if Path(path).suffix.lower() == ".json":
         if not is_gui_json(data):

@@ -30,6 +30,8 @@ kohya LoRA names (`networks/lora_sd3.py`, prefix `lora_unet`, "make ComfyUI comp
 dots as underscores, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv`; q, k and v are one fused LoRA on `qkv`.
 ComfyUI (`comfy/lora.py`, `model_lora_keys_unet`) maps `lora_unet_<original key with _>` to every weight of the
 model, so it reads these names, and also `transformer.<diffusers module>` (diffusers' LoRA layout).
+`lora_to_kohya` / `lora_from_kohya` convert LoRA factors between the two namings (q/k/v fused block-diagonally and
+split back to each part's rank; adaLN halves swapped on up's rows), exactly in the deltas they apply.
 """
 
 from __future__ import annotations
@@ -153,6 +155,15 @@ def from_original(sd: dict[str, torch.Tensor], config, prefix: str = "") -> dict
     return out
 
 
+def kohya_model_type(config) -> str:
+    """kohya's SD3 model type from the transformer config, as `library/sd3_utils.py` tells it from the weights:
+    QK-norm with dual attention "5-medium", QK-norm alone "5-large", neither "medium" (SD3 Medium). kohya writes it as
+    `ss_base_model_version` and in `modelspec.architecture` = "stable-diffusion-3-<type>/lora"."""
+    if config.get("qk_norm") is None:
+        return "medium"
+    return "5-medium" if config.get("dual_attention_layers") else "5-large"
+
+
 def kohya_name(original_module: str) -> str:
     """kohya's LoRA name of an original MMDiT module: `lora_unet_` + the path with dots as underscores."""
     return KOHYA_PREFIX + original_module.replace(".", "_")
@@ -172,26 +183,85 @@ def is_kohya_default_target(original_module: str) -> bool:
     return original_module.startswith("joint_blocks.") and ".ln_" not in original_module
 
 
-def fuse_qkv_lora(parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
-    """Three LoRAs on q, k and v, each (down (r_i, in), up (out_i, r_i), alpha_i) with delta_i = alpha_i / r_i *
-    up_i @ down_i, as one LoRA on the fused `qkv` whose delta is the three stacked on rows: down = the downs stacked
-    (R = sum r_i, in), up = block-diagonal (sum out_i, R). Returns (down, up, alpha) with alpha / R the common scale
-    when all alpha_i / r_i agree (alpha = scale * R), otherwise alpha = R and each scale folded into its up block.
-    (kohya's `split_qkv` save keeps alpha unchanged while the rank triples, `networks/lora_sd3.py` state_dict; a
-    reader computing alpha / rank then applies a third of the trained delta.)"""
-    downs = [d for d, _, _ in parts]
-    scales = [a / d.shape[0] for d, _, a in parts]
-    rank = sum(d.shape[0] for d in downs)
+def fuse_qkv_lora(parts: list[tuple[torch.Tensor, torch.Tensor, float] | None]):
+    """Three LoRAs on q, k and v (None for one not adapted), each (down (r_i, in), up (out_i, r_i), alpha_i) with
+    delta_i = alpha_i / r_i * up_i @ down_i, as one LoRA on the fused `qkv` whose delta is the three stacked on rows
+    (zeros for a missing one): down = the downs stacked (R = sum r_i, in), up = block-diagonal (3 out, R). Returns
+    (down, up, alpha) with alpha / R the common scale when all alpha_i / r_i agree (alpha = scale * R), otherwise
+    alpha = R and each scale folded into its up block. (kohya's `split_qkv` save keeps alpha unchanged while the rank
+    triples, `networks/lora_sd3.py` state_dict; a reader computing alpha / rank then applies a third of the trained
+    delta.) Raises ValueError when none is given."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        raise ValueError("fuse_qkv_lora: none of q, k, v has a LoRA")
+    rows, like = present[0][1].shape[0], present[0][1]
+    scales = [a / d.shape[0] for d, _, a in present]
+    rank = sum(d.shape[0] for d, _, _ in present)
     same = all(abs(s - scales[0]) <= 1e-6 * abs(scales[0]) for s in scales)
-    up = torch.zeros(sum(u.shape[0] for _, u, _ in parts), rank, dtype=parts[0][1].dtype, device=parts[0][1].device)
-    row = col = 0
-    for (d, u, _), s in zip(parts, scales):
-        up[row:row + u.shape[0], col:col + d.shape[0]] = u if same else u * s
-        row, col = row + u.shape[0], col + d.shape[0]
-    return torch.cat(downs, dim=0), up, (scales[0] * rank if same else float(rank))
+    up = torch.zeros(3 * rows, rank, dtype=like.dtype, device=like.device)
+    col, scale = 0, iter(scales)
+    for third, part in enumerate(parts):
+        if part is None:
+            continue
+        d, u, _ = part
+        s = next(scale)
+        up[third * rows:(third + 1) * rows, col:col + d.shape[0]] = u if same else u * s
+        col += d.shape[0]
+    return torch.cat([d for d, _, _ in present], dim=0), up, (scales[0] * rank if same else float(rank))
 
 
 def split_qkv_lora(down: torch.Tensor, up: torch.Tensor, alpha: float):
-    """A LoRA on the fused `qkv` (down (R, in), up (3 out, R), alpha) as three exact LoRAs on q, k, v: each keeps
-    the whole down and alpha and takes its third of up's rows. Returns [(down, up_i, alpha)] * 3."""
-    return [(down, u, alpha) for u in up.chunk(3, dim=0)]
+    """A LoRA on the fused `qkv` (down (R, in), up (3 out, R), alpha) as exact LoRAs on q, k and v: each takes its
+    third of up's rows and only the rank columns those rows use (all of them for a dense up; its own block for
+    `fuse_qkv_lora`'s block-diagonal one, which gives back the parts' ranks), alpha scaled to keep alpha / rank.
+    Returns three (down, up_i, alpha_i), None for a third whose rows are all zero."""
+    rank = down.shape[0]
+    out = []
+    for u in up.chunk(3, dim=0):
+        used = u.abs().sum(0) != 0
+        if not bool(used.any()):
+            out.append(None)
+            continue
+        out.append((down[used], u[:, used], alpha * int(used.sum()) / rank))
+    return out
+
+
+def lora_to_kohya(loras: dict, config) -> dict:
+    """LoRAs on diffusers modules ({module path: (down, up, alpha)}) as kohya's ({kohya name: (down, up, alpha)}):
+    q/k/v fused (`fuse_qkv_lora`), up's halves swapped where the layouts order the adaLN output differently.
+    Raises ValueError naming a module kohya has no name for."""
+    targets = kohya_targets(config)
+    fused: dict[str, list] = {}
+    out = {}
+    for path, (down, up, alpha) in loras.items():
+        pair = targets.get(path)
+        if pair is None:
+            raise ValueError(f"{path}: no kohya SD3 LoRA name (kohya names the transformer's Linear modules)")
+        name = kohya_name(pair.original)
+        if pair.third is not None:
+            fused.setdefault(name, [None, None, None])[pair.third] = (down, up, alpha)
+        else:
+            out[name] = (down, swap_halves(up) if pair.swap_halves else up, alpha)
+    for name, parts in fused.items():
+        out[name] = fuse_qkv_lora(parts)
+    return out
+
+
+def lora_from_kohya(loras: dict, config) -> dict:
+    """The inverse of `lora_to_kohya`: kohya LoRAs ({kohya name: (down, up, alpha)}) on diffusers modules, a fused
+    qkv split by `split_qkv_lora`. Raises ValueError naming a kohya name this transformer has no module for."""
+    by_name: dict[str, list[MMDiTPair]] = {}
+    for pair in kohya_targets(config).values():
+        by_name.setdefault(kohya_name(pair.original), []).append(pair)
+    out = {}
+    for name, (down, up, alpha) in loras.items():
+        pairs = by_name.get(name)
+        if pairs is None:
+            raise ValueError(f"{name}: not a kohya SD3 LoRA name of this transformer")
+        if pairs[0].third is not None:
+            for pair, part in zip(sorted(pairs, key=lambda p: p.third), split_qkv_lora(down, up, alpha)):
+                if part is not None:
+                    out[pair.diffusers] = part
+        else:
+            out[pairs[0].diffusers] = (down, swap_halves(up) if pairs[0].swap_halves else up, alpha)
+    return out

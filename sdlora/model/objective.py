@@ -7,6 +7,7 @@ An objective answers what one training step needs from the noise process, whatev
                                       (shift absent: 0; SD 1.x/2.x/SDXL have none, SD3 has one)
     draw(draws, x0)                -> (noise, times): the random part of a step, from a `Draws` (below):
                                       noise like x0, and one time per example (B,)
+    time_range                     -> (low, high): the training range of times (DDPM: timesteps, high exclusive)
     fixed_times(count)             -> (count,) times spread evenly over the training range (the validation loss)
     noised(x0, noise, times)       -> Noised: the denoiser's input, its timestep argument, the target and the
                                       per-example loss weight; deterministic

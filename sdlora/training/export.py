@@ -10,6 +10,8 @@ from sdlora.adapter.weights import AdapterWeights, save_native
 from sdlora.lora.layers import AdapterLayer
 from sdlora.util.dtypes import DTYPES
 
+UI_FILE = "adapter_kohya.safetensors"  # beside adapter.safetensors: the run's file for ComfyUI and AUTOMATIC1111
+
 
 def adapter_from_layers(layers: dict[str, AdapterLayer], *, reduce_to_rank: bool = False,
                         report=None) -> AdapterWeights:
@@ -33,6 +35,26 @@ def export_adapter(layers: dict[str, AdapterLayer], path: str | Path, cfg, recor
     adapter = adapter.to(DTYPES[cfg.export.dtype])
     save_native(adapter, path)
     return adapter
+
+
+def export_for_uis(adapter_path: Path, out: Path) -> str:
+    """The run's file for ComfyUI and AUTOMATIC1111 (the kohya layout, which they read; adapter.safetensors' diffusers
+    layout leaves ComfyUI's UNet attention modules unloaded), written from the run's adapter; returns the line the
+    run's end message gives. A kind those tools do not read exactly (DoRA: `io.reader_notes`) gets no such file, and
+    the line says so (docs/formats.md, benchmarks/comfyui_check.py)."""
+    from sdlora.adapter.io import load_adapter, reader_notes, save_adapter
+
+    adapter = load_adapter(adapter_path)
+    notes = reader_notes(adapter, "kohya")
+    if notes:
+        return f"no file for ComfyUI / AUTOMATIC1111: {notes[0]}"
+    try:
+        record = RunRecord.from_metadata(adapter.metadata)
+        save_adapter(adapter, out, "kohya", tag_frequencies=record.tag_frequency if record is not None else None)
+    except OSError as e:  # a full disk here loses nothing: adapter.safetensors is written and holds the same
+        return (f"{out} could not be written ({e.strerror or e}); write it with: sdlora export {adapter_path} "
+                f"--format kohya --out {out}")
+    return f"for ComfyUI / AUTOMATIC1111: {out}"
 
 
 def layers_holding(layers: dict[str, AdapterLayer], tensors: dict[str, torch.Tensor]) -> dict[str, AdapterLayer]:

@@ -16,8 +16,10 @@ from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
 from sdlora.training import preflight
 from sdlora.training.checkpoint import find_checkpoint
+from sdlora.training.export import UI_FILE, export_for_uis
 from sdlora.training.fisher import store_run_fisher
 from sdlora.training.nonfinite import agree, all_finite, grads_finite
+from sdlora.training.optim import use_average_weights, use_training_weights
 from sdlora.training.run_folder import (
     RunStart,
     check_output_dir,
@@ -112,6 +114,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
     while step < cfg.train.max_steps:
         # ---- one optimiser step: its micro-batches' forward and backward, then the update
         sums, finite = {}, torch.ones((), dtype=torch.bool, device=accelerator.device)
+        use_training_weights(run.optimizer)  # schedule-free AdamW: its gradient point; others: nothing
         for _ in range(cfg.train.gradient_accumulation_steps):
             with accelerator.accumulate(*run.trained):  # gradients synchronised on the last micro-batch only
                 parts = micro_batch_loss(run, next(batches), step + 1)
@@ -121,6 +124,7 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
                 sums[name] = sums[name] + value if name in sums else value
             finite = finite & torch.isfinite(loss.detach())  # on the device: no host sync here
         verdict, weights_finite = optimiser_step(run, step, finite, weights_finite, stop)
+        use_average_weights(run.optimizer)  # what validation, samples, checkpoints and the export see
         applied_lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}  # this step's rates, logged below
         run.lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
@@ -147,9 +151,10 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
             store_run_fisher(cfg, adapter, adapter_path, comps, layers, run.data, run.objective, accelerator.autocast, say)
         if run.ema is not None:  # the average written in the live tensors' place
             run.export(out / "adapter_ema.safetensors", step, tensors=run.ema.average())
+        for_uis = export_for_uis(adapter_path, out / UI_FILE)
         finish_run(out, step, time.perf_counter() - t0)
         ran = f"steps {first_step + 1}-{step} ({step - first_step})" if first_step else f"{step} steps"  # this launch's
-        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}")
+        say(f"sdlora: trained {ran} in {time.perf_counter() - t0:.1f}s; adapter: {adapter_path}; {for_uis}")
     accelerator.end_training()
     return TrainResult(out, adapter_path, comps, layers, run.losses, step)
 

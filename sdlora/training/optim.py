@@ -10,24 +10,72 @@ from sdlora.adapter.names import PARTS
 from sdlora.errors import UserError
 
 
+# Optimisers from optional packages: optim.optimizer -> (module, class, pip extra). One package (pytorch-optimizer,
+# kept up by kozistr) serves Lion (Chen et al. 2023), CAME (Luo et al. 2023) and schedule-free AdamW (Defazio et al.
+# 2024); Adafactor (Shazeer & Stern 2018) is transformers' own, which sdlora already needs.
+OPTIONAL_OPTIMIZERS = {"lion": ("pytorch_optimizer", "Lion", "optimizers"),
+                       "came": ("pytorch_optimizer", "CAME", "optimizers"),
+                       "adamw_schedulefree": ("pytorch_optimizer", "ScheduleFreeAdamW", "optimizers"),
+                       "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb"),
+                       "prodigy": ("prodigyopt", "Prodigy", "prodigy")}
+PACKAGES = {"pytorch_optimizer": "pytorch-optimizer", "bitsandbytes.optim": "bitsandbytes", "prodigyopt": "prodigyopt"}
+DEFAULT_BETAS = {"lion": (0.9, 0.99), "came": (0.9, 0.999, 0.9999)}  # the papers' (and packages') defaults
+
+
+def optimizer_class(name: str):
+    """The class of an optional optimiser; a missing package is a one-line UserError naming the extra."""
+    import importlib
+
+    module, cls, extra = OPTIONAL_OPTIMIZERS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise UserError(f"optim.optimizer: {name} needs {PACKAGES[module]} (pip install 'sdlora[{extra}]')") from None
+
+
+def _betas(o) -> tuple:
+    """optim.betas as set; when left at AdamW's default, the optimiser's own (Lion 0.9/0.99; CAME's third beta)."""
+    if "betas" not in o.model_fields_set and o.optimizer in DEFAULT_BETAS:
+        return DEFAULT_BETAS[o.optimizer]
+    return tuple(o.betas) + ((DEFAULT_BETAS["came"][2],) if o.optimizer == "came" else ())
+
+
 def make_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     o = cfg.optim
     check_rates(param_groups, cfg)
     groups = [{k: v for k, v in g.items()} for g in param_groups]
+    common = {"lr": o.lr, "weight_decay": o.weight_decay}
     if o.optimizer == "adamw":
         fast = {"fused": True} if _all_on_cuda(groups) else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **fast)
-    if o.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("optim.optimizer: adamw8bit needs bitsandbytes (pip install 'sdlora[bnb]')") from None
-        return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserError("optim.optimizer: prodigy needs prodigyopt (pip install 'sdlora[prodigy]')") from None
-    return Prodigy(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, betas=o.betas, eps=o.eps, **common, **fast)
+    if o.optimizer == "adafactor":  # kohya's LoRA recipe: a given rate, no relative step, no parameter scaling
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, **common)
+    cls = optimizer_class(o.optimizer)
+    if o.optimizer == "came":
+        return cls(groups, betas=_betas(o), **common)
+    if o.optimizer == "lion":
+        return cls(groups, betas=_betas(o), **common)
+    if o.optimizer == "adamw_schedulefree":  # its warm-up is its own (the schedule stays constant)
+        return cls(groups, betas=tuple(o.betas), eps=o.eps, warmup_steps=o.warmup_steps, **common)
+    return cls(groups, betas=o.betas, eps=o.eps, **common)  # adamw8bit, prodigy
+
+
+def use_training_weights(optimizer) -> None:
+    """Schedule-free AdamW keeps two points: the one gradients are taken at (train mode) and the average that is
+    evaluated, sampled, checkpointed and exported (eval mode). The loop switches to train mode before a step's
+    forward passes and back after its update (`use_average_weights`), so everything between steps sees the
+    average, and a resumed run makes the same switches as the uninterrupted one. Other optimisers: nothing."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds it
+    if callable(getattr(inner, "train", None)):
+        inner.train()
+
+
+def use_average_weights(optimizer) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if callable(getattr(inner, "eval", None)):
+        inner.eval()
 
 
 def check_rates(param_groups: list[dict], cfg) -> None:
@@ -95,4 +143,5 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 
 
 def make_lr_scheduler(optimizer, cfg):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.scheduler, cfg.optim.warmup_steps, cfg.train.max_steps))
+    warmup = 0 if cfg.optim.optimizer == "adamw_schedulefree" else cfg.optim.warmup_steps  # it warms up itself
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.scheduler, warmup, cfg.train.max_steps))

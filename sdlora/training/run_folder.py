@@ -100,7 +100,8 @@ def clear_previous_run(out: Path) -> None:
     assert run_status(out) is not None, out  # check_output_dir: only an sdlora run's folder is ever cleared
     for name in RUN_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors"):
+    for name in ("metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors",
+                 "adapter_kohya.safetensors"):
         (out / name).unlink(missing_ok=True)
 
 

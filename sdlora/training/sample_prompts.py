@@ -9,6 +9,7 @@ is a one-line error naming the file and line, not silently dropped.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ def parse_prompt_line(line: str, where: str) -> PromptLine:
 
 
 def _check(name: str, value, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: {name} {value} is not a finite number")
     if name in ("width", "height") and (value < 64 or value % 8):
         raise UserError(f"{where}: {name} {value} must be at least 64 and a multiple of 8")
     if name == "num_inference_steps" and not 1 <= value <= 1000:

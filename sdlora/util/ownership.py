@@ -40,7 +40,7 @@ def written_by_sdlora(path: str | os.PathLike) -> bool:
             return meta is not None and any(k.startswith("sdlora.") for k in meta)
         return False
     if path.is_dir():
-        return (path / MERGED_MARKER).is_file() or (path / "sdlora_run.json").is_file()
+        return (path / MERGED_MARKER).is_file() or (path / "sdlora_run.json").is_file()  # run_record.FOLDER_FILE
     return False
 
 
