@@ -30,6 +30,7 @@ class ModelConfig(Section):
     config_dir: Optional[UserPath] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata or v_pred key, or the SD 2.x heuristic.")
+    base_precision: Literal["full", "fp8", "int8", "int4"] = Field("full", description="How the frozen denoiser's and text encoders' Linear and Conv2d weights are stored: full (the training dtype, train.mixed_precision), fp8 (float8_e4m3fn, as kohya's --fp8_base), int8 or int4 (optimum-quanto: pip install 'sdlora[quant]'); each layer is upcast to the training dtype in its forward and backward. Adapters, norms, embeddings and the VAE keep their dtype (docs/training.md).")
     zero_terminal_snr: Optional[bool] = Field(None, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; diffusers' rescale_betas_zero_snr), for v-prediction models trained that way (e.g. v-prediction SDXL fine-tunes); needs v-prediction. Sampling then uses trailing timesteps and sample.guidance_rescale 0.7. Default: what the model says (its scheduler config's rescale_betas_zero_snr, an SDXL file's ztsnr key).")
 
     @model_validator(mode="after")

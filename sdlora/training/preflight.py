@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from sdlora.errors import UserError
+from sdlora.model.low_bits import library_missing
 
 OPTIONAL_OPTIMISERS = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
 
@@ -17,6 +18,11 @@ def before_model(cfg) -> None:
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
                         f"(pip install 'sdlora[{needed[1]}]')")
+    if missing := library_missing(cfg.model.base_precision):
+        raise UserError(missing)
+    if cfg.model.base_precision != "full" and cfg.lora.init in ("compensated", "principal"):
+        raise UserError(f"lora.init: {cfg.lora.init} offsets the base weight, which a model.base_precision "
+                        f"{cfg.model.base_precision} base cannot hold exactly (allowed with it: zero, orthogonal)")
     if cfg.log.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise UserError("log.tracker: wandb needs wandb, which is not installed (pip install 'sdlora[wandb]', "
                         "or log.tracker: tensorboard)")
