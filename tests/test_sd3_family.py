@@ -145,3 +145,13 @@ def test_joint_block_groups_for_lr_rules(tiny_sd3, sd3_config):
     assert {n for n in a if a[n].rule == 0} == {n for n in layers if n.startswith("transformer.transformer_blocks.1.")}
     assert {n for n in a if a[n].rule == 1} == {n for n in layers if n.startswith("text_encoder_2.encoder.layers.0.")}
     assert all(a[n].lr == 1e-3 for n in layers if n.startswith("transformer.transformer_blocks.0."))
+
+
+def test_a_config_written_out_in_full_keeps_its_meaning(make_config, tiny_sd35m, sd3_config):
+    """sdlora writes configs with every key (config.yaml of a run): the defaults read back as defaults on both
+    families (no loss.flow refusal on SD 1.x, SD3's own default targets)."""
+    from sdlora.config import validate
+
+    build_model(validate(make_config().to_dict()), quiet)
+    _, layers, _ = build_model(validate(sd3_config(tiny_sd35m).to_dict()), quiet)
+    assert any(n.endswith(".add_q_proj") for n in layers)

@@ -115,8 +115,10 @@ class ModelFamily:
     def check_config(self, cfg) -> None:
         """Refuse (a UserError, one line) config keys this family cannot honour, once the model is known: a DDPM
         family refuses loss.flow (rectified flow's keys); SD3 refuses the DDPM-only ones (model/sd3.py)."""
-        if cfg.loss.flow.model_fields_set:
-            key = sorted(cfg.loss.flow.model_fields_set)[0]
+        flow = cfg.loss.flow
+        changed = [k for k, f in type(flow).model_fields.items() if getattr(flow, k) != f.get_default(call_default_factory=True)]
+        if changed:  # values other than the defaults (a config written out by sdlora holds every key)
+            key = changed[0]
             raise UserError(f"loss.flow.{key}: rectified-flow keys apply to SD3 / SD3.5 models; {self.title} trains "
                             "with DDPM (its keys: loss.min_snr_gamma, noise_offset, min_timestep, max_timestep)")
         self.check_train_parts(cfg)
@@ -143,9 +145,11 @@ class ModelFamily:
 
     def lora_targets(self, part: P.Part, lora_cfg) -> list[str]:
         """The Linear targets of a part: lora.unet_targets (the denoiser) or lora.text_encoder_targets where the
-        config sets them, else the part's own defaults (`Part.targets`), else the config's defaults."""
+        config gives other than their defaults, else the part's own defaults (`Part.targets`), else the config's
+        defaults; `preset:<name>` entries expand to the family's `target_presets`."""
         key = "unet_targets" if part.role == P.DENOISER else "text_encoder_targets"
-        if key not in lora_cfg.model_fields_set and part.targets is not None:
+        default = type(lora_cfg).model_fields[key].get_default(call_default_factory=True)
+        if getattr(lora_cfg, key) == default and part.targets is not None:  # unset, or written out as the default
             return list(part.targets)
         targets = []
         for t in getattr(lora_cfg, key):

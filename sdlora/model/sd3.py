@@ -74,7 +74,7 @@ class SD3Family(ModelFamily):
         (the SD3 pipeline reads one 77-token window per CLIP)."""
         loss = cfg.loss
         ddpm = {"loss.min_snr_gamma": loss.min_snr_gamma is not None, "loss.noise_offset": bool(loss.noise_offset),
-                "loss.min_timestep": "min_timestep" in loss.model_fields_set,
+                "loss.min_timestep": loss.min_timestep != 0,
                 "loss.max_timestep": loss.max_timestep is not None,
                 "model.prediction_type": cfg.model.prediction_type is not None,
                 "model.zero_terminal_snr": bool(cfg.model.zero_terminal_snr)}
