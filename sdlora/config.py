@@ -248,6 +248,7 @@ class LoraConfig(Section):
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
+    merge_every: int = Field(0, ge=0, description="Periodic merging (ReLoRA, Lialin et al. 2023; lora.type lora, init zero or orthogonal): every N optimiser steps each adapter's update is added into its frozen base weight and the adapter restarts (init drawn again, its factors' optimiser state reset), so the total update can exceed rank r; the export holds the total (rank grows by r per merge; export.reduce_rank cuts it back). 0: off.")
     lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
 
     @model_validator(mode="after")
