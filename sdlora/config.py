@@ -153,11 +153,15 @@ class LrRule(Section):
     match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up; SDXL also text_encoder_2, text_encoder_2.layers.N, unet.input, unet.middle, unet.output) or a regular expression searched in the module name.")
     lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
     lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the part's base rate (optim.part_lr of the part, else optim.lr or optim.text_encoder_lr).")
+    preset: Optional[Literal["match_full_finetune"]] = Field(None, description="A derived per-module rate (docs/lora.md, 'A rate rule from the full fine-tune'): match_full_finetune gives each module the rate at which its first Adam steps move W as much as a full fine-tune at rate lr (default: the part's base rate) would; lora.type lora only.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LrRule":
-        if (self.lr is None) == (self.lr_scale is None):
-            raise ValueError(f"rule {self.match!r} needs exactly one of lr or lr_scale")
+        if self.preset is not None:
+            if self.lr_scale is not None:
+                raise ValueError(f"rule {self.match!r}: preset {self.preset} takes lr (the full fine-tune's rate), not lr_scale")
+        elif (self.lr is None) == (self.lr_scale is None):
+            raise ValueError(f"rule {self.match!r} needs exactly one of lr, lr_scale or preset")
         return self
 
 
