@@ -124,7 +124,8 @@ def test_reduce_rank_cuts_the_total_back_to_r_and_reports_the_share_kept(make_co
 @pytest.mark.parametrize("extra, named", [
     ({"lora": {"type": "dora"}}, "lora.type"), ({"lora": {"type": "loha"}}, "lora.type"),
     ({"lora": {"init": "principal"}}, "lora.init=principal"), ({"train": {"ema": {"enabled": True}}}, "train.ema"),
-    ({"optim": {"optimizer": "adamw_schedulefree"}}, "adamw_schedulefree")])
+    ({"optim": {"optimizer": "adamw_schedulefree"}}, "adamw_schedulefree"),
+    ({"model": {"base_precision": "fp8"}}, "model.base_precision=fp8")])
 def test_what_periodic_merging_cannot_carry_is_refused_in_one_line(make_config, extra, named):
     cfg = make_config(extra, lora={**extra.get("lora", {}), "merge_every": 2})
     with pytest.raises(UserError, match=named) as info:

@@ -20,7 +20,7 @@ What is kept, and why:
 Not merged: the run's last step (it would change nothing but the file's rank). Refused, with one line
 (`check_config`): kinds whose update a piece cannot carry exactly (DoRA's normalisation, LoHa's Hadamard and LoKr's
 Kronecker products are not sums), the inits that offset the base weight (compensated, principal: each restart
-would offset it again), train.ema (an average across restarts averages unrelated adapters) and schedule-free
+would offset it again), a low-bit base (model.base_precision: its grid is far coarser than a piece), train.ema (an average across restarts averages unrelated adapters) and schedule-free
 AdamW (its state is the iterate itself).
 """
 
@@ -46,6 +46,10 @@ def check_config(cfg) -> None:
     if cfg.lora.init in ("compensated", "principal"):
         raise UserError(f"lora.merge_every does not apply to lora.init={cfg.lora.init}: each restart would offset the "
                         "base weight again (allowed: zero, orthogonal)")
+    if cfg.model.base_precision != "full":
+        raise UserError(f"lora.merge_every does not apply with model.base_precision={cfg.model.base_precision}: a "
+                        "piece added into a low-bit weight would be rounded to its grid, far coarser than the update "
+                        "(use model.base_precision: full)")
     if cfg.train.ema.enabled:
         raise UserError("lora.merge_every does not apply with train.ema: an average across restarts averages "
                         "unrelated adapters (turn one off)")
