@@ -18,6 +18,7 @@ from sdlora.config_help import describe_error, describe_model
 from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
                                    SamplePromptConfig, ValidationConfig)
 from sdlora.config_base import Section, UserPath
+from sdlora.config_flow import FlowConfig
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
@@ -29,6 +30,7 @@ class ModelConfig(Section):
     config_dir: Optional[UserPath] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata or v_pred key, or the SD 2.x heuristic.")
+    base_precision: Literal["full", "fp8", "int8", "int4"] = Field("full", description="How the frozen denoiser's and text encoders' Linear and Conv2d weights are stored: full (the training dtype, train.mixed_precision), fp8 (float8_e4m3fn, as kohya's --fp8_base), int8 or int4 (optimum-quanto: pip install 'sdlora[quant]'); each layer is upcast to the training dtype in its forward and backward. Adapters, norms, embeddings and the VAE keep their dtype (docs/training.md).")
     zero_terminal_snr: Optional[bool] = Field(None, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; diffusers' rescale_betas_zero_snr), for v-prediction models trained that way (e.g. v-prediction SDXL fine-tunes); needs v-prediction. Sampling then uses trailing timesteps and sample.guidance_rescale 0.7. Default: what the model says (its scheduler config's rescale_betas_zero_snr, an SDXL file's ztsnr key).")
 
     @model_validator(mode="after")
@@ -276,7 +278,9 @@ class LoraConfig(Section):
 
 class TextEncoderConfig(Section):
     train: bool = Field(True, description="Train LoRA on the text encoder.")
-    clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm.")
+    clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm (SDXL and SD3: 1 is the penultimate layer without the norm, as their pipelines).")
+    train_parts: Optional[list[str]] = Field(None, description="The text encoders trained when text_encoder.train is on, by the family's part names; default: each it trains by default (SD 1.x/2.x text_encoder; SDXL and SD3 text_encoder and text_encoder_2; add SD3's T5, text_encoder_3, to train it).")
+    t5_max_length: int = Field(256, ge=1, le=512, description="SD3's T5 tokens per caption (the pipeline's max_sequence_length; kohya's t5xxl_max_token_length): padded and truncated to it; without T5, the length of the zeros fed in its place.")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -287,6 +291,7 @@ class LossConfig(Section):
     noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
     min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
     max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
+    flow: FlowConfig = Field(default_factory=FlowConfig, description="Rectified flow (SD3 / SD3.5): sigma draws, target and weighting.")
 
     @model_validator(mode="after")
     def _range(self) -> "LossConfig":

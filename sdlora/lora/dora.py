@@ -18,6 +18,7 @@ from torch import nn
 
 from sdlora.adapter.functional import dora_weight, row_norm
 from sdlora.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
+from sdlora.model.low_bits import dense_weight
 
 
 class DoRAMixin:
@@ -33,16 +34,17 @@ class DoRAMixin:
 
     def original_weight(self) -> torch.Tensor:
         """W0 in float64: the stored base weight plus the init's offset s0·B0·A0 (if any)."""
-        w = self.base.weight.detach().to(torch.float64)
+        w = dense_weight(self.base.weight, torch.float64).detach()
         if self.offset_A is not None:
             w = w + self._dense(self.offset_A.double(), self.offset_B.double())
         return w
 
     def adapted_weight(self) -> torch.Tensor:
         """m ⊙ V / ‖V‖ (detached norm) in the adapter's dtype (fp32; float64 in tests), with gradients to A, B,
-        alpha and m. The frozen base weight (fp16/bf16 under mixed precision) is promoted to it."""
+        alpha and m. The frozen base weight (fp16/bf16 under mixed precision; fp8 / int8 / int4 under
+        model.base_precision, model/low_bits.py) is promoted to it."""
         dt = torch.promote_types(self.lora_A.dtype, torch.float32)
-        w = self.base.weight.to(dt)
+        w = dense_weight(self.base.weight, dt)
         return dora_weight(w, self._dense(self.lora_A.to(dt), self.lora_B.to(dt) * self.scale().to(dt)),
                            self.magnitude.to(dt))
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlora.lora.init import initialise
+from sdlora.model.low_bits import dense_weight
 
 
 class AdapterLayer(nn.Module):
@@ -216,23 +217,27 @@ class _FusedLinearLoRA(torch.autograd.Function):
     two gradients, g W and s·(g B) A, are summed the same way; so neither pass allocates an activation-sized
     tensor beyond what the frozen layer alone needs, the graph has one node per layer instead of six, and the
     scale multiplies N x r tensors, never a copy of B. Saved: x (A's gradient needs it, as for any LoRA) and
-    h = x Aᵀ (N x r). All inputs arrive in one dtype (the caller casts them); autocast is off inside.
+    h = x Aᵀ (N x r). All inputs but the weight arrive in one dtype (the caller casts them); the weight arrives as
+    stored and is cast (or, low-bit, upcast: model/low_bits.py) in each pass; autocast is off inside.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, s):
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ a.t()
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, dense_weight(weight, x.dtype), bias)
         y.addmm_(h * s.to(h.dtype), b.t())
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
-        ctx.save_for_backward(x2 if need_x else None, weight, a, b, h, s)
+        # the weight as stored: a low-bit base (model/low_bits.py) is upcast again in the backward, not kept upcast
+        ctx.stored_weight = weight
+        ctx.save_for_backward(x2 if need_x else None, a, b, h, s)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, a, b, h, s = ctx.saved_tensors
+        x2, a, b, h, s = ctx.saved_tensors
+        weight = dense_weight(ctx.stored_weight, grad.dtype)
         g = grad.reshape(-1, grad.shape[-1])
         need = ctx.needs_input_grad
         gh = (g @ b) * s.to(g.dtype)  # N x r: the gradient reaching h
@@ -272,7 +277,7 @@ class LoRALinear(LoRALayer):
         base = self.base
         bias = base.bias.to(dtype) if base.bias is not None else None
         with torch.autocast(device, enabled=False):  # s stays fp32 (autograd carries its gradient on to alpha)
-            return _FusedLinearLoRA.apply(x.to(dtype), base.weight.to(dtype), bias, self.lora_A.to(dtype),
+            return _FusedLinearLoRA.apply(x.to(dtype), base.weight, bias, self.lora_A.to(dtype),
                                           self.lora_B.to(dtype), self.scale())
 
     def _lowrank(self, x, a, b):

@@ -25,6 +25,8 @@ def set_noise_schedule(comps, prediction_type: str | None = None, zero_terminal_
     """Apply model.prediction_type / model.zero_terminal_snr (None: keep what the model says) to the noise
     scheduler, so the training target and every name derived from it follow; refuse zero SNR with epsilon."""
     sched = comps.noise_scheduler
+    if "prediction_type" not in sched.config:  # rectified flow (SD3): its family refuses both keys by name
+        return
     changes = {}
     if prediction_type and prediction_type != sched.config.prediction_type:
         changes["prediction_type"] = prediction_type

@@ -24,6 +24,7 @@ from sdlora.adapter.algebra import component_module, merge_adapter
 from sdlora.adapter.fisher import RowFisher
 from sdlora.adapter.names import split_name
 from sdlora.errors import UserError
+from sdlora.model.low_bits import dense_weight
 from sdlora.model.objective import vae_latents
 from sdlora.model.text import tokenize
 from sdlora.training.draws import GeneratorDraws
@@ -240,7 +241,7 @@ def merged_copy(layer, record) -> torch.nn.Module:
     """A copy of `layer.base` (sharing its bias and buffers) with the weight W0 + ΔW as a new fp32 parameter."""
     import copy
 
-    w0 = layer.base.weight.detach().to(torch.float32)
+    w0 = dense_weight(layer.base.weight, torch.float32).detach()  # a low-bit base (model/low_bits.py) dequantised
     if getattr(layer, "offset_A", None) is not None:
         w0 = (w0.to(torch.float64) + layer._dense(layer.offset_A.double(), layer.offset_B.double())).to(torch.float32)
     merged = (w0.to(torch.float64) + record.delta_weight(w0).to(torch.float64)).to(torch.float32)

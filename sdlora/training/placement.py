@@ -1,12 +1,16 @@
-"""Putting the model on its device and dtype for training: frozen weights in the training dtype, adapter tensors
-in fp32, train/eval modes, and the memory options (gradient checkpointing, channels_last, compile)."""
+"""Putting the model on its device and dtype for training: frozen weights in the training dtype (or in fewer bits:
+model.base_precision), adapter tensors in fp32, train/eval modes, and the memory options (gradient checkpointing,
+channels_last, compile)."""
 
 from __future__ import annotations
 
 import torch
 
+from sdlora.adapter.functional import row_norm
+from sdlora.lora.dora import DoRAMixin
 from sdlora.lora.layers import AdapterLayer
 from sdlora.model.components import Components
+from sdlora.model.low_bits import store_low_bits
 from sdlora.util.dtypes import torch_dtype
 
 WEIGHT_DTYPES = {name: torch_dtype(name) for name in ("no", "fp16", "bf16")}  # train.mixed_precision
@@ -27,6 +31,7 @@ def place_models(comps: Components, layers: dict[str, AdapterLayer], device, wei
                 t.data = value.to(device=device, dtype=torch.float32)
             else:  # a buffer: Module.to replaced it
                 setattr(layers[name], key, value.to(device=device, dtype=torch.float32))
+    store_base(comps, layers, cfg)
     comps.vae.eval()
     for text_encoder in encoders:
         text_encoder.train(cfg.text_encoder.train)
@@ -40,6 +45,23 @@ def place_models(comps: Components, layers: dict[str, AdapterLayer], device, wei
         comps.denoiser.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         comps.denoiser.compile()  # in place: the module keeps its type, so hooks, DDP and export see the same object
+
+
+def store_base(comps: Components, layers: dict[str, AdapterLayer], cfg) -> None:
+    """model.base_precision: the frozen Linear / Conv2d weights of the denoiser and the text encoders stored in
+    fp8 / int8 / int4 (model/low_bits.py), after the adapters are built on the full-precision weights. DoRA's
+    magnitude then starts at the stored base's row norms, so that the output at step 0 is the stored base's
+    (a magnitude read from lora.init_from is kept as the file has it)."""
+    precision = cfg.model.base_precision
+    if precision == "full":
+        return
+    for model in (comps.denoiser, *comps.text_encoders.values()):
+        store_low_bits(model, precision)
+    if cfg.lora.init_from is None:
+        with torch.no_grad():
+            for layer in layers.values():
+                if isinstance(layer, DoRAMixin):
+                    layer.magnitude.copy_(row_norm(layer.original_weight()).float())
 
 
 def enable_activation_checkpointing(model) -> None:

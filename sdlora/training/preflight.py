@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from sdlora.errors import UserError
+from sdlora.model.low_bits import library_missing
 
 OPTIONAL_OPTIMISERS = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
 
@@ -17,6 +18,11 @@ def before_model(cfg) -> None:
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
                         f"(pip install 'sdlora[{needed[1]}]')")
+    if missing := library_missing(cfg.model.base_precision):
+        raise UserError(missing)
+    if cfg.model.base_precision != "full" and cfg.lora.init in ("compensated", "principal"):
+        raise UserError(f"lora.init: {cfg.lora.init} offsets the base weight, which a model.base_precision "
+                        f"{cfg.model.base_precision} base cannot hold exactly (allowed with it: zero, orthogonal)")
     if cfg.log.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
         raise UserError("log.tracker: wandb needs wandb, which is not installed (pip install 'sdlora[wandb]', "
                         "or log.tracker: tensorboard)")
@@ -46,14 +52,16 @@ def before_model(cfg) -> None:
 
 
 def against_model(cfg, comps) -> None:
-    """Settings whose limits only the loaded model knows."""
+    """Settings whose limits only the loaded model knows (the family's own refusals first: DDPM options on SD3)."""
+    comps.family.check_config(cfg)
     steps = comps.noise_scheduler.config.num_train_timesteps
     if cfg.loss.max_timestep is not None and cfg.loss.max_timestep > steps:
         raise UserError(f"loss.max_timestep: {cfg.loss.max_timestep} is beyond the model's {steps} training "
                         f"timesteps (allowed: {cfg.loss.min_timestep + 1} to {steps})")
     if cfg.loss.min_timestep >= steps:
         raise UserError(f"loss.min_timestep: {cfg.loss.min_timestep} must be < the model's {steps} training timesteps")
-    layers = min(te.config.num_hidden_layers for te in comps.text_encoders.values())  # every encoder skips as many
+    # every CLIP encoder skips as many (SD3's T5 gives its last layer, always)
+    layers = min(te.config.num_hidden_layers for te in comps.text_encoders.values() if te.config.model_type != "t5")
     if cfg.text_encoder.clip_skip > layers:
         raise UserError(f"text_encoder.clip_skip: {cfg.text_encoder.clip_skip} is more than the text encoder's "
                         f"{layers} layers (allowed: 1 to {layers})")

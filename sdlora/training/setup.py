@@ -68,6 +68,7 @@ def build_model(cfg: Config, say):
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
                             zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
+    comps.family = comps.family.for_run(comps, cfg)  # SD3: its transformer's text width and T5's length
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
         say(line)
     layers = inject_all(comps.adaptable(), cfg, comps.family)
