@@ -209,6 +209,8 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
     alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
     family = adapter_family(adapter, base_model_version)
+    if "kohya" in family.formats_missing:  # kohya_name would write diffusers' MMDiT names, which kohya does not read
+        raise UserError(f"kohya layout: not written for {family.title} adapters yet; use the diffusers layout")
     record = RunRecord.from_metadata(adapter.metadata)
     layout = record.unet_layout if record is not None else None
     alpha = float(network_dim(adapter))
