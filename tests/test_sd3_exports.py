@@ -99,3 +99,17 @@ def test_formats_not_written_for_sd3_yet_are_refused_by_name(trained_sd35m, tmp_
     with pytest.raises(UserError, match=rf"^export --format {fmt}: not written for SD3.5 Medium adapters yet"):
         run_export(result.adapter_path, fmt, tmp_path / "x", base=cfg.model.path, report=quiet)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_without_t5_exports_a_merged_folder_without_t5(tiny_sd3_no_t5, make_config, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdlora.commands.export import run_export
+
+    cfg = make_config({"model": {"path": str(tiny_sd3_no_t5)}, "train": {"max_steps": 1},
+                       "text_encoder": {"t5_max_length": T5_LEN}})
+    result = train(cfg, log=quiet)
+    out = run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=cfg.model.path, report=quiet)
+    assert not (out / "text_encoder_3").exists()
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.text_encoder_3 is None and load_components(str(out)).family.name == "sd3"

@@ -54,12 +54,15 @@ def _prefix_table(families) -> dict[str, tuple[str, ...]]:
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
-PREFIXES = _prefix_table(FAMILIES.values())
+# The families whose kohya names this module writes and reads (SD3's, in the original MMDiT names with q/k/v fused,
+# are model/mmdit_keys.py's and not wired in yet: ModelFamily.formats_missing).
+KOHYA_FAMILIES = tuple(f for f in FAMILIES.values() if "kohya" not in f.formats_missing)
+PREFIXES = _prefix_table(KOHYA_FAMILIES)
 # The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
 LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
 
 # Module identifiers of every family's parts (model/parts.py `words`); digits between them are list indices.
-IDENTIFIERS = frozenset().union(*(part.words for part in PARTS.values()))
+IDENTIFIERS = frozenset().union(*(part.words for f in KOHYA_FAMILIES for part in f.parts))
 # The original UNet's (SDXL's kohya names), on top of the above.
 LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
