@@ -43,7 +43,10 @@ def set_noise_schedule(comps, prediction_type: str | None = None, zero_terminal_
 
 
 def inference_schedule(scheduler, prediction_type: str, zero_terminal_snr: bool):
-    """`scheduler` (a pipeline's inference scheduler) predicting `prediction_type`, on the training schedule."""
+    """`scheduler` (a pipeline's inference scheduler) predicting `prediction_type`, on the training schedule; a
+    rectified-flow scheduler (SD3: no prediction type) as it is."""
+    if "prediction_type" not in scheduler.config:
+        return scheduler
     if scheduler.config.prediction_type != prediction_type or zero_terminal_snr_of(scheduler) != zero_terminal_snr:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type,
                                                 **({"rescale_betas_zero_snr": False} if not zero_terminal_snr else {}))
