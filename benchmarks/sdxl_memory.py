@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from sdlora.config import validate  # noqa: E402
@@ -112,6 +112,10 @@ class StepMemTracker(MemTracker):
         for p in module.parameters():
             if not p.requires_grad and p not in self._param_to_grad_hook_handles:
                 self._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
+        for m in module.modules():  # a low-bit base's weights (model/low_bits.py): frozen parameters in all but name
+            if (w := getattr(m, "stored_weight", None)) is not None:
+                for t in plain_tensors(w):
+                    self._update_and_maybe_create_winfos(t, _MemRefType.PARAM)
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
     peak_phase = "none"
@@ -137,6 +141,14 @@ class StepMemTracker(MemTracker):
 
     def by_category(self, kind: str = "peak") -> dict[str, int]:
         return categories(self.get_tracker_snapshot(kind))
+
+
+def plain_tensors(w) -> list[torch.Tensor]:
+    """The plain tensors holding a stored weight (an optimum-quanto tensor: its data, scales and shifts)."""
+    if getattr(w, "qtype", None) is None:
+        return [w]
+    names, _ = w.__tensor_flatten__()
+    return [t for n in names for t in plain_tensors(getattr(w, n))]
 
 
 def categories(snapshot: dict) -> dict[str, int]:
@@ -425,10 +437,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1024 px with checkpointing and the tiny checks only")
     ap.add_argument("--json", default=str(ROOT / "docs" / "sdxl-memory.json"), help="'' to write none")
+    ap.add_argument("--base-precisions", default="", help="e.g. full,fp8,int8: only the 1024 px row (checkpointing, "
+                    "CUDA's lists) for each model.base_precision, and the tiny model's real-vs-fake check of each; "
+                    "the table on stdout, the runs in --json (default then docs/low-memory.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, the table on stdout
+    if args.base_precisions:
+        json_path = args.json if args.json != ap.get_default("json") else str(ROOT / "docs" / "low-memory.json")
+        return precision_table(args.base_precisions.split(","), json_path, say, t0)
 
     # the SDXL table
     plan = [(1024, True, True)] if args.quick else [(512, True, True), (768, True, True), (1024, True, True),
@@ -486,6 +504,49 @@ def main(argv=None) -> int:
                                       "text_cache_bytes": text_cache_bytes(),
                                       "assumptions": {"cuda_context_gib": CUDA_CONTEXT_GIB,
                                                       "fragmentation": FRAGMENTATION, "card_gib": CARD_GIB}})
+    return 0
+
+
+def precision_table(precisions: list[str], json_path: str, say, t0: float) -> int:
+    """The 1024 px step (checkpointing, CUDA's float32 list) for each model.base_precision, beside the tiny model's
+    real-against-fake check of the same precision."""
+    from sdlora.model.tiny import TINY_SDXL_PROJECTION, TINY_SDXL_TE1, TINY_SDXL_TE2, make_tiny_sdxl
+
+    runs, tiny_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_sdxl(Path(tmp) / "tiny")
+        kw = {"widths": (TINY_SDXL_TE1, TINY_SDXL_TE2), "pooled": TINY_SDXL_PROJECTION}
+        for precision in precisions:
+            model = {"model": {"path": "sdxl", "base_precision": precision}}
+            cfg = sdxl_config(True, {**model, "lora": {"rank": 4, "alpha": 4}})
+            real, fake = (trace(tiny, 128, cfg, fake=f, **kw) for f in (False, True))
+            tiny_rows.append((precision, real["peak"], fake["peak"]))
+            r = trace(SDXL_CONFIGS, 1024, sdxl_config(True, model), fake=True)
+            r["base_precision"] = precision
+            say(f"SDXL 1024 px, base {precision}: peak {gib(r['peak']['total'])} GiB ({r['step_seconds']:.0f} s per step)")
+            runs.append(r)
+    lines = [f"Produced by `python3 benchmarks/sdxl_memory.py --base-precisions {','.join(precisions)}` "
+             f"({platform.machine()}, 1 thread, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s).", "",
+             "| model.base_precision | frozen weights, GiB | traced peak, GiB (in) | + full text cache, AdamW "
+             "| **GPU estimate, AdamW** | with 8-bit AdamW | **GPU estimate, 8-bit AdamW** |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        p = r["peak"]
+        frozen = p["parameters"] + p.get("buffers", 0) - sum(n * s for n, s in r["trained"])
+        cached, cached8 = p["total"] + text_cache_bytes(), with_adam8bit(r) + text_cache_bytes()
+        lines.append(f"| {r['base_precision']} | {gib(frozen)} | {gib(p['total'])} ({r['peak_phase']}) | {gib(cached)} "
+                     f"| **{gib(on_gpu(cached))}** | {gib(cached8)} | **{gib(on_gpu(cached8))}** |")
+    lines += ["", "Tiny SDXL model at 128 px, two steps, rank 4: real against fake tensors (bytes at the peak):", "",
+              "| model.base_precision | category | real tensors | fake tensors |", "|---|---|---:|---:|"]
+    for precision, real, fake in tiny_rows:
+        for k in sorted(set(real) | set(fake)):
+            lines.append(f"| {precision} | {k} | {real.get(k, 0):,} | {fake.get(k, 0):,} |")
+    print("\n".join(lines))
+    if json_path:
+        atomic.write_json(json_path, {"command": f"python3 benchmarks/sdxl_memory.py --base-precisions "
+                                                 f"{','.join(precisions)}",
+                                      "runs": [{k: v for k, v in r.items() if k != "trained"} for r in runs],
+                                      "tiny": [{"base_precision": a, "real": b, "fake": c} for a, b, c in tiny_rows]})
     return 0
 
 

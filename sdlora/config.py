@@ -155,11 +155,15 @@ class LrRule(Section):
     match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up; SDXL also text_encoder_2, text_encoder_2.layers.N, unet.input, unet.middle, unet.output) or a regular expression searched in the module name.")
     lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
     lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the part's base rate (optim.part_lr of the part, else optim.lr or optim.text_encoder_lr).")
+    preset: Optional[Literal["match_full_finetune"]] = Field(None, description="A derived per-module rate (docs/lora.md, 'A rate rule from the full fine-tune'): match_full_finetune gives each module the rate at which its first Adam steps move W as much as a full fine-tune at rate lr (default: the part's base rate) would; lora.type lora only.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LrRule":
-        if (self.lr is None) == (self.lr_scale is None):
-            raise ValueError(f"rule {self.match!r} needs exactly one of lr or lr_scale")
+        if self.preset is not None:
+            if self.lr_scale is not None:
+                raise ValueError(f"rule {self.match!r}: preset {self.preset} takes lr (the full fine-tune's rate), not lr_scale")
+        elif (self.lr is None) == (self.lr_scale is None):
+            raise ValueError(f"rule {self.match!r} needs exactly one of lr, lr_scale or preset")
         return self
 
 
@@ -250,6 +254,7 @@ class LoraConfig(Section):
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
+    merge_every: int = Field(0, ge=0, description="Periodic merging (ReLoRA, Lialin et al. 2023; lora.type lora, init zero or orthogonal): every N optimiser steps each adapter's update is added into its frozen base weight and the adapter restarts (init drawn again, its factors' optimiser state reset), so the total update can exceed rank r; the export holds the total (rank grows by r per merge; export.reduce_rank cuts it back). 0: off.")
     lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
 
     @model_validator(mode="after")

@@ -58,7 +58,8 @@ TOL = 1e-5
 
 
 @pytest.mark.parametrize("precision, lora", [("fp8", {"init": "orthogonal"}), ("int8", {"init": "orthogonal"}),
-                                             ("int8", {"type": "dora"}), ("int4", {"type": "dora", "init": "orthogonal"})])
+                                             ("int8", {"type": "dora"}), ("int4", {"type": "dora", "init": "orthogonal"}),
+                                             ("fp8", {"type": "loha"})])
 def test_step_zero_output_with_a_non_zero_init_is_the_stored_bases(make_config, tiny_model, precision, lora):
     comps, layers = placed(make_config(model={"base_precision": precision}, lora={"rank": 4, "alpha": 4, **lora}))
     comps.denoiser.eval(), comps.text_encoders["text_encoder"].eval()

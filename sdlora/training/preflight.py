@@ -14,6 +14,9 @@ OPTIONAL_OPTIMISERS = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodig
 
 def before_model(cfg) -> None:
     """Config facts that need the filesystem or the installed packages, but no model."""
+    from sdlora.training.periodic_merge import check_config as check_periodic_merge
+
+    check_periodic_merge(cfg)  # the kinds and options periodic merging cannot carry: one line
     needed = OPTIONAL_OPTIMISERS.get(cfg.optim.optimizer)
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
