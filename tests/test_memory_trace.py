@@ -44,4 +44,5 @@ def test_a_low_bit_base_is_traced_byte_for_byte_and_its_frozen_weights_shrink(ti
     fake = bench.trace(tiny_sdxl, 64, cfg, fake=True, **kw)
     assert fake["peak"] == real["peak"] and fake["phase_peaks"] == real["phase_peaks"]  # tolerance 0 bytes
     # bf16 -> 1 byte for the Linear / Conv2d weights (most of the frozen bytes); VAE, norms and embeddings stay bf16
-    assert real["peak"]["parameters"] < 0.8 * full["peak"]["parameters"], (real["peak"], full["peak"])
+    # (and counted: untracked stored weights would leave about 0.1 of the full bytes)
+    assert 0.4 * full["peak"]["parameters"] < real["peak"]["parameters"] < 0.8 * full["peak"]["parameters"]
