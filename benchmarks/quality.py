@@ -14,14 +14,15 @@ trains every UNet and text-encoder weight (this script's own loop: sdlora trains
 batch, steps, schedule and clipping, at the rate from {3e-5, 1e-4, 3e-4} that scores best on seed 0 (mean of
 concept, unrelated digit and unrelated colour accuracy): tuned for the full fine-tune, not for LoRA.
 
-Columns, per run (mean ± standard deviation over seeds): concept learned (judge: the star on the 18 trigger
-prompts, one per colour pair); what the rest kept (digit and colour accuracy on 54 unrelated training-combination
-prompts and 18 held-out-combination prompts, minus the base model's; and how many unrelated prompts were drawn as
-the star); text-encoder drift on the probe prompts (mean relative change of token norms; sdlora inspect); intruder
-dimensions (sdlora inspect: top-10 singular vectors of W0 + ΔW far from every W0 one, summed over modules); steps
-to learn (the first checkpoint, every 50 steps, whose trigger samples are >= 60% star); seconds per step
-(training only, this machine, nothing else running when the table was made). Each run's config, adapter,
-checkpoints and scores stay under --out.
+Columns, per run (mean ± standard deviation over seeds): concept learned (judge: the star on the 18 trigger prompts,
+one per colour pair); what the rest kept (digit and colour accuracy on 54 unrelated training-combination prompts and
+18 held-out-combination prompts, minus the base model's; how many unrelated prompts were drawn as the star; and,
+judge-free, the unrelated samples' distance from the base model's at the same prompts and seeds: RMS pixel difference
+in [0, 1], sdlora/mini/skill.paired_distance); text-encoder drift on the probe prompts (mean relative change of token
+norms; sdlora inspect); intruder dimensions (sdlora inspect: top-10 singular vectors of W0 + ΔW far from every W0
+one, summed over modules); steps to learn (the first checkpoint, every 50 steps, whose trigger samples are >= 60%
+star); seconds per step (training only, this machine, nothing else running when the table was made). Each run's
+config, adapter, checkpoints and scores stay under --out.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from sdlora.commands.demo import (DEMO_PRESERVATION, DEMO_TEXT_ENCODER_LR, demo_
 from sdlora.mini import MINI_MODEL_DIR  # noqa: E402
 from sdlora.mini.data import CONCEPT  # noqa: E402
 from sdlora.mini.judge import Judge  # noqa: E402
-from sdlora.mini.skill import concept_cases, digit_cases, load_pipeline, sample, score  # noqa: E402
+from sdlora.mini.skill import concept_cases, digit_cases, load_pipeline, paired_distance, sample, score  # noqa: E402
 
 PENALTY = 0.1  # docs/embedding-norm.md: "0.1 is a good start"
 PER_LAYER = {"b_lr_ratio": 8, "lr_rules": [{"match": "attn2", "lr_scale": 2.0}]}
@@ -106,8 +107,9 @@ def deep_update(base: dict, extra: dict) -> dict:
     return base
 
 
-def judge_model(pipe, judge) -> dict:
-    """Concept on the trigger prompts; digit and colours on unrelated prompts (training and held-out combinations)."""
+def judge_model(pipe, judge, base_unrelated: list = []) -> dict:  # noqa: B006 (filled by the first call: the base's)
+    """Concept on the trigger prompts; digit and colours on unrelated prompts (training and held-out combinations);
+    the unrelated samples' RMS pixel distance to the base model's at the same prompts and seeds (skill.paired_distance)."""
     cp, cs, ct = concept_cases(1, first_seed=500)
     tp, ts, tt = digit_cases(False, 1, first_seed=2000, backgrounds=["navy"])
     hp, hs, ht = digit_cases(True, 1, first_seed=3000)
@@ -115,8 +117,10 @@ def judge_model(pipe, judge) -> dict:
     a, b = len(cp), len(cp) + len(tp)
     c, t, h = score(judge, imgs[:a], ct), score(judge, imgs[a:b], tt), score(judge, imgs[b:], ht)
     unrelated = t["labels"] + h["labels"]
+    base_unrelated.extend([] if base_unrelated else imgs[a:])  # main() judges the base model first
     return {"concept": c["shape"], "train_digit": t["shape"], "train_colour": t["colour"], "held_digit": h["shape"],
-            "held_colour": h["colour"], "unrelated_as_concept": float(np.mean([x == CONCEPT for x in unrelated]))}
+            "held_colour": h["colour"], "unrelated_as_concept": float(np.mean([x == CONCEPT for x in unrelated])),
+            "unrelated_distance": paired_distance(imgs[a:], base_unrelated)}
 
 
 def concept_score(pipe, judge) -> float:
@@ -197,8 +201,7 @@ def run_lora(key: str, seed: int, steps: int, out: Path, data: Path, pipe, judge
     drift = report["text_encoder_drift"]
     judged.update(seconds_per_step=seconds_per_step, drift=drift["drift"] if drift else None,
                   intruders=sum(g["intruders"] or 0 for g in report["groups"] if g["group"] != "all"),
-                  curve=curve, steps_to_learn=steps_to_learn(curve), adapter=str(adapter))
-    judged["seed"] = seed
+                  curve=curve, steps_to_learn=steps_to_learn(curve), adapter=str(adapter), seed=seed)
     (root / "scores.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -262,12 +265,10 @@ def full_finetune(seed: int, steps: int, lr: float, data: Path, pipe, judge, ada
         judged["intruders"] = full_finetune_intruders(saved, unet, te, adapted_names) if adapted_names else None
     finally:
         unet.requires_grad_(False), te.requires_grad_(False)
-        unet.load_state_dict(saved["unet"])
-        te.load_state_dict(saved["te"])
-    judged.update(seconds_per_step=train_seconds / steps, curve=curve, steps_to_learn=steps_to_learn(curve), lr=lr)
+        unet.load_state_dict(saved["unet"]), te.load_state_dict(saved["te"])
+    judged.update(seconds_per_step=train_seconds / steps, curve=curve, steps_to_learn=steps_to_learn(curve), lr=lr, seed=seed)
     root = out / f"g_lr{lr:g}_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
-    judged["seed"] = seed
     (root / "scores.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -281,8 +282,7 @@ def full_finetune_intruders(saved: dict, unet, te, names: list[str]) -> int:
         part, path = name.split(".", 1)
         model, state = (unet, saved["unet"]) if part == "unet" else (te, saved["te"])
         key = next(k for k in state if k.removesuffix(".weight").removeprefix("text_model.") == path and k.endswith("weight"))
-        w0 = state[key].double()
-        w = model.state_dict()[key].double()
+        w0, w = state[key].double(), model.state_dict()[key].double()
         total += find_intruders(w0, w - w0).count
     return total
 
@@ -423,7 +423,8 @@ def _seconds(runs: list[dict]) -> str:
 def format_table(results: dict) -> str:
     b = results["base"]
     lines = ["| row | concept | unrelated: digit, training combos | colours | digit, held-out combos | colours | "
-             "unrelated drawn as the star | TE drift | intruders | steps to learn | s/step |", "|---" * 11 + "|"]
+             "unrelated drawn as the star | unrelated samples' distance to the base's | TE drift | intruders | "
+             "steps to learn | s/step |", "|---" * 12 + "|"]
     for key, runs in results["rows"].items():
         col = lambda k: [r.get(k) for r in runs]  # noqa: E731
         one = " (1 seed)" if len(runs) == 1 and len(results["seeds"]) > 1 else ""
@@ -431,12 +432,14 @@ def format_table(results: dict) -> str:
             f"| {key} {results['labels'][key]}{one} | {_cell(col('concept'))} | {_cell(col('train_digit'), rel=b['train_digit'])} | "
             f"{_cell(col('train_colour'), rel=b['train_colour'])} | {_cell(col('held_digit'), rel=b['held_digit'])} | "
             f"{_cell(col('held_colour'), rel=b['held_colour'])} | {_cell(col('unrelated_as_concept'))} | "
+            f"{_cell(col('unrelated_distance'), pct=False, digits='.3f') if any(col('unrelated_distance')) else '-'} | "
             f"{_cell(col('drift'), pct=False)} | {_cell(col('intruders'), pct=False, digits='.0f')} | "
             f"{_cell(col('steps_to_learn'), pct=False, digits='.0f')} | {_seconds(runs)} |")
     lines.append(f"\nbase model: digit {b['train_digit']:.0%} / colours {b['train_colour']:.0%} on the training-combination "
                  f"prompts, digit {b['held_digit']:.0%} / colours {b['held_colour']:.0%} on the held-out ones; concept "
                  f"{b['concept']:.0%}; unrelated drawn as the star {b['unrelated_as_concept']:.0%}. Unrelated columns: "
-                 f"points relative to the base. Seeds: {results['seeds']}; {results['steps']} steps per run.")
+                 f"points relative to the base. Distance: RMS pixel difference (0-1) of each unrelated sample from the base's "
+                 f"at its prompt and seed, mean over the prompts. Seeds: {results['seeds']}; {results['steps']} steps per run.")
     for key, why in results.get("skipped", {}).items():
         lines.append(f"\nrow {key} not run: {why}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from sdlora.config_help import describe_error, describe_model
 from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
                                    SamplePromptConfig, ValidationConfig)
 from sdlora.config_base import Section, UserPath
+from sdlora.config_flow import FlowConfig
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
@@ -154,11 +155,15 @@ class LrRule(Section):
     match: str = Field(..., description="A named group (text_encoder, text_encoder.layers.N, unet, unet.down, unet.mid, unet.up; SDXL also text_encoder_2, text_encoder_2.layers.N, unet.input, unet.middle, unet.output) or a regular expression searched in the module name.")
     lr: Optional[float] = Field(None, ge=0.0, description="Learning rate for the modules this rule matches.")
     lr_scale: Optional[float] = Field(None, ge=0.0, description="Factor on the part's base rate (optim.part_lr of the part, else optim.lr or optim.text_encoder_lr).")
+    preset: Optional[Literal["match_full_finetune"]] = Field(None, description="A derived per-module rate (docs/lora.md, 'A rate rule from the full fine-tune'): match_full_finetune gives each module the rate at which its first Adam steps move W as much as a full fine-tune at rate lr (default: the part's base rate) would; lora.type lora only.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LrRule":
-        if (self.lr is None) == (self.lr_scale is None):
-            raise ValueError(f"rule {self.match!r} needs exactly one of lr or lr_scale")
+        if self.preset is not None:
+            if self.lr_scale is not None:
+                raise ValueError(f"rule {self.match!r}: preset {self.preset} takes lr (the full fine-tune's rate), not lr_scale")
+        elif (self.lr is None) == (self.lr_scale is None):
+            raise ValueError(f"rule {self.match!r} needs exactly one of lr, lr_scale or preset")
         return self
 
 
@@ -249,6 +254,7 @@ class LoraConfig(Section):
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
     init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
+    merge_every: int = Field(0, ge=0, description="Periodic merging (ReLoRA, Lialin et al. 2023; lora.type lora, init zero or orthogonal): every N optimiser steps each adapter's update is added into its frozen base weight and the adapter restarts (init drawn again, its factors' optimiser state reset), so the total update can exceed rank r; the export holds the total (rank grows by r per merge; export.reduce_rank cuts it back). 0: off.")
     lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
 
     @model_validator(mode="after")
@@ -277,7 +283,9 @@ class LoraConfig(Section):
 
 class TextEncoderConfig(Section):
     train: bool = Field(True, description="Train LoRA on the text encoder.")
-    clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm.")
+    clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm (SDXL and SD3: 1 is the penultimate layer without the norm, as their pipelines).")
+    train_parts: Optional[list[str]] = Field(None, description="The text encoders trained when text_encoder.train is on, by the family's part names; default: each it trains by default (SD 1.x/2.x text_encoder; SDXL and SD3 text_encoder and text_encoder_2; add SD3's T5, text_encoder_3, to train it).")
+    t5_max_length: int = Field(256, ge=1, le=512, description="SD3's T5 tokens per caption (the pipeline's max_sequence_length; kohya's t5xxl_max_token_length): padded and truncated to it; without T5, the length of the zeros fed in its place.")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -288,6 +296,7 @@ class LossConfig(Section):
     noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
     min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
     max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
+    flow: FlowConfig = Field(default_factory=FlowConfig, description="Rectified flow (SD3 / SD3.5): sigma draws, target and weighting.")
 
     @model_validator(mode="after")
     def _range(self) -> "LossConfig":

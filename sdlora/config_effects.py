@@ -120,8 +120,8 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: bool(c.checkpoint.every_steps)),
     Rule(("train.ema.decay", "train.ema.start_step", "train.ema.device"), "train.ema.enabled: true",
          lambda c, f: c.train.ema.enabled),
-    Rule(("export.reduce_rank",), "lora.init: compensated or principal (the inits exported at rank 2r)",
-         lambda c, f: c.lora.init in ("compensated", "principal")),
+    Rule(("export.reduce_rank",), "lora.init: compensated or principal (the inits exported at rank 2r) or "
+         "lora.merge_every above 0", lambda c, f: c.lora.init in ("compensated", "principal") or bool(c.lora.merge_every)),
 )
 
 

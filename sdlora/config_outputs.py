@@ -78,7 +78,7 @@ class CheckpointConfig(Section):
 
 
 class ExportConfig(Section):
-    reduce_rank: bool = Field(False, description="Truncate rank-2r exports of offset inits back to rank r by SVD (reports the error).")
+    reduce_rank: bool = Field(False, description="Truncate exports above the trained rank r (offset inits: 2r; lora.merge_every: grows by r per merge) back to rank r by SVD (reports the error and the share kept).")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported adapter.")
     fisher_samples: int = Field(0, ge=0, description="At the end of training, estimate the adapter's row Fisher over this many single-image gradients of the run's own data and store it in adapter.safetensors (sdlora.fisher metadata) for `sdlora merge --method fisher` / `resize --fisher` (0 = off; 32 is a reasonable start; costs one forward and backward pass each).")
 

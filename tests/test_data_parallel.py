@@ -44,11 +44,13 @@ def launch_two_processes(cfg_path: Path) -> subprocess.CompletedProcess:
 PRESERVATION = {"weight": 1.0, "source": "prompts", "prompts": ["a photo of a dog", "a red car", "a blue house"]}
 
 
-@pytest.mark.parametrize("reg", [{}, {"preservation": PRESERVATION}], ids=["plain", "preservation"])
-def test_two_processes_end_with_the_single_process_adapter(make_config, tmp_path, reg):
+@pytest.mark.parametrize("reg, lora", [({}, {}), ({"preservation": PRESERVATION}, {}), ({}, {"merge_every": 1})],
+                         ids=["plain", "preservation", "merge_every"])
+def test_two_processes_end_with_the_single_process_adapter(make_config, tmp_path, reg, lora):
     """With reg.preservation too: each process must take its slice of the global batch's preservation prompts
-    (before that fix both processes used the first prompt of the draw and this failed)."""
-    common = {"train": {"max_steps": STEPS, "seed": 3}, "lora": {"init": "orthogonal"}, "reg": reg}
+    (before that fix both processes used the first prompt of the draw and this failed). With lora.merge_every: every
+    process merges and restarts its replica alike (the exported total holds both merged pieces)."""
+    common = {"train": {"max_steps": STEPS, "seed": 3}, "lora": {"init": "orthogonal", **lora}, "reg": reg}
     parallel = make_config(common, train={"max_steps": STEPS, "seed": 3, "batch_size": 1},
                            output={"dir": str(tmp_path / "parallel")})
     cfg_path = tmp_path / "parallel.yaml"

@@ -75,7 +75,7 @@ def test_reading_another_trainers_file_folds_alpha_over_rank_into_up():
 
 @pytest.mark.parametrize("key, match", [
     ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_t1", "not a LoRA or LyCORIS key sdlora reads .*Tucker"),
-    ("lora_te3_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "not a LoRA or LyCORIS key"),
+    ("lora_te9_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "not a LoRA or LyCORIS key"),
     ("lora_unet_some_block_0_thing.lora_down.weight", "not a module path"),
 ])
 def test_unsupported_kohya_keys_are_user_errors(key, match):

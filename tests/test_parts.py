@@ -56,13 +56,19 @@ def test_a_family_without_one_denoiser_and_one_vae_is_refused():
                     resolution=8, resolution_v=8, parts=SD3_PARTS[1:])
 
 
-def test_sd3_folder_is_refused_by_name_until_its_family_is_registered(tiny_sd3):
-    with pytest.raises(UserError, match=r"has no denoiser subfolder sdlora knows \(unet\)"):
-        load_components(str(tiny_sd3))
+def test_a_folder_with_no_known_denoiser_is_refused_by_name(tiny_sd3, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd3, folder)
+    shutil.move(folder / "transformer", folder / "mmdit")
+    with pytest.raises(UserError, match=r"has no denoiser subfolder sdlora knows \(transformer, unet\)"):
+        load_components(str(folder))
 
 
 def test_names_and_kohya_prefixes_come_from_the_registered_families_parts():
-    assert {p for f in FAMILIES.values() for p in f.adaptable_parts} == {"unet", "text_encoder", "text_encoder_2"}
+    assert {p for f in FAMILIES.values() for p in f.adaptable_parts} == {"unet", "transformer", "text_encoder",
+                                                                         "text_encoder_2", "text_encoder_3"}
     assert canonical_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1") == "text_encoder_2.encoder.layers.0.mlp.fc1"
     assert canonical_name("unet", "down_blocks.0.attentions.0.proj_in") == "unet.down_blocks.0.attentions.0.proj_in"
     with pytest.raises(ValueError, match="not a canonical module name: vae.encoder"):
@@ -85,7 +91,9 @@ def test_a_kohya_prefix_two_families_share_is_read_by_the_files_family(monkeypat
     assert kohya.canonical_from_kohya(stem, frozenset({name}), family=sketch) == name
     assert kohya.canonical_from_kohya("lora_unet_down_blocks_0_attentions_0_proj_in", family=SD1) == \
         "unet.down_blocks.0.attentions.0.proj_in"
-    with pytest.raises(UserError, match="lora_unet_ stands for unet or transformer .* does not say its family"):
+    # No family said, and neither part's module words spell the key: one line, never a guess (a key exactly one
+    # part spells is read as that part's: adapter/kohya.canonical_from_kohya).
+    with pytest.raises(UserError, match="is not a module path of a unet or transformer|does not say its family"):
         kohya.canonical_from_kohya(stem, frozenset({name}))
     assert kohya.canonical_from_kohya("lora_te2_text_model_encoder_layers_0_mlp_fc1") == \
         "text_encoder_2.encoder.layers.0.mlp.fc1"  # a prefix one part stands for needs no family

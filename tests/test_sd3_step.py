@@ -1,26 +1,19 @@
 """The SD3 pieces compose with the one training step (training/step.py): the flow-matching objective, the SD3
 conditioning and the transformer's keyword call give, through `step_loss`, exactly the loss diffusers' SD3 LoRA
-script computes (examples/dreambooth/train_dreambooth_lora_sd3.py: preconditioned x0 target, weighting none)."""
+script computes (examples/dreambooth/train_dreambooth_lora_sd3.py: preconditioned x0 target, weighting none); the
+denoiser call is the SD3.5 Medium family's `predict`."""
 
 import json
 
 import torch
 
 from sdlora.config import LossConfig
+from sdlora.model.families import SD35M
 from sdlora.model.flow_objective import FlowMatchingObjective
+from sdlora.model.sd3 import SD3Conditioning
 from sdlora.model.sd3_text import encode_sd3, tokenize_sd3
 from sdlora.training.draws import GeneratorDraws
 from sdlora.training.step import step_loss
-
-
-class SD3Call:
-    """The SD3 family's denoiser call (until the family exists): keyword arguments, timestep = Noised.timesteps."""
-
-    @staticmethod
-    def predict(transformer, noisy, timesteps, conditioning, batch=None):
-        hidden, pooled = conditioning
-        return transformer(hidden_states=noisy, encoder_hidden_states=hidden, pooled_projections=pooled,
-                           timestep=timesteps).sample
 
 
 def test_step_loss_equals_the_diffusers_sd3_script_loss(tiny_sd35m):
@@ -37,7 +30,7 @@ def test_step_loss_equals_the_diffusers_sd3_script_loss(tiny_sd35m):
                           pipe.text_encoder_3, joint_attention_dim=pipe.transformer.config.joint_attention_dim)
         noise, sigma = objective.draw(GeneratorDraws(torch.Generator().manual_seed(1), 2, "cpu"), x0)
         noised = objective.noised(x0, noise, sigma)
-        ours = step_loss(objective, SD3Call, pipe.transformer, noised, cond, {}, LossConfig())
+        ours = step_loss(objective, SD35M, pipe.transformer, noised, SD3Conditioning(*cond, (), ()), {}, LossConfig())
 
         # the script's lines, on the same x0, noise and sigmas
         sigmas = sigma.reshape(-1, 1, 1, 1)

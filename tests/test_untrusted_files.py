@@ -63,9 +63,12 @@ def test_resume_never_unpickles_code_from_a_shared_checkpoint(two_step_run, tmp_
 def test_a_checkpoint_written_by_the_previous_version_still_resumes(two_step_run):
     """sdlora <= this fix saved the RNG state with torch.save (tensors, tuples, ints, a str): it loads without
     unpickling code (weights_only), so old run folders keep resuming."""
-    _, _, folder = two_step_run
+    cfg, _, folder = two_step_run  # the save path is unchanged: this folder is what the previous version wrote
     state = torch.load(folder / "rng_rank0.pt", weights_only=True)
     assert set(state) >= {"torch", "python", "numpy"}
+    result = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})}),
+                   resume=str(folder), log=quiet)
+    assert result.step == 3
 
 
 def test_a_manifest_never_makes_resume_read_a_file_outside_its_checkpoint(two_step_run, tmp_path):

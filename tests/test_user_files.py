@@ -163,3 +163,36 @@ def test_demo_and_tiny_model_never_write_into_a_folder_of_someone_elses(command,
     err = capsys.readouterr().err.strip()
     assert str(folder) in err and len(err.splitlines()) == 1, err
     assert files_under(folder) == before
+
+
+def test_a_demo_folder_the_demo_wrote_is_its_own_to_rewrite(tmp_path):
+    import yaml
+
+    from sdlora.commands.demo import demo_recipe, is_demo_folder
+    from sdlora.util.ownership import require_own_or_empty_folder
+
+    folder = (tmp_path / "demo").resolve()
+    folder.mkdir()
+    (folder / "samples.png").write_bytes(b"an earlier demo's")
+    (folder / "demo.yaml").write_text(yaml.safe_dump(demo_recipe(folder, 150), sort_keys=False))
+    assert is_demo_folder(folder)
+    require_own_or_empty_folder(folder, "demo --out", is_demo_folder)  # no refusal
+    (folder / "demo.yaml").write_text(yaml.safe_dump(demo_recipe(tmp_path / "elsewhere", 150), sort_keys=False))
+    assert not is_demo_folder(folder)
+
+
+def test_a_run_whose_config_yaml_cannot_be_written_is_marked_failed_and_its_folder_reused(make_config, tmp_path,
+                                                                                          monkeypatch):
+    """run.json is written first (it makes the folder an sdlora run's); a config.yaml that then fails to write marks
+    the run failed, so the same command reuses the folder once there is room, without --overwrite."""
+    from test_write_errors import fill_disk_at
+
+    out = tmp_path / "run"
+    cfg = make_config(output={"dir": str(out)}, train={"max_steps": 1})
+    fill_disk_at(monkeypatch, lambda path: path.name == "config.yaml")
+    with pytest.raises(UserError, match="config.yaml"):
+        train(cfg, log=quiet)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    train(cfg, log=quiet)
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

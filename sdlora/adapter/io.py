@@ -65,6 +65,12 @@ def reader_notes(adapter: AdapterWeights, layout: str) -> list[str]:
     each; empty when ComfyUI, AUTOMATIC1111 and diffusers read it as sdlora does."""
     if layout != "kohya":
         return []
+    from sdlora.adapter.run_record import RunRecord
+
+    record = RunRecord.from_metadata(adapter.metadata)
+    if record is not None and "kohya" in record.family.formats_missing:  # SD3: kohya's MMDiT names not written yet
+        return [f"sdlora does not write the kohya layout for {record.family.title} adapters yet (ComfyUI reads "
+                "adapter.safetensors' diffusers layout)"]
     return sorted({m.KOHYA_NOTE for m in adapter.modules.values() if m.KOHYA_NOTE})
 
 

@@ -54,12 +54,15 @@ def _prefix_table(families) -> dict[str, tuple[str, ...]]:
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
-PREFIXES = _prefix_table(FAMILIES.values())
+# The families whose kohya names this module writes and reads (SD3's, in the original MMDiT names with q/k/v fused,
+# are model/mmdit_keys.py's and not wired in yet: ModelFamily.formats_missing).
+KOHYA_FAMILIES = tuple(f for f in FAMILIES.values() if "kohya" not in f.formats_missing)
+PREFIXES = _prefix_table(KOHYA_FAMILIES)
 # The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
 LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
 
 # Module identifiers of every family's parts (model/parts.py `words`); digits between them are list indices.
-IDENTIFIERS = frozenset().union(*(part.words for part in PARTS.values()))
+IDENTIFIERS = frozenset().union(*(part.words for f in KOHYA_FAMILIES for part in f.parts))
 # The original UNet's (SDXL's kohya names), on top of the above.
 LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
@@ -107,10 +110,14 @@ def kohya_name(name: str, family: ModelFamily, layout: dict | None = None) -> st
     return part.kohya_prefix + part.kohya_level + path.replace(".", "_")
 
 
-@lru_cache(maxsize=None)
 def _split_identifiers(flat: str, ldm: bool = False) -> tuple[str, ...] | None:
     """Split `attn1_to_out_0` into ('attn1', 'to_out', '0'): the fewest known identifiers and indices."""
-    known = LDM_IDENTIFIERS if ldm else IDENTIFIERS
+    return _split_words(flat, LDM_IDENTIFIERS if ldm else IDENTIFIERS)
+
+
+@lru_cache(maxsize=None)
+def _split_words(flat: str, known: frozenset) -> tuple[str, ...] | None:
+    """`flat` as the fewest identifiers of `known` and indices; None when it is not made of them."""
     words = flat.split("_")
     n = len(words)
     best: list[tuple[str, ...] | None] = [None] * (n + 1)
@@ -130,6 +137,13 @@ def _is_ldm(flat: str) -> bool:
     return flat.startswith(LDM_BLOCKS) or flat.startswith(("time_embed", "label_emb", "out_"))
 
 
+def _spells(flat: str, part) -> bool:
+    """Whether a kohya name (after its prefix) is a module path of `part` (a UNet's may be SDXL's LDM names)."""
+    if part.role == DENOISER and part.name == LDM_FAMILY.denoiser.name and _is_ldm(flat):
+        return True
+    return _split_words(flat, part.words) is not None
+
+
 def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, layout: dict | None = None,
                          family: ModelFamily | None = None) -> str:
     """`lora_te_text_model_encoder_layers_0_self_attn_q_proj` -> `text_encoder.encoder.layers.0.self_attn.q_proj`.
@@ -145,6 +159,12 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, 
     candidates = PREFIXES[prefix]
     if len(candidates) > 1 and family is not None:
         candidates = tuple(n for n in candidates if family.kohya_prefixes.get(n) == prefix) or candidates
+    if len(candidates) > 1:  # nothing says the family: the part whose module words spell the name, if only one does
+        spelled = tuple(n for n in candidates if _spells(stem[len(prefix):].removeprefix(PARTS[n].kohya_level), PARTS[n]))
+        if not spelled:
+            raise UserError(f"kohya key {stem!r}: {stem[len(prefix):]!r} is not a module path of a "
+                            f"{' or '.join(candidates)} sdlora knows")
+        candidates = spelled if len(spelled) == 1 else candidates
     if len(candidates) > 1:
         raise UserError(f"kohya key {stem!r}: {prefix} stands for {' or '.join(candidates)} depending on the model "
                         "family, and the file does not say its family (ss_base_model_version)")
@@ -192,6 +212,8 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
     alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
     family = adapter_family(adapter, base_model_version)
+    if "kohya" in family.formats_missing:  # kohya_name would write diffusers' MMDiT names, which kohya does not read
+        raise UserError(f"kohya layout: not written for {family.title} adapters yet; use the diffusers layout")
     record = RunRecord.from_metadata(adapter.metadata)
     layout = record.unet_layout if record is not None else None
     alpha = float(network_dim(adapter))

@@ -49,7 +49,8 @@ def save_merged_diffusers(out: Path, comps, scheduler, dtype: torch.dtype, recor
     pipe = comps.family.pipeline(denoiser=comps.denoiser.to(dtype), vae=comps.vae.to(dtype), text_encoders=encoders,
                                  tokenizers=comps.tokenizers, scheduler=scheduler)
     for part in comps.family.parts:  # save_pretrained does not go through atomic.save_safetensors
-        require_finite(getattr(pipe, part.name).state_dict(), out / part.name)
+        if getattr(pipe, part.name) is not None:  # an optional part the model lacks (SD3 without T5)
+            require_finite(getattr(pipe, part.name).state_dict(), out / part.name)
     with build_folder_atomically(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         atomic.write_json(tmp / MERGED_MARKER, {"written_by": "sdlora export", "format": "merged-diffusers"})

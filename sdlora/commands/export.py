@@ -54,6 +54,14 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
         raise UserError(f"export: {out} exists; pass --force to replace it")
     adapter = load_adapter(resolve_adapter_file(source, ema))
     record = RunRecord.from_metadata(adapter.metadata)  # None for another trainer's file
+    if record is not None and record.base_model_version:
+        from sdlora.model.families import family_of_version
+
+        family = family_of_version(record.base_model_version)[0]
+        if fmt in family.formats_missing:
+            raise UserError(f"export --format {fmt}: not written for {family.title} adapters yet (allowed: "
+                            f"{', '.join(f for f in FORMATS if f not in family.formats_missing)}; ComfyUI reads the "
+                            "diffusers layout)")
     torch_dtype = DTYPES[dtype]
     if fmt in LAYOUTS:  # every write is atomic; a failed one is a WriteError naming `out` (one line, exit 2)
         tags = record.tag_frequency if fmt == "kohya" and record is not None else None  # counted at training

@@ -73,7 +73,11 @@ def assign_rates(layers: dict[str, AdapterLayer], cfg, family: ModelFamily) -> d
         out[name] = Assignment(None, base)
         for i, (pattern, rule) in enumerate(rules):
             if pattern.search(name):
-                out[name] = Assignment(i, rule.lr if rule.lr is not None else base * rule.lr_scale)
+                if rule.preset is not None:
+                    lr = PRESETS[rule.preset](layers[name], rule.lr if rule.lr is not None else base, cfg, i)
+                else:
+                    lr = rule.lr if rule.lr is not None else base * rule.lr_scale
+                out[name] = Assignment(i, lr)
                 used.add(i)
                 break
     for i, (_, rule) in enumerate(rules):
@@ -103,10 +107,13 @@ def build_param_groups(layers: dict[str, AdapterLayer], cfg, family: ModelFamily
             g = buckets.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "labels": OrderedDict()})
             g["params"].append(p)
             g["labels"][f"{label}:{part}"] = None
-    groups = []
+    groups, seen = [], set()
     for g in buckets.values():
         labels = list(g.pop("labels"))
-        groups.append({**g, "name": labels[0] if len(labels) == 1 else "+".join(labels)})
+        name = labels[0] if len(labels) == 1 else "+".join(labels)
+        name = next(f"{name}#{n}" for n in range(1, len(buckets) + 2) if f"{name}#{n}" not in seen) if name in seen else name
+        seen.add(name)  # a preset's rule gives one label several rates: `rule0:unet:A`, `rule0:unet:A#1`, ...
+        groups.append({**g, "name": name})
     return ParamGroups(groups, assignment)
 
 
@@ -123,6 +130,37 @@ def role_rate(role: str, module_lr: float, cfg) -> tuple[float, float, str]:
     if role == "factor":  # a full factor, neither side of a low-rank pair (LoKr's w1, w2): the module's rate
         return module_lr, cfg.optim.weight_decay, "W"
     raise ValueError(f"unknown parameter role {role!r}")
+
+
+def match_full_finetune(layer: AdapterLayer, full_lr: float, cfg, rule: int) -> float:
+    """The module rate (A's; B's is optim.b_lr_ratio times it) at which the first Adam step moves the module's W as
+    much as a full fine-tune's first step at `full_lr` (docs/lora.md, 'A rate rule from the full fine-tune'):
+
+        lr = full_lr · sqrt(out · k) / (|s| · sqrt(ρ² · out · ‖A‖² + [A trained] · k · ‖B‖²))
+
+    out, k: the weight's output and input size (k = in·kh·kw for a conv), s the scale alpha/r, ρ = optim.b_lr_ratio,
+    ‖·‖ the Frobenius norm of the factors as initialised. Rounded to 2 significant digits, so modules of one shape
+    share an optimiser group. Adam's first step moves every entry by its rate (sign(g)), hence no gradient enters;
+    the cross terms' expectation is taken as zero. LoRA+'s observation (Hayou et al. 2024) that B and A want different
+    rates is what ρ carries. A UserError for kinds without a plain (A, B) pair."""
+    import math
+
+    if layer.adapter_kind != "lora":
+        raise UserError(f"optim.lr_rules.{rule}: preset match_full_finetune applies to lora.type lora, not "
+                        f"{layer.adapter_kind} (its first step is not s·(ΔB·A + B·ΔA))")
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    out, k = b.shape[0], a[0].numel()
+    rho = cfg.optim.b_lr_ratio
+    moved = rho ** 2 * out * float(a.pow(2).sum()) + (k * float(b.pow(2).sum()) if layer.lora_A.requires_grad else 0.0)
+    s = abs(layer.scale_value())
+    if moved == 0 or s == 0:
+        raise UserError(f"optim.lr_rules.{rule}: preset match_full_finetune: the first step of this module does not "
+                        "move W (A and B both zero, or alpha 0)")
+    lr = full_lr * math.sqrt(out * k) / (s * math.sqrt(moved))
+    return float(f"{lr:.2g}")
+
+
+PRESETS = {"match_full_finetune": match_full_finetune}  # optim.lr_rules' `preset` -> the module's rate
 
 
 def trainable_count(layers: dict[str, AdapterLayer]) -> int:

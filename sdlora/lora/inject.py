@@ -102,9 +102,11 @@ def _name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def plan_denoiser(denoiser: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
+def plan_denoiser(denoiser: nn.Module, lora_cfg, targets: list[str] | None = None) -> dict[str, LayerSpec]:
+    """`targets`: the family's reading of lora.unet_targets (`ModelFamily.lora_targets`); None: the key itself."""
+    targets = lora_cfg.unet_targets if targets is None else targets
     specs = {p: LayerSpec(lora_cfg.rank, lora_cfg.alpha)
-             for p in find_targets(denoiser, lora_cfg.unet_targets, (nn.Linear,), key="lora.unet_targets")}
+             for p in find_targets(denoiser, targets, (nn.Linear,), key="lora.unet_targets")}
     if lora_cfg.conv:
         rank = lora_cfg.conv_rank or lora_cfg.rank
         alpha = lora_cfg.alpha if lora_cfg.conv_alpha is None else lora_cfg.conv_alpha
@@ -114,27 +116,31 @@ def plan_denoiser(denoiser: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
     return specs
 
 
-def plan_text_encoder(text_encoder: nn.Module, lora_cfg) -> dict[str, LayerSpec]:
+def plan_text_encoder(text_encoder: nn.Module, lora_cfg, targets: list[str] | None = None) -> dict[str, LayerSpec]:
+    targets = lora_cfg.text_encoder_targets if targets is None else targets
     return {p: LayerSpec(lora_cfg.rank, lora_cfg.alpha)
-            for p in find_targets(text_encoder, lora_cfg.text_encoder_targets, (nn.Linear,), key="lora.text_encoder_targets")}
+            for p in find_targets(text_encoder, targets, (nn.Linear,), key="lora.text_encoder_targets")}
 
 
 def inject_all(models: dict[str, nn.Module], cfg, family) -> dict[str, AdapterLayer]:
     """Freeze the models and inject LoRA per the config; returns every layer by canonical name. `models`: the
     family's adaptable parts by name (`Components.adaptable()`): the denoiser is adapted with lora.unet_targets
-    (and conv_targets), each text encoder whose part carries LoRA (model/parts.py) with lora.text_encoder_targets
-    when text_encoder.train is on."""
+    (and conv_targets), each trained text encoder (`ModelFamily.trained_text_encoders`: those whose part carries
+    LoRA, or text_encoder.train_parts) with lora.text_encoder_targets; a part's own default targets where the config
+    leaves the key unset (`ModelFamily.lora_targets`: SD3's attention of both streams, T5's q, k, v, o)."""
     denoiser = family.denoiser.name
-    adapted = [denoiser] + [p.name for p in family.text_encoder_parts if cfg.text_encoder.train and p.lora]
+    adapted = [denoiser, *family.trained_text_encoders(cfg)]
     missing = [name for name in adapted if name not in models]
     if missing:
         raise ValueError(f"inject_all: adapting {family.title} needs the models {', '.join(missing)}")
     for name in family.adaptable_parts:
         if name in models:
             models[name].requires_grad_(False)
-    plans = {denoiser: (models[denoiser], plan_denoiser(models[denoiser], cfg.lora))}
+    plans = {denoiser: (models[denoiser], plan_denoiser(models[denoiser], cfg.lora,
+                                                        family.lora_targets(family.denoiser, cfg.lora)))}
     for name in adapted[1:]:
-        plans[name] = (models[name], plan_text_encoder(models[name], cfg.lora))
+        plans[name] = (models[name], plan_text_encoder(models[name], cfg.lora,
+                                                       family.lora_targets(family.part(name), cfg.lora)))
     if cfg.lora.init_from:
         plan_from_adapter(plans, cfg.lora.init_from, cfg)
     if cfg.lora.init_alphas_from:

@@ -8,6 +8,10 @@ W' is the frozen base weight, offset by `s0·B0·A0` for the compensated and pri
 output at step 0 is the base model's). The offset factors are kept (frozen) for two reasons: export
 writes the exact update `s·B·A - s0·B0·A0`, and `adapters_disabled()` restores the original W0.
 
+With periodic merging (`lora.merge_every`, training/periodic_merge.py; ReLoRA, Lialin et al. 2023) W' also
+holds the merged pieces `Σ_k s_k·B_k·A_k`, kept beside the layer as fp32 factors (`merged_down`,
+`merged_up`, rank k·r): the export writes them with the live adapter's, and `adapters_disabled()` subtracts them.
+
 Alpha may be learnable (an fp32 parameter). It may go negative: its sign is absorbed by B (the function
 class is the same), a clamp would create a dead zone where alpha stops learning, and every export folds
 the signed scale into B, so no loader ever sees it.
@@ -135,6 +139,9 @@ class LoRALayer(AdapterLayer):
         else:
             self.offset_A = None
             self.offset_B = None
+        # periodic merging's pieces already in W' (plain fp32 tensors, not state: periodic_merge.py saves them)
+        self.merged_down: torch.Tensor | None = None  # (k·r, in[, kh, kw]): [A_1; ...; A_k]
+        self.merged_up: torch.Tensor | None = None  # (out, k·r[, 1, 1]): [s_1·B_1 | ... | s_k·B_k]
 
     @classmethod
     def build(cls, base, spec, lora_cfg, generator):
@@ -148,7 +155,9 @@ class LoRALayer(AdapterLayer):
         if self.enabled:  # the scale goes into B (out x r), far smaller than the activations it would otherwise scale
             return y + self._lowrank(x, self.lora_A, self.lora_B * self.scale())
         if self.offset_A is not None:  # adapters off: restore W0 = W' + s0·B0·A0
-            return y + self._lowrank(x, self.offset_A, self.offset_B)
+            y = y + self._lowrank(x, self.offset_A, self.offset_B)
+        if self.merged_down is not None:  # ... - Σ_k s_k·B_k·A_k, the merged pieces
+            y = y - self._lowrank(x, self.merged_down, self.merged_up)
         return y
 
     def delta_weight(self) -> torch.Tensor:
@@ -157,7 +166,16 @@ class LoRALayer(AdapterLayer):
         return self._dense(down, up)
 
     def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) with every scale folded into up; rank 2r `[s·B | -s0·B0]·[A ; A0]` where the base was offset."""
+        """(down, up) with every scale folded into up, the total update W_effective - W0: the live adapter's
+        (`live_factors`) and, after periodic merges, the merged pieces' `[... | s_1·B_1 | ...]·[... ; A_1 ; ...]`."""
+        down, up = self.live_factors()
+        if self.merged_down is not None:
+            down, up = torch.cat([down, self.merged_down], 0), torch.cat([up, self.merged_up], 1)
+        return down, up
+
+    def live_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live adapter's (down, up), scale folded into up; rank 2r `[s·B | -s0·B0]·[A ; A0]` where the base was
+        offset. fp32 copies."""
         s = self.scale().detach().float()
         down = self.lora_A.detach().float()
         up = self.lora_B.detach().float() * s
@@ -169,10 +187,10 @@ class LoRALayer(AdapterLayer):
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Return the base module with the effective weight W0 + ΔW written into it."""
-        w = self.base.weight
+        w = self.base.weight  # W' = W0 - s0·B0·A0 + merged pieces: add s0·B0·A0 and the live update
         if self.offset_A is not None:
             w += self._dense(self.offset_A.float(), self.offset_B.float()).to(w.dtype)
-        w += self.delta_weight().to(w.dtype)
+        w += self._dense(*self.live_factors()).to(w.dtype)
         return self.base
 
     # Every tensor of the adapter itself (not the frozen base): kept fp32 whatever dtype the base is stored in.

@@ -92,3 +92,18 @@ def skill_table(pipe, judge: Judge, *, seeds_train: int = 2, seeds_held_out: int
 
 
 __all__ = ["load_pipeline", "sample", "digit_cases", "concept_cases", "score", "skill_table", "TRIGGER"]
+
+
+def paired_distance(images: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """How far samples moved from the reference samples drawn at the same prompts and seeds: the RMS difference of
+    pixel values (uint8 images, scaled to [0, 1]) of each pair, averaged over the pairs. 0: identical; a judge-free
+    measure of what the rest of the model kept (issue 30). ValueError where the lists or image shapes differ."""
+    if len(images) != len(reference) or not images:
+        raise ValueError(f"paired_distance: {len(images)} images against {len(reference)} reference images")
+    rms = []
+    for a, b in zip(images, reference):
+        if a.shape != b.shape:
+            raise ValueError(f"paired_distance: image of shape {a.shape} against {b.shape}")
+        d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+        rms.append(float(np.sqrt(np.mean(d * d))))
+    return float(np.mean(rms))

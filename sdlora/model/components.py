@@ -24,9 +24,11 @@ class Components:
     source: str  # what was loaded, for metadata
 
     def __post_init__(self):
-        needed = {p.name for p in self.family.parts}
-        if set(self.models) != needed:
-            raise ValueError(f"{self.family.title} components need the parts {sorted(needed)}, got {sorted(self.models)}")
+        needed = {p.name for p in self.family.parts if not p.optional}
+        allowed = {p.name for p in self.family.parts}
+        if not needed <= set(self.models) <= allowed:
+            raise ValueError(f"{self.family.title} components need the parts {sorted(needed)} (optional: "
+                             f"{sorted(allowed - needed)}), got {sorted(self.models)}")
 
     # -- parts by role ----------------------------------------------------------------------------------------
     @property
@@ -36,17 +38,17 @@ class Components:
     @property
     def text_encoders(self) -> dict[str, "torch.nn.Module"]:
         """The family's text encoders by part name (`text_encoder`, and `text_encoder_2` for SDXL), in the order the
-        family's conditioning reads them."""
-        return {name: self.models[name] for name in self.family.text_encoders}
+        family's conditioning reads them; an optional part the model lacks (SD3's T5) is left out."""
+        return {name: self.models[name] for name in self.family.text_encoders if name in self.models}
 
     @property
     def tokenizers(self) -> list:
         """One tokenizer per text encoder, in the same order."""
-        return [self.tokenizers_by_part[name] for name in self.family.text_encoders]
+        return [self.tokenizers_by_part[name] for name in self.family.text_encoders if name in self.models]
 
     def adaptable(self) -> dict[str, "torch.nn.Module"]:
         """The models an adapter's modules live in, by part name (the denoiser, then the text encoders)."""
-        return {name: self.models[name] for name in self.family.adaptable_parts}
+        return {name: self.models[name] for name in self.family.adaptable_parts if name in self.models}
 
     # -- the SD families' parts by their old names ------------------------------------------------------------
     @property
@@ -87,8 +89,9 @@ class Components:
 
     @property
     def prediction_type(self) -> str:
-        """The training target: `epsilon` or `v_prediction` (the noise scheduler's, after model.prediction_type)."""
-        return self.noise_scheduler.config.prediction_type
+        """The training target: `epsilon` or `v_prediction` (the noise scheduler's, after model.prediction_type);
+        `flow` for a rectified-flow scheduler (SD3), whose config has no prediction type."""
+        return self.noise_scheduler.config.get("prediction_type") or "flow"
 
     @property
     def base_model_version(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sdlora.errors import UserError
 from sdlora.model import parts as P
 from sdlora.model.family_base import PREDICTION_TYPES, RESOURCES, SUPPORTED, ModelFamily  # noqa: F401 (re-exported)
+from sdlora.model.sd3 import SD3Family
 from sdlora.model.sdxl import (SDXLConditioning, SDXLFamily, micro_conditioning,  # noqa: F401 (re-exported)
                                sdxl_encoder_output, sdxl_hidden_state)
 
@@ -53,7 +54,38 @@ SDXL = SDXLFamily(
     # SDXL was trained with zeroed conditioning for dropped captions, and its base pipeline samples that way
     pipeline_options={"force_zeros_for_empty_prompt": True, "add_watermarker": False},
 )
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+
+
+def mmdit_block_groups(text_encoders: tuple[str, ...]) -> tuple:
+    """SD3's `optim.lr_rules` named groups: each text encoder (and a CLIP's layers), the transformer and its joint
+    blocks (`transformer.joint_blocks.N`, kohya's and the original MMDiT's name for diffusers' transformer_blocks.N)."""
+    groups = [(rf"^{te}\.layers\.(\d+)$", rf"^{te}\.encoder\.(?:layers|block)\.{{0}}\.") for te in text_encoders]
+    groups += [(rf"^{te}$", rf"^{te}\.") for te in text_encoders]
+    groups += [(r"^transformer$", r"^transformer\."),
+               (r"^transformer\.(?:joint|transformer)_blocks\.(\d+)$", r"^transformer\.transformer_blocks\.{0}\.")]
+    return tuple(groups)
+
+
+def _sd3(name: str, title: str, model_type: str, architecture: str) -> SD3Family:
+    """An SD3-family instance; kohya's ss_base_model_version is its model type (library/sd3_utils.py) and
+    ModelSpec's architecture stable-diffusion-3-<type> (library/sai_model_spec.py)."""
+    return SD3Family(
+        name=name, title=title, kohya_version=model_type, modelspec_architecture=architecture,
+        modelspec_architecture_v=architecture, resolution=1024, resolution_v=1024, parts=P.SD3_PARTS,
+        scheduler_class="FlowMatchEulerDiscreteScheduler", pipeline_class="StableDiffusion3Pipeline",
+        text_outputs=(("text_encoder", "text_encoder", True), ("text_encoder_2", "text_encoder_2", True),
+                      ("text_encoder_3", "text_encoder_3", True), ("pooled_l", "text_encoder", False),
+                      ("pooled", "text_encoder_2", False)),  # the pooled vector's halves: CLIP-L's, CLIP-G's
+        block_groups=mmdit_block_groups(("text_encoder", "text_encoder_2", "text_encoder_3")),
+        single_file_reader="diffusers", pipeline_options={}, model_type=model_type,
+        formats_missing=("kohya", "merged-single-file"),
+        target_presets={"attention": P.SD3_ATTENTION_TARGETS, "kohya": (r"re:^transformer_blocks\.",)})
+
+
+SD3 = _sd3("sd3", "SD3 Medium", "medium", "stable-diffusion-3-medium")
+SD35M = _sd3("sd35m", "SD3.5 Medium", "5-medium", "stable-diffusion-3-5-medium")
+SD35L = _sd3("sd35l", "SD3.5 Large", "5-large", "stable-diffusion-3-5-large")
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3, SD35M, SD35L)}
 
 
 def family_named(name: str) -> ModelFamily:

@@ -27,7 +27,8 @@ from sdlora.model import parts as P
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-SUPPORTED = "sdlora trains SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"
+SUPPORTED = ("sdlora trains SD 1.x, SD 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and SD3 / SD3.5 "
+             "(StableDiffusion3Pipeline) models")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class ModelFamily:
     single_file_reader: str = "sdlora"
     v_marker_keys: bool = False  # a v-prediction single file carries ComfyUI's `v_pred` (and `ztsnr`) marker keys
     # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
+    # Export formats (commands/export.FORMATS) this family cannot write yet, refused by name (SD3: kohya's MMDiT
+    # names and its single file).
+    formats_missing: tuple = ()
+    # Named sets of denoiser targets (`lora.unet_targets: [preset:<name>]`), e.g. SD3's diffusers and kohya sets.
+    target_presets: dict = field(default_factory=dict)
     pipeline_options: dict = field(default_factory=lambda: {"safety_checker": None, "feature_extractor": None,
                                                            "requires_safety_checker": False})
 
@@ -104,6 +110,53 @@ class ModelFamily:
             if m:
                 return re.compile(pattern.format(*m.groups()) if m.groups() else pattern)
         return None
+
+    # -- the run's config --------------------------------------------------------------------------------------
+    def check_config(self, cfg) -> None:
+        """Refuse (a UserError, one line) config keys this family cannot honour, once the model is known: a DDPM
+        family refuses loss.flow (rectified flow's keys); SD3 refuses the DDPM-only ones (model/sd3.py)."""
+        if cfg.loss.flow.model_fields_set:
+            key = sorted(cfg.loss.flow.model_fields_set)[0]
+            raise UserError(f"loss.flow.{key}: rectified-flow keys apply to SD3 / SD3.5 models; {self.title} trains "
+                            "with DDPM (its keys: loss.min_snr_gamma, noise_offset, min_timestep, max_timestep)")
+        self.check_train_parts(cfg)
+
+    def check_train_parts(self, cfg) -> None:
+        """A UserError naming a text_encoder.train_parts entry that is none of this family's text encoders."""
+        for name in cfg.text_encoder.train_parts or ():
+            if name not in self.text_encoders:
+                raise UserError(f"text_encoder.train_parts: {self.title} has no text encoder {name!r} (its text "
+                                f"encoders: {', '.join(self.text_encoders)})")
+
+    def for_run(self, comps, cfg) -> "ModelFamily":
+        """The family instance a run uses with these loaded parts (SD3 records its transformer's text width and its
+        T5 length); the SD families need nothing."""
+        return self
+
+    def trained_text_encoders(self, cfg) -> tuple[str, ...]:
+        """The text encoders that carry adapters: none unless text_encoder.train; then text_encoder.train_parts, or
+        each whose part row says it does (`Part.lora`)."""
+        if not cfg.text_encoder.train:
+            return ()
+        chosen = cfg.text_encoder.train_parts
+        return tuple(p.name for p in self.text_encoder_parts if (p.name in chosen if chosen is not None else p.lora))
+
+    def lora_targets(self, part: P.Part, lora_cfg) -> list[str]:
+        """The Linear targets of a part: lora.unet_targets (the denoiser) or lora.text_encoder_targets where the
+        config sets them, else the part's own defaults (`Part.targets`), else the config's defaults."""
+        key = "unet_targets" if part.role == P.DENOISER else "text_encoder_targets"
+        if key not in lora_cfg.model_fields_set and part.targets is not None:
+            return list(part.targets)
+        targets = []
+        for t in getattr(lora_cfg, key):
+            if t.startswith("preset:"):
+                if part.role != P.DENOISER or t[7:] not in self.target_presets:
+                    allowed = ", ".join(f"preset:{n}" for n in self.target_presets) or "none"
+                    raise UserError(f"lora.{key}: {t!r} is no preset of {self.title}'s {part.name} (allowed: {allowed})")
+                targets += self.target_presets[t[7:]]
+            else:
+                targets.append(t)
+        return targets
 
     # -- parts (model/parts.py) -------------------------------------------------------------------------------
     def __post_init__(self):
@@ -230,7 +283,7 @@ class ModelFamily:
     def matches_denoiser(self, config) -> bool:
         """Whether a denoiser config (a dict) is this family's: SD 2.x's UNet reads 1024-wide text or projects
         linearly, SD 1.x's neither; neither has SDXL's text_time embedding."""
-        if config.get("addition_embed_type") == "text_time":
+        if config.get("addition_embed_type") == "text_time" or "joint_attention_dim" in config:  # SDXL, a transformer
             return False
         sd2 = config.get("cross_attention_dim") == 1024 or bool(config.get("use_linear_projection"))
         return sd2 == (self.name == "sd2")

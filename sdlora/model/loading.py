@@ -100,15 +100,17 @@ def load_parts(path: Path, family: ModelFamily) -> Components:
     subfolder or a part that does not load."""
     import diffusers
 
-    needed = [p.name for p in family.parts] + list(family.tokenizer_names) + ["scheduler"]
+    # an optional part (SD3's T5) the folder lacks, model and tokenizer both, is left out
+    parts = [p for p in family.parts if not (p.optional and not (path / p.name).is_dir())]
+    needed = [p.name for p in parts] + [p.tokenizer for p in parts if p.tokenizer] + ["scheduler"]
     missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
         raise UserError(f"model.path: {path} lacks the subfolder(s) {', '.join(missing)} (needed: {', '.join(needed)})")
     try:
         models = {p.name: p.build_class().from_pretrained(path, subfolder=p.name, local_files_only=True)
-                  for p in family.parts}
+                  for p in parts}
         tokenizers = {p.name: p.tokenizer_type().from_pretrained(path, subfolder=p.tokenizer, local_files_only=True)
-                      for p in family.text_encoder_parts}
+                      for p in parts if p.role == "text_encoder"}
         scheduler = getattr(diffusers, family.scheduler_class).from_pretrained(path, subfolder="scheduler",
                                                                                local_files_only=True)
     except LOAD_ERRORS as e:

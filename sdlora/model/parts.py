@@ -17,7 +17,12 @@ the family's table instead of listing `unet` / `text_encoder_2`:
   after it (`lora_te_text_model_...`);
 - `single_file`: for a text encoder, (layout of `ldm_keys.TEXT_ENCODER_LAYOUTS`, key prefix) in the original
   single-file layout;
-- `lora`: whether the part carries adapters when its role trains (a T5 encoder would say False: frozen by default);
+- `lora`: whether the part carries adapters when its role trains (SD3's T5 says False: frozen unless
+  `text_encoder.train_parts` names it);
+- `optional`: a folder may lack the part (SD3 without T5: `text_encoder_3` absent; the family then feeds what its
+  pipeline feeds in its place);
+- `targets`: the part's default LoRA targets, used when the config does not set `lora.unet_targets` (the denoiser)
+  or `lora.text_encoder_targets` (a text encoder); None: the config's defaults (the SD families' CLIP and UNet);
 - `words`: the identifiers of the model's module paths (digits between them are list indices): kohya names lose
   the dots (`attn1_to_out_0`), and these are what a name is split back into without the model at hand.
 
@@ -46,6 +51,8 @@ class Part:
     single_file: tuple[str, str] | None = None
     lora: bool = True
     words: frozenset = frozenset()
+    optional: bool = False
+    targets: tuple | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -107,3 +114,31 @@ SDXL_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTex
 SD1_PARTS = (UNET, SD1_TEXT_ENCODER, SD_VAE)
 SD2_PARTS = (UNET, SD2_TEXT_ENCODER, SD_VAE)
 SDXL_PARTS = (UNET, SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SD_VAE)
+
+# ---------------------------------------------------------------------------------- SD3 and SD3.5
+# SD3Transformer2DModel's module words (transformer_sd3.py, attention_processor.py: JointTransformerBlock, the
+# dual-attention attn2 of SD3.5 Medium, QK-norm) and T5EncoderModel's (modeling_t5.py).
+MMDIT_WORDS = frozenset("""
+transformer_blocks attn attn2 to_q to_k to_v to_out add_q_proj add_k_proj add_v_proj to_add_out ff ff_context net
+proj norm1 norm1_context norm2 norm2_context linear norm_q norm_k norm_added_q norm_added_k pos_embed context_embedder
+time_text_embed timestep_embedder text_embedder linear_1 linear_2 norm_out proj_out
+""".split())
+T5_WORDS = frozenset("""
+encoder block layer SelfAttention q k v o relative_attention_bias DenseReluDense wi wi_0 wi_1 wo layer_norm
+final_layer_norm shared embed_tokens
+""".split())
+# diffusers' default SD3 LoRA (train_dreambooth_lora_sd3.py, SD3LoraLoaderMixin): both streams' attention.
+SD3_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+SD3_TRANSFORMER = Part("transformer", DENOISER, "diffusers.SD3Transformer2DModel", kohya_prefix="lora_unet_",
+                       words=MMDIT_WORDS, targets=SD3_ATTENTION_TARGETS)
+# CLIP-L and OpenCLIP bigG, both with their projection (each gives half of the pooled vector); T5-XXL, frozen by
+# default (kohya: opt-in train_t5xxl), absent in a folder saved with text_encoder_3=None.
+SD3_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection", tokenizer="tokenizer",
+                        model_level="text_model.", kohya_prefix="lora_te1_", words=CLIP_WORDS)
+SD3_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
+                          tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_", words=CLIP_WORDS)
+SD3_TEXT_ENCODER_3 = Part("text_encoder_3", TEXT_ENCODER, "transformers.T5EncoderModel", tokenizer="tokenizer_3",
+                          tokenizer_class="transformers.T5TokenizerFast", kohya_prefix="lora_te3_", lora=False,
+                          words=T5_WORDS, optional=True, targets=("q", "k", "v", "o"))
+SD3_PARTS = (SD3_TRANSFORMER, SD3_TEXT_ENCODER, SD3_TEXT_ENCODER_2, SD3_TEXT_ENCODER_3, SD_VAE)

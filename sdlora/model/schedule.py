@@ -25,6 +25,8 @@ def set_noise_schedule(comps, prediction_type: str | None = None, zero_terminal_
     """Apply model.prediction_type / model.zero_terminal_snr (None: keep what the model says) to the noise
     scheduler, so the training target and every name derived from it follow; refuse zero SNR with epsilon."""
     sched = comps.noise_scheduler
+    if "prediction_type" not in sched.config:  # rectified flow (SD3): its family refuses both keys by name
+        return
     changes = {}
     if prediction_type and prediction_type != sched.config.prediction_type:
         changes["prediction_type"] = prediction_type
@@ -41,7 +43,10 @@ def set_noise_schedule(comps, prediction_type: str | None = None, zero_terminal_
 
 
 def inference_schedule(scheduler, prediction_type: str, zero_terminal_snr: bool):
-    """`scheduler` (a pipeline's inference scheduler) predicting `prediction_type`, on the training schedule."""
+    """`scheduler` (a pipeline's inference scheduler) predicting `prediction_type`, on the training schedule; a
+    rectified-flow scheduler (SD3: no prediction type) as it is."""
+    if "prediction_type" not in scheduler.config:
+        return scheduler
     if scheduler.config.prediction_type != prediction_type or zero_terminal_snr_of(scheduler) != zero_terminal_snr:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type,
                                                 **({"rescale_betas_zero_snr": False} if not zero_terminal_snr else {}))

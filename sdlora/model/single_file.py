@@ -66,6 +66,9 @@ def read_checkpoint(path: Path, *, allow_pickle: bool, key: str = "model.path") 
 
 def detect_family(sd: dict, path: str = "checkpoint"):
     """The model family of a single file, from its keys alone (`ModelFamily.matches_single_file`)."""
+    if any(k.startswith(L.UNET + "joint_blocks.") for k in sd):
+        raise UserError(f"model.path: {path} is an SD3 / SD3.5 single file, which sdlora does not read yet: train from "
+                        "its diffusers folder (StableDiffusion3Pipeline.from_single_file(...).save_pretrained(...))")
     if L.UNET + "input_blocks.0.0.weight" not in sd:
         raise UserError(f"model.path: {path} is not an SD 1.x, 2.x or SDXL checkpoint (no model.diffusion_model.* "
                         "UNet keys)")

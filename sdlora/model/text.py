@@ -14,8 +14,12 @@ import torch
 
 def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's length (77 for CLIP: 75 content tokens + BOS/EOS), or
-    with `max_token_length` a multiple of 75 above it, k = max_token_length / 75 chunks of 77: (B, 77·k)."""
+    with `max_token_length` a multiple of 75 above it, k = max_token_length / 75 chunks of 77: (B, 77·k). A
+    tokenizer without a start token (T5) is never chunked: (B, its model_max_length)."""
     window = tokenizer.model_max_length
+    if tokenizer.bos_token_id is None:  # not CLIP (SD3's T5): padded and truncated to its length, its EOS appended
+        return tokenizer(captions, padding="max_length", max_length=window, truncation=True,
+                         return_tensors="pt").input_ids
     if max_token_length is None or max_token_length <= window - 2:
         return tokenizer(captions, padding="max_length", max_length=window, truncation=True,
                          return_tensors="pt").input_ids

@@ -7,6 +7,7 @@ A checkpoint is a folder `<output.dir>/checkpoints/step_NNNNNN/` holding
     optimizer.pt            the optimiser state (moments, step counts, per-group rates)
     trainer_state.json      step, LR-scheduler state, data-order position, non-finite counters
     ema.safetensors         with train.ema: the averaged adapter tensors (fp32), and adapter_ema.safetensors
+    merged.safetensors      with lora.merge_every, once merged: the pieces added into the base weights (fp32)
     rng_rank{i}.pt          per process: torch / CUDA / Python / NumPy RNGs and the trainer's noise generator
                             (tensors and plain values: every .pt here loads with torch.load(weights_only=True),
                             so a checkpoint folder from someone else cannot run code on resume)
@@ -248,6 +249,7 @@ class Checkpointer:
     keep_last: int = 3
     data: object = None
     ema: object = None  # training/ema.AdapterEMA when train.ema is on
+    merges: object = None  # training/periodic_merge.PeriodicMerge when lora.merge_every is on
     saved: list[Path] = field(default_factory=list)
 
     def save(self, step: int, counters: dict | None = None) -> Path:
@@ -289,6 +291,8 @@ class Checkpointer:
                  "num_processes": self.accelerator.num_processes}
         atomic.write_json(folder / "trainer_state.json", state)
         self.export(folder / "adapter.safetensors", step)
+        if self.merges is not None and (pieces := self.merges.state_dict()):
+            atomic.save_safetensors(folder / "merged.safetensors", pieces)
         if self.ema is not None:
             atomic.save_safetensors(folder / "ema.safetensors", self.ema.state_dict())
             self.export(folder / "adapter_ema.safetensors", step, tensors=self.ema.average())
@@ -333,6 +337,8 @@ class Checkpointer:
         load_lora_state(self.layers, load_file(str(folder / "lora_state.safetensors")), folder)
         self.optimizer.load_state_dict(_finite(load_torch_file(folder / "optimizer.pt", folder), folder, "optimizer.pt"))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.merges is not None and "merged.safetensors" in listed:  # the pieces added into the base weights again
+            self.merges.load_state_dict(load_file(str(folder / "merged.safetensors")), folder)
         if self.data is not None and state.get("data") is not None:
             self.data.load_state_dict(state["data"])
         if self.ema is not None:

@@ -15,14 +15,17 @@ UI_FILE = "adapter_kohya.safetensors"  # beside adapter.safetensors: the run's f
 
 def adapter_from_layers(layers: dict[str, AdapterLayer], *, reduce_to_rank: bool = False,
                         report=None) -> AdapterWeights:
-    """Per-module exact records; with `reduce_to_rank`, rank-2r offset-init LoRA factors are truncated back to r."""
+    """Per-module exact records; with `reduce_to_rank`, LoRA factors above the trained rank r (offset inits: 2r; periodic
+    merging: (k+1)·r) are truncated back to r (adapter/algebra.factor_to_rank), the error reported."""
     modules = {}
     for name, layer in layers.items():
         record = layer.to_record(scale=layer.scale_value(), alpha=float(layer.alpha.detach()), trained_rank=layer.rank)
         if reduce_to_rank:
+            rank = record.rank
             record, err = record.truncated(layer.rank)
             if err is not None and report is not None:
-                report(f"export.reduce_rank: {name}: rank {2 * layer.rank} -> {layer.rank}, relative error {err:.2e}")
+                report(f"export.reduce_rank: {name}: rank {rank} -> {layer.rank}, relative error {err:.2e} (keeps "
+                       f"{1 - err ** 2:.2%} of the update's squared Frobenius norm)")
         modules[name] = record
     return AdapterWeights(modules)
 

@@ -129,7 +129,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
         run.lr_scheduler.step()  # a skipped step still counts: LR curve, data order and step numbers stay aligned
         step += 1
 
-        # ---- after the step: log, validation, probe, checkpoint, samples, stop
+        # ---- after the step: merge (lora.merge_every), log, validation, probe, checkpoint, samples, stop
+        if run.merges is not None and run.merges.due(step) and bool(weights_finite):  # a host sync every N steps
+            run.merges(step)
         if run.ema is not None:
             run.ema.update(step)
         run.nonfinite.record(verdict.finite)

@@ -14,6 +14,9 @@ OPTIONAL_OPTIMISERS = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodig
 
 def before_model(cfg) -> None:
     """Config facts that need the filesystem or the installed packages, but no model."""
+    from sdlora.training.periodic_merge import check_config as check_periodic_merge
+
+    check_periodic_merge(cfg)  # the kinds and options periodic merging cannot carry: one line
     needed = OPTIONAL_OPTIMISERS.get(cfg.optim.optimizer)
     if needed and importlib.util.find_spec(needed[0]) is None:
         raise UserError(f"optim.optimizer: {cfg.optim.optimizer} needs {needed[0]}, which is not installed "
@@ -52,14 +55,16 @@ def before_model(cfg) -> None:
 
 
 def against_model(cfg, comps) -> None:
-    """Settings whose limits only the loaded model knows."""
+    """Settings whose limits only the loaded model knows (the family's own refusals first: DDPM options on SD3)."""
+    comps.family.check_config(cfg)
     steps = comps.noise_scheduler.config.num_train_timesteps
     if cfg.loss.max_timestep is not None and cfg.loss.max_timestep > steps:
         raise UserError(f"loss.max_timestep: {cfg.loss.max_timestep} is beyond the model's {steps} training "
                         f"timesteps (allowed: {cfg.loss.min_timestep + 1} to {steps})")
     if cfg.loss.min_timestep >= steps:
         raise UserError(f"loss.min_timestep: {cfg.loss.min_timestep} must be < the model's {steps} training timesteps")
-    layers = min(te.config.num_hidden_layers for te in comps.text_encoders.values())  # every encoder skips as many
+    # every CLIP encoder skips as many (SD3's T5 gives its last layer, always)
+    layers = min(te.config.num_hidden_layers for te in comps.text_encoders.values() if te.config.model_type != "t5")
     if cfg.text_encoder.clip_skip > layers:
         raise UserError(f"text_encoder.clip_skip: {cfg.text_encoder.clip_skip} is more than the text encoder's "
                         f"{layers} layers (allowed: 1 to {layers})")

@@ -77,11 +77,12 @@ class RunStart:
     started: bool = False
 
     def begin(self, config_text: str) -> None:
-        """Clear the replaced run, write config.yaml, mark run.json running (main process only)."""
+        """Clear the replaced run, mark run.json running, write config.yaml (main process only)."""
         if self.main:
             if self.replace:
                 clear_previous_run(self.out)  # a replaced run's checkpoints must never be resumed by mistake
             mark_running(self.out)  # first: from here on the folder is an sdlora run's (check_output_dir)
+            self.started = True  # a config.yaml that cannot be written marks the run failed
             atomic.write_text(self.out / "config.yaml", config_text)
         self.started = True
 

@@ -11,6 +11,7 @@ exactly as it would have without samples.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 from pathlib import Path
@@ -35,6 +36,8 @@ def inference_scheduler(noise_scheduler):
     with zero terminal SNR, on the rescaled schedule from the last timestep (`model.schedule.for_sampling`)."""
     from diffusers import DDIMScheduler
 
+    if "prediction_type" not in noise_scheduler.config:  # rectified flow (SD3): its own Euler sampler, as the pipeline
+        return type(noise_scheduler).from_config(noise_scheduler.config)
     return for_sampling(DDIMScheduler.from_config(noise_scheduler.config), zero_terminal_snr_of(noise_scheduler))
 
 
@@ -57,13 +60,15 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None, prompts=Non
     dtype = next(unet.parameters()).dtype
     embeds = [family.pipeline_embeddings(conditioning([p.prompt]), conditioning([p.negative_prompt]), dtype,
                                          empty_negative=not p.negative_prompt) for p in prompts]
+    options = {"guidance_rescale": guidance_rescale(s, comps.zero_terminal_snr)}
+    if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:  # SD3's pipeline has none (no DDPM)
+        options = {}
     images = []
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):  # entered once: a one-shot manager
         for p, embed in zip(prompts, embeds):
             generator = torch.Generator().manual_seed(p.seed)  # CPU generator: the same images on every device
-            images += pipe(**embed, num_inference_steps=p.steps, guidance_scale=p.guidance_scale,
-                           guidance_rescale=guidance_rescale(s, comps.zero_terminal_snr), height=p.height,
-                           width=p.width, generator=generator, output_type="pil").images
+            images += pipe(**embed, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, **options,
+                           height=p.height, width=p.width, generator=generator, output_type="pil").images
     return images
 
 

@@ -22,6 +22,7 @@ from sdlora.training.ema import make_ema
 from sdlora.training.export import Exporter
 from sdlora.training.nonfinite import NonFiniteCounter
 from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
+from sdlora.training.periodic_merge import PeriodicMerge
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
 from sdlora.training.preservation import make_preservation
 from sdlora.training.text_cache import make_text_cache
@@ -59,6 +60,7 @@ class Run:
     checkpointer: Checkpointer
     nonfinite: NonFiniteCounter
     losses: list = field(default_factory=list)  # the logged loss of each logged step
+    merges: object = None  # training/periodic_merge.PeriodicMerge (lora.merge_every)
 
 
 def build_model(cfg: Config, say):
@@ -68,6 +70,7 @@ def build_model(cfg: Config, say):
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
                             zero_terminal_snr=cfg.model.zero_terminal_snr)
     preflight.against_model(cfg, comps)
+    comps.family = comps.family.for_run(comps, cfg)  # SD3: its transformer's text width and T5's length
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
         say(line)
     layers = inject_all(comps.adaptable(), cfg, comps.family)
@@ -101,11 +104,14 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     validation = make_validation(cfg, comps, data, objective, say) if main else None  # fixed held-out loss
     export = Exporter(layers, cfg, RunRecord.from_training(cfg, comps))  # what every exported file says about this run
     ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
+    merges = (PeriodicMerge(layers, cfg.lora.merge_every, cfg.train.max_steps, cfg.train.seed, prepared[-1])
+              if cfg.lora.merge_every else None)  # lora.merge_every: ReLoRA's merge-and-restart
     checkpointer = Checkpointer(out, accelerator, layers, prepared[-1], lr_scheduler, noise_gen, export,
-                                keep_last=cfg.checkpoint.keep_last, data=data, ema=ema)
+                                keep_last=cfg.checkpoint.keep_last, data=data, ema=ema, merges=merges)
     return Run(cfg, accelerator, out, main, say, comps, layers, data, prepared[-1], lr_scheduler, prepared[0], encoders,
                trained, [p for g in groups.groups for p in g["params"]], objective, noise_gen, regulariser, text_cache,
-               preservation, probe, validation, export, ema, checkpointer, NonFiniteCounter(cfg.train.max_nonfinite_steps))
+               preservation, probe, validation, export, ema, checkpointer, NonFiniteCounter(cfg.train.max_nonfinite_steps),
+               merges=merges)
 
 
 def resume_from(run: Run, folder: Path) -> int:
