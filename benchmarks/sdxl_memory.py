@@ -144,8 +144,9 @@ class StepMemTracker(MemTracker):
 
 
 def plain_tensors(w) -> list[torch.Tensor]:
-    """The plain tensors holding a stored weight (an optimum-quanto tensor: its data, scales and shifts)."""
-    if getattr(w, "qtype", None) is None:
+    """The plain tensors holding a stored weight (an optimum-quanto tensor: its data, packed for int4, scales and
+    shifts)."""
+    if not hasattr(type(w), "__tensor_flatten__"):
         return [w]
     names, _ = w.__tensor_flatten__()
     return [t for n in names for t in plain_tensors(getattr(w, n))]
@@ -519,12 +520,14 @@ def precision_table(precisions: list[str], json_path: str, say, t0: float) -> in
         for precision in precisions:
             model = {"model": {"path": "sdxl", "base_precision": precision}}
             cfg = sdxl_config(True, {**model, "lora": {"rank": 4, "alpha": 4}})
-            real, fake = (trace(tiny, 128, cfg, fake=f, **kw) for f in (False, True))
-            tiny_rows.append((precision, real["peak"], fake["peak"]))
             r = trace(SDXL_CONFIGS, 1024, sdxl_config(True, model), fake=True)
             r["base_precision"] = precision
-            say(f"SDXL 1024 px, base {precision}: peak {gib(r['peak']['total'])} GiB ({r['step_seconds']:.0f} s per step)")
+            say(f"SDXL 1024 px, base {precision}: peak {gib(r['peak']['total'])} GiB ({r['step_seconds']:.0f} s per "
+                f"step): {r['peak']}")
             runs.append(r)
+            real, fake = (trace(tiny, 128, cfg, fake=f, **kw) for f in (False, True))
+            say(f"tiny, base {precision}: real {real['peak']}, fake {fake['peak']}")
+            tiny_rows.append((precision, real["peak"], fake["peak"]))
     lines = [f"Produced by `python3 benchmarks/sdxl_memory.py --base-precisions {','.join(precisions)}` "
              f"({platform.machine()}, 1 thread, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s).", "",
              "| model.base_precision | frozen weights, GiB | traced peak, GiB (in) | + full text cache, AdamW "

@@ -52,8 +52,9 @@ def is_low_bit(weight: torch.Tensor) -> bool:
 
 
 def stored_bytes(weight: torch.Tensor) -> int:
-    """Bytes a weight takes in memory (a quanto tensor: its integer data plus its scales and shifts)."""
-    if getattr(weight, "qtype", None) is not None:
+    """Bytes a weight takes in memory (a quanto tensor: its integer data, packed two to a byte for int4, plus its
+    scales and shifts)."""
+    if hasattr(type(weight), "__tensor_flatten__"):  # a tensor subclass made of plain tensors
         names, _ = weight.__tensor_flatten__()
         return sum(stored_bytes(getattr(weight, n)) for n in names)
     return weight.numel() * weight.element_size()
