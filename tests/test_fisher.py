@@ -328,8 +328,11 @@ def test_fisher_data_folder_gives_the_same_estimate_and_feeds_resize(fisher_run,
     from sdlora.training.fisher import fisher_from_data
 
     again = fisher_from_data(load_adapter(result.adapter_path), str(tiny_model), str(shapes_data), samples=3)
+    # A module whose true gradient is zero (the mid block's self-attention q/k see one token at 8x8 latents) holds
+    # rounding noise (~1e-20) that changes with the thread count: its floor is a millionth of the largest module's.
+    floor = 1e-6 * max(float(f.double().norm()) for f in stored.modules.values())
     for n, f in stored.modules.items():
-        assert float((again.modules[n].double() - f.double()).norm()) <= 1e-5 * float(f.double().norm()), n
+        assert float((again.modules[n].double() - f.double()).norm()) <= 1e-5 * max(float(f.double().norm()), floor), n
     # a prompts file: latents the adapted model samples itself, then the same estimate
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\nsks person on a blue background\n")
