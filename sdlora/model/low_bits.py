@@ -166,24 +166,21 @@ class _LowBitMixin:
         bias = self.bias.to(dtype) if self.bias is not None else None
         return x.to(dtype), bias, dtype
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "weight" in self._parameters:  # a copy given a full-precision weight (fisher's merge): the plain layer
+            return super().forward(x)
+        x, bias, dtype = self._upcast_args(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._upcast.apply(x, bias, self, dtype)
+
 
 
 class LowBitLinear(_LowBitMixin, nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "weight" in self._parameters:  # a copy given a full-precision weight (fisher's merge): the plain layer
-            return super().forward(x)
-        x, bias, dtype = self._upcast_args(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return _UpcastLinear.apply(x, bias, self, dtype)
+    _upcast = _UpcastLinear
 
 
 class LowBitConv2d(_LowBitMixin, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "weight" in self._parameters:  # a copy given a full-precision weight (fisher's merge): the plain layer
-            return super().forward(x)
-        x, bias, dtype = self._upcast_args(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return _UpcastConv2d.apply(x, bias, self, dtype)
+    _upcast = _UpcastConv2d
 
 
 def store_low_bits(model: nn.Module, precision: str) -> int:
