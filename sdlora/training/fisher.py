@@ -165,6 +165,7 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     for part in (*comps.adaptable().values(), comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
         part.to(torch.float32)
     record = RunRecord.from_metadata(adapter.metadata)
+    comps.family = comps.family.for_run(comps, _run_text_settings(record))  # SD3: the run's T5 length, text width
     res = resolution or (record.resolution if record else comps.family.resolution)
     if path.is_dir():
         data_cfg = DataConfig(path=str(path), resolution=res)
@@ -175,6 +176,22 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     objective = comps.family.objective(comps.noise_scheduler, comps.vae.config, loss_cfg or LossConfig()).plain()
     return estimate_row_fisher(comps, adapter, examples, objective, samples=samples, seed=seed, loss_cfg=loss_cfg,
                                clip_skip=clip_skip, data=path.name)
+
+
+def _run_text_settings(record):
+    """What `ModelFamily.for_run` reads of a config (`text_encoder`), from the adapter's run record (SD3: the T5
+    length it trained with); the defaults for a file without one, or whose section this version cannot read."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from sdlora.config import TextEncoderConfig
+
+    section = (record.config.get("text_encoder") if record is not None else None) or {}
+    try:
+        return SimpleNamespace(text_encoder=TextEncoderConfig.model_validate(section))
+    except ValidationError:
+        return SimpleNamespace(text_encoder=TextEncoderConfig())
 
 
 def store_run_fisher(cfg, adapter, adapter_path: Path, comps, layers: dict, data, objective,
