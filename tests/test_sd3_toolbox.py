@@ -287,3 +287,14 @@ def test_an_sd3_adapter_without_a_run_record_is_known_by_its_modules_and_metadat
     clips = ["text_encoder.encoder.layers.0.self_attn.q_proj", "text_encoder_2.encoder.layers.0.self_attn.q_proj"]
     assert adapter_family(adapter(clips, {"ss_base_model_version": SD35M.kohya_version}))[0] is SD35M
     assert adapter_family(adapter(clips))[0] is SDXL  # CLIP-only and unlabelled: SDXL, as before
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+def test_sd3_inspect_reports_joint_blocks_and_each_text_outputs_drift(sd3_adapters, tiny_sd35m, capsys):
+    assert main(["inspect", str(sd3_adapters[0]), "--base", str(tiny_sd35m)]) == 0
+    out = capsys.readouterr().out
+    groups = [line.split()[0] for line in out.splitlines() if line.startswith(("transformer.joint_blocks.", "text_enc"))]
+    assert {"transformer.joint_blocks.0", "transformer.joint_blocks.2", "text_encoder.layers.0",
+            "text_encoder_2.layers.0"} <= set(groups)
+    for output in ("text_encoder", "text_encoder_2", "pooled_l"):
+        assert f"text-embedding drift ({output})" in out, output

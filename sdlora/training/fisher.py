@@ -30,7 +30,7 @@ from sdlora.model.text import tokenize
 from sdlora.training.draws import GeneratorDraws
 from sdlora.training.step import step_loss
 
-PROMPT_SAMPLING_STEPS = 20  # DDIM steps per latent sampled for a prompts file
+PROMPT_SAMPLING_STEPS = 20  # sampler steps per latent sampled for a prompts file (DDIM; SD3: its Euler)
 
 
 class Example(NamedTuple):
@@ -82,8 +82,9 @@ def sample_examples(vae, samples: list, subsets, data_cfg) -> list[Example]:
 
 @torch.no_grad()
 def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> list[Example]:
-    """The latent the adapted model samples for each prompt through the family's pipeline: PROMPT_SAMPLING_STEPS DDIM
-    steps, guidance 7.5, at resolution² (SDXL: original = target size, no crop, as the pipeline conditions it). Call
+    """The latent the adapted model samples for each prompt through the family's pipeline: PROMPT_SAMPLING_STEPS steps
+    of `sampling.inference_scheduler` (DDIM; SD3: flow-matching Euler), the pipeline's default guidance (7.5; SD3:
+    7.0), at resolution² (SDXL: original = target size, no crop, as the pipeline conditions it). Call
     after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
