@@ -90,6 +90,7 @@ class DataConfig(CaptionOptions):
     cache_latents: Literal["none", "memory", "disk"] = Field("none", description="Cache VAE latents: not at all, in memory, or on disk (safetensors keyed by image content hash, crop and VAE identity). Needs data.crop=center.")
     cache_dir: Optional[UserPath] = Field(None, description="Disk latent cache folder (default: <output.dir>/../.sdlora-cache).")
     cache_text_encoder_outputs: bool = Field(True, description="Cache text-encoder outputs when the text encoder is frozen.")
+    text_cache_mb: float = Field(2048, gt=0, description="The text-encoder output cache's budget in MiB (the cached tensors' bytes; also at most 2048 captions), least recently used captions dropped past it: SD3's conditioning is 5.2 MiB per caption in fp32 (T5 at 256 tokens), SD 1.5's 0.23 MiB.")
     on_error: Literal["skip", "fail"] = Field("skip", description="A broken image or caption: skip it (listed at start) or stop before training naming the first bad file (docs/data.md has the table).")
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")

@@ -70,6 +70,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.cache_dir",), "data.cache_latents: disk", lambda c, f: c.data.cache_latents == "disk"),
     Rule(("data.cache_text_encoder_outputs",), "text_encoder.train: false (a trained encoder is never cached)",
          lambda c, f: not c.text_encoder.train),
+    Rule(("data.text_cache_mb",), "text_encoder.train: false and data.cache_text_encoder_outputs: true",
+         lambda c, f: not c.text_encoder.train and c.data.cache_text_encoder_outputs),
     Rule(("data.keep_tokens",), "data.shuffle_tags or data.tag_dropout (in data or a subset)",
          lambda c, f: any(s.shuffle_tags or s.tag_dropout for s in c.data_subsets())),
     Rule(("data.min_side", "data.max_side"), "data.bucketing: true", lambda c, f: c.data.bucketing),
