@@ -203,6 +203,50 @@ def test_sd3_extract_refuses_conv_in_one_line(sd3_merged, tiny_sd35m, tmp_path, 
     assert "transformer has no convolutions" in err and "\n" not in err and not out.exists()
 
 
+def test_sd3_extract_finds_t5s_modules_when_t5_was_trained(tiny_sd3, shapes_data, tmp_path):
+    """T5 trained on request (text_encoder.train_parts): its q/k/v/o updates come back from the merged folder."""
+    from sdlora.commands.export import run_export
+    from sdlora.commands.extract import run_extract
+    from sdlora.config import validate
+
+    cfg = validate({"model": {"path": str(tiny_sd3)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 2, "batch_size": 2},
+                    "optim": {"lr": 2e-2}, "lora": {"rank": 2}, "log": {"tracker": "none"},
+                    "text_encoder": {"train": True, "train_parts": ["text_encoder_3"], "t5_max_length": T5_LEN}})
+    adapter = train(cfg, log=quiet).adapter_path
+    merged = run_export(adapter, "merged-diffusers", tmp_path / "merged", base=str(tiny_sd3), report=quiet)
+    extracted, _ = run_extract(tiny_sd3, merged, tmp_path / "x.safetensors", 2, report=quiet)
+    trained = {n: dw for n, dw in _dense(adapter).items() if float(dw.norm()) > 0}
+    assert any(n.startswith("text_encoder_3.") for n in trained) and set(extracted.modules) == set(trained)
+    for n, dw in trained.items():
+        assert float((extracted.modules[n].delta_weight().double() - dw).norm()) <= 1e-4 * float(dw.norm()), n
+
+
+def test_sd3_dora_merges_by_svd_with_the_base_and_concat_refuses_it(tiny_sd35m, shapes_data, tmp_path, capsys):
+    """A DoRA's update depends on W0: `merge --method svd --base` combines each module's dense update, at full rank
+    exactly (the file with itself at 0.5 0.5 is its own update); concat refuses it in one line."""
+    from sdlora.adapter.algebra import component_module
+    from sdlora.config import validate
+
+    cfg = validate({"model": {"path": str(tiny_sd35m)}, "data": {"path": str(shapes_data), "resolution": 64},
+                    "output": {"dir": str(tmp_path / "run")}, "train": {"max_steps": 2, "batch_size": 2},
+                    "optim": {"lr": 2e-2}, "lora": {"rank": 2, "type": "dora"}, "log": {"tracker": "none"},
+                    "text_encoder": {"t5_max_length": T5_LEN}})
+    dora = str(train(cfg, log=quiet).adapter_path)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", dora, dora, "--out", str(out)]) == 2
+    assert "is a DoRA" in capsys.readouterr().err
+    assert main(["merge", dora, dora, "--out", str(out), "--weights", "0.5", "0.5", "--method", "svd", "--rank",
+                 "1000", "--base", str(tiny_sd35m)]) == 0
+    models = load_components(str(tiny_sd35m)).adaptable()
+    written = load_adapter(out)
+    for n, m in load_adapter(dora).modules.items():
+        dw = m.delta_weight(component_module(models, n).weight.detach()).double()
+        got = written.modules[n].delta_weight().double()
+        assert float((got - dw).norm()) <= 1e-5 * float(dw.norm()), n
+    assert adapter_family(written)[0] is SD35M
+
+
 # ------------------------------------------------------------------------------ init_from, init_alphas_from
 def test_sd3_init_from_starts_at_the_files_update_and_init_alphas_from_takes_its_alphas(sd3_adapters, tiny_sd35m,
                                                                                        shapes_data, tmp_path):
