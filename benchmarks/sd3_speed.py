@@ -46,7 +46,7 @@ from speed_report import Result, summary, table, write_doc  # noqa: E402
 CONFIGS = ts.ROOT / "sdlora" / "resources" / "configs" / "sd3.5_medium"
 DIFFUSERS_SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                          "attn.add_v_proj", "attn.to_add_out"]  # train_dreambooth_lora_sd3.py's default
-VAE_CONFIG = {"scaling_factor": 1.5305, "shift_factor": 0.0609}  # SD3's VAE (latents are cached: only the objective reads it)
+VAE_CONFIG = {"scaling_factor": 1.5305, "shift_factor": 0.0609}  # SD3's VAE (latents cached: the objective reads it)
 POOLED = 2048
 
 
@@ -192,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="full", choices=["full", "tiny"])
     p.add_argument("--blocks", type=int, default=None, help="keep the first N of the 24 joint blocks (default: all)")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens of the cached conditioning (the pipeline's 256)")
+    p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens of the cached conditioning (pipeline: 256)")
     p.add_argument("--dtype", default="fp32", choices=sorted(ts.DTYPES))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)

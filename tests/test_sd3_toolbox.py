@@ -313,7 +313,8 @@ def test_sd3_without_t5_estimates_the_fisher_from_prompts_and_folders(tiny_sd3_n
     for source in (shapes_data, prompts):
         f = fisher_from_data(adapter, str(tiny_sd3_no_t5), str(source), samples=1)
         assert set(f.modules) == set(adapter.modules)
-        assert all(bool(torch.isfinite(v).all()) for v in f.modules.values()) and sum(float(v.sum()) for v in f.modules.values()) > 0
+        assert all(bool(torch.isfinite(v).all()) for v in f.modules.values())
+        assert sum(float(v.sum()) for v in f.modules.values()) > 0
 
 
 # ------------------------------------------------------------------------------------ family of a foreign file
@@ -337,7 +338,8 @@ def test_an_sd3_adapter_without_a_run_record_is_known_by_its_modules_and_metadat
 def test_sd3_inspect_reports_joint_blocks_and_each_text_outputs_drift(sd3_adapters, tiny_sd35m, capsys):
     assert main(["inspect", str(sd3_adapters[0]), "--base", str(tiny_sd35m)]) == 0
     out = capsys.readouterr().out
-    groups = [line.split()[0] for line in out.splitlines() if line.startswith(("transformer.joint_blocks.", "text_enc"))]
+    groups = [line.split()[0] for line in out.splitlines()
+              if line.startswith(("transformer.joint_blocks.", "text_encoder"))]
     assert {"transformer.joint_blocks.0", "transformer.joint_blocks.2", "text_encoder.layers.0",
             "text_encoder_2.layers.0"} <= set(groups)
     for output in ("text_encoder", "text_encoder_2", "pooled_l"):

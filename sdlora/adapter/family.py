@@ -52,7 +52,8 @@ def family_from_modules(modules: dict) -> str | None:
     'sd35l'), 'sdxl_or_sd3' (CLIP modules only, a second encoder among them), or None (nothing shows the family)."""
     if any(_SD3_NAMES.match(n) for n in modules):
         return _sd3_from_modules(modules)
-    if modules and all(n.startswith("text_encoder") for n in modules) and any(n.startswith("text_encoder_2.") for n in modules):
+    clip_only = modules and all(n.startswith("text_encoder") for n in modules)
+    if clip_only and any(n.startswith("text_encoder_2.") for n in modules):
         return "sdxl_or_sd3"
     sdxl = sd12 = sd1 = sd2 = linear_proj = False
     for name, m in modules.items():

@@ -3,9 +3,10 @@
 For every adaptable module of every adaptable part of the family (`Part.extract_linears`, model/parts.py: the
 UNet's attention Linears and 1x1 projections, each text encoder's layer Linears, every Linear of an MMDiT's joint
 blocks; with --conv the UNet's 3x3 convolutions that sdlora's conv LoRA adapts, refused on a family without them),
-ΔW = W_tuned - W_base in float64 and its best rank-R factors (`algebra.dense_to_rank`, a randomised SVD where R is small). A module whose weights are
-equal, or whose ‖ΔW‖_F is below --min-diff · ‖W_base‖_F, is left out. The report gives per module the relative
-Frobenius error ‖ΔW - up·down‖_F / ‖ΔW‖_F. Either model may be a diffusers folder or a single file.
+ΔW = W_tuned - W_base in float64 and its best rank-R factors (`algebra.dense_to_rank`, a randomised SVD where R is
+small). A module whose weights are equal, or whose ‖ΔW‖_F is below --min-diff · ‖W_base‖_F, is left out. The
+report gives per module the relative Frobenius error ‖ΔW - up·down‖_F / ‖ΔW‖_F. Either model may be a diffusers
+folder or a single file.
 """
 
 from __future__ import annotations

@@ -148,8 +148,8 @@ SD3_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextMode
                         model_level="text_model.", kohya_prefix="lora_te1_", words=CLIP_WORDS,
                         extract_linears=CLIP_LAYERS)
 SD3_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
-                          tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_", words=CLIP_WORDS,
-                          extract_linears=CLIP_LAYERS)
+                          tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_",
+                          words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 SD3_TEXT_ENCODER_3 = Part("text_encoder_3", TEXT_ENCODER, "transformers.T5EncoderModel", tokenizer="tokenizer_3",
                           tokenizer_class="transformers.T5TokenizerFast", kohya_prefix="lora_te3_", lora=False,
                           words=T5_WORDS, optional=True, targets=("q", "k", "v", "o"),
