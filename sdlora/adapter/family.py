@@ -33,17 +33,19 @@ _SD12_NAMES = re.compile(r"^unet\.(down_blocks\.0\.attentions\.|down_blocks\.3\.
 _CROSS_KV = re.compile(r"^unet\..*\.attn2\.to_[kv]$")
 _PROJ = re.compile(r"^unet\..*\.attentions\.\d+\.proj_(in|out)$")
 _TE_LAYER = re.compile(r"^text_encoder\.encoder\.layers\.\d+\.self_attn\.q_proj$")
-_SD3_NAMES = re.compile(r"^(transformer|text_encoder_3)\.")
 SD3_FAMILIES = (SD3, SD35M, SD35L)
+# The parts only the SD3 families have (the MMDiT transformer, T5), from the families' part tables
+_SD3_ONLY = sorted({p.name for p in SD3.parts if p.adaptable} - {p.name for f in (SD1, SD2, SDXL) for p in f.parts})
+_SD3_NAMES = re.compile(rf"^({'|'.join(map(re.escape, _SD3_ONLY))})\.")
 SD35L_WIDTH = 2432  # SD3.5 Large's joint blocks (38 heads of 64); SD3 and SD3.5 Medium's are 1536
 
 
 def _sd3_from_modules(modules: dict) -> str:
     """Which SD3 family an adapter with MMDiT or T5 modules belongs to (module docstring)."""
-    names = list(modules)
-    if any(".attn2." in n for n in names if n.startswith("transformer.")):
+    mmdit = {n: m for n, m in modules.items() if n.startswith(SD3.denoiser.name + ".")}
+    if any(".attn2." in n for n in mmdit):
         return SD35M.name
-    widths = {d for n, m in modules.items() if n.startswith("transformer.") for d in m.weight_shape[:2]}
+    widths = {d for m in mmdit.values() for d in m.weight_shape[:2]}
     return SD35L.name if SD35L_WIDTH in widths else SD3.name
 
 
@@ -52,8 +54,8 @@ def family_from_modules(modules: dict) -> str | None:
     'sd35l'), 'sdxl_or_sd3' (CLIP modules only, a second encoder among them), or None (nothing shows the family)."""
     if any(_SD3_NAMES.match(n) for n in modules):
         return _sd3_from_modules(modules)
-    clip_only = modules and all(n.startswith("text_encoder") for n in modules)
-    if clip_only and any(n.startswith("text_encoder_2.") for n in modules):
+    parts = {n.split(".", 1)[0] for n in modules}  # CLIPs only, the second among them: SDXL's or SD3's
+    if parts and parts <= set(SDXL.text_encoders) and SDXL.text_encoders[1] in parts:
         return "sdxl_or_sd3"
     sdxl = sd12 = sd1 = sd2 = linear_proj = False
     for name, m in modules.items():
