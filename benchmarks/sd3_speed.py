@@ -245,7 +245,8 @@ def main(argv=None) -> int:
     tbl = table(results)
     print(tbl)
     blocks = f"first {args.blocks} of 24 joint blocks" if args.blocks else "24 joint blocks"
-    model = f"SD3.5 Medium ({blocks}, random weights; T5 {args.t5_tokens} tokens, cached)"
+    model = (f"SD3.5 Medium ({blocks}, random weights; T5 {args.t5_tokens} tokens, cached)" if args.arch == "full"
+             else "the tiny SD3.5 Medium")
     if args.doc:
         write_doc(Path(args.doc), tbl, args, device, time.perf_counter() - t0, model=model, script="sd3_speed.py")
     if args.json:
