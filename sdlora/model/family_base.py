@@ -53,6 +53,10 @@ class ModelFamily:
     # scripts train the original UNet, so its files say input_blocks.4.1 for diffusers' down_blocks.1.attentions.0.
     # None: kohya uses diffusers' names (SD 1.x/2.x).
     kohya_unet_layout: dict | None = None
+    # kohya's names of the denoiser's modules where they are not one per diffusers module (SD3: the original MMDiT
+    # names with q/k/v fused, model/mmdit_keys.KOHYA_NAMES: `pair(path, shape)`, `pairs(name, shape)`); None: one
+    # kohya name per module (`adapter/kohya.kohya_name`).
+    kohya_names: object | None = None
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
     # Whose key mapping reads this family's single files: "sdlora" (model/ldm_keys.py, inverse of the writer) or
