@@ -11,8 +11,10 @@ blocks there (`lora_unet_input_blocks_4_1_...`), SD 1.x/2.x's by diffusers' path
 - SD 1.x/2.x: attention in the first down block, a fourth down or up block; cross-attention from 768 / 1024.
 - SD 2.x rather than 1.x: Linear `proj_in` / `proj_out` (SD 1.x's are 1x1 convolutions), cross-attention or a
   text-encoder layer 1024 wide. Nothing in the weights tells v-prediction; the metadata may.
-The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`) and
-`ss_v_parameterization`, ModelSpec's `modelspec.architecture` and `modelspec.prediction_type`.
+- SD3: a `transformer.` module (kohya's `lora_unet_joint_blocks_...` names read as such); SD3.5 Medium: `attn2`.
+The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`; SD3's `medium`,
+`5-medium`, `5-large`) and `ss_v_parameterization`, ModelSpec's `modelspec.architecture` and
+`modelspec.prediction_type`.
 """
 
 from __future__ import annotations
