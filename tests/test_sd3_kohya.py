@@ -106,3 +106,17 @@ def test_a_dense_kohya_qkv_lora_reads_as_three_exact_parts():
         m = back.modules[f"transformer.transformer_blocks.2.attn.{x}"]
         assert m.rank == 4 and m.alpha == 2.0 and m.scale == 0.5
         assert torch.allclose(m.delta_weight(), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_a_run_whose_lokr_covers_q_k_v_writes_no_ui_file_and_says_why(tmp_path):
+    """The end of a training run (training/export.export_for_uis): the kohya writer's refusal becomes the run's
+    message, not a crash after training."""
+    from sdlora.adapter.weights import save_native
+    from sdlora.training.export import export_for_uis
+
+    gen = torch.Generator().manual_seed(3)
+    path = tmp_path / "adapter.safetensors"
+    save_native(AdapterWeights({name: record("lokr", WIDTH, gen) for name in QKV}), path)
+    message = export_for_uis(path, tmp_path / "adapter_kohya.safetensors")
+    assert message.startswith("no file for ComfyUI / AUTOMATIC1111: LoKr modules transformer.transformer_blocks.0")
+    assert not (tmp_path / "adapter_kohya.safetensors").exists()
