@@ -67,14 +67,16 @@ def test_kohya_names_told_from_path_and_shape_are_the_config_table(variant):
         shape = tuple(model.get_submodule(path).weight.shape)
         assert mk.KOHYA_NAMES.pair(path, shape) == pair, path
         assert pair in mk.KOHYA_NAMES.pairs(pair.original.replace(".", "_"), shape)
-    assert mk.KOHYA_NAMES.pair("pos_embed.proj", (32, 16, 2, 2)) is None  # the patch convolution: no kohya name
+    assert mk.KOHYA_NAMES.pair("pos_embed.proj", (32, 16, 2, 2)).original == "x_embedder.proj"  # kohya's emb_dims
+    assert mk.KOHYA_NAMES.pair("transformer_blocks.0.attn.norm_q", (8,)) is None  # a QK-norm: no kohya name
     assert [p.diffusers for p in mk.KOHYA_NAMES.pairs("joint_blocks_0_context_block_attn_qkv", (96, 32))] == \
         ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"]
     assert mk.KOHYA_NAMES.pairs("down_blocks_0_attentions_0_proj_in", (32, 32)) == []
 
 
 def _delta(down, up, alpha):
-    return alpha / down.shape[0] * up @ down
+    """alpha / rank · up @ down in the weight's shape (a conv LoRA: down (r, in, kh, kw), up (out, r, 1, 1))."""
+    return (alpha / down.shape[0] * up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
 
 def _random_adapter(model, paths, rank=2, seed=0):
@@ -87,8 +89,8 @@ def _random_adapter(model, paths, rank=2, seed=0):
     for i, path in enumerate(paths):
         w = model.get_submodule(path).weight
         r = rank + i % 2
-        out[f"transformer.{path}"] = ModuleDelta(down=torch.randn(r, w.shape[1], generator=gen),
-                                                 up=torch.randn(w.shape[0], r, generator=gen))
+        out[f"transformer.{path}"] = ModuleDelta(down=torch.randn(r, *w.shape[1:], generator=gen),  # conv: x_embedder
+                                                 up=torch.randn(w.shape[0], r, *([1] * (w.dim() - 2)), generator=gen))
     return AdapterWeights(out, {"ss_base_model_version": mk.kohya_model_type(model.config)})
 
 
@@ -141,10 +143,10 @@ def test_kohya_file_reads_back_with_each_parts_rank_and_only_the_adapted_thirds(
     from sdlora.adapter.records import ModuleDelta
     from sdlora.adapter.weights import AdapterWeights
 
-    conv = AdapterWeights({"transformer.pos_embed.proj": ModuleDelta(down=torch.zeros(1, 16, 2, 2),
-                                                                     up=torch.zeros(32, 1, 1, 1))}, {})
-    with pytest.raises(UserError, match="transformer.pos_embed.proj has no kohya SD3 Medium name"):
-        to_kohya_state_dict(conv)
+    norm = AdapterWeights({"transformer.transformer_blocks.0.attn.norm_q": ModuleDelta(down=torch.zeros(1, 8),
+                                                                                      up=torch.zeros(8, 1))}, {})
+    with pytest.raises(UserError, match="transformer.transformer_blocks.0.attn.norm_q has no kohya SD3 Medium name"):
+        to_kohya_state_dict(norm)
 
 
 def test_kohya_model_type_of_each_variant():

@@ -5,6 +5,9 @@ and `lora_te_text_model_<path>` for the CLIP text encoder (kohya names it as tra
 SDXL: `lora_unet_<original (LDM) module path>` (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`: kohya's SDXL
 scripts train the original UNet; the table is model/ldm_keys.py's, the one diffusers' converter inverts),
 `lora_te1_text_model_<path>` (CLIP-L) and `lora_te2_text_model_<path>` (OpenCLIP bigG).
+SD3 / SD3.5 (kohya's networks/lora_sd3.py): `lora_unet_<original MMDiT path>` (`joint_blocks_0_x_block_attn_qkv`:
+q, k and v one module, their updates stacked exactly; `kohya_modules`, the family's `kohya_names`),
+`lora_te1_` / `lora_te2_` (the CLIPs, as SDXL) and `lora_te3_<path>` (T5).
 
 Writing: every scale is already folded into the tensors (see weights.py). Every module gets the same `.alpha`, the
 file's network dim (`ss_network_dim`, its most common rank), and each module's r / alpha is folded into its tensors,

@@ -179,16 +179,16 @@ def kohya_name(original_module: str) -> str:
     return KOHYA_PREFIX + original_module.replace(".", "_")
 
 
-def _kohya_linear(pair: MMDiTPair) -> bool:
-    """Whether kohya's SD3 LoRA can name the pair's module: a Linear (not a QK-norm weight, not x_embedder's patch
-    convolution)."""
-    return ".ln_" not in pair.original and "x_embedder" not in pair.original
+def _kohya_nameable(pair: MMDiTPair) -> bool:
+    """Whether kohya's SD3 LoRA can name the pair's module: a Linear, or x_embedder's patch convolution (its
+    `emb_dims` option adapts it); not a QK-norm weight."""
+    return ".ln_" not in pair.original
 
 
 def kohya_targets(config) -> dict[str, MMDiTPair]:
-    """diffusers module path -> its pair, for every Linear a kohya SD3 LoRA can name (`_kohya_linear`);
+    """diffusers module path -> its pair, for every module a kohya SD3 LoRA can name (`_kohya_nameable`);
     `kohya_name(pair.original)` is the LoRA name, `pair.third` the rows of a fused qkv it takes."""
-    return {p.diffusers: p for p in mmdit_pairs(config) if _kohya_linear(p)}
+    return {p.diffusers: p for p in mmdit_pairs(config) if _kohya_nameable(p)}
 
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
@@ -209,7 +209,7 @@ def _pairs_near(block: int | None, weight_shape) -> list[MMDiTPair]:
         pairs = list(_EMBEDDERS + _FINAL)
     else:
         pairs = _block_pairs(block, last=_pre_only(weight_shape), dual=True, qk_norm=False)
-    return [p for p in pairs if _kohya_linear(p)]
+    return [p for p in pairs if _kohya_nameable(p)]
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class MMDiTKohyaNames:
 
     def pair(self, path: str, weight_shape) -> MMDiTPair | None:
         """The pair of a diffusers module path (`transformer_blocks.3.attn.to_k`), None when kohya has no name
-        for it (a QK-norm, the patch embedding, a module SD3 does not have)."""
+        for it (a QK-norm, a module SD3 does not have)."""
         m = _BLOCK.match(path)
         return next((p for p in _pairs_near(int(m[1]) if m else None, weight_shape) if p.diffusers == path), None)
 
