@@ -90,6 +90,27 @@ def test_the_merged_diffusers_folder_through_diffusers_equals_the_trained_model(
         assert close(theirs[key], ours[key]), key
 
 
+def test_the_diffusers_export_loaded_by_the_pipeline_equals_the_merged_folder(trained_sd35m, tiny_sd35m, tmp_path):
+    """StableDiffusion3Pipeline.load_lora_weights(the run's adapter) on the base against the merged folder, both
+    through diffusers (peft's base(x) + B(A(x)) against the merged W0 + BA, fp32: 1e-5 of the quantity's scale)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdlora.commands.export import run_export
+
+    cfg, result = trained_sd35m
+    merged = StableDiffusion3Pipeline.from_pretrained(
+        run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=cfg.model.path, report=quiet))
+    loaded = StableDiffusion3Pipeline.from_pretrained(tiny_sd35m)
+    loaded.load_lora_weights(str(result.adapter_path))
+    got = []
+    for pipe in (loaded, merged):
+        pipe.tokenizer_3.model_max_length = T5_LEN
+        got.append(outputs(pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                           [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], result.components.family))
+    for key in got[0]:
+        assert close(got[0][key], got[1][key]), key
+
+
 def test_merged_single_file_is_refused_by_name_for_sd3(trained_sd35m, tmp_path):
     from sdlora.commands.export import run_export
     from sdlora.errors import UserError
