@@ -143,6 +143,7 @@ def test_the_kohya_export_has_kohyas_sd3_names_and_labels(kohya_file, trained_sd
     assert all(s.startswith(("lora_unet_joint_blocks_", "lora_te1_text_model_", "lora_te2_text_model_")) for s in stems)
     assert meta["ss_base_model_version"] == "5-medium"  # kohya's sd3_utils model type; sai_model_spec's architecture
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_network_module"] == "networks.lora_sd3"  # what kohya's sd3_train_network runs write
     assert (result.out_dir / "adapter_kohya.safetensors").is_file()  # the run writes it too
 
 

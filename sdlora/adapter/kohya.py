@@ -386,7 +386,7 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     network_args.update(lycoris)
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
-        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else family.kohya_network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),  # every module's .alpha; r / alpha is in the factors (to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",

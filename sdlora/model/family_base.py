@@ -57,6 +57,7 @@ class ModelFamily:
     # names with q/k/v fused, model/mmdit_keys.KOHYA_NAMES: `pair(path, shape)`, `pairs(name, shape)`); None: one
     # kohya name per module (`adapter/kohya.kohya_name`).
     kohya_names: object | None = None
+    kohya_network_module: str = "networks.lora"  # kohya's LoRA module for the family (ss_network_module)
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
     # Whose key mapping reads this family's single files: "sdlora" (model/ldm_keys.py, inverse of the writer) or
