@@ -64,12 +64,11 @@ class ModelFamily:
     # "diffusers" (its own single-file converters, offline with the bundled configs).
     single_file_reader: str = "sdlora"
     v_marker_keys: bool = False  # a v-prediction single file carries ComfyUI's `v_pred` (and `ztsnr`) marker keys
-    # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
-    # Export formats (commands/export.FORMATS) this family cannot write yet, refused by name (SD3: kohya's MMDiT
-    # names and its single file).
+    # Export formats (commands/export.FORMATS) this family cannot write yet, refused by name (SD3: its single file).
     formats_missing: tuple = ()
     # Named sets of denoiser targets (`lora.unet_targets: [preset:<name>]`), e.g. SD3's diffusers and kohya sets.
     target_presets: dict = field(default_factory=dict)
+    # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
     pipeline_options: dict = field(default_factory=lambda: {"safety_checker": None, "feature_extractor": None,
                                                            "requires_safety_checker": False})
 
