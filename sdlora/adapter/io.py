@@ -68,9 +68,8 @@ def reader_notes(adapter: AdapterWeights, layout: str) -> list[str]:
     from sdlora.adapter.run_record import RunRecord
 
     record = RunRecord.from_metadata(adapter.metadata)
-    if record is not None and "kohya" in record.family.formats_missing:  # SD3: kohya's MMDiT names not written yet
-        return [f"sdlora does not write the kohya layout for {record.family.title} adapters yet (ComfyUI reads "
-                "adapter.safetensors' diffusers layout)"]
+    if record is not None and "kohya" in record.family.formats_missing:  # a family whose kohya names are not written
+        return [f"sdlora does not write the kohya layout for {record.family.title} adapters yet"]
     return sorted({m.KOHYA_NOTE for m in adapter.modules.values() if m.KOHYA_NOTE})
 
 
