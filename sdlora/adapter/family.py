@@ -11,7 +11,8 @@ blocks there (`lora_unet_input_blocks_4_1_...`), SD 1.x/2.x's by diffusers' path
 - SD 1.x/2.x: attention in the first down block, a fourth down or up block; cross-attention from 768 / 1024.
 - SD 2.x rather than 1.x: Linear `proj_in` / `proj_out` (SD 1.x's are 1x1 convolutions), cross-attention or a
   text-encoder layer 1024 wide. Nothing in the weights tells v-prediction; the metadata may.
-- SD3 / SD3.5: a `transformer.` (MMDiT) or `text_encoder_3.` (T5) module; which one: SD3.5 Medium where a joint
+- SD3 / SD3.5: a `transformer.` (MMDiT; kohya's `lora_unet_joint_blocks_...` names are read as such) or
+  `text_encoder_3.` (T5) module; which one: SD3.5 Medium where a joint
   block has the second attention `attn2`, SD3.5 Large where a joint block is 2432 wide (38 heads of 64), else SD3
   Medium (1536 wide). A file with only CLIP modules, `text_encoder_2.` among them, is SDXL's or SD3's: its metadata
   decides, else SDXL.
