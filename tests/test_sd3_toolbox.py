@@ -247,6 +247,30 @@ def test_sd3_dora_merges_by_svd_with_the_base_and_concat_refuses_it(tiny_sd35m, 
     assert adapter_family(written)[0] is SD35M
 
 
+@pytest.mark.parametrize("command", ["merge", "resize", "extract"])
+def test_sd3_toolbox_outputs_in_the_kohya_layout_read_back_as_the_diffusers_layout(sd3_adapters, sd3_merged,
+                                                                                     tiny_sd35m, tmp_path, command):
+    """`--layout kohya` writes kohya's MMDiT names (q/k/v fused); sdlora reads each module's update back as the
+    diffusers-layout output of the same command has it (fp32 rounding of the fused factors: 1e-6 of |ΔW|)."""
+    a, b = (str(p) for p in sd3_adapters)
+    args = {"merge": ["merge", a, b, "--weights", "1", "0.5"], "resize": ["resize", a, "--rank", "2"],
+            "extract": ["extract", "--base", str(tiny_sd35m), "--tuned", str(sd3_merged), "--rank", "4"]}[command]
+    outs = {layout: tmp_path / f"{layout}.safetensors" for layout in ("diffusers", "kohya")}
+    for layout, out in outs.items():
+        assert main([*args, "--out", str(out), "--layout", layout]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(outs["kohya"]), "pt") as f:
+        assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv.") for k in f.keys())
+    native, kohya = load_adapter(outs["diffusers"]), load_adapter(outs["kohya"])
+    assert adapter_family(kohya)[0] is SD35M
+    for n, m in native.modules.items():
+        dw = m.delta_weight().double()
+        if float(dw.norm()) == 0:
+            continue
+        assert float((kohya.modules[n].delta_weight().double() - dw).norm()) <= 1e-6 * float(dw.norm()), n
+
+
 # ------------------------------------------------------------------------------ init_from, init_alphas_from
 def test_sd3_init_from_starts_at_the_files_update_and_init_alphas_from_takes_its_alphas(sd3_adapters, tiny_sd35m,
                                                                                        shapes_data, tmp_path):
