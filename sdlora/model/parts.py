@@ -136,7 +136,8 @@ T5_WORDS = frozenset("""
 encoder block layer SelfAttention q k v o relative_attention_bias DenseReluDense wi wi_0 wi_1 wo layer_norm
 final_layer_norm shared embed_tokens
 """.split())
-# diffusers' default SD3 LoRA (train_dreambooth_lora_sd3.py, SD3LoraLoaderMixin): both streams' attention.
+# diffusers' default SD3 LoRA (train_dreambooth_lora_sd3.py, SD3LoraLoaderMixin): both streams' attention. Without
+# the script's `attn.` prefix these also adapt SD3.5 Medium's second attention (`attn2`), which the script leaves out.
 SD3_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 SD3_TRANSFORMER = Part("transformer", DENOISER, "diffusers.SD3Transformer2DModel", kohya_prefix="lora_unet_",
