@@ -18,7 +18,7 @@ from sdlora.config_help import describe_error, describe_model
 from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
                                    SamplePromptConfig, ValidationConfig)
 from sdlora.config_base import Section, UserPath
-from sdlora.config_flow import FlowConfig
+from sdlora.config_loss import LossConfig
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
@@ -286,23 +286,6 @@ class TextEncoderConfig(Section):
     clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm (SDXL and SD3: 1 is the penultimate layer without the norm, as their pipelines).")
     train_parts: Optional[list[str]] = Field(None, description="The text encoders trained when text_encoder.train is on, by the family's part names; default: each it trains by default (SD 1.x/2.x text_encoder; SDXL and SD3 text_encoder and text_encoder_2; add SD3's T5, text_encoder_3, to train it).")
     t5_max_length: int = Field(256, ge=1, le=512, description="SD3's T5 tokens per caption (the pipeline's max_sequence_length; kohya's t5xxl_max_token_length): padded and truncated to it; without T5, the length of the zeros fed in its place.")
-
-
-# ----------------------------------------------------------------------------------------------- loss
-class LossConfig(Section):
-    type: Literal["mse", "huber"] = Field("mse", description="Diffusion loss.")
-    huber_delta: float = Field(0.1, gt=0.0, description="Huber loss delta.")
-    min_snr_gamma: Optional[float] = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (null = off; 5 is common).")
-    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
-    min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
-    max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
-    flow: FlowConfig = Field(default_factory=FlowConfig, description="Rectified flow (SD3 / SD3.5): sigma draws, target and weighting.")
-
-    @model_validator(mode="after")
-    def _range(self) -> "LossConfig":
-        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
-            raise ValueError(f"loss.min_timestep ({self.min_timestep}) must be < loss.max_timestep ({self.max_timestep})")
-        return self
 
 
 class Config(Section):

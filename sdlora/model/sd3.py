@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sdlora.config_loss import ddpm_keys_set
 from sdlora.errors import UserError
 from sdlora.model.family_base import ModelFamily
 
@@ -72,17 +73,13 @@ class SD3Family(ModelFamily):
     def check_config(self, cfg) -> None:
         """Refuse, in one line, the DDPM-only options (they have no meaning for rectified flow) and CLIP chunking
         (the SD3 pipeline reads one 77-token window per CLIP)."""
-        loss = cfg.loss
-        ddpm = {"loss.min_snr_gamma": loss.min_snr_gamma is not None, "loss.noise_offset": bool(loss.noise_offset),
-                "loss.min_timestep": loss.min_timestep != 0,
-                "loss.max_timestep": loss.max_timestep is not None,
-                "model.prediction_type": cfg.model.prediction_type is not None,
-                "model.zero_terminal_snr": bool(cfg.model.zero_terminal_snr)}
-        for key, given in ddpm.items():
-            if given:
-                raise UserError(f"{key}: a DDPM option, and {self.title} trains with rectified flow; use loss.flow.* "
-                                "(timestep_sampling, logit_mean, logit_std, mode_scale, shift, target, weighting, "
-                                "min_sigma, max_sigma)")
+        ddpm = ddpm_keys_set(cfg.loss)
+        ddpm += [k for k, given in (("model.prediction_type", cfg.model.prediction_type is not None),
+                                    ("model.zero_terminal_snr", bool(cfg.model.zero_terminal_snr))) if given]
+        if ddpm:
+            raise UserError(f"{ddpm[0]}: a DDPM option (SD 1.x, 2.x, SDXL), and {self.title} trains with rectified "
+                            "flow; use loss.flow.* (timestep_sampling, logit_mean, logit_std, mode_scale, shift, "
+                            "target, weighting, min_sigma, max_sigma)")
         if cfg.data.max_token_length != 75:
             raise UserError(f"data.max_token_length: {cfg.data.max_token_length}; {self.title}'s pipeline reads one "
                             "77-token window per CLIP (allowed: 75; T5's length is text_encoder.t5_max_length)")
