@@ -130,15 +130,30 @@ def test_pyramid_noise_adds_upsampled_levels_weighted_discount_to_the_i_and_norm
 
 
 def test_pyramid_noise_level_sizes_follow_the_drawn_ratio():
-    # u = 0.5: r = 3: level 1 is int(4 / 3) = 1 pixel wide: the last one drawn
-    draws = Scripted(("batch_uniform", 0.5), ("normal", torch.zeros(2, 1, 4, 4)),
+    # u = 0.5: r = 3: level 1 is int(8 / 3) = 2 pixels wide, level 2 int(8 / 9) -> 1: the last one drawn
+    draws = Scripted(("batch_uniform", 0.5), ("normal", torch.zeros(2, 1, 8, 8)),
+                     ("batch_uniform", 0.5), ("normal", torch.ones(2, 1, 2, 2)),
                      ("batch_uniform", 0.5), ("normal", torch.ones(2, 1, 1, 1)))
-    noise = torch.stack([torch.arange(16.0).view(1, 4, 4), -torch.arange(16.0).view(1, 4, 4)])
+    noise = torch.stack([torch.arange(64.0).view(1, 8, 8), -torch.arange(64.0).view(1, 8, 8) ** 2])
     got = pyramid_noise(draws, noise, iterations=6, discount=0.3)
     assert not draws.script
-    by_hand = noise + 0.3  # a 1x1 level of ones upsampled is 1 everywhere, times 0.3^1
+    by_hand = noise + 0.3 + 0.09  # levels of ones upsampled are 1 everywhere, times 0.3^1 and 0.3^2
     for i in range(2):  # each example divided by its own standard deviation
         assert torch.allclose(got[i], by_hand[i] / by_hand[i].std(), atol=1e-6)
+
+
+def test_the_objective_draws_noise_offset_pyramid_timesteps_then_perturbation_in_that_order():
+    obj = objective(two_step_scheduler(), noise_offset=0.1, multires_iterations=1, ip_noise_gamma=0.1,
+                    timestep_draw=TimestepDraw("cosmap"))
+    x0 = torch.zeros(1, 1, 2, 2)
+    draws = Scripted(("normal", torch.ones(1, 1, 2, 2)), ("normal", torch.ones(1, 1, 1, 1)),  # noise, offset
+                     ("batch_uniform", 0.0), ("normal", torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])),  # level 0
+                     ("uniform", torch.tensor([0.75])), ("normal", torch.ones(1, 1, 2, 2)))  # timestep, xi
+    noise, times, input_noise = obj.draw(draws, x0)
+    assert not draws.script
+    by_hand = torch.tensor([[[[2.1, 3.1], [4.1, 5.1]]]])  # 1 + 0.1 + level 0, then / its std
+    assert torch.allclose(noise, by_hand / by_hand.std(), atol=1e-6)
+    assert times.tolist() == [1] and torch.allclose(input_noise, noise + 0.1, atol=1e-6)  # 0.707107 of [0, 2)
 
 
 # ------------------------------------------------------------------------------------- timestep distributions
@@ -189,11 +204,25 @@ def test_huber_schedules_follow_kohya():
     assert torch.allclose(huber_deltas(sd_scheduler(), torch.tensor([3]), "constant", 0.1, 2.0), torch.tensor([0.2]))
 
 
-def test_a_scheduled_huber_parameter_reaches_the_loss_per_example():
-    obj = objective(two_step_scheduler(), huber_schedule="snr", huber_delta=0.1)
+class FixedPrediction:
+    """A family whose denoiser call returns `pred`, so step_loss's own part (target, weights, Huber parameter) is
+    what is measured."""
+
+    def __init__(self, pred):
+        self.pred = pred
+
+    def predict(self, denoiser, noisy, timesteps, conditioning, batch):
+        return self.pred
+
+
+def test_a_scheduled_huber_parameter_reaches_the_steps_loss_per_example():
+    from sdlora.training.step import step_loss
+
+    cfg = LossConfig(type="pseudo_huber", huber_schedule="snr", huber_delta=0.1)
+    obj = DDPMObjective.from_config(two_step_scheduler(), FrozenDict(scaling_factor=1.0), cfg)
     noised = obj.noised(torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), torch.tensor([0, 1]))
     pred = torch.full((2, 1, 1, 1), 0.3)
-    got = weighted_loss(pred, noised.target, LossConfig(type="pseudo_huber"), noised.weight, huber_delta=noised.huber_delta)
+    got = step_loss(obj, FixedPrediction(pred), None, noised, None, {}, cfg)
     c = torch.tensor([0.393878, 0.248995])  # the snr schedule's values above
     by_hand = (2 * c * (torch.sqrt(0.09 + c ** 2) - c)).mean()
     assert float(got) == pytest.approx(float(by_hand), rel=1e-5)
