@@ -92,6 +92,10 @@ ROWS = {
               {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
                "reg": {"preservation": dict(DEMO_PRESERVATION),
                        "embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
+    "debiased": ("+ debiased estimation (loss.debiased_estimation: each example weighted 1/sqrt(min(SNR, 1000)))",
+                 {"loss": {"debiased_estimation": True}}),
+    "ipnoise": ("+ input perturbation (loss.ip_noise_gamma 0.1: the input noised with noise + 0.1·xi)",
+                {"loss": {"ip_noise_gamma": 0.1}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
 DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",
