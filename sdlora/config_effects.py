@@ -93,6 +93,7 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: c.loss.type in HUBER_TYPES),
     Rule(("loss.huber_scale",), "loss.huber_schedule: constant or exponential (snr has no scale)",
          lambda c, f: c.loss.huber_schedule != "snr"),
+    Rule(("loss.noise_offset_random_strength",), "loss.noise_offset above 0", lambda c, f: bool(c.loss.noise_offset)),
     Rule(("loss.multires_noise_discount",), "loss.multires_noise_iterations above 0",
          lambda c, f: bool(c.loss.multires_noise_iterations)),
     Rule(("loss.ip_noise_random_strength",), "loss.ip_noise_gamma above 0", lambda c, f: bool(c.loss.ip_noise_gamma)),

@@ -296,6 +296,8 @@ def test_optimizer_types(tmp_path, lines, optim, status):
     ('debiased_estimation_loss = true\nip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true',
      {"debiased_estimation": True, "ip_noise_gamma": 0.1, "ip_noise_random_strength": True},
      {"debiased_estimation_loss": "mapped", "ip_noise_gamma_random_strength": "mapped"}),
+    ('noise_offset = 0.05\nnoise_offset_random_strength = true', {"noise_offset": 0.05, "noise_offset_random_strength": True},
+     {"noise_offset_random_strength": "mapped"}),
     ('multires_noise_iterations = 6\nmultires_noise_discount = 0.4',
      {"multires_noise_iterations": 6, "multires_noise_discount": 0.4}, {"multires_noise_discount": "mapped"}),
     ('multires_noise_discount = 0.4\nip_noise_gamma_random_strength = true\nip_noise_gamma = 0', {},

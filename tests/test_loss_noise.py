@@ -112,6 +112,15 @@ def test_input_perturbation_with_random_strength_draws_one_strength_per_example(
     assert torch.allclose(got, torch.tensor([[[[0.6, -0.8]]], [[[0.55, -0.9]]]]), atol=1e-6)
 
 
+def test_noise_offset_with_random_strength_scales_the_offset_per_example():
+    obj = objective(two_step_scheduler(), noise_offset=0.1, noise_offset_random_strength=True)
+    draws = Scripted(("normal", torch.zeros(2, 1, 1, 2)), ("uniform", torch.tensor([0.5, 0.25])),
+                     ("normal", torch.full((2, 1, 1, 1), 2.0)), ("integers", torch.tensor([0, 1])))
+    noise, _ = obj.draw(draws, torch.zeros(2, 1, 1, 2))
+    # offsets 0.1·0.5·2 = 0.1 and 0.1·0.25·2 = 0.05, the same over each channel's pixels
+    assert not draws.script and torch.allclose(noise, torch.tensor([[[[0.1, 0.1]]], [[[0.05, 0.05]]]]), atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------- pyramid noise
 def test_pyramid_noise_adds_upsampled_levels_weighted_discount_to_the_i_and_normalises_per_example():
     level0 = torch.zeros(1, 1, 4, 4)
@@ -260,7 +269,7 @@ def test_a_run_with_every_option_resumes_bit_identically(make_config, tmp_path):
 
     loss = {"debiased_estimation": True, "min_snr_gamma": 5.0, "ip_noise_gamma": 0.1, "ip_noise_random_strength": True,
             "multires_noise_iterations": 4, "timestep_sampling": "logit_normal", "logit_mean": 0.5,
-            "type": "pseudo_huber", "huber_schedule": "snr", "noise_offset": 0.05}
+            "type": "pseudo_huber", "huber_schedule": "snr", "noise_offset": 0.05, "noise_offset_random_strength": True}
     extra = {"loss": loss, "train": {"max_steps": 4}, "checkpoint": {"every_steps": 2, "keep_last": 2}}
     full = train(make_config(extra, output={"dir": str(tmp_path / "full")}), log=lambda *a: None)
     cfg = make_config(extra, output={"dir": str(tmp_path / "cut")})

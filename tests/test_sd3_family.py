@@ -73,6 +73,7 @@ def test_the_family_conditioning_equals_the_pipelines_encode_prompt(request, sd3
     ({"loss": {"min_timestep": 100}}, "loss.min_timestep"), ({"loss": {"max_timestep": 900}}, "loss.max_timestep"),
     ({"loss": {"debiased_estimation": True}}, "loss.debiased_estimation"),
     ({"loss": {"ip_noise_gamma": 0.1}}, "loss.ip_noise_gamma"),
+    ({"loss": {"noise_offset_random_strength": True}}, "loss.noise_offset_random_strength"),
     ({"loss": {"multires_noise_iterations": 6}}, "loss.multires_noise_iterations"),
     ({"loss": {"timestep_sampling": "logit_normal"}}, "loss.timestep_sampling"),
     ({"loss": {"type": "pseudo_huber", "huber_schedule": "snr"}}, "loss.huber_schedule"),

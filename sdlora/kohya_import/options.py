@@ -293,7 +293,7 @@ OPTIONS: dict[str, object] = {
     "huber_schedule": _huber_option("loss.huber_schedule", _huber_schedule),
     "huber_c": _huber_option("loss.huber_delta", as_float),
     "huber_scale": _huber_option("loss.huber_scale", as_float),
-    "noise_offset_random_strength": Unsupported(LOSS_GAP),
+    "noise_offset_random_strength": _needs("noise_offset", "loss.noise_offset_random_strength", as_bool),
     "adaptive_noise_scale": Unsupported(LOSS_GAP, off=(0, 0.0, "0")),
     "multires_noise_iterations": _nonzero("loss.multires_noise_iterations", as_int),
     "multires_noise_discount": _needs("multires_noise_iterations", "loss.multires_noise_discount"),

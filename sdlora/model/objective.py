@@ -127,12 +127,17 @@ def huber_deltas(scheduler, timesteps: torch.Tensor, schedule: str, c: float, sc
     raise ValueError(f"Huber schedule {schedule!r}: allowed constant, exponential, snr")
 
 
-def offset_noise(normal, shape: tuple, noise_offset: float) -> torch.Tensor:
+def offset_noise(normal, shape: tuple, noise_offset: float, strength=None) -> torch.Tensor:
     """Gaussian noise (B, *shape) from `normal`, plus noise_offset times a per-channel normal (B, C, 1, 1) (the
-    "noise offset" of Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise)."""
+    "noise offset" of Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise). `strength`: a callable
+    giving (B,) factors in [0, 1) on noise_offset, called between the two normals (kohya's
+    noise_offset_random_strength, which draws one factor per batch)."""
     noise = normal(tuple(shape))
     if noise_offset:
-        noise = noise + noise_offset * normal((shape[0], 1, 1))
+        offset = noise_offset
+        if strength is not None:
+            offset = (noise_offset * strength()).to(noise.dtype).view(-1, 1, 1, 1)
+        noise = noise + offset * normal((shape[0], 1, 1))
     return noise
 
 
@@ -144,7 +149,8 @@ class DDPMObjective:
     noise offset, pyramid noise, input perturbation, a Huber parameter schedule. `scheduler`: a diffusers
     DDPMScheduler.
 
-    Draw order per step: the noise (`normal((C, h, w))`), the offset (`normal((C, 1, 1))`, where on), the pyramid
+    Draw order per step: the noise (`normal((C, h, w))`), the offset (its random strength `uniform()` where on, then
+    `normal((C, 1, 1))`, where the offset is on), the pyramid
     levels (`batch_uniform()` and `normal` per level, where on), the timesteps (`TimestepDraw.draw`), the perturbation
     (`normal((C, h, w))`, then `uniform()` for a random strength, where on). With none of them on, the numbers are
     those sdlora always drew."""
@@ -156,6 +162,7 @@ class DDPMObjective:
     max_timestep: int | None = None  # exclusive; None: the scheduler's num_train_timesteps
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False
     debiased: bool = False
     timestep_draw: TimestepDraw = field(default_factory=TimestepDraw)
     multires_iterations: int = 0
@@ -171,7 +178,7 @@ class DDPMObjective:
         """From the training noise scheduler, the VAE config (scaling_factor, shift_factor) and the loss section."""
         c = loss_cfg
         return cls(scheduler, vae_config.scaling_factor, vae_config.get("shift_factor"), c.min_timestep, c.max_timestep,
-                   c.min_snr_gamma, c.noise_offset, debiased=c.debiased_estimation,
+                   c.min_snr_gamma, c.noise_offset, c.noise_offset_random_strength, debiased=c.debiased_estimation,
                    timestep_draw=TimestepDraw(c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale),
                    multires_iterations=c.multires_noise_iterations, multires_discount=c.multires_noise_discount,
                    ip_noise_gamma=c.ip_noise_gamma, ip_noise_random_strength=c.ip_noise_random_strength,
@@ -186,7 +193,8 @@ class DDPMObjective:
         return vae_latents(sample, self.scaling_factor, self.shift_factor)
 
     def draw(self, draws, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        noise = offset_noise(draws.normal, x0.shape[1:], self.noise_offset)
+        noise = offset_noise(draws.normal, x0.shape[1:], self.noise_offset,
+                             draws.uniform if self.noise_offset_random_strength else None)
         if self.multires_iterations:
             noise = pyramid_noise(draws, noise, self.multires_iterations, self.multires_discount)
         times = self.timestep_draw.draw(draws, *self.time_range)
@@ -199,10 +207,11 @@ class DDPMObjective:
 
     def weight(self, times: torch.Tensor) -> torch.Tensor | None:
         """The per-example loss weight (B,): min-SNR times debiased estimation, each where on; None when neither."""
-        weights = [min_snr_weights(self.scheduler, times, self.min_snr_gamma) if self.min_snr_gamma is not None else None,
-                   debiased_weights(self.scheduler, times) if self.debiased else None]
-        weights = [w for w in weights if w is not None]
-        return weights[0] * weights[1] if len(weights) == 2 else (weights[0] if weights else None)
+        weight = min_snr_weights(self.scheduler, times, self.min_snr_gamma) if self.min_snr_gamma is not None else None
+        if self.debiased:
+            debiased = debiased_weights(self.scheduler, times)
+            weight = debiased if weight is None else weight * debiased
+        return weight
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
                input_noise: torch.Tensor | None = None) -> Noised:
