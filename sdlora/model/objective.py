@@ -8,6 +8,7 @@ An objective answers what one training step needs from the noise process, whatev
     draw(draws, x0)                -> (noise, times[, input_noise]): the random part of a step, from a `Draws`
                                       (below): noise like x0, one time per example (B,), and where the input is
                                       perturbed (DDPM's ip_noise_gamma) the noise the input is made with
+    time_range                     -> (low, high): the training range of times (DDPM: timesteps, high exclusive)
     fixed_times(count)             -> (count,) times over the training range as training draws them (the
                                       validation loss)
     noised(x0, noise, times[, input_noise]) -> Noised: the denoiser's input (made with input_noise where given),
@@ -149,11 +150,10 @@ class DDPMObjective:
     noise offset, pyramid noise, input perturbation, a Huber parameter schedule. `scheduler`: a diffusers
     DDPMScheduler.
 
-    Draw order per step: the noise (`normal((C, h, w))`), the offset (its random strength `uniform()` where on, then
-    `normal((C, 1, 1))`, where the offset is on), the pyramid
-    levels (`batch_uniform()` and `normal` per level, where on), the timesteps (`TimestepDraw.draw`), the perturbation
-    (`normal((C, h, w))`, then `uniform()` for a random strength, where on). With none of them on, the numbers are
-    those sdlora always drew."""
+    Draw order per step, each where on: the noise (`normal((C, h, w))`); the offset (its random strength
+    `uniform()`, then `normal((C, 1, 1))`); the pyramid levels (`batch_uniform()` and `normal` per level); the
+    timesteps (`TimestepDraw.draw`); the perturbation (`normal((C, h, w))`, then `uniform()` for a random strength).
+    With none of the new options on, the numbers are those sdlora always drew."""
 
     scheduler: object
     scaling_factor: float

@@ -110,8 +110,8 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, s
                         loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None, data: str = "",
                         autocast=contextlib.nullcontext) -> RowFisher:
     """The row Fisher of every module of `adapter` over `samples` single-example gradients (examples taken in turn,
-    each with noise and a time drawn by `objective` (DDPM: a timestep uniform in its range; no noise offset: pass
-    `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
+    each with noise and a time drawn by `objective` (DDPM: a timestep from loss.timestep_sampling in its range; no
+    noise offset, pyramid noise or input perturbation: pass `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
     its weights (`algebra.merge_adapter`; `fisher_from_data` does it; `merged_into_modules` for training models);
     any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning). `loss_cfg` is the
     run's loss section (default: plain MSE). Returns (out,) float32 per module."""

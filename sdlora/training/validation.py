@@ -3,8 +3,8 @@
 The held-out images are a folder (`validation.path`) or `validation.num_images` images taken out of the
 training set (a seeded pick, the same for every run of the same data and seed). Each is centre-cropped to its
 bucket, unflipped, with its caption as written (prefix and suffix, no dropout or shuffling), and encoded once
-by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` times spread evenly
-over the objective's training range (`fixed_times`) and one noise tensor per timestep from a generator seeded with `validation.seed`
+by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` times over the objective's
+training range as training draws them (`fixed_times`: evenly spread, or a distribution's quantiles) and one noise tensor per timestep from a generator seeded with `validation.seed`
 (on the CPU: the same numbers on every device). All of it is fixed at start, so the loss at a step depends
 only on the weights at that step: it compares across runs of the same data and across a kill-and-resume. It
 uses no global RNG, so turning it on does not change training.
