@@ -23,6 +23,7 @@ class LossConfig(Section):
     min_snr_gamma: Optional[float] = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (null = off; 5 is common).")
     debiased_estimation: bool = Field(False, description="Weigh each example by 1/sqrt(SNR_t) (epsilon) or 1/(SNR_t + 1) (v-prediction), SNR capped at 1000 (kohya's debiased_estimation_loss; Yu et al. 2024, arxiv.org/abs/2310.08442); multiplies the min-SNR weight when both are on.")
     noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
+    adaptive_noise_scale: float = Field(0.0, description="Add this times the absolute mean of each latent channel to the noise offset, per example and channel, the sum floored at 0 (kohya's adaptive_noise_scale; needs loss.noise_offset). 0: off.")
     noise_offset_random_strength: bool = Field(False, description="Draw the offset's strength uniformly in [0, noise_offset) for each example (kohya's noise_offset_random_strength, which draws one per batch).")
     multires_noise_iterations: int = Field(0, ge=0, description="Multi-resolution (pyramid) noise (kohya's multires_noise_iterations; J. Whitaker 2023): the noise plus this many levels of normal noise drawn at 1/r^i of the latent size (r uniform in [2, 4) per level) and bilinearly upsampled, weighted discount^i, then divided by its standard deviation per example. 0: off; 6-10 is kohya's advice.")
     multires_noise_discount: float = Field(0.3, ge=0.0, le=1.0, description="The weight discount^i of level i of the multi-resolution noise (kohya's multires_noise_discount).")
@@ -45,9 +46,9 @@ class LossConfig(Section):
 
 # The keys of the DDPM noise process (timesteps, SNR weighting, noise shapes): no meaning for rectified flow.
 DDPM_ONLY = ("min_snr_gamma", "debiased_estimation", "noise_offset", "noise_offset_random_strength",
-             "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma", "ip_noise_random_strength",
-             "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "min_timestep", "max_timestep",
-             "huber_schedule")
+             "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+             "ip_noise_random_strength", "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "min_timestep",
+             "max_timestep", "huber_schedule")
 
 
 def ddpm_keys_set(loss: LossConfig) -> list[str]:

@@ -37,6 +37,8 @@ IDLE = [
      {"loss": {"huber_scale": 2.0, "type": "pseudo_huber", "huber_schedule": "exponential"}}),
     ({"loss": {"noise_offset_random_strength": True}}, "loss.noise_offset_random_strength",
      {"loss": {"noise_offset_random_strength": True, "noise_offset": 0.05}}),
+    ({"loss": {"adaptive_noise_scale": 0.01}}, "loss.adaptive_noise_scale",
+     {"loss": {"adaptive_noise_scale": 0.01, "noise_offset": 0.05}}),
     ({"loss": {"multires_noise_discount": 0.5}}, "loss.multires_noise_discount",
      {"loss": {"multires_noise_discount": 0.5, "multires_noise_iterations": 6}}),
     ({"loss": {"ip_noise_random_strength": True}}, "loss.ip_noise_random_strength",

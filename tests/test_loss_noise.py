@@ -121,6 +121,15 @@ def test_noise_offset_with_random_strength_scales_the_offset_per_example():
     assert not draws.script and torch.allclose(noise, torch.tensor([[[[0.1, 0.1]]], [[[0.05, 0.05]]]]), atol=1e-7)
 
 
+def test_adaptive_noise_scale_adds_the_channel_mean_magnitude_to_the_offset_floored_at_zero():
+    obj = objective(two_step_scheduler(), noise_offset=0.1, adaptive_noise_scale=-0.5)
+    x0 = torch.tensor([[[[1.0, 3.0]], [[-0.1, -0.1]]]])  # channel means 2 and -0.1
+    draws = Scripted(("normal", torch.zeros(1, 2, 1, 2)), ("normal", torch.ones(1, 2, 1, 1)), ("integers", torch.tensor([0])))
+    noise, _ = obj.draw(draws, x0)
+    # offsets max(0.1 - 0.5·2, 0) = 0 and 0.1 - 0.5·0.1 = 0.05, times the per-channel normal 1
+    assert not draws.script and torch.allclose(noise, torch.tensor([[[[0.0, 0.0]], [[0.05, 0.05]]]]), atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------- pyramid noise
 def test_pyramid_noise_adds_upsampled_levels_weighted_discount_to_the_i_and_normalises_per_example():
     level0 = torch.zeros(1, 1, 4, 4)
@@ -269,7 +278,8 @@ def test_a_run_with_every_option_resumes_bit_identically(make_config, tmp_path):
 
     loss = {"debiased_estimation": True, "min_snr_gamma": 5.0, "ip_noise_gamma": 0.1, "ip_noise_random_strength": True,
             "multires_noise_iterations": 4, "timestep_sampling": "logit_normal", "logit_mean": 0.5,
-            "type": "pseudo_huber", "huber_schedule": "snr", "noise_offset": 0.05, "noise_offset_random_strength": True}
+            "type": "pseudo_huber", "huber_schedule": "snr", "noise_offset": 0.05, "noise_offset_random_strength": True,
+            "adaptive_noise_scale": 0.01}
     extra = {"loss": loss, "train": {"max_steps": 4}, "checkpoint": {"every_steps": 2, "keep_last": 2}}
     full = train(make_config(extra, output={"dir": str(tmp_path / "full")}), log=lambda *a: None)
     cfg = make_config(extra, output={"dir": str(tmp_path / "cut")})

@@ -74,6 +74,7 @@ def test_the_family_conditioning_equals_the_pipelines_encode_prompt(request, sd3
     ({"loss": {"debiased_estimation": True}}, "loss.debiased_estimation"),
     ({"loss": {"ip_noise_gamma": 0.1}}, "loss.ip_noise_gamma"),
     ({"loss": {"noise_offset_random_strength": True}}, "loss.noise_offset_random_strength"),
+    ({"loss": {"adaptive_noise_scale": 0.01}}, "loss.adaptive_noise_scale"),
     ({"loss": {"multires_noise_iterations": 6}}, "loss.multires_noise_iterations"),
     ({"loss": {"timestep_sampling": "logit_normal"}}, "loss.timestep_sampling"),
     ({"loss": {"type": "pseudo_huber", "huber_schedule": "snr"}}, "loss.huber_schedule"),

@@ -193,15 +193,16 @@ def _huber_schedule(v) -> str:
     return as_str(v).lower()
 
 
-def _needs(option: str, key: str, read=as_float, on=lambda value: value not in (0, False)):
-    """An option kohya reads only when `option` is on (ip_noise_gamma_random_strength, multires_noise_discount)."""
+def _needs(option: str, key: str, read=as_float, zero_is_off: bool = False):
+    """An option kohya reads only when the number `option` is set and not 0 (ip_noise_gamma_random_strength,
+    noise_offset_random_strength, adaptive_noise_scale, multires_noise_discount)."""
     def convert(v, b: Builder):
         other = b.options.get(option)
-        if is_unset(other) or not on(as_float(other)):
+        if is_unset(other) or as_float(other) == 0:
             return OFF, f"read only with {option}"
         value = read(v)
-        if value is False:
-            return OFF, "false"
+        if value is False or (zero_is_off and value == 0):
+            return OFF, f"{value!r} is off"
         return MAPPED, b.set(key, value)
     return Custom(convert, key)
 
@@ -294,7 +295,7 @@ OPTIONS: dict[str, object] = {
     "huber_c": _huber_option("loss.huber_delta", as_float),
     "huber_scale": _huber_option("loss.huber_scale", as_float),
     "noise_offset_random_strength": _needs("noise_offset", "loss.noise_offset_random_strength", as_bool),
-    "adaptive_noise_scale": Unsupported(LOSS_GAP, off=(0, 0.0, "0")),
+    "adaptive_noise_scale": _needs("noise_offset", "loss.adaptive_noise_scale", zero_is_off=True),
     "multires_noise_iterations": _nonzero("loss.multires_noise_iterations", as_int),
     "multires_noise_discount": _needs("multires_noise_iterations", "loss.multires_noise_discount"),
     "ip_noise_gamma": _nonzero("loss.ip_noise_gamma"),

@@ -128,16 +128,20 @@ def huber_deltas(scheduler, timesteps: torch.Tensor, schedule: str, c: float, sc
     raise ValueError(f"Huber schedule {schedule!r}: allowed constant, exponential, snr")
 
 
-def offset_noise(normal, shape: tuple, noise_offset: float, strength=None) -> torch.Tensor:
+def offset_noise(normal, shape: tuple, noise_offset: float, strength=None,
+                 adaptive: torch.Tensor | None = None) -> torch.Tensor:
     """Gaussian noise (B, *shape) from `normal`, plus noise_offset times a per-channel normal (B, C, 1, 1) (the
-    "noise offset" of Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise). `strength`: a callable
-    giving (B,) factors in [0, 1) on noise_offset, called between the two normals (kohya's
-    noise_offset_random_strength, which draws one factor per batch)."""
+    "noise offset" of Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise). As kohya's
+    `apply_noise_offset` (library/custom_train_functions.py): `strength`, a callable giving (B,) factors in [0, 1)
+    on noise_offset, called between the two normals (noise_offset_random_strength; kohya draws one per batch);
+    `adaptive` (B, C, 1, 1) added to the offset, the sum floored at 0 (adaptive_noise_scale · |channel mean of x0|)."""
     noise = normal(tuple(shape))
     if noise_offset:
         offset = noise_offset
         if strength is not None:
             offset = (noise_offset * strength()).to(noise.dtype).view(-1, 1, 1, 1)
+        if adaptive is not None:
+            offset = torch.clamp(offset + adaptive.to(noise.dtype), min=0.0)
         noise = noise + offset * normal((shape[0], 1, 1))
     return noise
 
@@ -163,6 +167,7 @@ class DDPMObjective:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float = 0.0
     debiased: bool = False
     timestep_draw: TimestepDraw = field(default_factory=TimestepDraw)
     multires_iterations: int = 0
@@ -178,7 +183,8 @@ class DDPMObjective:
         """From the training noise scheduler, the VAE config (scaling_factor, shift_factor) and the loss section."""
         c = loss_cfg
         return cls(scheduler, vae_config.scaling_factor, vae_config.get("shift_factor"), c.min_timestep, c.max_timestep,
-                   c.min_snr_gamma, c.noise_offset, c.noise_offset_random_strength, debiased=c.debiased_estimation,
+                   c.min_snr_gamma, c.noise_offset, c.noise_offset_random_strength, c.adaptive_noise_scale,
+                   debiased=c.debiased_estimation,
                    timestep_draw=TimestepDraw(c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale),
                    multires_iterations=c.multires_noise_iterations, multires_discount=c.multires_noise_discount,
                    ip_noise_gamma=c.ip_noise_gamma, ip_noise_random_strength=c.ip_noise_random_strength,
@@ -193,8 +199,10 @@ class DDPMObjective:
         return vae_latents(sample, self.scaling_factor, self.shift_factor)
 
     def draw(self, draws, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        adaptive = self.adaptive_noise_scale * x0.float().mean(dim=(2, 3), keepdim=True).abs() \
+            if self.adaptive_noise_scale else None
         noise = offset_noise(draws.normal, x0.shape[1:], self.noise_offset,
-                             draws.uniform if self.noise_offset_random_strength else None)
+                             draws.uniform if self.noise_offset_random_strength else None, adaptive)
         if self.multires_iterations:
             noise = pyramid_noise(draws, noise, self.multires_iterations, self.multires_discount)
         times = self.timestep_draw.draw(draws, *self.time_range)
@@ -225,4 +233,4 @@ class DDPMObjective:
         return pred
 
     def plain(self) -> "DDPMObjective":
-        return replace(self, noise_offset=0.0, multires_iterations=0, ip_noise_gamma=0.0)
+        return replace(self, noise_offset=0.0, multires_iterations=0, ip_noise_gamma=0.0)  # offset 0: none adapts
