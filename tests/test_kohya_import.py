@@ -319,6 +319,21 @@ def test_loss_and_noise_options(tmp_path, lines, loss, statuses):
     LossConfig(**data.get("loss", {}))  # what the import writes validates
 
 
+def test_gui_loss_and_noise_fields(tmp_path):
+    """The GUI writes every field; with noise_offset_type Multires it passes multires_* and not noise_offset."""
+    from sdlora.kohya_import.convert import convert
+
+    gui = tmp_path / "g.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "train_data_dir": str(tmp_path), "loss_type": "smooth_l1",
+                               "huber_c": 0.2, "huber_schedule": "snr", "huber_scale": 1, "noise_offset_type": "Multires",
+                               "noise_offset": 0.05, "adaptive_noise_scale": 0, "multires_noise_iterations": 8,
+                               "multires_noise_discount": 0.3, "ip_noise_gamma": 0, "ip_noise_gamma_random_strength": False,
+                               "debiased_estimation_loss": True}))
+    data, rows, _ = convert(gui)
+    assert data["loss"] == {"type": "smooth_l1", "huber_delta": 0.2, "huber_schedule": "snr", "huber_scale": 1.0,
+                            "multires_noise_iterations": 8, "multires_noise_discount": 0.3, "debiased_estimation": True}
+
+
 def test_a_command_line_in_a_script_imports(tmp_path, capsys):
     """The options after train_network.py, `--name value`, `--name=value`, switches, lists, continued lines."""
     from sdlora.kohya_import.convert import convert
