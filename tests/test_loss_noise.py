@@ -250,6 +250,18 @@ def test_a_scheduled_huber_parameter_reaches_the_steps_loss_per_example():
     assert float(weighted_loss(pred[:1], torch.zeros(1, 1, 1, 1), cfg)) == pytest.approx(2 * (0.5 - 0.4), rel=1e-5)
 
 
+def test_the_loss_types_apply_to_rectified_flow_with_the_constant_parameter():
+    from sdlora.model.flow_objective import FlowMatchingObjective
+    from sdlora.training.step import step_loss
+
+    obj = FlowMatchingObjective.from_configs({"shift": 3.0}, {"scaling_factor": 1.0})
+    noised = obj.noised(torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.3, 1.0]]]]), torch.tensor([0.5]))
+    cfg = LossConfig(type="pseudo_huber", huber_delta=0.2, huber_scale=2.0)  # c = 0.4
+    got = step_loss(obj, FixedPrediction(torch.zeros(1, 1, 1, 2)), None, noised, None, {}, cfg)
+    # the velocity target noise - x0 = [0.3, 1.0]: pseudo-Huber 0.08 and 0.541626 (above), mean 0.310813
+    assert noised.huber_delta is None and float(got) == pytest.approx(0.310813, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- wiring
 def test_the_loss_section_becomes_the_objective_and_plain_drops_the_perturbations():
     cfg = LossConfig(debiased_estimation=True, ip_noise_gamma=0.1, ip_noise_random_strength=True,
