@@ -38,13 +38,12 @@ def held_out_samples(cfg, training_data, say) -> list:
     if cfg.validation.path is None:
         return training_data.held_out
     from sdlora.config import SubsetConfig
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
     shared = {k: getattr(cfg.data, k) for k in ("caption_extension", "prefix", "suffix")}
     subsets = [SubsetConfig(path=cfg.validation.path, **shared)]
-    samples, skipped = scan(discover(subsets, 1.0), cfg.data, bucket_sizes(cfg.data))
+    samples, skipped = scan(discover(subsets, 1.0), cfg.data)
     if not samples:
         raise UserError(f"validation.path: no usable images in {cfg.validation.path}")
     if skipped:
