@@ -259,3 +259,15 @@ def test_a_bad_subset_resolution_names_the_subset(tiny_model, folder, tmp_path, 
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "data.subsets.0.resolution: 12 is not a base resolution" in err, err
+
+
+def test_sd3_refuses_a_bucket_side_its_patches_do_not_divide(tiny_sd3, folder, tmp_path, capsys):
+    # 72 px = 9 latent cells: SD3's 2x2 patches would drop a row (a shape error mid-step before this check)
+    path = tmp_path / "c.yaml"
+    d = config_dict(tiny_sd3, folder, tmp_path / "run", resolution=[64, 72], bucket_step=8, bucketing=False)
+    path.write_text(yaml.safe_dump({**d, "text_encoder": {"t5_max_length": 8}}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "bucket 72x72 (base resolution 72" in err and "not a multiple of 16 pixels" in err, err
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()

@@ -60,6 +60,7 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
         raise UserError(f"no usable images in {', '.join(s.path for s in subsets)}"
                         + (f" ({len(skipped)} skipped; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     latent_factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    check_bucket_sides(scanned, latent_factor * comps.family.latent_multiple(comps.denoiser), comps.family.title)
     if data.masked_loss:
         check_masks(samples, data, latent_factor, say)
     counts: dict[tuple[int, tuple[int, int]], int] = {}
@@ -79,6 +80,17 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     if data.cache_latents != "none":
         result.fill_cache(comps.vae, say)
     return result
+
+
+def check_bucket_sides(samples: list[Sample], multiple: int, title: str) -> None:
+    """UserError (before any training) when a bucket side is not a multiple of `multiple` pixels: the VAE's pixels
+    per latent cell times the denoiser's latent multiple (family.latent_multiple; SD3: 8 x 2)."""
+    for s in samples:
+        w, h = s.geo.bucket
+        if w % multiple or h % multiple:
+            raise UserError(f"bucket {w}x{h} (base resolution {s.resolution}, {s.item.path.name}) has a side that is "
+                            f"not a multiple of {multiple} pixels, which {title} needs: set data.bucket_step to a "
+                            f"multiple of {multiple}")
 
 
 def note_lines(notes: list[Note], examples: int = 3) -> list[str]:
@@ -135,7 +147,7 @@ class TrainingData:
         self.samples = samples
         self.held_out: list[Sample] = []  # validation.num_images taken out of training
         self.skipped = skipped
-        self.num_images = len(samples)
+        self.num_images = len({s.item for s in samples})  # images; with several resolutions fewer than samples
         self.num_processes, self.process_index = num_processes, process_index
         self.batch_size = cfg.train.batch_size
         self.subsets = cfg.data_subsets()
