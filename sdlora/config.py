@@ -11,7 +11,7 @@ import os
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from sdlora.config_file import apply_overrides, read_config_file
 from sdlora.config_help import describe_error, describe_model
@@ -88,8 +88,25 @@ def _check_resolutions(value):
     return value
 
 
+def _resolutions_form(value):
+    """A whole number or a list of them (as int, as before, "512" and 512.0 too; no bools), else one ValueError
+    for the key (not one per branch of the union)."""
+    def whole(v):
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    if whole(value) is not None:
+        return whole(value)
+    if isinstance(value, list) and all(whole(v) is not None for v in value):
+        return [whole(v) for v in value]
+    raise ValueError(f"got {value!r}: give a base resolution (512) or a list of them ([512, 768]), whole pixels")
+
+
 # data.resolution and a subset's resolution: one base resolution, or a list of them (several resolutions in one run).
-Resolutions = Annotated[Union[int, list[int]], AfterValidator(_check_resolutions)]
+Resolutions = Annotated[Union[int, list[int]], BeforeValidator(_resolutions_form), AfterValidator(_check_resolutions)]
 
 
 class SubsetConfig(CaptionOptions):

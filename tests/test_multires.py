@@ -241,6 +241,7 @@ def test_an_sd3_run_trains_at_two_sizes(tiny_sd3, folder, tmp_path, monkeypatch)
     ([64, 100], "data.resolution: 100 is not a base resolution (allowed: multiples of 8 from 32 to 4096"),
     ([64, 64], "data.resolution: 64 is listed twice"),
     (20, "data.resolution: 20 is not a base resolution"),
+    ([64, 96.5], "data.resolution: got [64, 96.5]: give a base resolution (512) or a list of them"),
 ])
 def test_a_bad_resolution_list_is_one_line_and_exit_2(tiny_model, folder, tmp_path, capsys, resolution, message):
     path = tmp_path / "c.yaml"
