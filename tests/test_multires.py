@@ -71,7 +71,10 @@ def size_of(batch):
 
 def test_every_image_trains_at_every_size_once_an_epoch_in_batches_of_one_size(tiny_model, comps, folder, tmp_path):
     cfg = validate(config_dict(tiny_model, folder, tmp_path / "run"))
-    data = build_training_data(cfg, comps, say=quiet)
+    said = []
+    data = build_training_data(cfg, comps, say=said.append)
+    assert "sdlora: 4 images at 2 base resolutions (64, 96), 0 skipped" in said
+    assert "\n    64:   64 x 64        4 images\n    96:   96 x 96        4 images" in said[-1], said
     assert len(data.samples) == 4 * len(SIZES)
     assert data.batches_per_epoch(0) == 4  # 4 images x 2 sizes / batch 2: an epoch is every image at every size
     for epoch in (0, 1):
@@ -125,8 +128,10 @@ def test_the_latent_cache_holds_one_entry_per_image_and_size(tiny_model, comps, 
 def test_held_out_images_leave_training_at_every_size(make_config, folder, comps):
     cfg = make_config(data={"path": str(folder), "resolution": SIZES, "bucket_step": 32},
                       validation={"every_steps": 1, "num_images": 1, "timesteps": 1}, train={"max_steps": 2})
-    result = train(cfg, log=quiet)
+    said = []
+    result = train(cfg, log=lambda *a, **k: said.append(" ".join(map(str, a))))
     assert result.step == 2
+    assert any("validation: 1 held-out images at 2 base resolutions x 1 timesteps" in line for line in said), said
     data = build_training_data(cfg, comps, say=quiet)
     held = {s.item.path for s in data.held_out}
     assert len(held) == 1 and len(data.held_out) == 2  # one image, at both sizes

@@ -104,5 +104,5 @@ def bucket_table(counts: dict[tuple[int, tuple[int, int]], int]) -> str:
     several = len({res for res, _ in counts}) > 1
     rows = [(f"  {res:>4}: " if several else "  ") + f"{w:>4} x {h:<4} {n:>6} images"
             for (res, (w, h)), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1]) if several else -kv[1])]
-    head = "(base resolution: width x height, images incl. repeats)" if several else "(width x height, images incl. repeats)"
-    return f"sdlora: buckets {head}:\n" + "\n".join(rows)
+    head = ("base resolution: " if several else "") + "width x height, images incl. repeats"
+    return f"sdlora: buckets ({head}):\n" + "\n".join(rows)

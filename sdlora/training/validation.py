@@ -92,8 +92,15 @@ def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss
     if not cfg.validation.every_steps:
         return None
     samples = held_out_samples(cfg, training_data, say)
-    say(f"sdlora: validation: {len(samples)} held-out images x {cfg.validation.timesteps} timesteps every "
-        f"{cfg.validation.every_steps} steps")
+    if cfg.validation.path is not None:  # the training data's were checked when it was built
+        from sdlora.data.pipeline import check_bucket_sides
+
+        check_bucket_sides(samples, training_data.latent_factor * comps.family.latent_multiple(comps.denoiser),
+                           comps.family.title)
+    sizes = len({s.resolution for s in samples})
+    at = f" at {sizes} base resolutions" if sizes > 1 else ""
+    say(f"sdlora: validation: {len({s.item for s in samples})} held-out images{at} x {cfg.validation.timesteps} "
+        f"timesteps every {cfg.validation.every_steps} steps")
     return ValidationLoss(cfg, comps, samples, objective)
 
 
