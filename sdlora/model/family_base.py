@@ -263,6 +263,11 @@ class ModelFamily:
         return {"encoder_hidden_states": embeddings}
 
     # -- the denoiser call and the noise process ------------------------------------------------------------
+    def latent_multiple(self, denoiser) -> int:
+        """The latent cells a training latent's sides must be a multiple of: 1 for a UNet (diffusers' UNet sizes
+        its upsampling to odd inputs), the patch size for a patchifying transformer (SD3: 2)."""
+        return 1
+
     def predict(self, denoiser, noisy, timesteps, conditioning, batch: dict | None = None) -> torch.Tensor:
         """The denoiser's prediction (B, C, h, w) for `noisy` (B, C, h, w) at `timesteps` (B,) (the objective's
         `Noised.timesteps`), conditioned on `encode`'s result and the batch's fields (`unet_kwargs`: SDXL's
