@@ -25,7 +25,9 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
     candidates = [Path(model_path) / "scheduler"] if Path(model_path).is_dir() else []
     if config_dir:
         candidates.append(Path(config_dir) / "scheduler")
-    candidates.append(BUNDLED_CONFIGS / version / "scheduler")
+    from sdlora.model.sd3_single_file import BUNDLED
+
+    candidates.append(BUNDLED_CONFIGS / BUNDLED.get(version, version) / "scheduler")  # SD3's folders: by model type
     for folder in candidates:
         f = folder / "scheduler_config.json"
         if f.is_file():
@@ -95,5 +97,5 @@ def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Te
     from sdlora.model import ldm_keys as L
 
     # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead.
-    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.")
+    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.", "text_encoders.")
     return {k: v for k, v in sd.items() if not k.startswith(skip) and k not in (L.V_PRED_KEY, L.ZTSNR_KEY)}

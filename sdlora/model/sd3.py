@@ -182,7 +182,12 @@ class SD3Family(ModelFamily):
         return "caption_projection_dim" in config and kohya_model_type(config) == self.model_type
 
     def matches_single_file(self, keys) -> bool:
-        return False  # single-file SD3 is refused by name (model/single_file.detect_family)
+        """An SD3 single file of this variant: MMDiT keys under `model.diffusion_model.` whose QK-norm and dual
+        attention give this model type (model/sd3_single_file.mmdit_structure)."""
+        from sdlora.model.mmdit_keys import kohya_model_type
+        from sdlora.model.sd3_single_file import is_sd3_file, mmdit_structure
+
+        return is_sd3_file(keys) and kohya_model_type(mmdit_structure(keys)) == self.model_type
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return self.matches_denoiser(denoiser_config)
