@@ -90,7 +90,7 @@ def test_the_merged_diffusers_folder_through_diffusers_equals_the_trained_model(
         assert close(theirs[key], ours[key]), key
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "merged-single-file"])
+@pytest.mark.parametrize("fmt", ["kohya"])
 def test_formats_not_written_for_sd3_yet_are_refused_by_name(trained_sd35m, tmp_path, fmt):
     from sdlora.commands.export import run_export
     from sdlora.errors import UserError
