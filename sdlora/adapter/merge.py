@@ -96,6 +96,7 @@ def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Te
     sd, _ = read_checkpoint(p, allow_pickle=allow_pickle)
     from sdlora.model import ldm_keys as L
 
-    # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead.
+    # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead;
+    # SD3's text encoders (text_encoders.*) are written from the loaded ones.
     skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.", "text_encoders.")
     return {k: v for k, v in sd.items() if not k.startswith(skip) and k not in (L.V_PRED_KEY, L.ZTSNR_KEY)}
