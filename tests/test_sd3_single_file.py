@@ -81,7 +81,6 @@ def test_each_variant_is_recognised_from_the_keys_at_the_released_sizes(variant)
     from transformers import CLIPTextConfig, T5Config
 
     from sdlora.model import mmdit_keys as M
-    from sdlora.model.sd3_single_file import BUNDLED, bundled_configs
     from sdlora.model.single_file import BUNDLED_CONFIGS, detect_family
 
     folder = BUNDLED_CONFIGS / {"sd3": "sd3_medium", "sd35m": "sd3.5_medium", "sd35l": "sd3.5_large"}[variant]
@@ -90,7 +89,7 @@ def test_each_variant_is_recognised_from_the_keys_at_the_released_sizes(variant)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
     sd = M.to_original(transformer.state_dict(), dict(transformer.config), prefix=M.SINGLE_FILE_PREFIX)
     family = detect_family(sd, "released.safetensors")
-    assert family.name == variant and bundled_configs(family) == folder and BUNDLED[family.model_type] == folder.name
+    assert family.name == variant and family.bundled_configs() == folder
     assert infer_diffusers_model_type(sd) == {"sd3": "sd3", "sd35m": "sd35_medium", "sd35l": "sd35_large"}[variant]
     assert vae.config.latent_channels == 16 and transformer.config.in_channels == 16
     widths = [CLIPTextConfig.from_pretrained(folder / te).hidden_size for te in ("text_encoder", "text_encoder_2")]
@@ -279,3 +278,13 @@ def test_a_clip_l_projection_in_the_file_is_read(tiny_sd35m, tmp_path):
     read = load_components(str(tmp_path / "f.safetensors"), config_dir=str(tiny_sd35m))
     assert torch.equal(read.text_encoder.text_projection.weight, comps.text_encoder.text_projection.weight)
     assert not torch.equal(comps.text_encoder.text_projection.weight, torch.eye(32))
+
+
+def test_an_sd3_checkpoint_in_a_pickle_file_is_refused_even_with_allow_pickle(sd35m_file, tiny_sd35m, shapes_data,
+                                                                              tmp_path, capsys):
+    path, _ = sd35m_file
+    sd = {k: v for k, v in load_file(path).items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    torch.save({"state_dict": sd}, tmp_path / "sd3.ckpt")
+    err = refusal(capsys, write_train_config(tmp_path, shapes_data, {
+        "path": str(tmp_path / "sd3.ckpt"), "config_dir": str(tiny_sd35m), "allow_pickle": True}))
+    assert "is an SD3 / SD3.5 checkpoint in a pickle file; sdlora reads SD3 files as .safetensors only" in err

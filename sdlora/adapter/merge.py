@@ -17,7 +17,8 @@ from sdlora.util import atomic
 
 def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
     """The inference scheduler the base model ships with (its own folder's, else the configs'); `version` names the
-    bundled configs (the family's for epsilon prediction; the caller sets the prediction type)."""
+    bundled configs' folder (`family.bundled_configs().name`: for epsilon prediction; the caller sets the prediction
+    type)."""
     import diffusers
 
     from sdlora.model.single_file import BUNDLED_CONFIGS
@@ -25,9 +26,7 @@ def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
     candidates = [Path(model_path) / "scheduler"] if Path(model_path).is_dir() else []
     if config_dir:
         candidates.append(Path(config_dir) / "scheduler")
-    from sdlora.model.sd3_single_file import BUNDLED
-
-    candidates.append(BUNDLED_CONFIGS / BUNDLED.get(version, version) / "scheduler")  # SD3's folders: by model type
+    candidates.append(BUNDLED_CONFIGS / version / "scheduler")
     for folder in candidates:
         f = folder / "scheduler_config.json"
         if f.is_file():

@@ -94,7 +94,7 @@ def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, 
                             text_encoders_path=text_encoders)
     merge_adapter(adapter, comps.adaptable())
     if fmt == "merged-diffusers":
-        scheduler = pipeline_scheduler(base, comps.family.base_model_version("epsilon"), config_dir)
+        scheduler = pipeline_scheduler(base, comps.family.bundled_configs().name, config_dir)
         scheduler = inference_schedule(scheduler, comps.prediction_type, comps.zero_terminal_snr)
         save_merged_diffusers(out, comps, scheduler, dtype, record)
     else:

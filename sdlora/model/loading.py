@@ -11,19 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from sdlora.errors import UserError
+from sdlora.errors import LOAD_ERRORS, UserError  # noqa: F401 (LOAD_ERRORS re-exported)
 from sdlora.model.components import Components
 from sdlora.model.families import FAMILIES, SUPPORTED, ModelFamily
 from sdlora.model.schedule import set_noise_schedule
 
-# What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
-LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
-try:
-    from safetensors import SafetensorError
-
-    LOAD_ERRORS += (SafetensorError,)
-except ImportError:  # older safetensors: its error is a subclass of the above
-    pass
 
 
 def _quiet_loaders():

@@ -15,9 +15,11 @@ lacks comes from `model.text_encoders_path` (a diffusers SD3 / SD3.5 folder); wi
 refused in one line, and a file lacking T5 gives a T5-less model (the pipeline then feeds zeros in T5's place).
 The variant comes from the keys (kohya's rule, mmdit_keys.kohya_model_type): QK-norm (`ln_q`) with dual attention
 (`x_block.attn2`) is SD3.5 Medium, QK-norm alone SD3.5 Large, neither SD3 Medium; the depth is the number of joint
-blocks. Configs: `model.config_dir`, else the bundled ones of the variant (`sdlora/resources/configs/sd3_medium`,
-`sd3.5_medium`, `sd3.5_large`: transformer, VAE, CLIP-L, CLIP-G, T5, CLIP tokenizers, scheduler). No T5 tokenizer is
-bundled: a file holding T5 needs `tokenizer_3` from `model.text_encoders_path` or `model.config_dir`.
+blocks. Configs: `model.config_dir`, else the bundled ones of the variant (`SD3Family.bundled_configs`:
+`sdlora/resources/configs/sd3_medium`, `sd3.5_medium`, `sd3.5_large`: transformer, VAE, CLIP-L, CLIP-G, T5, CLIP
+tokenizers, scheduler). No T5 tokenizer is bundled: a file holding T5 needs `tokenizer_3` from
+`model.text_encoders_path` or `model.config_dir`. Only `.safetensors` files are read (model/single_file.py refuses a
+pickle SD3 file). This module sits below model/single_file.py, which builds the `Components`.
 
 Reading uses diffusers' converters (`from_single_file` with the configs folder, `create_diffusers_clip_model_from_ldm`,
 `create_diffusers_t5_model_from_checkpoint`); only CLIP-L's projection is the file's where it has one (diffusers
@@ -29,12 +31,13 @@ absent; sdlora ties it to the first).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from sdlora.errors import UserError
+from sdlora.errors import LOAD_ERRORS, UserError
 from sdlora.model import ldm_keys as L
 from sdlora.model import mmdit_keys as M
 
@@ -44,7 +47,6 @@ TEXT_NAMES = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encode
 # the weight that says an encoder is in the file (diffusers' CHECKPOINT_KEY_NAMES and is_t5_in_single_file)
 _MARKERS = {"text_encoder": "text_model.embeddings.position_embedding.weight",
             "text_encoder_2": "text_model.embeddings.position_embedding.weight", "text_encoder_3": "shared.weight"}
-BUNDLED = {"medium": "sd3_medium", "5-medium": "sd3.5_medium", "5-large": "sd3.5_large"}  # kohya model type -> folder
 _T5_TIED = "encoder.embed_tokens.weight"  # T5's input embedding, the same tensor as shared.weight
 
 
@@ -73,12 +75,6 @@ def text_encoders_in(keys) -> tuple[str, ...]:
     return tuple(p for p, prefix in TEXT_PREFIXES.items() if prefix + _MARKERS[p] in keys)
 
 
-def bundled_configs(family) -> Path:
-    from sdlora.model.single_file import BUNDLED_CONFIGS
-
-    return BUNDLED_CONFIGS / BUNDLED[family.model_type]
-
-
 def _folder(value, key: str) -> Path:
     p = Path(os.path.expanduser(str(value)))
     if not p.is_dir():
@@ -88,7 +84,7 @@ def _folder(value, key: str) -> Path:
 
 def _config_root(family, config_dir) -> Path:
     if config_dir is None:
-        return bundled_configs(family)
+        return family.bundled_configs()
     root = _folder(config_dir, "model.config_dir")
     for sub in ("transformer", "vae"):
         if not (root / sub / "config.json").is_file():
@@ -97,13 +93,12 @@ def _config_root(family, config_dir) -> Path:
     return root
 
 
-def load_sd3_single_file(path, sd: dict, family, *, config_dir=None, text_encoders_path=None):
-    """An SD3 / SD3.5 single file (`sd`, read from `path`) as `Components` (fp32), offline; see the module docstring
-    for where each part comes from. Raises UserError (one line) naming a part that is missing or does not fit."""
+def read_sd3_single_file(path, sd: dict, family, *, clip_tokenizer, config_dir=None, text_encoders_path=None):
+    """An SD3 / SD3.5 single file (`sd`, read from `path`; `family` its SD3Family) as (models by part name, fp32;
+    tokenizers by text-encoder part; the training scheduler), offline; see the module docstring for where each part
+    comes from. `clip_tokenizer(config_root, subfolder)` builds a CLIP tokenizer from a configs folder
+    (model/single_file.load_tokenizer). Raises UserError (one line) naming a part that is missing or does not fit."""
     import diffusers
-
-    from sdlora.model.components import Components
-    from sdlora.model.single_file import _read_json
 
     path = Path(path)
     if not any(k.startswith(L.VAE) for k in sd):
@@ -125,13 +120,14 @@ def load_sd3_single_file(path, sd: dict, family, *, config_dir=None, text_encode
         if part.name in from_donor:
             models[part.name], tokenizers[part.name] = _from_donor(donor, part)
         elif part.name in inside:
-            tokenizers[part.name] = _tokenizer(part, root, donor, path)
+            tokenizers[part.name] = _tokenizer(part, root, donor, path, clip_tokenizer)
     sched_file = root / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
-        sched_file = bundled_configs(family) / "scheduler" / "scheduler_config.json"
-    sched_config = {k: v for k, v in _read_json(sched_file).items() if not k.startswith("_")}
-    scheduler = getattr(diffusers, family.scheduler_class).from_config(sched_config)
-    return Components(family, models, tokenizers, scheduler, str(path))
+        sched_file = family.bundled_configs() / "scheduler" / "scheduler_config.json"
+    sched_config = json.loads(sched_file.read_text(encoding="utf-8"))
+    scheduler = getattr(diffusers, family.scheduler_class).from_config(
+        {k: v for k, v in sched_config.items() if not k.startswith("_")})
+    return models, tokenizers, scheduler
 
 
 def _read_file_parts(sd: dict, root: Path, family, path, inside) -> dict:
@@ -182,8 +178,6 @@ def _needs_config(root: Path, name: str) -> None:
 
 def _from_donor(donor: Path, part):
     """A text encoder and its tokenizer from model.text_encoders_path (safetensors weights only)."""
-    from sdlora.model.loading import LOAD_ERRORS
-
     if not (donor / part.tokenizer).is_dir():
         raise UserError(f"model.text_encoders_path: {donor} has {part.name}/ but no {part.tokenizer}/")
     try:
@@ -196,13 +190,11 @@ def _from_donor(donor: Path, part):
     return model.float().eval(), tokenizer
 
 
-def _tokenizer(part, root: Path, donor: Path | None, path):
-    """The tokenizer of an encoder read from the file: CLIP's from the configs (model/single_file.load_tokenizer);
-    T5's from model.text_encoders_path, else model.config_dir (none is bundled)."""
-    from sdlora.model.single_file import load_tokenizer
-
+def _tokenizer(part, root: Path, donor: Path | None, path, clip_tokenizer):
+    """The tokenizer of an encoder read from the file: CLIP's from the configs (`clip_tokenizer`); T5's from
+    model.text_encoders_path, else model.config_dir (none is bundled)."""
     if part.name != "text_encoder_3":
-        return load_tokenizer(root, part.tokenizer)
+        return clip_tokenizer(root, part.tokenizer)
     for folder in (donor, root):
         if folder is not None and (folder / part.tokenizer).is_dir():
             return part.tokenizer_type().from_pretrained(folder, subfolder=part.tokenizer, local_files_only=True)

@@ -242,9 +242,15 @@ def load_single_file(path, *, config_dir=None, allow_pickle: bool = False, text_
     sd, meta = read_checkpoint(path, allow_pickle=allow_pickle)
     family = detect_family(sd, str(path))
     if isinstance(family, SD3Family):
-        from sdlora.model.sd3_single_file import load_sd3_single_file
+        from sdlora.model.sd3_single_file import read_sd3_single_file
 
-        return load_sd3_single_file(path, sd, family, config_dir=config_dir, text_encoders_path=text_encoders_path)
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(f"model.path: {path} is an SD3 / SD3.5 checkpoint in a pickle file; sdlora reads SD3 "
+                            "files as .safetensors only (as Stability publishes them)")
+        models, tokenizers, scheduler = read_sd3_single_file(path, sd, family, clip_tokenizer=load_tokenizer,
+                                                             config_dir=config_dir,
+                                                             text_encoders_path=text_encoders_path)
+        return Components(family, models, tokenizers, scheduler, str(path))
     if text_encoders_path is not None:
         raise UserError(f"model.text_encoders_path: for an SD3 / SD3.5 single file only; {path} is {family.title}, "
                         "whose file holds its text encoders")
