@@ -75,7 +75,6 @@ def test_each_variant_is_recognised_from_the_keys_at_the_released_sizes(variant)
     """The bundled configs at the released sizes (SD3 Medium 24 blocks, SD3.5 Medium 24 with attn2 in 0-12, SD3.5
     Large 38 with QK-norm), written in the original layout on the meta device: sdlora names the variant diffusers'
     own `infer_diffusers_model_type` names, and each bundled config parses."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
     from transformers import CLIPTextConfig, T5Config
@@ -84,7 +83,7 @@ def test_each_variant_is_recognised_from_the_keys_at_the_released_sizes(variant)
     from sdlora.model.single_file import BUNDLED_CONFIGS, detect_family
 
     folder = BUNDLED_CONFIGS / {"sd3": "sd3_medium", "sd35m": "sd3.5_medium", "sd35l": "sd3.5_large"}[variant]
-    with init_empty_weights():
+    with torch.device("meta"):  # also the sin-cos position table (seconds on the CPU at 384 x 384)
         transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder / "transformer"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
     sd = M.to_original(transformer.state_dict(), dict(transformer.config), prefix=M.SINGLE_FILE_PREFIX)
@@ -138,7 +137,10 @@ def trained_on_file(sd35m_file, tiny_sd35m, shapes_data, tmp_path_factory):
     return cfg, train(cfg, log=quiet)
 
 
-def test_a_single_file_without_text_encoders_trains_with_text_encoders_path(sd3_bare_file, tiny_sd3, make_config):
+def test_a_single_file_without_text_encoders_trains_with_text_encoders_path(sd3_bare_file, tiny_sd3, make_config,
+                                                                             tmp_path, capsys):
+    """Trains; `sdlora export --format merged-single-file --text-encoders` then writes a complete file (the encoders
+    the base file lacked included), and without --text-encoders it is the one-line refusal."""
     from sdlora.training.loop import train
 
     path, _ = sd3_bare_file
@@ -147,6 +149,14 @@ def test_a_single_file_without_text_encoders_trains_with_text_encoders_path(sd3_
     result = train(cfg, log=quiet)
     assert result.components.family.name == "sd3" and result.adapter_path.is_file()
     assert all(torch.isfinite(torch.tensor(result.losses)))
+    export = ["export", str(result.adapter_path), "--format", "merged-single-file", "--base", str(path),
+              "--config-dir", str(tiny_sd3)]
+    assert cli_main(export + ["--out", str(tmp_path / "m.safetensors"), "--text-encoders", str(tiny_sd3)]) == 0
+    keys = load_file(tmp_path / "m.safetensors").keys()
+    assert all(any(k.startswith(f"text_encoders.{e}.transformer.") for k in keys) for e in ("clip_l", "clip_g", "t5xxl"))
+    capsys.readouterr()
+    assert cli_main(export + ["--out", str(tmp_path / "n.safetensors")]) == 2
+    assert "holds no CLIP-L" in capsys.readouterr().err and not (tmp_path / "n.safetensors").exists()
 
 
 def test_the_merged_single_file_read_by_diffusers_equals_the_merged_folder(trained_on_file, tiny_sd35m, tmp_path):
