@@ -253,7 +253,7 @@ class LoraConfig(Section):
     init_alphas_from: Optional[UserPath] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
     init_from: Optional[UserPath] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
-    init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
+    init: Literal["zero", "orthogonal", "orthonormal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged (orthonormal: A's rows orthonormal, B = 0, the LoRA-FA setting of Shuttleworth et al. 2024 with lora.train_a false).")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
     merge_every: int = Field(0, ge=0, description="Periodic merging (ReLoRA, Lialin et al. 2023; lora.type lora, init zero or orthogonal): every N optimiser steps each adapter's update is added into its frozen base weight and the adapter restarts (init drawn again, its factors' optimiser state reset), so the total update can exceed rank r; the export holds the total (rank grows by r per merge; export.reduce_rank cuts it back). 0: off.")
     lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
@@ -272,6 +272,7 @@ class LoraConfig(Section):
             why = ("its offset of the base by the start update would make the export a difference of two "
                    f"{'Hadamard' if self.type == 'loha' else 'Kronecker'} products, which no {self.type} file holds"
                    if self.init in ("compensated", "principal") else
+                   f"it shapes LoRA's A factor, which {self.type} does not have" if self.init == "orthonormal" else
                    "a Kronecker product is zero only where a factor is, so nothing would cancel")
             raise ValueError(f"lora.init={self.init} does not apply to lora.type={self.type}: {why} (allowed: "
                              f"{', '.join(LYCORIS_INITS[self.type])})")
