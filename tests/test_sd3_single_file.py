@@ -298,3 +298,20 @@ def test_an_sd3_checkpoint_in_a_pickle_file_is_refused_even_with_allow_pickle(sd
     err = refusal(capsys, write_train_config(tmp_path, shapes_data, {
         "path": str(tmp_path / "sd3.ckpt"), "config_dir": str(tiny_sd35m), "allow_pickle": True}))
     assert "is an SD3 / SD3.5 checkpoint in a pickle file; sdlora reads SD3 files as .safetensors only" in err
+
+
+def test_a_merged_file_carries_only_the_base_files_unmapped_tensors(sd35m_file, tmp_path):
+    """`single_file_carry`: nothing of an SD3 file (every tensor is written from the loaded models), and from any file
+    exactly its unmapped tensors, the same whether read from .safetensors (only those tensors) or a pickle."""
+    from sdlora.adapter.merge import single_file_carry
+
+    path, _ = sd35m_file
+    assert single_file_carry(str(path), allow_pickle=False) == {}
+    extra = {"alphas_cumprod": torch.rand(4), "cond_stage_model.model.transformer.resblocks.23.ln_1.weight": torch.rand(3)}
+    sd = {"model.diffusion_model.x": torch.zeros(2), "text_encoders.clip_l.transformer.y": torch.zeros(2),
+          "first_stage_model.z": torch.zeros(2), "v_pred": torch.tensor([]), **extra}
+    save_file(sd, tmp_path / "b.safetensors")
+    torch.save({"state_dict": sd}, tmp_path / "b.ckpt")
+    for name in ("b.safetensors", "b.ckpt"):
+        got = single_file_carry(str(tmp_path / name), allow_pickle=True)
+        assert set(got) == set(extra) and all(torch.equal(got[k], extra[k]) for k in extra), name
