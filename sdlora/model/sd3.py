@@ -156,6 +156,10 @@ class SD3Family(ModelFamily):
                 "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
 
     # -- the denoiser call and the noise process ------------------------------------------------------------
+    def latent_multiple(self, denoiser) -> int:
+        """`SD3Transformer2DModel` cuts the latent into patch_size² patches: an odd side loses its last row."""
+        return int(denoiser.config.patch_size)
+
     def predict(self, denoiser, noisy, timesteps, conditioning: SD3Conditioning, batch: dict | None = None):
         """`SD3Transformer2DModel` with keyword arguments (its second positional argument is not the timestep):
         `timestep` is the objective's `Noised.timesteps` (sigma · 1000)."""
