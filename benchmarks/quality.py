@@ -100,6 +100,9 @@ ROWS = {
                                  {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": lr},
                                   **({"reg": {"embedding_norm": {"weight": PENALTY}}} if pen else {})})
        for lr in TE_ONLY_RATES for pen in (False, True)},
+    "te0.01+1": ("text encoder only (UNet not adapted) at rate 0.01, penalty 1.0 (10x the usual start)",
+                 {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": 1e-2},
+                  "reg": {"embedding_norm": {"weight": 1.0}}}),
     "fa": ("LoRA-FA: A frozen with orthonormal rows (singular values 1), only B trained (Shuttleworth et al. 2024)",
            {"lora": {"init": "orthonormal", "train_a": False}}),
     "b10": (f"+ learnable alpha at optim.alpha_lr {10 * UNET_LR:g} (10x the UNet's rate, 30x the text encoder's)",

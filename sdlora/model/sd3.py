@@ -22,6 +22,8 @@ from sdlora.errors import UserError
 from sdlora.model.family_base import ModelFamily
 
 CLIP_TOKENS = 77  # each CLIP's window: the first 77 of the transformer's text tokens
+# kohya model type -> the bundled configs' folder under sdlora/resources/configs (named as Stability's releases)
+BUNDLED_FOLDERS = {"medium": "sd3_medium", "5-medium": "sd3.5_medium", "5-large": "sd3.5_large"}
 
 
 @dataclass
@@ -94,6 +96,13 @@ class SD3Family(ModelFamily):
             t5.model_max_length = cfg.text_encoder.t5_max_length
         return replace(self, t5_max_length=cfg.text_encoder.t5_max_length,
                        joint_attention_dim=_model(comps.denoiser).config.joint_attention_dim)
+
+    def bundled_configs(self, prediction_type: str = "epsilon"):
+        """The released model's diffusers configs for its single files (transformer, VAE, CLIP-L, CLIP-G, T5,
+        scheduler, the CLIP tokenizers' settings; no T5 tokenizer)."""
+        from sdlora.model.family_base import RESOURCES
+
+        return RESOURCES / "configs" / BUNDLED_FOLDERS[self.model_type]
 
     # -- conditioning -----------------------------------------------------------------------------------------
     def encode(self, text_encoders, input_ids, clip_skip: int = 1) -> SD3Conditioning:
@@ -183,7 +192,12 @@ class SD3Family(ModelFamily):
         return "caption_projection_dim" in config and kohya_model_type(config) == self.model_type
 
     def matches_single_file(self, keys) -> bool:
-        return False  # single-file SD3 is refused by name (model/single_file.detect_family)
+        """An SD3 single file of this variant: MMDiT keys under `model.diffusion_model.` whose QK-norm and dual
+        attention give this model type (model/sd3_single_file.mmdit_structure)."""
+        from sdlora.model.mmdit_keys import kohya_model_type
+        from sdlora.model.sd3_single_file import is_sd3_file, mmdit_structure
+
+        return is_sd3_file(keys) and kohya_model_type(mmdit_structure(keys)) == self.model_type
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return self.matches_denoiser(denoiser_config)
