@@ -195,6 +195,22 @@ def test_sd3_extract_from_a_merged_folder_recovers_the_trained_update(sd3_adapte
     assert adapter_family(written)[0] is SD35M
 
 
+def test_sd3_extract_from_a_merged_single_file_recovers_the_trained_update(sd3_adapters, tiny_sd35m, tmp_path):
+    """--tuned a single file in Stability's layout (sdlora's merged-single-file export; the tiny model's sizes need
+    --config-dir, as any non-standard size does)."""
+    from sdlora.commands.export import run_export
+    from sdlora.commands.extract import run_extract
+
+    single = run_export(sd3_adapters[0], "merged-single-file", tmp_path / "merged.safetensors", base=str(tiny_sd35m),
+                        report=quiet)
+    extracted, _ = run_extract(tiny_sd35m, single, tmp_path / "x.safetensors", 4, config_dir=str(tiny_sd35m),
+                               report=quiet)
+    trained = {n: dw for n, dw in _dense(sd3_adapters[0]).items() if float(dw.norm()) > 0}
+    assert set(extracted.modules) == set(trained)
+    for n, dw in trained.items():
+        assert float((extracted.modules[n].delta_weight().double() - dw).norm()) <= 1e-4 * float(dw.norm()), n
+
+
 def test_sd3_extract_refuses_conv_in_one_line(sd3_merged, tiny_sd35m, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["extract", "--base", str(tiny_sd35m), "--tuned", str(sd3_merged), "--rank", "2", "--out", str(out),
