@@ -77,6 +77,8 @@ def convert(config: str | Path, concepts: str | Path | None = None, samples: str
         items, row = _lists(raw, name, file_option, given_file, flag, what, b)
         list_rows: list[Row] = [row] if row else []
         fill(items, name, b, list_rows)
+        if name == "concepts" and b.get("data.subsets") is None and "refused" not in b.state:
+            b.state["refused"] = ["no enabled STANDARD concept (the concepts.* rows): no images to train on"]
         at = position.get(name, position.get(file_option, len(raw)))
         rows += [(at, r) for r in list_rows]
     for i in [i for i in order if LATE.get(entries[i][0], 0) >= 0]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from sdlora.kohya_import.rules import (MAPPED, OFF, UNSUPPORTED, Builder, Custom, Invalid, NoEffect, To, Unmappable,
                                        Unsupported, as_bool, as_float, as_int, as_str)
-from sdlora.onetrainer_import import optim, parts
+from sdlora.onetrainer_import import loss, optim, parts
 from sdlora.onetrainer_import.data import steps_per_epoch
 
 ONETRAINER_DEFAULTS = {"training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "learning_rate": 3e-6,
                        "learning_rate_warmup_steps": 200.0, "epochs": 100, "lora_rank": 16, "lora_alpha": 1.0,
                        "train_dtype": "FLOAT_16", "ema_decay": 0.999}
-ITEM_4 = "sdlora has no such loss or noise option yet (issue 29 item 4)"
 LAUNCH = "how OneTrainer runs, logs or caches, not what it trains"
 SPEED = "speed or memory only: sdlora's own choice"
 W = "OneTrainer"
@@ -134,81 +133,6 @@ def _validation(v, b: Builder):
     return MAPPED, f"validation.every_steps = {steps} ({how})"
 
 
-# ------------------------------------------------------------------------------------- loss and noise
-def _loss(v, b: Builder):
-    s = {k: as_float(b.options.get(f"{k}_strength", d)) for k, d in
-         (("mse", 1.0), ("mae", 0.0), ("log_cosh", 0.0), ("huber", 0.0))}
-    used = [k for k, x in s.items() if x != 0]
-    if used == ["mse"]:
-        return (OFF, "1: sdlora's loss.type mse") if s["mse"] == 1 else \
-            (UNSUPPORTED, f"sdlora's loss is not scaled (mse_strength {s['mse']:g}); the rate decides the step size")
-    if used == ["huber"]:
-        b.set("loss.type", "huber")
-        return MAPPED, "loss.type huber, loss.huber_delta" + ("" if s["huber"] == 1 else " (its strength is not carried)")
-    raise Unmappable(f"a mix of {', '.join(used) or 'no'} losses: sdlora's loss is mse or huber alone")
-
-
-def _loss_part(kind: str):
-    def convert(v, b: Builder):
-        return (OFF, "0") if as_float(v) == 0 and kind != "mse" else (MAPPED, "read with mse_strength (see its row)")
-    return Custom(convert)
-
-
-def _huber_delta(v, b: Builder):
-    if as_float(b.options.get("huber_strength", 0)) == 0:
-        return OFF, "huber_strength is 0"
-    return MAPPED, b.set("loss.huber_delta", as_float(v))
-
-
-def _loss_weight(v, b: Builder):
-    name = as_str(v).upper()
-    if name == "CONSTANT":
-        return OFF, "CONSTANT"
-    if name == "MIN_SNR_GAMMA":
-        return MAPPED, b.set("loss.min_snr_gamma", as_float(b.options.get("loss_weight_strength", 5.0)))
-    raise Unmappable(f"{name}: sdlora weights the loss by min-SNR only ({ITEM_4})")
-
-
-def _noising(key: str, flow_key: str, scale: float, off: float):
-    def convert(v, b: Builder):
-        value = as_float(v)
-        if value == off:
-            return OFF, f"{off:g}"
-        if b.state.get("flow"):
-            return MAPPED, b.set(flow_key, value)
-        return MAPPED, b.set(key, round(value * scale)) + f" = {round(value * scale)} ({value:g} of 1000 timesteps)"
-    return Custom(convert)
-
-
-def _distribution(v, b: Builder):
-    name = as_str(v).upper()
-    if not b.state.get("flow"):
-        if name == "UNIFORM":
-            return OFF, "uniform, as sdlora"
-        raise Unmappable(f"{name}: sdlora draws SD 1.x/2.x/SDXL timesteps uniformly ({ITEM_4})")
-    kind = {"UNIFORM": "uniform", "LOGIT_NORMAL": "logit_normal", "COS_MAP": "cosmap"}.get(name)
-    if kind is None:
-        raise Unmappable(f"{name}: sdlora's flow sigma draws are uniform, logit_normal, mode, cosmap")
-    keys = [b.set("loss.flow.timestep_sampling", kind)]
-    if kind == "logit_normal":  # OneTrainer: normal(noising_bias, noising_weight + 1), then the sigmoid
-        keys.append(b.set("loss.flow.logit_mean", as_float(b.options.get("noising_bias", 0.0))))
-        keys.append(b.set("loss.flow.logit_std", as_float(b.options.get("noising_weight", 0.0)) + 1))
-    return MAPPED, ", ".join(keys)
-
-
-def _noising_param(v, b: Builder):
-    flow, name = b.state.get("flow"), as_str(b.options.get("timestep_distribution", "UNIFORM")).upper()
-    if flow and name == "LOGIT_NORMAL":
-        return MAPPED, "read with timestep_distribution (see its row)"
-    return (OFF, "0") if as_float(v) == 0 else (OFF, f"not read by timestep_distribution {name}")
-
-
-def _shift(v, b: Builder):
-    if b.state.get("flow"):
-        return MAPPED, b.set("loss.flow.shift", as_float(v))
-    return (OFF, "1: no shift") if as_float(v) == 1 else (UNSUPPORTED, f"sdlora shifts flow models' sigmas only")
-
-
 # --------------------------------------------------------------------------------------------- the rest
 def _learning_rate(v, b: Builder):
     keys = []
@@ -250,6 +174,14 @@ def _peft(v, b: Builder):
             raise Unmappable(f"{name} with weight decomposition: sdlora's DoRA is lora.type dora (plain LoRA)")
         return MAPPED, b.set("lora.type", name.lower())
     raise Unmappable(f"{name}: sdlora's adapters are LORA (and DoRA), LOHA, LOKR")
+
+
+def _decompose(v, b: Builder):
+    if not as_bool(v):
+        return OFF, "false"
+    if as_str(b.options.get("peft_type", "LORA")).upper() == "LORA":
+        return MAPPED, b.set("lora.type", "dora") + " = dora"
+    return MAPPED, "read with peft_type (see its row)"
 
 
 def _lora_field(key: str, read, kinds=("LORA", "LOHA")):
@@ -365,28 +297,28 @@ OPTIONS: dict[str, object] = {
     "only_cache": _unsupported("sdlora trains; `sdlora train` caches latents as it goes"),
     "dropout_probability": _unsupported("sdlora has no LoRA dropout", off=(0, 0.0)),
     # loss and noise
-    "mse_strength": Custom(_loss, "loss.type"),
-    "mae_strength": _loss_part("mae"),
-    "log_cosh_strength": _loss_part("log_cosh"),
-    "huber_strength": _loss_part("huber"),
-    "huber_delta": Custom(_huber_delta, "loss.huber_delta"),
+    "mse_strength": Custom(loss.loss, "loss.type"),
+    "mae_strength": loss.loss_part("mae"),
+    "log_cosh_strength": loss.loss_part("log_cosh"),
+    "huber_strength": loss.loss_part("huber"),
+    "huber_delta": Custom(loss.huber_delta, "loss.huber_delta"),
     "vb_loss_strength": NoEffect("only for models that learn their variance (none sdlora trains)"),
-    "loss_weight_fn": Custom(_loss_weight, "loss.min_snr_gamma"),
+    "loss_weight_fn": Custom(loss.loss_weight, "loss.min_snr_gamma"),
     "loss_weight_strength": Custom(lambda v, b: (OFF, "only with a loss_weight_fn") if as_str(
         b.options.get("loss_weight_fn", "CONSTANT")).upper() == "CONSTANT" else (MAPPED, "read with loss_weight_fn (see its row)")),
     "loss_scaler": _unsupported("sdlora does not scale the loss by batch size or accumulation", off=("NONE",)),
     "offset_noise_weight": _nonzero("loss.noise_offset"),
-    "generalized_offset_noise": _unsupported(f"sdlora's noise offset is the original one; {ITEM_4}"),
-    "perturbation_noise_weight": _unsupported(f"input-perturbation noise: {ITEM_4}", off=(0, 0.0)),
+    "generalized_offset_noise": _unsupported(f"sdlora's noise offset is the original one; {loss.ITEM_4}"),
+    "perturbation_noise_weight": _unsupported(f"input-perturbation noise: {loss.ITEM_4}", off=(0, 0.0)),
     "rescale_noise_scheduler_to_zero_terminal_snr": _flag("model.zero_terminal_snr"),
     "force_v_prediction": _flag("model.prediction_type", "v_prediction"),
     "force_epsilon_prediction": _flag("model.prediction_type", "epsilon"),
-    "min_noising_strength": _noising("loss.min_timestep", "loss.flow.min_sigma", 1000, 0.0),
-    "max_noising_strength": _noising("loss.max_timestep", "loss.flow.max_sigma", 1000, 1.0),
-    "timestep_distribution": Custom(_distribution, "loss.flow.timestep_sampling"),
-    "noising_weight": Custom(_noising_param),
-    "noising_bias": Custom(_noising_param),
-    "timestep_shift": Custom(_shift, "loss.flow.shift"),
+    "min_noising_strength": loss.noising("loss.min_timestep", "loss.flow.min_sigma", 1000, 0.0),
+    "max_noising_strength": loss.noising("loss.max_timestep", "loss.flow.max_sigma", 1000, 1.0),
+    "timestep_distribution": Custom(loss.distribution, "loss.flow.timestep_sampling"),
+    "noising_weight": Custom(loss.noising_param),
+    "noising_bias": Custom(loss.noising_param),
+    "timestep_shift": Custom(loss.shift, "loss.flow.shift"),
     "dynamic_timestep_shifting": _unsupported("sdlora's shift is one number (loss.flow.shift)"),
     # adapter
     "peft_type": Custom(_peft, "lora.type"),
@@ -394,7 +326,7 @@ OPTIONS: dict[str, object] = {
                               (OFF, "empty"), "lora.init_from"),
     "lora_rank": _lora_field("lora.rank", as_int),
     "lora_alpha": _lora_field("lora.alpha", as_float, ("LORA", "LOHA", "LOKR")),
-    "lora_decompose": Custom(lambda v, b: (MAPPED, "lora.type dora (see peft_type)") if as_bool(v) else (OFF, "false")),
+    "lora_decompose": Custom(_decompose, "lora.type"),
     "lora_decompose_norm_epsilon": NoEffect("a numerical detail of DoRA's norm"),
     "lora_decompose_output_axis": _unsupported("sdlora's DoRA normalises per output feature (the paper's)"),
     "lora_weight_dtype": _unsupported("sdlora keeps adapter weights in fp32", off=("FLOAT_32",)),
