@@ -130,7 +130,8 @@ def test_ui_config_with_inline_concepts_and_samples(tiny_model, shapes_data, tmp
     concepts = [_concept(a, 2.0), _concept(b, 1.0, text__enable_tag_shuffling=False),
                 _concept(tmp_path / "off", enabled=False)]
     disabled = dict(SAMPLE, enabled=False, prompt="never drawn")
-    config = _ui_config(tiny_model, tmp_path / "run", concepts, [SAMPLE, disabled], not_a_onetrainer_option=1)
+    config = _ui_config(tiny_model, tmp_path / "run", concepts, [SAMPLE, disabled], not_a_onetrainer_option=1,
+                        ema="GPU")
     path = tmp_path / "onetrainer.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "sdlora.yaml"
@@ -155,6 +156,9 @@ def test_ui_config_with_inline_concepts_and_samples(tiny_model, shapes_data, tmp
     assert (data["lora"], data["text_encoder"]) == ({"type": "lora", "rank": 4, "alpha": 2.0},
                                                     {"clip_skip": 2, "train": True})
     assert data["loss"] == {"min_snr_gamma": 5.0, "noise_offset": 0.05}
+    # OneTrainer averages every 5 steps at 0.999, sdlora every step: 0.999 ** (1/5) spans as many steps
+    # (a float computed the same way both sides: 1e-12 only absorbs the YAML round trip's last digit)
+    assert data["train"]["ema"] == {"enabled": True, "device": "same", "decay": pytest.approx(0.999 ** 0.2, rel=1e-12)}
     assert data["data"]["flip"] is True and data["data"]["caption_dropout"] == 0.05
     assert data["sample"]["entries"] == [{"prompt": "a red circle", "negative_prompt": "blurry", "height": 64,
                                           "width": 64, "seed": 7, "num_inference_steps": 2, "guidance_scale": 5.0}]
