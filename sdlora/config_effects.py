@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from sdlora.config_loss import HUBER_TYPES
 from sdlora.errors import UserError
 
 
@@ -88,7 +89,18 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: "text_encoder_2" in f.text_encoders, uses_model=True),
     Rule(("optim.alpha_lr",), "lora.learnable_alpha: true", lambda c, f: c.lora.learnable_alpha),
     # loss
-    Rule(("loss.huber_delta",), "loss.type: huber", lambda c, f: c.loss.type == "huber"),
+    Rule(("loss.huber_delta", "loss.huber_schedule", "loss.huber_scale"), "loss.type: huber, pseudo_huber or smooth_l1",
+         lambda c, f: c.loss.type in HUBER_TYPES),
+    Rule(("loss.huber_scale",), "loss.huber_schedule: constant or exponential (snr has no scale)",
+         lambda c, f: c.loss.huber_schedule != "snr"),
+    Rule(("loss.noise_offset_random_strength", "loss.adaptive_noise_scale"), "loss.noise_offset above 0",
+         lambda c, f: bool(c.loss.noise_offset)),
+    Rule(("loss.multires_noise_discount",), "loss.multires_noise_iterations above 0",
+         lambda c, f: bool(c.loss.multires_noise_iterations)),
+    Rule(("loss.ip_noise_random_strength",), "loss.ip_noise_gamma above 0", lambda c, f: bool(c.loss.ip_noise_gamma)),
+    Rule(("loss.logit_mean", "loss.logit_std"), "loss.timestep_sampling: logit_normal",
+         lambda c, f: c.loss.timestep_sampling == "logit_normal"),
+    Rule(("loss.mode_scale",), "loss.timestep_sampling: mode", lambda c, f: c.loss.timestep_sampling == "mode"),
     # regularisers
     Rule(("reg.embedding_norm.weight", "reg.embedding_norm.direction_weight", "reg.embedding_norm.text_encoder_2_weight",
           "reg.embedding_norm.pooled_weight", "reg.embedding_norm.output_weights"),

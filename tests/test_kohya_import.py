@@ -170,6 +170,40 @@ max_train_steps = 7
     assert result.adapter_path.is_file()
 
 
+def test_datasets_at_different_resolutions_become_subset_resolutions(tiny_model, shapes_data, tmp_path, capsys):
+    a, b, c = (_kohya_tree(tmp_path / name, shapes_data, "1_shape", 2) / "1_shape" for name in "abc")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""
+[general]
+bucket_reso_steps = 32
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{a}"
+[[datasets]]
+resolution = "96,96"
+  [[datasets.subsets]]
+  image_dir = "{b}"
+  [[datasets.subsets]]
+  image_dir = "{c}"
+""")
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny_model}"\ndataset_config = "{dataset}"\n'
+                      f'output_dir = "{tmp_path / "out"}"\nnetwork_dim = 4\nlearning_rate = 1e-3\nmax_train_steps = 2\n')
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([config, "--out", out], capsys)
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "data.subsets.0.resolution" in rows["datasets.0.resolution"]
+    assert "data.subsets.1.resolution, data.subsets.2.resolution" in rows["datasets.1.resolution"]
+    assert not any("resolution" in line and "NOT SUPPORTED" in line for line in table.splitlines())
+    data = yaml.safe_load(out.read_text())
+    assert [s.get("resolution") for s in data["data"]["subsets"]] == [64, 96, 96]
+    cfg, result = _train_two_steps(out)
+    assert [s.resolution for s in cfg.data_subsets()] == [64, 96, 96] and result.step == 2
+
+
 def test_gui_json_with_loraplus_and_block_weights(tiny_model, shapes_data, tmp_path, capsys):
     img = _kohya_tree(tmp_path / "img", shapes_data, "2_shape", 4)
     gui = {  # the GUI writes every field, numbers often as strings and "" for unset
@@ -284,6 +318,54 @@ def test_optimizer_types(tmp_path, lines, optim, status):
     assert row.status == status, row
     got = data.get("optim", {})
     assert {k: got.get(k) for k in optim} == optim and (optim or "optimizer" not in got)
+
+
+@pytest.mark.parametrize("lines, loss, statuses", [
+    ('loss_type = "huber"\nhuber_c = 0.2', {"type": "pseudo_huber", "huber_schedule": "snr", "huber_delta": 0.2},
+     {"loss_type": "mapped", "huber_c": "mapped"}),  # kohya's default schedule, snr, written out
+    ('loss_type = "smooth_l1"\nhuber_schedule = "exponential"\nhuber_scale = 2.0',
+     {"type": "smooth_l1", "huber_schedule": "exponential", "huber_scale": 2.0}, {"huber_schedule": "mapped"}),
+    ('loss_type = "l1"', {"type": "l1"}, {"loss_type": "mapped"}),
+    ('loss_type = "l2"\nhuber_c = 0.3\nhuber_schedule = "snr"', {}, {"loss_type": "off", "huber_c": "off"}),
+    ('debiased_estimation_loss = true\nip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true',
+     {"debiased_estimation": True, "ip_noise_gamma": 0.1, "ip_noise_random_strength": True},
+     {"debiased_estimation_loss": "mapped", "ip_noise_gamma_random_strength": "mapped"}),
+    ('noise_offset = 0.05\nnoise_offset_random_strength = true\nadaptive_noise_scale = 0.01',
+     {"noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01},
+     {"noise_offset_random_strength": "mapped", "adaptive_noise_scale": "mapped"}),
+    ('adaptive_noise_scale = 0.01\nnoise_offset = 0', {}, {"adaptive_noise_scale": "off"}),
+    ('multires_noise_iterations = 6\nmultires_noise_discount = 0.4',
+     {"multires_noise_iterations": 6, "multires_noise_discount": 0.4}, {"multires_noise_discount": "mapped"}),
+    ('multires_noise_discount = 0.4\nip_noise_gamma_random_strength = true\nip_noise_gamma = 0', {},
+     {"multires_noise_discount": "off", "ip_noise_gamma_random_strength": "off", "ip_noise_gamma": "off"}),
+    ('loss_type = "huber"\nhuber_schedule = "cosine"', {"type": "pseudo_huber"}, {"huber_schedule": "invalid value"}),
+])
+def test_loss_and_noise_options(tmp_path, lines, loss, statuses):
+    from sdlora.config import LossConfig
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\n{lines}\n')
+    data, rows, _ = convert(config)
+    shown = {r.option: r.status for r in rows}
+    assert {k: shown.get(k) for k in statuses} == statuses
+    assert data.get("loss", {}) == loss
+    LossConfig(**data.get("loss", {}))  # what the import writes validates
+
+
+def test_gui_loss_and_noise_fields(tmp_path):
+    """The GUI writes every field; with noise_offset_type Multires it passes multires_* and not noise_offset."""
+    from sdlora.kohya_import.convert import convert
+
+    gui = tmp_path / "g.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "train_data_dir": str(tmp_path), "loss_type": "smooth_l1",
+                               "huber_c": 0.2, "huber_schedule": "snr", "huber_scale": 1, "noise_offset_type": "Multires",
+                               "noise_offset": 0.05, "adaptive_noise_scale": 0, "multires_noise_iterations": 8,
+                               "multires_noise_discount": 0.3, "ip_noise_gamma": 0, "ip_noise_gamma_random_strength": False,
+                               "debiased_estimation_loss": True}))
+    data, rows, _ = convert(gui)
+    assert data["loss"] == {"type": "smooth_l1", "huber_delta": 0.2, "huber_schedule": "snr", "huber_scale": 1.0,
+                            "multires_noise_iterations": 8, "multires_noise_discount": 0.3, "debiased_estimation": True}
 
 
 def test_a_command_line_in_a_script_imports(tmp_path, capsys):

@@ -111,16 +111,6 @@ def test_the_diffusers_export_loaded_by_the_pipeline_equals_the_merged_folder(tr
         assert close(got[0][key], got[1][key]), key
 
 
-def test_merged_single_file_is_refused_by_name_for_sd3(trained_sd35m, tmp_path):
-    from sdlora.commands.export import run_export
-    from sdlora.errors import UserError
-
-    cfg, result = trained_sd35m
-    with pytest.raises(UserError, match=r"^export --format merged-single-file: not written for SD3.5 Medium adapters "):
-        run_export(result.adapter_path, "merged-single-file", tmp_path / "x", base=cfg.model.path, report=quiet)
-    assert not (tmp_path / "x").exists()
-
-
 @pytest.fixture(scope="module")
 def kohya_file(trained_sd35m, tmp_path_factory):
     from sdlora.commands.export import run_export

@@ -79,7 +79,7 @@ def _sd3(name: str, title: str, model_type: str, architecture: str) -> SD3Family
                       ("pooled", "text_encoder_2", False)),  # the pooled vector's halves: CLIP-L's, CLIP-G's
         block_groups=mmdit_block_groups(("text_encoder", "text_encoder_2", "text_encoder_3")),
         single_file_reader="diffusers", pipeline_options={}, model_type=model_type,
-        formats_missing=("merged-single-file",), kohya_names=KOHYA_NAMES, kohya_network_module="networks.lora_sd3",
+        kohya_names=KOHYA_NAMES, kohya_network_module="networks.lora_sd3",
         target_presets={"attention": P.SD3_ATTENTION_TARGETS, "kohya": (r"re:^transformer_blocks\.",)})
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.config_loss import DDPM_ONLY
 from sdlora.errors import UserError
 from sdlora.model import ldm_keys as L
 from sdlora.model import parts as P
@@ -124,7 +125,7 @@ class ModelFamily:
         if changed:  # values other than the defaults (a config written out by sdlora holds every key)
             key = changed[0]
             raise UserError(f"loss.flow.{key}: rectified-flow keys apply to SD3 / SD3.5 models; {self.title} trains "
-                            "with DDPM (its keys: loss.min_snr_gamma, noise_offset, min_timestep, max_timestep)")
+                            f"with DDPM (its keys: loss.{', '.join(DDPM_ONLY)})")
         self.check_train_parts(cfg)
 
     def check_train_parts(self, cfg) -> None:
@@ -262,6 +263,11 @@ class ModelFamily:
         return {"encoder_hidden_states": embeddings}
 
     # -- the denoiser call and the noise process ------------------------------------------------------------
+    def latent_multiple(self, denoiser) -> int:
+        """The latent cells a training latent's sides must be a multiple of: 1 for a UNet (diffusers' UNet sizes
+        its upsampling to odd inputs), the patch size for a patchifying transformer (SD3: 2)."""
+        return 1
+
     def predict(self, denoiser, noisy, timesteps, conditioning, batch: dict | None = None) -> torch.Tensor:
         """The denoiser's prediction (B, C, h, w) for `noisy` (B, C, h, w) at `timesteps` (B,) (the objective's
         `Noised.timesteps`), conditioned on `encode`'s result and the batch's fields (`unet_kwargs`: SDXL's

@@ -51,11 +51,10 @@ class Example(NamedTuple):
 def folder_examples(comps, subsets, data_cfg) -> list[Example]:
     """Every usable image of `subsets` as its latent mean (scaled and shifted as the VAE config says), centre-cropped
     to its bucket, unflipped, its caption as written (prefix and suffix, no dropout): what the validation loss sees."""
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
-    samples, _ = scan(discover(subsets, 1.0), data_cfg, bucket_sizes(data_cfg))
+    samples, _ = scan(discover(subsets, 1.0), data_cfg)
     if not samples:
         raise UserError(f"Fisher data: no usable images in {', '.join(s.path for s in subsets)}")
     return sample_examples(comps.vae, samples, subsets, data_cfg)
@@ -110,8 +109,8 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, s
                         loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None, data: str = "",
                         autocast=contextlib.nullcontext) -> RowFisher:
     """The row Fisher of every module of `adapter` over `samples` single-example gradients (examples taken in turn,
-    each with noise and a time drawn by `objective` (DDPM: a timestep uniform in its range; no noise offset: pass
-    `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
+    each with noise and a time drawn by `objective` (DDPM: a timestep from loss.timestep_sampling in its range; no
+    noise offset, pyramid noise or input perturbation: pass `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
     its weights (`algebra.merge_adapter`; `fisher_from_data` does it; `merged_into_modules` for training models);
     any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning). `loss_cfg` is the
     run's loss section (default: plain MSE). Returns (out,) float32 per module."""

@@ -3,8 +3,8 @@
 The held-out images are a folder (`validation.path`) or `validation.num_images` images taken out of the
 training set (a seeded pick, the same for every run of the same data and seed). Each is centre-cropped to its
 bucket, unflipped, with its caption as written (prefix and suffix, no dropout or shuffling), and encoded once
-by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` times spread evenly
-over the objective's training range (`fixed_times`) and one noise tensor per timestep from a generator seeded with `validation.seed`
+by the VAE to the mean of its latent distribution. Each gets `validation.timesteps` times over the objective's
+training range as training draws them (`fixed_times`: evenly spread, or a distribution's quantiles) and one noise tensor per timestep from a generator seeded with `validation.seed`
 (on the CPU: the same numbers on every device). All of it is fixed at start, so the loss at a step depends
 only on the weights at that step: it compares across runs of the same data and across a kill-and-resume. It
 uses no global RNG, so turning it on does not change training.
@@ -38,13 +38,12 @@ def held_out_samples(cfg, training_data, say) -> list:
     if cfg.validation.path is None:
         return training_data.held_out
     from sdlora.config import SubsetConfig
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
     shared = {k: getattr(cfg.data, k) for k in ("caption_extension", "prefix", "suffix")}
     subsets = [SubsetConfig(path=cfg.validation.path, **shared)]
-    samples, skipped = scan(discover(subsets, 1.0), cfg.data, bucket_sizes(cfg.data))
+    samples, skipped = scan(discover(subsets, 1.0), cfg.data)
     if not samples:
         raise UserError(f"validation.path: no usable images in {cfg.validation.path}")
     if skipped:
@@ -93,8 +92,15 @@ def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss
     if not cfg.validation.every_steps:
         return None
     samples = held_out_samples(cfg, training_data, say)
-    say(f"sdlora: validation: {len(samples)} held-out images x {cfg.validation.timesteps} timesteps every "
-        f"{cfg.validation.every_steps} steps")
+    if cfg.validation.path is not None:  # the training data's were checked when it was built
+        from sdlora.data.pipeline import check_bucket_sides
+
+        check_bucket_sides(samples, training_data.latent_factor * comps.family.latent_multiple(comps.denoiser),
+                           comps.family.title)
+    sizes = len({s.resolution for s in samples})
+    at = f" at {sizes} base resolutions" if sizes > 1 else ""
+    say(f"sdlora: validation: {len({s.item for s in samples})} held-out images{at} x {cfg.validation.timesteps} "
+        f"timesteps every {cfg.validation.every_steps} steps")
     return ValidationLoss(cfg, comps, samples, objective)
 
 
