@@ -170,7 +170,8 @@ def test_ui_config_with_inline_concepts_and_samples(tiny_model, shapes_data, tmp
 def test_concept_and_sample_files_are_read_only_when_named(tiny_model, shapes_data, tmp_path, capsys):
     a = _concept_folder(tmp_path / "a", shapes_data, slice(0, 4))
     held_out = _concept_folder(tmp_path / "held_out", shapes_data, slice(6, 8))
-    concepts = [_concept(a, 1.5, image__enable_crop_jitter=True),
+    concepts = [_concept(a, 1.5, image__enable_crop_jitter=True, image__enable_resolution_override=True,
+                         image__resolution_override="64"),
                 _concept(held_out, type="VALIDATION")]
     (tmp_path / "concepts.json").write_text(json.dumps(concepts))
     (tmp_path / "samples.json").write_text(json.dumps([dict(SAMPLE, noise_scheduler="EULER_A")]))
@@ -199,7 +200,7 @@ def test_concept_and_sample_files_are_read_only_when_named(tiny_model, shapes_da
     assert "NOT SUPPORTED" in _row(table, "optimizer.slice_p") and "NOT SUPPORTED" in _row(table, "samples.0.noise_scheduler")
     assert "off" in _row(table, "optimizer.d0")  # Prodigy's own default
     data = yaml.safe_load(out.read_text())
-    assert data["data"]["subsets"] == [{"path": str(a), "repeats": 2, "caption_extension": ".txt",
+    assert data["data"]["subsets"] == [{"path": str(a), "repeats": 2, "resolution": 64, "caption_extension": ".txt",
                                         "multiline_captions": True, "shuffle_tags": True, "keep_tokens": 1}]
     assert data["validation"] == {"path": str(held_out), "every_steps": 2}
     assert data["checkpoint"] == {"every_steps": 4, "keep_last": 2}
@@ -217,7 +218,9 @@ def test_hand_written_config_takes_onetrainer_defaults(tiny_model, shapes_data, 
     written explicitly; DoRA, an fp8 base, Adafactor and a CPU EMA carry over."""
     a = _concept_folder(tmp_path / "a", shapes_data, slice(0, 2))
     config = {"training_method": "LORA", "base_model_name": str(tiny_model), "workspace_dir": str(tmp_path / "run"),
-              "resolution": "64", "lora_decompose": True, "ema": "CPU", "ema_update_step_interval": 1,
+              "resolution": "64, 96", "lora_decompose": True, "mse_strength": 0.0, "mae_strength": 1.0,
+              "loss_weight_fn": "DEBIASED_ESTIMATION", "perturbation_noise_weight": 0.1,
+              "timestep_distribution": "HEAVY_TAIL", "noising_weight": 0.5, "noising_bias": 0.3, "ema": "CPU", "ema_update_step_interval": 1,
               "unet": {"weight_dtype": "FLOAT_8"}, "text_encoder": {"weight_dtype": "FLOAT_8", "train": False},
               "optimizer": {"optimizer": "ADAFACTOR", "eps": 1e-30, "eps2": 1e-3, "clip_threshold": 1.0,
                             "decay_rate": -0.8, "relative_step": False, "scale_parameter": False},
@@ -234,7 +237,10 @@ def test_hand_written_config_takes_onetrainer_defaults(tiny_model, shapes_data, 
                              "warmup_steps": 200}
     assert data["train"] == {"ema": {"enabled": True, "device": "cpu", "decay": 0.999}, "max_steps": 200,
                              "mixed_precision": "fp16"}  # 2 images / batch 1 = 2 steps a epoch, 100 epochs
-    assert data["text_encoder"] == {"train": False}
+    assert data["text_encoder"] == {"train": False} and data["data"]["resolution"] == [64, 96]
+    assert data["loss"] == {"type": "l1", "debiased_estimation": True, "ip_noise_gamma": 0.1,
+                            "timestep_sampling": "mode", "mode_scale": 0.5}  # HEAVY_TAIL reads noising_weight only
+    assert "not read by timestep_distribution HEAVY_TAIL" in _row(table, "noising_bias")
     cfg, result = _train_two_steps(out, "train.mixed_precision='no'")  # CPU: no fp16 autocast
     assert result.adapter_path.is_file() and cfg.model.base_precision == "fp8"
 

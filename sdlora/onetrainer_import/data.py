@@ -16,18 +16,17 @@ import math
 from pathlib import Path
 
 from sdlora.kohya_import.rules import (INVALID, MAPPED, NO_EFFECT, OFF, UNKNOWN, UNSUPPORTED, Builder, Invalid, Row,
-                                       as_bool, as_float, as_int, as_str)
+                                       Unmappable, as_bool, as_float, as_int, as_str)
 from sdlora.onetrainer_import.read import flatten
 
 AUGMENTATIONS = ("rotate", "brightness", "contrast", "saturation", "hue")
 IMAGE_NOTHING = {"enable_fixed_flip": "sdlora has no fixed (always) flip",
                  "enable_random_circular_mask_shrink": "sdlora has no mask augmentation",
-                 "enable_random_mask_rotate_crop": "sdlora has no mask augmentation",
-                 "enable_resolution_override": "sdlora trains every subset at data.resolution"}
+                 "enable_random_mask_rotate_crop": "sdlora has no mask augmentation"}
 for _a in AUGMENTATIONS:
     IMAGE_NOTHING[f"enable_random_{_a}"] = f"sdlora has no {_a} augmentation"
     IMAGE_NOTHING[f"enable_fixed_{_a}"] = f"sdlora has no {_a} augmentation"
-READ_WITH = {"random_rotate_max_angle": "enable_random_rotate", "resolution_override": "enable_resolution_override"}
+READ_WITH = {"random_rotate_max_angle": "enable_random_rotate"}
 for _a in AUGMENTATIONS[1:]:
     READ_WITH[f"random_{_a}_max_strength"] = f"enable_random_{_a}"
 TEXT_OFF_UNLESS = {"tag_dropout_special_tags": "", "tag_dropout_special_tags_mode": "NONE",
@@ -39,6 +38,20 @@ SAMPLE_DEFAULTS = {"frames": 1, "length": 10.0, "text_encoder_1_layer_skip": 0, 
                    "text_encoder_2_sequence_length": None, "transformer_attention_mask": False,
                    "force_last_timestep": False, "sample_inpainting": False, "base_image_path": "",
                    "mask_image_path": ""}
+
+
+def resolutions(v) -> int | list[int]:
+    """OneTrainer's resolution text: "512", or several base resolutions "512,768" (each bucketed); Invalid else."""
+    text = as_str(v).replace(" ", "")
+    if "x" in text.lower():
+        raise Unmappable(f"{text!r}: sdlora's resolutions are square base resolutions (data.resolution), not WxH")
+    try:
+        values = [int(p) for p in text.split(",") if p]
+    except ValueError:
+        raise Invalid(f"{v!r} is not a resolution (512) or a comma-separated list (512,768)") from None
+    if not values:
+        raise Invalid(f"{v!r} is empty")
+    return values[0] if len(values) == 1 else values
 
 
 def _images_in(folder: str) -> int | None:
@@ -151,7 +164,7 @@ def _concept_field(key: str, value, concept: dict, kind: str, subset: dict, b: B
         return (OFF, "1") if as_float(value) == 1 else \
             (UNSUPPORTED, "sdlora weights the loss per subset only for regularisation images (data.prior_loss_weight)")
     if key.startswith("image."):
-        return _image_field(key[6:], value, concept.get("image", {}))
+        return _image_field(key[6:], value, concept.get("image", {}), subset)
     if key.startswith("text."):
         return _text_field(key[5:], value, text, subset)
     return UNKNOWN, "not a field of OneTrainer's ConceptConfig: not imported"
@@ -170,7 +183,17 @@ def _balancing(value, strategy: str, subset: dict) -> tuple[str, str]:
     return MAPPED, f"data.subsets[].repeats = {repeats}"
 
 
-def _image_field(key: str, value, image: dict) -> tuple[str, str]:
+def _image_field(key: str, value, image: dict, subset: dict) -> tuple[str, str]:
+    if key == "enable_resolution_override":
+        return (MAPPED, "see resolution_override") if as_bool(value) else (OFF, "false: data.resolution")
+    if key == "resolution_override":
+        if not as_bool_or(image.get("enable_resolution_override"), False):
+            return OFF, "only with enable_resolution_override"
+        try:
+            subset["resolution"] = resolutions(value)
+        except Unmappable as e:
+            return UNSUPPORTED, str(e)
+        return MAPPED, "data.subsets[].resolution"
     if key == "enable_crop_jitter":
         return (MAPPED, "data.crop = random") if as_bool(value) else (OFF, "center crops, sdlora's default")
     if key == "enable_random_flip":

@@ -12,7 +12,7 @@ from __future__ import annotations
 from sdlora.kohya_import.rules import (MAPPED, OFF, UNSUPPORTED, Builder, Custom, Invalid, NoEffect, To, Unmappable,
                                        Unsupported, as_bool, as_float, as_int, as_str)
 from sdlora.onetrainer_import import loss, optim, parts
-from sdlora.onetrainer_import.data import steps_per_epoch
+from sdlora.onetrainer_import.data import resolutions, steps_per_epoch
 
 ONETRAINER_DEFAULTS = {"training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "learning_rate": 3e-6,
                        "learning_rate_warmup_steps": 200.0, "epochs": 100, "lora_rank": 16, "lora_alpha": 1.0,
@@ -106,10 +106,7 @@ def _dtype(key: str, allowed: dict):
 
 
 def _resolution(v, b: Builder):
-    text = as_str(v).strip()
-    if text.isdigit():
-        return MAPPED, b.set("data.resolution", int(text))
-    raise Unmappable(f"{text!r}: sdlora trains one square resolution (data.resolution; 512 unless set)")
+    return MAPPED, b.set("data.resolution", resolutions(v))
 
 
 def _tensorboard(v, b: Builder):
@@ -308,16 +305,16 @@ OPTIONS: dict[str, object] = {
         b.options.get("loss_weight_fn", "CONSTANT")).upper() == "CONSTANT" else (MAPPED, "read with loss_weight_fn (see its row)")),
     "loss_scaler": _unsupported("sdlora does not scale the loss by batch size or accumulation", off=("NONE",)),
     "offset_noise_weight": _nonzero("loss.noise_offset"),
-    "generalized_offset_noise": _unsupported(f"sdlora's noise offset is the original one; {loss.ITEM_4}"),
-    "perturbation_noise_weight": _unsupported(f"input-perturbation noise: {loss.ITEM_4}", off=(0, 0.0)),
+    "generalized_offset_noise": _unsupported("sdlora's noise offset is the original one"),
+    "perturbation_noise_weight": _nonzero("loss.ip_noise_gamma"),
     "rescale_noise_scheduler_to_zero_terminal_snr": _flag("model.zero_terminal_snr"),
     "force_v_prediction": _flag("model.prediction_type", "v_prediction"),
     "force_epsilon_prediction": _flag("model.prediction_type", "epsilon"),
     "min_noising_strength": loss.noising("loss.min_timestep", "loss.flow.min_sigma", 1000, 0.0),
     "max_noising_strength": loss.noising("loss.max_timestep", "loss.flow.max_sigma", 1000, 1.0),
     "timestep_distribution": Custom(loss.distribution, "loss.flow.timestep_sampling"),
-    "noising_weight": Custom(loss.noising_param),
-    "noising_bias": Custom(loss.noising_param),
+    "noising_weight": loss.noising_param("noising_weight"),
+    "noising_bias": loss.noising_param("noising_bias"),
     "timestep_shift": Custom(loss.shift, "loss.flow.shift"),
     "dynamic_timestep_shifting": _unsupported("sdlora's shift is one number (loss.flow.shift)"),
     # adapter
