@@ -286,14 +286,14 @@ def samples(items: list, where: str, b: Builder, rows: list[Row]) -> None:
             continue
         entry: dict = {}
         for key, value in sample.items():
-            rows.append(_sample_row(f"{name}.{key}", key, value, sample, entry))
+            rows.append(_sample_row(f"{name}.{key}", key, value, sample, entry, bool(b.state.get("flow"))))
         if entry.get("prompt", "").strip():
             entries.append(entry)
     if entries:
         b.set("sample.entries", entries)
 
 
-def _sample_row(shown: str, key: str, value, sample: dict, entry: dict) -> Row:
+def _sample_row(shown: str, key: str, value, sample: dict, entry: dict, flow: bool) -> Row:
     try:
         if key in SAMPLE_FIELDS:
             read = {"width": as_int, "height": as_int, "seed": as_int, "diffusion_steps": as_int,
@@ -309,8 +309,10 @@ def _sample_row(shown: str, key: str, value, sample: dict, entry: dict) -> Row:
             return Row(shown, value, UNSUPPORTED, "sdlora samples with a fixed seed (sample.seed when unset)") \
                 if as_bool(value) else Row(shown, value, OFF, "false")
         if key == "noise_scheduler":
+            if flow:  # OneTrainer's SD3 sampler, like sdlora's, uses the model's flow-matching Euler scheduler
+                return Row(shown, value, NO_EFFECT, "SD3 samples with its flow-matching Euler scheduler")
             return Row(shown, value, OFF, "DDIM, as sdlora") if as_str(value).upper() == "DDIM" else \
-                Row(shown, value, UNSUPPORTED, "sdlora samples with DDIM (eta 0) (flow models: their Euler)")
+                Row(shown, value, UNSUPPORTED, "sdlora samples SD 1.x/2.x/SDXL with DDIM (eta 0)")
         if key in SAMPLE_DEFAULTS:
             return Row(shown, value, OFF, "OneTrainer's default") if value == SAMPLE_DEFAULTS[key] else \
                 Row(shown, value, UNSUPPORTED, "sdlora's samples use the run's text-encoder settings, one frame, "
