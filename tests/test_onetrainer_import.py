@@ -246,7 +246,7 @@ def test_hand_written_config_takes_onetrainer_defaults(tiny_model, shapes_data, 
 
 
 def test_sd3_flow_options_map_to_loss_flow(tmp_path, capsys):
-    config = {"__version": 11, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_35",
+    config = {"__version": 9, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_35",
               "base_model_name": str(tmp_path / "sd35"), "workspace_dir": str(tmp_path / "run"), "epochs": 1,
               "timestep_distribution": "LOGIT_NORMAL", "noising_bias": 0.5, "noising_weight": 0.2,
               "timestep_shift": 3.0, "min_noising_strength": 0.1, "learning_rate_warmup_steps": 0,
@@ -263,6 +263,7 @@ def test_sd3_flow_options_map_to_loss_flow(tmp_path, capsys):
     path.write_text(json.dumps(config))
     code, table, err = _import([path, "--out", tmp_path / "x.yaml", "--force"], capsys)
     assert code == 0, err
+    assert "note: config version 9, the table follows version 11" in table  # an older file: its renamed keys
     data = yaml.safe_load((tmp_path / "x.yaml").read_text())
     assert data["loss"] == {"flow": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.2,
                                      "shift": 3.0, "min_sigma": 0.1}}

@@ -9,7 +9,7 @@ out (the UI always saves them; a hand-written file may not).
 
 from __future__ import annotations
 
-from sdlora.kohya_import.rules import (MAPPED, OFF, UNSUPPORTED, Builder, Custom, Invalid, NoEffect, To, Unmappable,
+from sdlora.kohya_import.rules import (MAPPED, NO_EFFECT, OFF, UNSUPPORTED, Builder, Custom, Invalid, NoEffect, To, Unmappable,
                                        Unsupported, as_bool, as_float, as_int, as_str)
 from sdlora.onetrainer_import import loss, optim, parts
 from sdlora.onetrainer_import.data import resolutions, steps_per_epoch
@@ -33,6 +33,16 @@ def _flag(key: str, value=True):
 
 def _nonzero(key: str, read=as_float):
     return Custom(lambda v, b: (OFF, "0 is off") if read(v) == 0 else (MAPPED, b.set(key, read(v))), key)
+
+
+CONFIG_VERSION = 11  # TrainConfig's config_version this table follows
+
+
+def _version(v, b: Builder):
+    if as_int(v) != CONFIG_VERSION:
+        b.notes.append(f"config version {v}, the table follows version {CONFIG_VERSION}: OneTrainer migrates a file "
+                       "when it loads it; options renamed since show as unknown (open and save it in OneTrainer first)")
+    return NO_EFFECT, f"OneTrainer's config format version (this table: {CONFIG_VERSION})"
 
 
 # ------------------------------------------------------------------------------------- length and saving
@@ -242,7 +252,7 @@ def _second_skip(v, b: Builder):
 
 
 OPTIONS: dict[str, object] = {
-    "__version": NoEffect("OneTrainer's config format version"),
+    "__version": Custom(_version),
     "secrets": NoEffect("OneTrainer's tokens and keys: not read, not written"),
     # model
     "training_method": Custom(parts.training_method),
