@@ -290,3 +290,18 @@ def test_refused_input_is_one_line_and_exit_2(tmp_path, capsys, content, says):
     assert not (tmp_path / "x.yaml").exists()
     if "model_type" in says or "training_method" in says or "embedding" in says or "inpainting" in says:
         assert "NOT SUPPORTED" in table  # the table still shows every row, the refusal among them
+
+
+def test_warm_up_longer_than_the_run_is_cut_to_the_run(shapes_data, tmp_path, capsys):
+    """OneTrainer runs a 200-step warm-up (its default) in a 2-step run; sdlora refuses warm-up past the end, so the
+    import writes the run's length and says so in the row."""
+    config = {"__version": 11, "training_method": "LORA", "base_model_name": str(tmp_path / "m"),
+              "workspace_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 4,
+              "concepts": [{"path": str(shapes_data)}]}  # 8 images / batch 4 = 2 steps
+    path = tmp_path / "onetrainer.json"
+    path.write_text(json.dumps(config))
+    code, table, err = _import([path, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 0, err
+    data = yaml.safe_load((tmp_path / "x.yaml").read_text())
+    assert (data["train"]["max_steps"], data["optim"]["warmup_steps"]) == (2, 2)
+    assert "NOT SUPPORTED" in _row(table, "(OneTrainer default) learning_rate_warmup_steps")

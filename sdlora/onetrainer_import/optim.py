@@ -127,6 +127,11 @@ def warmup(v, b: Builder):
         return OFF, "0"
     if raw > 1:
         steps = int(raw / b.get("train.gradient_accumulation_steps", 1))
+        total = b.get("train.max_steps")
+        if total is not None and steps > total:  # OneTrainer runs it; the rate never reaches learning_rate
+            b.set("optim.warmup_steps", total)
+            return UNSUPPORTED, (f"{steps} warm-up steps in a run of {total}: sdlora's warm-up ends within the run, "
+                                 f"optim.warmup_steps = {total} written")
         return MAPPED, b.set("optim.warmup_steps", steps) + (f" = {steps}" if steps != raw else "")
     total = b.get("train.max_steps")
     if total is None:
