@@ -305,3 +305,16 @@ def test_warm_up_longer_than_the_run_is_cut_to_the_run(shapes_data, tmp_path, ca
     data = yaml.safe_load((tmp_path / "x.yaml").read_text())
     assert (data["train"]["max_steps"], data["optim"]["warmup_steps"]) == (2, 2)
     assert "NOT SUPPORTED" in _row(table, "(OneTrainer default) learning_rate_warmup_steps")
+
+
+def test_missing_workspace_dir_takes_onetrainer_default(tiny_model, shapes_data, tmp_path, capsys):
+    """TrainConfig's default workspace_dir is "workspace/run": a file without one imports with that run folder."""
+    a = _concept_folder(tmp_path / "a", shapes_data, slice(0, 2))
+    path = tmp_path / "onetrainer.json"
+    path.write_text(json.dumps({"training_method": "LORA", "base_model_name": str(tiny_model),
+                                "concepts": [{"path": str(a)}]}))
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([path, "--out", out], capsys)
+    assert code == 0, err
+    assert "output.dir" in _row(table, "(OneTrainer default) workspace_dir")
+    assert yaml.safe_load(out.read_text())["output"]["dir"] == "workspace/run"

@@ -17,7 +17,7 @@ from sdlora.onetrainer_import.data import resolutions, steps_per_epoch
 ONETRAINER_DEFAULTS = {"training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "learning_rate": 3e-6,
                        "learning_rate_warmup_steps": 200.0, "epochs": 100, "lora_rank": 16, "lora_alpha": 1.0,
                        "train_dtype": "FLOAT_16", "ema_decay": 0.999,
-                       "optimizer.optimizer": "ADAMW"}  # with its weight decay 0.01 (torch's AdamW default)
+                       "optimizer.optimizer": "ADAMW", "workspace_dir": "workspace/run"}  # with its weight decay 0.01 (torch's AdamW default)
 LAUNCH = "how OneTrainer runs, logs or caches, not what it trains"
 SPEED = "speed or memory only: sdlora's own choice"
 W = "OneTrainer"
