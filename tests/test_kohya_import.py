@@ -402,3 +402,23 @@ def test_a_gui_prompt_sdlora_cannot_draw_is_a_row(tmp_path):
     data, rows, _ = convert(gui)
     row = next(r for r in rows if r.option == "sample_prompts")
     assert row.status == "NOT SUPPORTED" and "--ss euler_a" in row.detail and "sample" not in data
+
+
+def test_no_output_dir_is_one_line_naming_it(tmp_path, capsys):
+    """sd-scripts has no default output_dir (train_util.py: default None; saving fails): kohya's name, exit 2."""
+    config = tmp_path / "k.toml"
+    config.write_text(f'pretrained_model_name_or_path = "m"\ntrain_data_dir = "{tmp_path}"\n')
+    code, _, err = _import([config, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 2 and "output_dir" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_an_invalid_value_writes_nothing(tmp_path):
+    """A rule that rejects a value leaves the config as it was (the default stands), whatever it wrote first."""
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\nnetwork_dim = -3\n')
+    data, rows, _ = convert(config)
+    assert next(r for r in rows if r.option == "network_dim").status == "invalid value"
+    assert data["lora"]["rank"] == 4  # kohya's default network_dim

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora.commands.import_common import check_out, report_table as _table, summary, validate_and_write
+from sdlora.errors import UserError
 from sdlora.kohya_import.rules import DEFAULT, Row
 
 
@@ -28,6 +29,9 @@ def run_import_kohya(config, out, *, dataset_config=None, force: bool = False, s
         report(f"note: {note}")
     header = (f"# Imported from {config}" + (f" and {dataset_config}" if dataset_config else "")
               + " by `sdlora import-kohya` (docs/kohya.md); the table it printed says what each kohya option became.\n")
+    if "dir" not in data.get("output", {}):  # sd-scripts: output_dir defaults to None (its first save fails)
+        raise UserError(f"import-kohya {config}: no output_dir (kohya has no default): add output_dir = \"<folder>\" "
+                        "for the run's adapter, checkpoints and samples; nothing written")
     validate_and_write(data, out, "import-kohya", header)
     report(summary(out, rows, DEFAULT, "kohya defaults"))
     return out

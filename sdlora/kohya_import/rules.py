@@ -10,6 +10,8 @@ sdlora.onetrainer_import builds its table from the same rules and rows (`who` na
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,6 +57,20 @@ class Builder:
             node = node.setdefault(part, {})
         node[last] = value
         return key
+
+    @contextmanager
+    def unless_invalid(self, *also: dict):
+        """Run a rule; when it raises Invalid, put `data`, `state`, `notes` (and each dict in `also`) back as they
+        were before re-raising: a rejected value writes nothing, whatever the rule set before it checked."""
+        saved = copy.deepcopy((self.data, self.state, self.notes, also))
+        try:
+            yield
+        except Invalid:
+            for now, before in zip((self.data, self.state, *also), (saved[0], saved[1], *saved[3])):
+                now.clear()
+                now.update(before)
+            self.notes[:] = saved[2]
+            raise
 
     def get(self, key: str, default=None):
         node = self.data
@@ -181,7 +197,8 @@ class Custom:
 def apply(rule, option: str, value, b: Builder) -> Row:
     """One option through its rule, as a row (a reading problem is an INVALID row, a gap an UNSUPPORTED one)."""
     try:
-        status, detail = rule(value, b)
+        with b.unless_invalid():
+            status, detail = rule(value, b)
     except Invalid as e:
         return Row(option, value, INVALID, f"not imported: {e}")
     except Unmappable as e:

@@ -121,7 +121,8 @@ def as_bool_or(value, default: bool) -> bool:
 
 def _concept_row(shown: str, key: str, value, concept: dict, kind: str, subset: dict, b: Builder) -> Row:
     try:
-        status, detail = _concept_field(key, value, concept, kind, subset, b)
+        with b.unless_invalid(subset):
+            status, detail = _concept_field(key, value, concept, kind, subset, b)
     except Invalid as e:
         return Row(shown, value, INVALID, f"not imported: {e}")
     return Row(shown, value, status, detail)
