@@ -422,3 +422,18 @@ def test_an_invalid_value_writes_nothing(tmp_path):
     data, rows, _ = convert(config)
     assert next(r for r in rows if r.option == "network_dim").status == "invalid value"
     assert data["lora"]["rank"] == 4  # kohya's default network_dim
+
+
+def test_a_path_that_is_not_text_is_an_invalid_row(tmp_path):
+    """`image_dir = 5` (a TOML number) is a mistake, not the folder "5": an invalid-value row, nothing written."""
+    from sdlora.kohya_import.convert import convert
+
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 5\n  [[datasets.subsets]]\n'
+                       f'  image_dir = "{tmp_path}"\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'dataset_config = "{dataset}"\nvae = 7\n')
+    data, rows, _ = convert(config)
+    shown = {r.option: r.status for r in rows}
+    assert shown["datasets.0.subsets.0.image_dir"] == shown["vae"] == "invalid value", shown
+    assert "5" not in [s.get("path") for s in data["data"]["subsets"]] and "vae_path" not in data.get("model", {})

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sdlora.kohya_import.rules import (DEFAULT, MAPPED, NO_EFFECT, OFF, UNSUPPORTED, Builder, Invalid, Row, Unmappable,
-                                       as_bool, as_float, as_int, as_str, is_unset)
+from sdlora.kohya_import.rules import (DEFAULT, INVALID, MAPPED, NO_EFFECT, OFF, UNSUPPORTED, Builder, Invalid, Row, Unmappable,
+                                       as_bool, as_float, as_int, as_path, as_str, is_unset)
 
 
 def _subset(key: str, read):
@@ -60,12 +60,12 @@ def _cache(kind: str):
 
 
 def _mask_dir(v):
-    return None, {"data.mask_dir": as_str(v), "data.masked_loss": True}
+    return None, {"data.mask_dir": as_path(v), "data.masked_loss": True}
 
 
 # kohya option -> converter(value) -> (subset keys, data keys); None for a key set means "nothing".
 RULES = {
-    "image_dir": _subset("path", as_str), "num_repeats": _subset("repeats", as_int),
+    "image_dir": _subset("path", as_path), "num_repeats": _subset("repeats", as_int),
     "is_reg": _subset("is_regularization", as_bool), "class_tokens": _subset("class_caption", as_str),
     "caption_extension": _subset("caption_extension", as_str), "caption_extention": _subset("caption_extension", as_str),
     "shuffle_caption": _subset("shuffle_tags", as_bool), "keep_tokens": _subset("keep_tokens", as_int),
@@ -132,8 +132,10 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
             raise Unmappable("the dataset config has no [[datasets.subsets]]")
     else:
         for key, is_reg in (("train_data_dir", False), ("reg_data_dir", True)):
-            if key in top and not is_unset(top[key]):
-                direct = {"path": as_str(top[key])} | ({"is_regularization": True} if is_reg else {})
+            if key in top and not is_unset(top[key]) and not isinstance(top[key], str):
+                rows.append(Row((names or {}).get(key, key), top[key], INVALID, "not imported: not a path (text)"))
+            elif key in top and not is_unset(top[key]):
+                direct = {"path": as_path(top[key])} | ({"is_regularization": True} if is_reg else {})
                 rows.append(Row((names or {}).get(key, key), top[key], MAPPED, f"data.subsets.{len(subsets)}.path (a kohya <repeats>_<name> "
                                                       "folder tree" + (", is_regularization" if is_reg else "") + ")"))
                 subsets.append((direct, []))

@@ -16,7 +16,7 @@ from sdlora.kohya_import.dataset import DATA, steps_per_epoch
 from sdlora.kohya_import.optim import (ITEM_5, legacy_optimizer, learning_rate, optimizer, optimizer_args, scheduler,
                                        scheduler_part, text_encoder_lr, warmup)
 from sdlora.kohya_import.rules import (MAPPED, OFF, Builder, Custom, Invalid, NoEffect, To, Unmappable, Unsupported,
-                                       as_bool, as_float, as_int, as_str, is_unset)
+                                       as_bool, as_float, as_int, as_path, as_str, is_unset)
 
 # kohya's argparse defaults that differ from sdlora's (options absent from the input take these).
 KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "optimizer_type": "AdamW", "network_dim": 4,
@@ -97,7 +97,7 @@ def _save_model_as(v, b: Builder):
 
 def _output_dir(v, b: Builder):
     name = as_str(b.options.get("output_name") or "last")  # kohya's file name without output_name: last.safetensors
-    b.set("output.dir", f"{as_str(v).rstrip('/')}/{name}")
+    b.set("output.dir", f"{as_path(v).rstrip('/')}/{name}")
     return MAPPED, f"output.dir = {v}/{name} (sdlora's run folder: adapter, checkpoints, samples, logs)"
 
 
@@ -118,7 +118,7 @@ def _sample_prompts(v, b: Builder):
             raise Unmappable(str(e)) from None
         b.set("sample.entries", [e.as_config() for e in entries])
         return MAPPED, f"sample.entries ({len(entries)} prompts, kohya's --n/--w/--h/--d/--l/--s read)"
-    path = as_str(v)
+    path = as_path(v)
     if not path.lower().endswith(".txt"):
         raise Unmappable(f"{path}: sdlora reads kohya's .txt prompt format (one prompt a line), not .toml/.json")
     return MAPPED, b.set("sample.prompts_file", path)
@@ -219,14 +219,14 @@ META = "adapter metadata text: sdlora writes its own metadata (ss_* and ModelSpe
 
 OPTIONS: dict[str, object] = {
     # model
-    "pretrained_model_name_or_path": To("model.path", as_str, note="a local diffusers folder or single file"),
-    "vae": To("model.vae_path", as_str),
+    "pretrained_model_name_or_path": To("model.path", as_path, note="a local diffusers folder or single file"),
+    "vae": To("model.vae_path", as_path),
     "v2": Custom(_v2),
     "v_parameterization": _flag("model.prediction_type", "v_prediction"),
     "zero_terminal_snr": _flag("model.zero_terminal_snr"),
     "clip_skip": Custom(lambda v, b: (MAPPED, b.set("text_encoder.clip_skip", max(1, as_int(v)))), "text_encoder.clip_skip"),
     "max_token_length": Custom(lambda v, b: (MAPPED, b.set("data.max_token_length", as_int(v) or 75)), "data.max_token_length"),
-    "network_weights": To("lora.init_from", as_str),
+    "network_weights": To("lora.init_from", as_path),
     "dim_from_weights": Custom(lambda v, b: (OFF, "sdlora's lora.init_from takes every module's rank from the file")),
     "base_weights": Unsupported("sdlora does not merge other LoRAs into the base before training"),
     "base_weights_multiplier": Unsupported("only with base_weights"),

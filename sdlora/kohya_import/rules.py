@@ -119,6 +119,13 @@ def as_str(value) -> str:
     return str(value)
 
 
+def as_path(value) -> str:
+    """A file or folder name: text only (TOML `image_dir = 5` is a mistake, not the folder "5")."""
+    if not isinstance(value, str):
+        raise Invalid(f"{value!r} is not a path (text)")
+    return value
+
+
 def as_list(value) -> list:
     """kohya's list options (network_args, optimizer_args) as a TOML list or the GUI's space-separated string."""
     if isinstance(value, list):

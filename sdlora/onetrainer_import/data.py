@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from sdlora.kohya_import.rules import (INVALID, MAPPED, NO_EFFECT, OFF, UNKNOWN, UNSUPPORTED, Builder, Invalid, Row,
-                                       Unmappable, as_bool, as_float, as_int, as_str)
+                                       Unmappable, as_bool, as_float, as_int, as_path, as_str)
 from sdlora.onetrainer_import.read import flatten
 
 AUGMENTATIONS = ("rotate", "brightness", "contrast", "saturation", "hue")
@@ -131,7 +131,7 @@ def _concept_row(shown: str, key: str, value, concept: dict, kind: str, subset: 
 def _concept_field(key: str, value, concept: dict, kind: str, subset: dict, b: Builder) -> tuple[str, str]:
     text = concept.get("text", {}) if isinstance(concept.get("text"), dict) else {}
     if key == "path":
-        subset["path"] = as_str(value)
+        subset["path"] = as_path(value)
         where = "validation.path" if kind == "VALIDATION" else "data.subsets[].path"
         return (MAPPED, where) if kind in ("STANDARD", "VALIDATION") else (OFF, f"a {kind} concept (see its type)")
     if key == "type":

@@ -10,7 +10,7 @@ out (the UI always saves them; a hand-written file may not).
 from __future__ import annotations
 
 from sdlora.kohya_import.rules import (MAPPED, NO_EFFECT, OFF, UNSUPPORTED, Builder, Custom, Invalid, NoEffect, To, Unmappable,
-                                       Unsupported, as_bool, as_float, as_int, as_str)
+                                       Unsupported, as_bool, as_float, as_int, as_path, as_str)
 from sdlora.onetrainer_import import loss, optim, parts
 from sdlora.onetrainer_import.data import resolutions, steps_per_epoch
 
@@ -91,7 +91,7 @@ def _epochs(v, b: Builder):
 
 
 def _workspace(v, b: Builder):
-    return MAPPED, b.set("output.dir", as_str(v).rstrip("/\\")) + " (sdlora's run folder: adapter, checkpoints, samples, logs)"
+    return MAPPED, b.set("output.dir", as_path(v).rstrip("/\\")) + " (sdlora's run folder: adapter, checkpoints, samples, logs)"
 
 
 def _destination(v, b: Builder):
@@ -257,7 +257,7 @@ OPTIONS: dict[str, object] = {
     # model
     "training_method": Custom(parts.training_method),
     "model_type": Custom(parts.model_type),
-    "base_model_name": To("model.path", as_str, note="a local diffusers folder or single file (not a Hub name)"),
+    "base_model_name": To("model.path", as_path, note="a local diffusers folder or single file (not a Hub name)"),
     "output_dtype": _dtype("export.dtype", {"FLOAT_32": "fp32", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}),
     "output_model_format": Custom(_format),
     "output_model_destination": Custom(_destination, "output.name"),
@@ -330,7 +330,7 @@ OPTIONS: dict[str, object] = {
     "dynamic_timestep_shifting": _unsupported("sdlora's shift is one number (loss.flow.shift)"),
     # adapter
     "peft_type": Custom(_peft, "lora.type"),
-    "lora_model_name": Custom(lambda v, b: (MAPPED, b.set("lora.init_from", as_str(v))) if as_str(v or "") else
+    "lora_model_name": Custom(lambda v, b: (MAPPED, b.set("lora.init_from", as_path(v))) if as_str(v or "") else
                               (OFF, "empty"), "lora.init_from"),
     "lora_rank": _lora_field("lora.rank", as_int),
     "lora_alpha": _lora_field("lora.alpha", as_float, ("LORA", "LOHA", "LOKR")),

@@ -9,7 +9,7 @@ effect: OneTrainer saves every part's settings whatever the model type.
 from __future__ import annotations
 
 from sdlora.kohya_import.rules import (MAPPED, NO_EFFECT, OFF, UNKNOWN, UNSUPPORTED, Builder, Invalid, Unmappable,
-                                       as_bool, as_float, as_str)
+                                       as_bool, as_float, as_path, as_str)
 
 SD = ("unet", "text_encoder", "vae")
 FLOW = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
@@ -86,7 +86,7 @@ def _part_field(part: str, name: str, v, b: Builder):
         if not as_str(v or ""):
             return OFF, "empty: from base_model_name"
         if part == "vae":
-            return MAPPED, b.set("model.vae_path", as_str(v))
+            return MAPPED, b.set("model.vae_path", as_path(v))
         raise Unmappable("sdlora loads this part from model.path")
     if name == "include":
         return (OFF, "loaded") if as_bool(v) else (UNSUPPORTED, "sdlora loads every part the model has")
