@@ -437,3 +437,17 @@ def test_a_path_that_is_not_text_is_an_invalid_row(tmp_path):
     shown = {r.option: r.status for r in rows}
     assert shown["datasets.0.subsets.0.image_dir"] == shown["vae"] == "invalid value", shown
     assert "5" not in [s.get("path") for s in data["data"]["subsets"]] and "vae_path" not in data.get("model", {})
+
+
+def test_min_bucket_reso_below_sdloras_minimum_is_clamped(tmp_path):
+    """kohya allows min_bucket_reso 32; sdlora's data.min_side is at least 64: 64 is written, the row says so."""
+    from sdlora.config import DataConfig
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\nenable_bucket = true\nmin_bucket_reso = 32\n')
+    data, rows, _ = convert(config)
+    row = next(r for r in rows if r.option == "min_bucket_reso")
+    assert row.status == "NOT SUPPORTED" and "64" in row.detail, row
+    assert data["data"]["min_side"] == 64
+    DataConfig(**data["data"])  # validates

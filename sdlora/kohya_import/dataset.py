@@ -55,6 +55,18 @@ def _bucket_step(v) -> int:
     return step
 
 
+def _min_side(v):
+    """kohya's min_bucket_reso; below sdlora's smallest data.min_side (its schema's bound) that bound is written."""
+    from sdlora.config import DataConfig
+
+    floor = next(m.ge for m in DataConfig.model_fields["min_side"].metadata if hasattr(m, "ge"))
+    side = as_int(v)
+    if side >= floor:
+        return None, {"data.min_side": side}
+    return None, {"data.min_side": floor, "_unsupported": f"data.min_side = {floor} (sdlora's smallest bucket side; "
+                                                          f"kohya's buckets below {floor} are not made)"}
+
+
 def _cache(kind: str):
     return lambda v: (None, {"data.cache_latents": kind} if as_bool(v) else {})
 
@@ -94,7 +106,7 @@ RULES = {
     "masked_loss": lambda v: (None, {"data.masked_loss": True} if as_bool(v) else {}),
     "conditioning_data_dir": _mask_dir,
     "resolution": _resolution, "enable_bucket": _data("data.bucketing", as_bool),
-    "min_bucket_reso": _data("data.min_side", as_int), "max_bucket_reso": _data("data.max_side", as_int),
+    "min_bucket_reso": _min_side, "max_bucket_reso": _data("data.max_side", as_int),
     "bucket_reso_steps": lambda v: (None, {"data.bucket_step": _bucket_step(v)}), "bucket_no_upscale": _data("data.no_upscale", as_bool),
     "batch_size": _data("train.batch_size", as_int), "prior_loss_weight": _data("data.prior_loss_weight", as_float),
     "cache_latents": _cache("memory"), "cache_latents_to_disk": _cache("disk"),
@@ -209,6 +221,9 @@ def _convert(where: str, name: str, value, status, label: str, rows: list[Row], 
     sub, data = dict(sub or {}), dict(data or {})
     if "_note" in data:
         b.notes.append(data.pop("_note"))
+    if "_unsupported" in data:  # carried as near as sdlora allows: the row says how
+        rows.append(Row(where, value, UNSUPPORTED, data.pop("_unsupported")))
+        return sub, data
     detail = ", ".join([label + k for k in sub] + list(data))
     rows.append(Row(where, value, status or (MAPPED if detail else OFF), detail or "kohya's default (as sdlora's)"))
     return sub, data
