@@ -451,3 +451,17 @@ def test_min_bucket_reso_below_sdloras_minimum_is_clamped(tmp_path):
     assert row.status == "NOT SUPPORTED" and "64" in row.detail, row
     assert data["data"]["min_side"] == 64
     DataConfig(**data["data"])  # validates
+
+
+def test_a_default_that_conflicts_names_its_dataset(tmp_path):
+    """Two datasets, only the first sets enable_bucket: the second takes kohya's default, and its row says which."""
+    from sdlora.kohya_import.convert import convert
+
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f'[[datasets]]\nenable_bucket = true\n  [[datasets.subsets]]\n  image_dir = "{tmp_path}"\n'
+                       f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{tmp_path}"\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'dataset_config = "{dataset}"\n')
+    _, rows, _ = convert(config)
+    row = next(r for r in rows if r.option == "(kohya default) enable_bucket")
+    assert row.status == "NOT SUPPORTED" and "datasets.1" in row.detail, row

@@ -180,8 +180,11 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
             first = firsts.setdefault(key, (val, origin[key]))
             if first[0] != val:
                 row = next(r for r in rows if r.option == origin[key])
-                row.status, row.detail = UNSUPPORTED, (f"sdlora has one {key} for every subset ({first[0]!r} from "
-                                                       f"{first[1]} is used)")
+                # a value from a shared place (a default, [general], the training config): name the dataset it reached
+                scope = next((p[:-1] for p, _ in own if p.count(".") == 2), None)
+                scope = f"{scope} takes {val!r} from here: " if scope and not origin[key].startswith(scope) else ""
+                row.status, row.detail = UNSUPPORTED, (f"{scope}sdlora has one {key} for every subset ({first[0]!r} "
+                                                       f"from {first[1]} is used)")
         out.append(keys)
     for key, (value, _) in firsts.items():
         b.set(key, value)
