@@ -88,6 +88,7 @@ def concepts(items: list, where: str, b: Builder, rows: list[Row]) -> None:
             continue
         if kind != "STANDARD":
             continue
+        # ConceptImageConfig's defaults: random flip off (since OneTrainer 7296e05, #1097), crop jitter on
         flips.add(bool(concept.get("image", {}).get("enable_random_flip", False)))
         crops.add(bool(concept.get("image", {}).get("enable_crop_jitter", True)))
         subsets.append(subset)
