@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _expand_home(build_parser().parse_args(argv))
-    try:
-        return _dispatch(args)
+    from sdlora.model.option_names import config_dir_named
+
+    try:  # export / merge / resize / extract read single files with --config-dir; training with model.config_dir
+        with config_dir_named("--config-dir" if hasattr(args, "config_dir") else "model.config_dir"):
+            return _dispatch(args)
     except UserError as e:
         if args.debug:
             raise

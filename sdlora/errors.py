@@ -1,6 +1,8 @@
 """The one exception type that reaches the user as a one-line message and exit code 2 (and its kinds), and what a
 model loader raises on a damaged or foreign model (`LOAD_ERRORS`, turned into one)."""
 
+import re
+
 # What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
 try:
@@ -9,6 +11,14 @@ try:
     LOAD_ERRORS += (SafetensorError,)
 except ImportError:  # older safetensors: its error is a subclass of the above
     pass
+
+
+def loading_reason(e: Exception) -> str:
+    """The first line of a diffusers / torch loading error, at most 200 characters; diffusers' "Cannot load <name>
+    because X. If you want to instead overwrite ..." becomes X (its name is often empty, its advice not sdlora's)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    found = re.match(r"Cannot load .*? because (.*?)(?:\.? If you want .*)?$", first)
+    return (found.group(1) if found else first)[:200]
 
 
 class UserError(Exception):

@@ -315,3 +315,19 @@ def test_a_merged_file_carries_only_the_base_files_unmapped_tensors(sd35m_file, 
     for name in ("b.safetensors", "b.ckpt"):
         got = single_file_carry(str(tmp_path / name), allow_pickle=True)
         assert set(got) == set(extra) and all(torch.equal(got[k], extra[k]) for k in extra), name
+
+
+def test_export_names_its_own_config_dir_option(sd35m_file, tmp_path, capsys):
+    """A single-file --base the bundled configs do not fit (the tiny model): export's hint names its --config-dir
+    (not the training config's model.config_dir), and quotes diffusers' reason without its broken sentence."""
+    path, _ = sd35m_file
+    adapter = tmp_path / "a.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}, adapter)
+    capsys.readouterr()
+    code = cli_main(["export", str(adapter), "--format", "merged-single-file", "--base", str(path),
+                     "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--config-dir" in err and "model.config_dir" not in err and "Cannot load" not in err, err
+    assert "pos_embed" in err and "If you want" not in err, err  # the reason, without diffusers' advice

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import LOAD_ERRORS, UserError
+from sdlora.errors import LOAD_ERRORS, UserError, loading_reason
 from sdlora.model import ldm_keys as L
 from sdlora.model import mmdit_keys as M
+from sdlora.model.option_names import config_dir_hint
 
 TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
                  "text_encoder_3": "text_encoders.t5xxl.transformer."}
@@ -148,10 +149,8 @@ def _read_file_parts(sd: dict, root: Path, family, path, inside) -> dict:
             models[name] = make(parts[name].build_class(), dict(sd), subfolder=name, config=str(root),
                                 local_files_only=True, torch_dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: {path}: diffusers could not read it as {family.title} with the configs in "
-                        f"{root} ({first[:200]}); for a non-standard size, set model.config_dir to a diffusers folder "
-                        "of that architecture") from None
+                        f"{root} ({loading_reason(e)}); for a non-standard size, {config_dir_hint()}") from None
     projection = TEXT_PREFIXES["text_encoder"] + "text_projection.weight"
     if "text_encoder" in models and projection in sd:  # the file's own CLIP-L projection (diffusers sets identity)
         te = models["text_encoder"]

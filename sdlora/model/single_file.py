@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import UserError
+from sdlora.errors import UserError, loading_reason
 from sdlora.model import ldm_keys as L
+from sdlora.model.option_names import config_dir_hint
 from sdlora.model.families import FAMILIES, SUPPORTED
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -186,9 +187,8 @@ def _fill(model, sd: dict, what: str, path) -> "torch.nn.Module":
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"model.path: {path}: the {what} weights do not fit its config ({first[:200]}); "
-                        "set model.config_dir to a diffusers folder of this architecture") from None
+        raise UserError(f"model.path: {path}: the {what} weights do not fit its config ({loading_reason(e)}); "
+                        f"{config_dir_hint('this architecture')}") from None
     return model.eval()
 
 
@@ -225,8 +225,8 @@ def _mapped(fn, path, what):
         return fn()
     except KeyError as e:
         raise UserError(f"model.path: {path}: the {what} weight {e.args[0]} is missing; the file is not a complete "
-                        "SD 1.x/2.x checkpoint of the architecture its keys suggest (for a non-standard size, set model.config_dir "
-                        "to a diffusers folder of that architecture)") from None
+                        "SD 1.x/2.x checkpoint of the architecture its keys suggest (for a non-standard size, "
+                        f"{config_dir_hint()})") from None
 
 
 def load_single_file(path, *, config_dir=None, allow_pickle: bool = False, text_encoders_path=None):
@@ -311,10 +311,8 @@ def _read_with_diffusers(sd: dict, root: Path, family, path) -> dict:
                                                                      config=str(root), local_files_only=True,
                                                                      torch_dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: {path}: diffusers could not read it as {family.title} with the configs in {root} "
-                        f"({first[:200]}); for a non-standard size, set model.config_dir to a diffusers folder of "
-                        "that architecture") from None
+                        f"({loading_reason(e)}); for a non-standard size, {config_dir_hint()}") from None
     for name, model in models.items():
         empty = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
         if empty:
