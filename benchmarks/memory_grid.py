@@ -5,7 +5,8 @@
     python3 benchmarks/memory_grid.py --table               # the markdown table from the stored runs only
 
 Families (the real architectures from the bundled configs, random values, built under FakeTensorMode):
-SD 1.5 at 512 px (configs/sd15-character.yaml's options) and SDXL at 1024 px (configs/sdxl-character.yaml's), traced
+SD 1.5 at 512 px (configs/sd15-character.yaml's options), SD 2.1 768-v at 768 px (configs/sd2-768v.yaml's) and SDXL
+at 1024 px (configs/sdxl-character.yaml's), traced
 by benchmarks/sdxl_memory.py's step; SD3.5 Medium and Large at 1024 px, traced by benchmarks/sd3_memory.py's step
 (the transformer alone on the device). Settings: the frozen base in fp32 (`train.mixed_precision: no`), bf16
 (`mixed_precision: bf16`), fp8 or int8 (`model.base_precision`, computing in bf16); gradient checkpointing on or off;
@@ -42,8 +43,9 @@ from sdlora.training.text_cache import DEFAULT_CAPACITY  # noqa: E402
 from sdlora.util import atomic  # noqa: E402
 
 CONFIGS = ROOT / "sdlora" / "resources" / "configs"
-# family -> (title, resolution, the shipped config whose options the UNet families use, hidden width, pooled width)
-FAMILIES = {"sd15": ("SD 1.5", 512, "sd15-character.yaml"), "sdxl": ("SDXL", 1024, "sdxl-character.yaml"),
+# family -> (title, resolution, the shipped config whose options the UNet families use)
+FAMILIES = {"sd15": ("SD 1.5", 512, "sd15-character.yaml"), "sd2v": ("SD 2.1 768-v", 768, "sd2-768v.yaml"),
+            "sdxl": ("SDXL", 1024, "sdxl-character.yaml"),
             "sd35m": ("SD3.5 Medium", 1024, None), "sd35l": ("SD3.5 Large", 1024, None)}
 BASES = {"fp32": ("full", "no"), "bf16": ("full", "bf16"), "fp8": ("fp8", "bf16"), "int8": ("int8", "bf16")}
 # usable GiB of a card class: the nominal size in GiB less what nvidia-smi typically keeps (0.4 GiB), as CARD_GIB
@@ -57,18 +59,18 @@ def key(family: str, base: str, ckpt: bool, rank: int) -> str:
 def text_cache_bytes(family: str, base: str) -> int:
     """The text-encoder output cache at its capacity, on the device in the encoders' dtype (sdlora's cache;
     SD 1.5: 77 x 768 per caption, SDXL 77 x 2048 + 1280); none for SD3, whose run keeps no encoder on the device."""
-    per = {"sd15": 77 * 768, "sdxl": 77 * 2048 + 1280}.get(family, 0)
+    per = {"sd15": 77 * 768, "sd2v": 77 * 1024, "sdxl": 77 * 2048 + 1280}.get(family, 0)
     return DEFAULT_CAPACITY * per * (4 if base == "fp32" else 2)
 
 
 def run(family: str, base: str, ckpt: bool, rank: int) -> dict:
     precision, mixed = BASES[base]
-    if family in ("sd15", "sdxl"):
+    if family in ("sd15", "sd2v", "sdxl"):
         title, px, config = FAMILIES[family]
-        folder = CONFIGS / ("sd_v1" if family == "sd15" else "sdxl_base_v1-0")
+        folder = CONFIGS / {"sd15": "sd_v1", "sd2v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[family]
         cfg = sdxl_memory.sdxl_config(ckpt, {"model": {"base_precision": precision}, "lora": {"rank": rank, "alpha": rank},
                                              "train": {"mixed_precision": mixed}}, path=ROOT / "configs" / config)
-        widths = (768,) if family == "sd15" else (768, 1280)
+        widths = {"sd15": (768,), "sd2v": (1024,), "sdxl": (768, 1280)}[family]
         r = sdxl_memory.trace(folder, px, cfg, fake=True, widths=widths)
     else:
         model = {"sd35m": "sd3.5_medium", "sd35l": "sd3.5_large"}[family]
