@@ -145,7 +145,8 @@ def test_lokr_on_a_stored_base_starts_at_its_output_and_trains(make_config, tiny
 
 
 # --------------------------------------------------------------------------------------------- train.compile
-@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.slow  # about 100 s on one core: dynamo traces the tiny UNet twice (forward and backward graphs)
+@pytest.mark.parametrize("precision", ["int8"])  # quanto's tensors through dynamo (fp8 is a plain cast; it passed too)
 def test_compile_trains_on_a_stored_base_and_its_first_loss_is_the_eager_one(make_config, tmp_path, monkeypatch,
                                                                                precision):
     # inductor's C++ kernels take minutes to build on 2 shared cores; aot_eager traces the same graphs (dynamo, the
