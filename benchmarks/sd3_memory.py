@@ -73,6 +73,7 @@ def build(transformer_config: dict, cfg):
     from diffusers import SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_config(transformer_config)
+    transformer.requires_grad_(False)  # frozen, as inject_all freezes the adaptable parts before injecting
     # no SD3 family yet: the transformer is adapted under the denoiser name "unet" (the trace needs no names)
     layers = inject(transformer, "unet", plan_denoiser(transformer, cfg.lora), cfg.lora, cfg.train.seed)
     comps = types.SimpleNamespace(unet=transformer, denoiser=transformer, vae=torch.nn.Linear(1, 1), text_encoders={})
