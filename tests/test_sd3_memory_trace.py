@@ -44,7 +44,7 @@ def test_the_sd3_step_is_traced_byte_for_byte_in_fp32_and_on_a_low_bit_base(mixe
         pytest.importorskip("optimum.quanto")
     bench = load_benchmark()
     config = dict(tiny_sd3_transformer("sd35m").config)
-    kw = {"steps": 1, "joint_dim": TINY_SD3_T5, "pooled": TINY_SD3_CLIP_L + TINY_SD3_CLIP_G, "t5_tokens": 16}
+    kw = {"steps": 2, "joint_dim": TINY_SD3_T5, "pooled": TINY_SD3_CLIP_L + TINY_SD3_CLIP_G, "t5_tokens": 16}
     real = bench.trace(config, 64, bench.sd3_config(True, 4, precision, mixed), fake=False, **kw)
     fake = bench.trace(config, 64, bench.sd3_config(True, 4, precision, mixed), fake=True, **kw)
     assert real["peak"]["activations"] > 0 and real["peak"]["optimiser state"] > 0
