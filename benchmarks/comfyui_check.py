@@ -146,6 +146,24 @@ class Comfy:
                for k, v in self.utils.unet_to_diffusers(unet_config).items()}
         return type(model_config).__name__, key_map, ldm
 
+    def sd3_model(self, weights: dict[str, torch.Tensor]):
+        """ComfyUI's SD3 model for original-layout transformer weights (its own detection from the keys and shapes,
+        on the meta device) and its CLIP (CLIP-L, CLIP-G, T5-XXL, as the text-encoder keys present say); their LoRA
+        key maps."""
+        sd = {k: v for k, v in weights.items() if k.startswith("diffusion_model.")}
+        unet_config = self.detection.detect_unet_config(sd, "diffusion_model.")
+        # ComfyUI tells the depth from the width (64 per joint block, as in every released SD3); the tiny models are
+        # narrower, so the depth is the joint blocks the keys hold (module names, all the key maps use, follow it)
+        unet_config["depth"] = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("diffusion_model.joint_blocks."))
+        model_config = self.detection.model_config_from_unet_config(unet_config, sd)
+        model = model_config.get_model(sd, "diffusion_model.", device="meta")
+        present = {f"text_encoders.{k}": v for k, v in weights.items() if not k.startswith("diffusion_model.")}
+        target = model_config.clip_target(present)
+        clip = target.clip(device="meta", **getattr(target, "params", {}))
+        key_map = self.lora.model_lora_keys_unet(model, {})
+        key_map = self.lora.model_lora_keys_clip(clip, key_map)
+        return type(model_config).__name__, key_map
+
     def load(self, path: Path, key_map: dict):
         from safetensors.torch import load_file
 
@@ -243,13 +261,110 @@ def check(comfy: Comfy, family: str, kinds, layouts, conv: bool, report=print) -
     return rows
 
 
+# ------------------------------------------------------------------------------------------- SD3 / SD3.5
+SD3_VARIANTS = ("sd3", "sd35m", "sd35l")  # make_tiny_sd3's: SD3 Medium, SD3.5 Medium (dual attention), SD3.5 Large
+# kinds and their denoiser targets: LoKr on q/k/v is refused by the kohya writer (a stack of Kronecker products is
+# none), so it is checked on the modules kohya names one to one, an adaLN with swapped halves among them.
+SD3_TARGETS = {"lora": ["preset:kohya"], "dora": ["preset:kohya"], "loha": ["preset:kohya"],
+               "lokr": ["to_out.0", "to_add_out", "ff.net.0.proj", "re:norm1_context\\.linear$"]}
+COMFY_CLIP = (("text_encoder", "clip_l.transformer."), ("text_encoder_2", "clip_g.transformer."),
+              ("text_encoder_3", "t5xxl.transformer."))
+
+
+def sd3_run(variant: str, kind: str, folder: Path):
+    """A tiny SD3-family model trained 3 steps at a high rate with all three text encoders (T5 included, for
+    `lora_te3_`), every Linear of each joint block (`preset:kohya`); returns (model folder, diffusers adapter file)."""
+    from sdlora.config import validate
+    from sdlora.model.tiny_sd3 import make_tiny_sd3
+    from sdlora.training.loop import train
+
+    model = make_tiny_sd3(folder / "model", seed=0, variant=variant)
+    data = folder / "data"
+    data.mkdir()
+    from PIL import Image
+
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {colour} square")
+    cfg = validate({"model": {"path": str(model)}, "data": {"path": str(data), "resolution": 64},
+                    "output": {"dir": str(folder / "run")}, "train": {"max_steps": 3, "batch_size": 2, "seed": 0},
+                    "optim": {"lr": 2e-2}, "lora": {"type": kind, "rank": RANK, "alpha": ALPHA,
+                                                    "unet_targets": SD3_TARGETS[kind]},
+                    "text_encoder": {"train": True, "t5_max_length": 8,
+                                     "train_parts": ["text_encoder", "text_encoder_2", "text_encoder_3"]},
+                    "log": {"tracker": "none"}})
+    return model, train(cfg, log=lambda *a, **k: None).adapter_path
+
+
+def sd3_weights(model: Path, adapter=None) -> dict[str, torch.Tensor]:
+    """ComfyUI's weight keys -> the model's weights (the adapter merged by sdlora when given): the transformer in
+    the original MMDiT layout under `diffusion_model.`, the text encoders under ComfyUI's CLIP prefixes."""
+    from sdlora.adapter.algebra import merge_adapter
+    from sdlora.model.loading import load_components
+    from sdlora.model.mmdit_keys import to_original
+
+    comps = load_components(str(model))
+    if adapter is not None:
+        merge_adapter(adapter, comps.adaptable())
+    out = {f"diffusion_model.{k}": v for k, v in to_original(comps.denoiser.state_dict(), comps.denoiser.config).items()}
+    for part, prefix in COMFY_CLIP:
+        out.update({prefix + k: v for k, v in comps.text_encoders[part].state_dict().items()})
+    return out
+
+
+def check_sd3(comfy: Comfy, variant: str, kinds, report=print) -> list[list]:
+    """sdlora's SD3 kohya file loaded by ComfyUI's LoRA loader on the tiny model's original-layout weights: every
+    patched weight against sdlora's merge of the run's diffusers-layout adapter (float64 both sides)."""
+    from sdlora.adapter.io import load_adapter, save_adapter
+    from sdlora.errors import UserError
+
+    rows = []
+    for kind in kinds:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, adapter_path = sd3_run(variant, kind, Path(tmp))
+            adapter = load_adapter(adapter_path)
+            path = Path(tmp) / "adapter_kohya.safetensors"
+            try:
+                save_adapter(adapter, path, "kohya")
+            except UserError as e:
+                rows.append([variant, "SD3", kind, "kohya", "refused", "-", "-", "-"])
+                report(f"{variant} {kind}: refused: {e}", flush=True)
+                continue
+            base, merged = sd3_weights(model), sd3_weights(model, adapter)
+            arch, key_map = comfy.sd3_model(base)
+            patches, missed, n_keys = comfy.load(path, key_map)
+            stems = {k.split(".")[0] for k in load_file_keys(path)}
+        errors, biggest_update, biggest_error = [], 0.0, 0.0
+        for key, patch in patches.items():
+            w0, want = base[key], merged[key].double()
+            got = comfy.patched(patch, w0.clone(), key).double()
+            update, error = float((want - w0.double()).abs().max()), float((got - want).abs().max())
+            biggest_update, biggest_error = max(biggest_update, update), max(biggest_error, error)
+            errors.append(error / update if update else error)
+        row = [variant, arch, kind, "kohya", f"{len(missed)} / {n_keys}", f"{len(patches)} / {len(stems)}",
+               f"{biggest_error / biggest_update:.1e}" if biggest_update else "-",
+               f"{statistics.median(errors):.1e}" if errors else "-"]
+        rows.append(row)
+        report(" | ".join(row) + (f"   e.g. not loaded: {missed[0]}" if missed else ""), flush=True)
+    return rows
+
+
+def load_file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("comfyui", type=Path, help="a ComfyUI checkout (the folder holding comfy/)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--kinds", nargs="+", default=["lora", "loha", "lokr", "dora"])
     p.add_argument("--layouts", nargs="+", default=["kohya", "diffusers"])
     p.add_argument("--no-conv", action="store_true", help="attention modules only (no resnet convolutions)")
+    p.add_argument("--sd3", nargs="*", default=[], choices=SD3_VARIANTS,
+                   help="also tiny SD3-family models trained briefly (kohya layout): e.g. --sd3 sd3 sd35m sd35l")
     args = p.parse_args(argv)
     comfy = Comfy(args.comfyui.resolve())
     root = logging.getLogger()  # ComfyUI warns per key it does not load: collected (_Collect), not printed
@@ -262,6 +377,8 @@ def main(argv=None) -> int:
     rows = []
     for family in args.families:
         rows += check(comfy, family, args.kinds, args.layouts, not args.no_conv)
+    for variant in args.sd3:
+        rows += check_sd3(comfy, variant, args.kinds)
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -52,6 +52,9 @@ from sdlora.mini.skill import concept_cases, digit_cases, load_pipeline, paired_
 
 PENALTY = 0.1  # docs/embedding-norm.md: "0.1 is a good start"
 PER_LAYER = {"b_lr_ratio": 8, "lr_rules": [{"match": "attn2", "lr_scale": 2.0}]}
+UNET_LR = 3e-3  # demo_config's optim.lr
+TE_ONLY_RATES = (1e-3, 1e-2, 1e-1)  # row a's text-encoder rate, the demo's, and one 10x higher
+FULL_FT_LR = 1e-4  # row g's tuned rate (docs/quality.md)
 LEARN_THRESHOLD = 0.6  # "learned": the learning test's bar (tests/test_learning.py)
 CHECK_EVERY = 50
 FULL_FT_RATES = (3e-5, 1e-4, 3e-4)
@@ -92,6 +95,40 @@ ROWS = {
               {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
                "reg": {"preservation": dict(DEMO_PRESERVATION),
                        "embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
+    # ---- the regimes the claims are about (issue 30); not in DEFAULT_ROWS: run them by name
+    **{f"te{lr:g}{'+' * pen}": (f"text encoder only (UNet not adapted) at rate {lr:g}" + (f", penalty ({PENALTY})" if pen else ""),
+                                 {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": lr},
+                                  **({"reg": {"embedding_norm": {"weight": PENALTY}}} if pen else {})})
+       for lr in TE_ONLY_RATES for pen in (False, True)},
+    "te0.01+1": ("text encoder only (UNet not adapted) at rate 0.01, penalty 1.0 (10x the usual start)",
+                 {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": 1e-2},
+                  "reg": {"embedding_norm": {"weight": 1.0}}}),
+    "fa": ("LoRA-FA: A frozen with orthonormal rows (singular values 1), only B trained (Shuttleworth et al. 2024)",
+           {"lora": {"init": "orthonormal", "train_a": False}}),
+    "b10": (f"+ learnable alpha at optim.alpha_lr {10 * UNET_LR:g} (10x the UNet's rate, 30x the text encoder's)",
+            {"lora": {"learnable_alpha": True}, "optim": {"alpha_lr": 10 * UNET_LR}}),
+    "b100": (f"+ learnable alpha at optim.alpha_lr {100 * UNET_LR:g} (100x the UNet's rate)",
+             {"lora": {"learnable_alpha": True}, "optim": {"alpha_lr": 100 * UNET_LR}}),
+    "b100'": ("+ learnable alpha at 100x (as row b100) bootstrapped from row b100's run",
+              {"lora": {"learnable_alpha": True, "init_alphas_from": "@b100"}, "optim": {"alpha_lr": 100 * UNET_LR}}),
+    "r2": ("rank 2 (alpha 2) instead of 8", {"lora": {"rank": 2, "alpha": 2}}),
+    "r4": ("rank 4 (alpha 4) instead of 8", {"lora": {"rank": 4, "alpha": 4}}),
+    "merge": ("+ periodic merging every 100 steps (lora.merge_every, ReLoRA), the total update exported",
+              {"lora": {"merge_every": 100}}),
+    "merge+pres": ("+ periodic merging every 100 steps and output preservation (as row pres)",
+                   {"lora": {"merge_every": 100},
+                    "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
+    "preset": (f"+ per-module rates from the full fine-tune's (optim.lr_rules preset match_full_finetune at row g's "
+               f"tuned rate {FULL_FT_LR:g})",
+               {"optim": {"lr_rules": [{"match": part, "preset": "match_full_finetune", "lr": FULL_FT_LR}
+                                       for part in ("unet", "text_encoder")]}}),
+    # ---- a frozen base stored in 8 bits (issue 28): judged on the full-precision base, as a user loads the export
+    **{f"{row}-{bits}": (f"{'row a' if row == 'a' else 'the demo recipe (as row demo)'} trained on an {bits} base "
+                          f"(model.base_precision), judged on the full-precision base",
+                          {"model": {"base_precision": bits}, **copy.deepcopy(changes)})
+       for row, changes in (("a", {}), ("demo", {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
+                                                 "reg": {"preservation": dict(DEMO_PRESERVATION)}}))
+       for bits in ("fp8", "int8")},
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
 DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",
@@ -156,32 +193,42 @@ def with_adapter(pipe, path, fn):
                 w.copy_(w0)
 
 
+def bootstrap_source(key: str) -> str | None:
+    """The row whose adapter (same seed) a row's alphas start from ("@row" in its lora.init_alphas_from)."""
+    ref = ROWS[key][1].get("lora", {}).get("init_alphas_from") if ROWS[key][1] else None
+    return ref[1:] if ref else None
+
+
 def steps_to_learn(curve: list[tuple[int, float]]) -> int | None:
     return next((step for step, c in curve if c >= LEARN_THRESHOLD), None)
 
 
 # ------------------------------------------------------------------------------------------ LoRA rows
-def row_config(key: str, root: Path, steps: int, seed: int, data: Path, bootstrap: str | None) -> dict:
+def row_config(key: str, root: Path, steps: int, seed: int, data: Path, bootstrap: str | None,
+               check_every: int = CHECK_EVERY) -> dict:
     """The demo's config with the row's changes; `bootstrap`: the adapter whose alphas row b' starts from."""
     changes = copy.deepcopy(ROWS[key][1])
     prior_images = changes.pop("_prior_images", 0)
     if "init_alphas_from" in changes.get("lora", {}):
-        changes["lora"]["init_alphas_from"] = bootstrap
+        changes["lora"]["init_alphas_from"] = bootstrap  # "@row" in ROWS: that row's adapter of the same seed
     cfg = deep_update(demo_config(root, steps, seed=seed), changes)
     cfg["data"]["path"] = str(make_concept_dataset(data.with_name(f"data_prior{prior_images}"), n_digits=prior_images)
                               if prior_images else data)
-    cfg["checkpoint"] = {"every_steps": CHECK_EVERY, "keep_last": steps // CHECK_EVERY + 1}
+    cfg["checkpoint"] = {"every_steps": check_every, "keep_last": steps // check_every + 1}
     return cfg
 
 
 def run_lora(key: str, seed: int, steps: int, out: Path, data: Path, pipe, judge, base_model, done: dict,
-             rejudge: bool = False) -> dict:
+             rejudge: bool = False, check_every: int = CHECK_EVERY, full_curve: bool = False) -> dict:
+    """One row's run for one seed, judged. `full_curve`: every checkpoint is judged on every column (concept and what
+    the rest kept, the long runs' curves) instead of the concept alone."""
     from sdlora.analysis.inspect import inspect_adapter
     from sdlora.training.checkpoint import list_checkpoints
     from sdlora.training.loop import train
 
     root = out / f"{key.replace(chr(39), 'p')}_seed{seed}"
-    cfg = row_config(key, root, steps, seed, data, done[("b", seed)]["adapter"] if key == "b'" else None)
+    source = bootstrap_source(key)
+    cfg = row_config(key, root, steps, seed, data, done[(source, seed)]["adapter"] if source else None, check_every)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     if rejudge:  # the run trained earlier under --out: judged again, its training time kept
@@ -194,14 +241,18 @@ def run_lora(key: str, seed: int, steps: int, out: Path, data: Path, pipe, judge
     ema = key == "ema"
     name = "adapter_ema.safetensors" if ema else "adapter.safetensors"
     adapter = result.adapter_path.with_name(name) if ema else result.adapter_path
-    curve = [(int(c.name.split("_")[-1]), with_adapter(pipe, c / name, lambda: concept_score(pipe, judge)))
+    judge_checkpoint = (lambda: judge_model(pipe, judge)) if full_curve else (lambda: concept_score(pipe, judge))
+    curve = [(int(c.name.split("_")[-1]), with_adapter(pipe, c / name, judge_checkpoint))
              for c in list_checkpoints(result.out_dir)]
+    if full_curve:  # the concept curve as for every row; every column's in full_curve
+        judged_curve, curve = curve, [(step, j["concept"]) for step, j in curve]
     judged = with_adapter(pipe, adapter, lambda: judge_model(pipe, judge))
     report = inspect_adapter(adapter, base_model)
     drift = report["text_encoder_drift"]
     judged.update(seconds_per_step=seconds_per_step, drift=drift["drift"] if drift else None,
                   intruders=sum(g["intruders"] or 0 for g in report["groups"] if g["group"] != "all"),
-                  curve=curve, steps_to_learn=steps_to_learn(curve), adapter=str(adapter), seed=seed)
+                  curve=curve, steps_to_learn=steps_to_learn(curve), adapter=str(adapter), seed=seed,
+                  **({"full_curve": judged_curve} if full_curve else {}))
     (root / "scores.json").write_text(json.dumps(judged, indent=1))
     return judged
 
@@ -297,6 +348,9 @@ def main(argv=None) -> int:
                     help="rows run with the first seed only (the table marks them: no spread)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="build/quality")
+    ap.add_argument("--check-every", type=int, default=CHECK_EVERY, help="checkpoint (and judge) every N steps")
+    ap.add_argument("--full-curve", action="store_true",
+                    help="judge every checkpoint on every column, not the concept alone (the long runs' curves)")
     ap.add_argument("--rejudge", action="store_true",
                     help="judge the LoRA runs already trained under --out again (e.g. after a judge change), no training")
     ap.add_argument("--untimed", nargs="*", default=[], metavar="QUALITY_JSON",
@@ -310,8 +364,10 @@ def main(argv=None) -> int:
         return combine(args.combine, Path(args.out), untimed=args.untimed)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     keys = args.rows or (QUICK if args.quick else DEFAULT_ROWS)
-    if "b'" in keys and "b" not in keys:
-        keys = ["b"] + keys
+    for key in list(keys):  # a bootstrapped row needs its source row's runs first, in this process
+        source = bootstrap_source(key) if key in ROWS and key != "g" else None
+        if source and source not in keys:
+            keys = [source] + keys
     keep_freed_cpu_memory()
     from sdlora.adapter.io import load_adapter
     from sdlora.analysis.inspect import BaseModel
@@ -345,13 +401,14 @@ def main(argv=None) -> int:
                                    for s in ([] if key in args.one_seed else seeds[1:])]
         else:
             try:  # a kind or key this version does not have: the row is skipped, and the table says so
-                validate(row_config(key, out / "probe", args.steps, 0, data, None))
+                validate(row_config(key, out / "probe", args.steps, 0, data, None, args.check_every))
             except Exception as e:  # noqa: BLE001
                 results["skipped"][key] = f"{label}: {e}".splitlines()[0]
                 print("skipped", key, e, flush=True)
                 continue
             for seed in seeds[:1] if key in args.one_seed else seeds:
-                done[(key, seed)] = run_lora(key, seed, args.steps, out, data, pipe, judge, base_model, done, args.rejudge)
+                done[(key, seed)] = run_lora(key, seed, args.steps, out, data, pipe, judge, base_model, done, args.rejudge,
+                                             args.check_every, args.full_curve)
                 runs.append(done[(key, seed)])
                 print(key, seed, {k: v for k, v in runs[-1].items() if k not in ("curve", "adapter")}, flush=True)
         results["rows"][key], results["labels"][key] = runs, label
@@ -386,7 +443,7 @@ def combine(paths: list[str], out: Path, untimed: list[str] = ()) -> int:
                     seen.add((k, seed))
                     results["rows"].setdefault(k, []).append(dict(run, seed=seed))
     results["seeds"] = sorted({s for part in parts for s in part["seeds"]})
-    order = [k for k in DEFAULT_ROWS if k in results["rows"]]
+    order = [k for k in ROWS if k in results["rows"]]
     results["rows"] = {k: results["rows"][k] for k in order}
     results["command"] = [part["command"] for part in parts]
     results["seconds"] = [part.get("seconds") for part in parts]

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model for the merged formats (the run's model.path, or another)")
     p.add_argument("--vae", default=None, help="merged formats: the VAE to put in (as model.vae_path; default --base's)")
     p.add_argument("--config-dir", help="merged formats: diffusers configs for a single-file --base without them")
+    p.add_argument("--text-encoders", help="merged formats: a diffusers SD3 folder with the text encoders an SD3 "
+                                           "single-file --base lacks (as model.text_encoders_path)")
     p.add_argument("--allow-pickle", action="store_true", help="merged formats: allow a .ckpt (pickle) --base or --vae, "
                                                               "which can run arbitrary code (as model.allow_pickle)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -241,7 +243,8 @@ def _dispatch(args) -> int:
         from sdlora.commands.export import run_export
 
         run_export(args.source, args.format, args.out, dtype=args.dtype, force=args.force, base=args.base, ema=args.ema,
-                   vae=args.vae, config_dir=args.config_dir, allow_pickle=args.allow_pickle)
+                   vae=args.vae, config_dir=args.config_dir, allow_pickle=args.allow_pickle,
+                   text_encoders=args.text_encoders)
         return 0
     if args.command == "merge":
         from sdlora.commands.merge import run_merge

@@ -8,10 +8,10 @@ unknown key, a wrong type or an out-of-range value is a `UserError` naming the f
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from sdlora.config_file import apply_overrides, read_config_file
 from sdlora.config_help import describe_error, describe_model
@@ -19,6 +19,7 @@ from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, Sa
                                    SamplePromptConfig, ValidationConfig)
 from sdlora.config_base import Section, UserPath
 from sdlora.config_flow import FlowConfig
+from sdlora.data.buckets import resolution_list
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
 
@@ -28,6 +29,7 @@ class ModelConfig(Section):
     path: UserPath = Field(..., description="Base model: a diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
     vae_path: Optional[UserPath] = Field(None, description="Swap in this VAE (diffusers folder or single file).")
     config_dir: Optional[UserPath] = Field(None, description="Diffusers-format configs to use for a single-file checkpoint instead of the bundled ones.")
+    text_encoders_path: Optional[UserPath] = Field(None, description="For an SD3 / SD3.5 single-file model.path: a diffusers SD3 / SD3.5 folder (StableDiffusion3Pipeline layout) whose text_encoder, text_encoder_2 and text_encoder_3 (with their tokenizers) stand in for those the file lacks (sd3.5_large.safetensors holds none); the file's own encoders are kept. Also where T5's tokenizer (tokenizer_3) comes from when the file holds T5. Refused with any other model.path.")
     allow_pickle: bool = Field(False, description="Allow loading .ckpt (pickle) files, which can run arbitrary code.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(None, description="What the UNet predicts, when the model does not say it right (e.g. a v-prediction checkpoint without metadata); default: the model's scheduler config, the file's metadata or v_pred key, or the SD 2.x heuristic.")
     base_precision: Literal["full", "fp8", "int8", "int4"] = Field("full", description="How the frozen denoiser's and text encoders' Linear and Conv2d weights are stored: full (the training dtype, train.mixed_precision), fp8 (float8_e4m3fn, as kohya's --fp8_base), int8 or int4 (optimum-quanto: pip install 'sdlora[quant]'); each layer is upcast to the training dtype in its forward and backward. Adapters, norms, embeddings and the VAE keep their dtype (docs/training.md).")
@@ -68,17 +70,58 @@ class CaptionOptions(Section):
         return self
 
 
+RESOLUTION_RANGE = (32, 4096)
+
+
+def _check_resolutions(value):
+    """A base resolution or a non-empty list of distinct ones, each a multiple of 8 (the VAE's pixels per latent cell)
+    in RESOLUTION_RANGE; ValueError names the first wrong one."""
+    sizes = value if isinstance(value, list) else [value]
+    if not sizes:
+        raise ValueError("an empty list: give one base resolution (512) or several ([512, 768])")
+    lo, hi = RESOLUTION_RANGE
+    for r in sizes:
+        if not lo <= r <= hi or r % 8:
+            raise ValueError(f"{r} is not a base resolution (allowed: multiples of 8 from {lo} to {hi}; the VAE has "
+                             "8 pixels per latent cell)")
+    if len(set(sizes)) < len(sizes):
+        raise ValueError(f"{next(r for r in sizes if sizes.count(r) > 1)} is listed twice")
+    return value
+
+
+def _resolutions_form(value):
+    """A whole number or a list of them (as int, as before, "512" and 512.0 too; no bools), else one ValueError
+    for the key (not one per branch of the union)."""
+    def whole(v):
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    if whole(value) is not None:
+        return whole(value)
+    if isinstance(value, list) and all(whole(v) is not None for v in value):
+        return [whole(v) for v in value]
+    raise ValueError(f"got {value!r}: give a base resolution (512) or a list of them ([512, 768]), whole pixels")
+
+
+# data.resolution and a subset's resolution: one base resolution, or a list of them (several resolutions in one run).
+Resolutions = Annotated[Union[int, list[int]], BeforeValidator(_resolutions_form), AfterValidator(_check_resolutions)]
+
+
 class SubsetConfig(CaptionOptions):
     path: UserPath = Field(..., description="Folder of images (with captions), a kohya-style parent folder, or a folder with metadata.jsonl.")
     repeats: int = Field(1, ge=1, description="How many times each image appears per epoch (kohya folder prefixes override this).")
     is_regularization: bool = Field(False, description="Prior-preservation images; their loss is weighted by data.prior_loss_weight.")
     class_caption: Optional[str] = Field(None, description="Caption for images without one (default: the kohya folder name).")
+    resolution: Optional[Resolutions] = Field(None, description="This subset's base resolution, or a list of them (as data.resolution; default: data.resolution): its images are bucketed at each (kohya's per-dataset resolution).")
 
 
 class DataConfig(CaptionOptions):
     path: Optional[UserPath] = Field(None, description="A single image folder; shorthand for one entry in data.subsets.")
     subsets: list[SubsetConfig] = Field(default_factory=list, description="Several data sources, each with its own repeats and caption options.")
-    resolution: int = Field(512, ge=32, le=4096, multiple_of=8, description="Training resolution; the bucket area budget is resolution².")
+    resolution: Resolutions = Field(512, description="Base resolution, or a list of them ([512, 768, 1024]: several resolutions in one run): each image is bucketed at each, the bucket area budget being resolution²; each batch holds one bucket, so one size (docs/data.md). Multiples of 8 from 32 to 4096.")
     bucketing: bool = Field(True, description="Aspect-ratio bucketing; when false every image is resized and cropped to resolution².")
     bucket_step: int = Field(64, ge=8, multiple_of=8, description="Bucket sides are multiples of this.")
     min_side: int = Field(256, ge=64, description="Smallest bucket side (lowered to data.resolution when larger, so the square bucket always exists).")
@@ -112,8 +155,11 @@ class DataConfig(CaptionOptions):
                              "crop); use data.crop=center or data.cache_latents=none")
         from sdlora.data.buckets import bucket_sizes  # the table is pure config: a setting with no bucket fails here
 
+        used = resolution_list(self.resolution) + [r for s in self.subsets if s.resolution is not None
+                                                   for r in resolution_list(s.resolution)]
         try:
-            bucket_sizes(self)
+            for r in dict.fromkeys(used):
+                bucket_sizes(self, r)
         except UserError as e:
             raise ValueError(str(e)) from None
         return self
@@ -252,7 +298,7 @@ class LoraConfig(Section):
     init_alphas_from: Optional[UserPath] = Field(None, description="Start each module's alpha from this earlier sdlora adapter's learned alphas.")
     init_from: Optional[UserPath] = Field(None, description="Continue training this adapter file (diffusers or kohya layout): each of its modules starts from its factors, with its rank and alpha; modules the targets add and the file lacks start fresh.")
     scaling: Literal["standard", "rank_stabilized"] = Field("standard", description="alpha / r or alpha / sqrt(r).")
-    init: Literal["zero", "orthogonal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged.")
+    init: Literal["zero", "orthogonal", "orthonormal", "compensated", "principal"] = Field("zero", description="Initialisation; every scheme leaves the model's output at step 0 unchanged (orthonormal: A's rows orthonormal, B = 0, the LoRA-FA setting of Shuttleworth et al. 2024 with lora.train_a false).")
     train_a: bool = Field(True, description="Train A; false trains only B (LoRA-FA; lora and dora).")
     merge_every: int = Field(0, ge=0, description="Periodic merging (ReLoRA, Lialin et al. 2023; lora.type lora, init zero or orthogonal): every N optimiser steps each adapter's update is added into its frozen base weight and the adapter restarts (init drawn again, its factors' optimiser state reset), so the total update can exceed rank r; the export holds the total (rank grows by r per merge; export.reduce_rank cuts it back). 0: off.")
     lokr_factor: int = Field(-1, ge=-1, description="lora.type lokr: how each dimension is split between w1 and w2 (LyCORIS' factor): -1 the divisor pair nearest the square root (320 -> 16 x 20), N > 0 a split with N on w1's side where N divides it (else the nearest pair with w1's part <= N).")
@@ -271,6 +317,7 @@ class LoraConfig(Section):
             why = ("its offset of the base by the start update would make the export a difference of two "
                    f"{'Hadamard' if self.type == 'loha' else 'Kronecker'} products, which no {self.type} file holds"
                    if self.init in ("compensated", "principal") else
+                   f"it shapes LoRA's A factor, which {self.type} does not have" if self.init == "orthonormal" else
                    "a Kronecker product is zero only where a factor is, so nothing would cancel")
             raise ValueError(f"lora.init={self.init} does not apply to lora.type={self.type}: {why} (allowed: "
                              f"{', '.join(LYCORIS_INITS[self.type])})")
@@ -362,12 +409,16 @@ class Config(Section):
         return self.text_encoder_lr if part.role == "text_encoder" else self.optim.lr
 
     def data_subsets(self) -> list[SubsetConfig]:
-        """data.path as a one-entry subset list, else data.subsets; a caption option a subset does not set
-        is taken from data.*."""
-        shared = {k: getattr(self.data, k) for k in CaptionOptions.model_fields}
+        """data.path as a one-entry subset list, else data.subsets; a caption option or resolution a subset does not
+        set is taken from data.*."""
+        shared = {k: getattr(self.data, k) for k in CaptionOptions.model_fields} | {"resolution": self.data.resolution}
         if self.data.subsets:
-            return [SubsetConfig(**{**shared, **s.model_dump(exclude_unset=True)}) for s in self.data.subsets]
+            return [SubsetConfig(**{**shared, **s.model_dump(exclude_unset=True, exclude_none=True)}) for s in self.data.subsets]
         return [SubsetConfig(path=self.data.path, **shared)]
+
+    def top_resolution(self) -> int:
+        """The largest base resolution any subset trains at: the samples' default size, the run record's resolution."""
+        return max(r for s in self.data_subsets() for r in resolution_list(s.resolution))
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -38,8 +38,8 @@ class SampleConfig(Section):
     guidance_rescale: Optional[float] = Field(None, ge=0.0, le=1.0, description="Guidance rescale phi (Lin et al. 2023, against over-exposure); default 0.7 with zero terminal SNR (model.zero_terminal_snr), else 0 (off).")
     seed: int = Field(0, ge=0, description="Sampling seed (the same for every sample step).")
     negative_prompt: str = Field("", description="Negative prompt.")
-    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default data.resolution).")
-    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default data.resolution).")
+    width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default: the largest base resolution, data.resolution).")
+    height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default: the largest base resolution, data.resolution).")
 
     def has_prompts(self) -> bool:
         return bool(self.prompts or self.entries or self.prompts_file)

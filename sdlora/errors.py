@@ -1,4 +1,14 @@
-"""The one exception type that reaches the user as a one-line message and exit code 2."""
+"""The one exception type that reaches the user as a one-line message and exit code 2 (and its kinds), and what a
+model loader raises on a damaged or foreign model (`LOAD_ERRORS`, turned into one)."""
+
+# What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
+try:
+    from safetensors import SafetensorError
+
+    LOAD_ERRORS += (SafetensorError,)
+except ImportError:  # older safetensors: its error is a subclass of the above
+    pass
 
 
 class UserError(Exception):

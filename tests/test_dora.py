@@ -20,7 +20,7 @@ from sdlora.training.loop import train
 from sdxl_fixtures import sdxl_config, tiny_sdxl  # noqa: F401 (fixtures)
 
 TOL = 1e-5  # fp32 outputs of O(1) size: a few hundred roundings of 6e-8 each stay far below this on any x86 CPU
-INITS = ["zero", "orthogonal", "compensated", "principal"]
+INITS = ["zero", "orthogonal", "orthonormal", "compensated", "principal"]
 
 
 def _layer(kind, init, *, learnable=False, dtype=torch.float32):

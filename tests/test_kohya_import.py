@@ -170,6 +170,40 @@ max_train_steps = 7
     assert result.adapter_path.is_file()
 
 
+def test_datasets_at_different_resolutions_become_subset_resolutions(tiny_model, shapes_data, tmp_path, capsys):
+    a, b, c = (_kohya_tree(tmp_path / name, shapes_data, "1_shape", 2) / "1_shape" for name in "abc")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""
+[general]
+bucket_reso_steps = 32
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{a}"
+[[datasets]]
+resolution = "96,96"
+  [[datasets.subsets]]
+  image_dir = "{b}"
+  [[datasets.subsets]]
+  image_dir = "{c}"
+""")
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny_model}"\ndataset_config = "{dataset}"\n'
+                      f'output_dir = "{tmp_path / "out"}"\nnetwork_dim = 4\nlearning_rate = 1e-3\nmax_train_steps = 2\n')
+    out = tmp_path / "sdlora.yaml"
+    code, table, err = _import([config, "--out", out], capsys)
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "data.subsets.0.resolution" in rows["datasets.0.resolution"]
+    assert "data.subsets.1.resolution, data.subsets.2.resolution" in rows["datasets.1.resolution"]
+    assert not any("resolution" in line and "NOT SUPPORTED" in line for line in table.splitlines())
+    data = yaml.safe_load(out.read_text())
+    assert [s.get("resolution") for s in data["data"]["subsets"]] == [64, 96, 96]
+    cfg, result = _train_two_steps(out)
+    assert [s.resolution for s in cfg.data_subsets()] == [64, 96, 96] and result.step == 2
+
+
 def test_gui_json_with_loraplus_and_block_weights(tiny_model, shapes_data, tmp_path, capsys):
     img = _kohya_tree(tmp_path / "img", shapes_data, "2_shape", 4)
     gui = {  # the GUI writes every field, numbers often as strings and "" for unset

@@ -17,7 +17,7 @@ from sdlora.model.loading import load_components
 from sdlora.training.loop import train
 
 TOL = 1e-5  # fp32
-INITS = ["zero", "orthogonal", "compensated", "principal"]
+INITS = ["zero", "orthogonal", "orthonormal", "compensated", "principal"]
 
 
 def _layer(kind, init, scaling="standard", learnable=False, rank=4):
@@ -258,3 +258,11 @@ def test_whole_model_output_at_step0_equals_the_base_model(make_config, init):
     inject_all(comps.adaptable(), cfg, comps.family)
     diff = max_abs_diff(model_outputs(comps.unet, comps.text_encoder, comps.tokenizer), base)
     assert diff["unet"] <= TOL and diff["text_encoder"] <= TOL, diff
+
+
+def test_orthonormal_init_gives_A_singular_values_one_and_B_zero():
+    """Shuttleworth et al.'s LoRA-FA setting: A frozen with orthonormal rows (every singular value 1), B = 0."""
+    layer, _, _ = _layer("linear", "orthonormal")
+    s = torch.linalg.svdvals(layer.lora_A.double())
+    assert float((s - 1).abs().max()) <= 1e-6  # fp32 storage of an exactly orthonormal float64 Q: ~1e-7 error
+    assert float(layer.lora_B.abs().max()) == 0

@@ -58,86 +58,95 @@ def test_kohya_names_are_comfyui_names_of_original_weights():
             "transformer_blocks.0.attn.add_v_proj"} <= kohya_default and "context_embedder" not in kohya_default
 
 
-# rank 4 each: equal scales 0.5 keep alpha / rank = 0.5 at rank 12; unequal scales are folded in, alpha = rank
-@pytest.mark.parametrize("alphas, fused_alpha", [((2.0, 2.0, 2.0), 6.0), ((4.0, 2.0, 8.0), 12.0)])
-def test_fused_qkv_lora_is_the_three_deltas_stacked(alphas, fused_alpha):
-    gen = torch.Generator().manual_seed(0)
-    parts = [(torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), a) for a in alphas]
-    down, up, alpha = mk.fuse_qkv_lora(parts)
-    fused_delta = alpha / down.shape[0] * up @ down
-    stacked = torch.cat([a / d.shape[0] * u @ d for d, u, a in parts], dim=0)
-    assert torch.allclose(fused_delta, stacked, rtol=1e-5, atol=1e-5)  # float32 sums of 4-12 products of N(0,1)
-    assert alpha == fused_alpha
-    for (d, u, a), (d3, u3, a3) in zip(parts, mk.split_qkv_lora(down, up, alpha)):
-        assert torch.allclose(a3 / d3.shape[0] * u3 @ d3, a / d.shape[0] * u @ d, rtol=1e-5, atol=1e-5)
-
-
-def test_fused_lora_applied_in_original_layout_equals_per_module_deltas_in_diffusers():
-    model = _model("sd3")
-    sd = model.state_dict()
-    gen = torch.Generator().manual_seed(1)
-    parts = [(torch.randn(2, 32, generator=gen), torch.randn(32, 2, generator=gen), 1.0) for _ in range(3)]
-    down, up, alpha = mk.fuse_qkv_lora(parts)
-    original = mk.to_original(sd, model.config)
-    original["joint_blocks.0.context_block.attn.qkv.weight"] = (
-        original["joint_blocks.0.context_block.attn.qkv.weight"] + alpha / down.shape[0] * up @ down)
-    # the final adaLN: a delta on diffusers' (scale, shift) rows lands on the original's (shift, scale) rows
-    d_norm = torch.randn(64, 32, generator=gen)
-    original["final_layer.adaLN_modulation.1.weight"] += mk.swap_halves(d_norm)
-    back = mk.from_original(original, model.config)
-    for (d, u, a), name in zip(parts, ("add_q_proj", "add_k_proj", "add_v_proj")):
-        key = f"transformer_blocks.0.attn.{name}.weight"
-        assert torch.allclose(back[key], sd[key] + a / d.shape[0] * u @ d, atol=1e-5)
-    assert torch.allclose(back["norm_out.linear.weight"], sd["norm_out.linear.weight"] + d_norm, atol=1e-6)
+@pytest.mark.parametrize("variant", ["sd3", "sd35m", "sd35l"])
+def test_kohya_names_told_from_path_and_shape_are_the_config_table(variant):
+    """KOHYA_NAMES needs no config (files carry none): every module's pair from its path and weight shape is the
+    config's, the last block's swapped text-stream adaLN included, and each kohya name gives its pairs back."""
+    model = _model(variant)
+    for path, pair in mk.kohya_targets(model.config).items():
+        shape = tuple(model.get_submodule(path).weight.shape)
+        assert mk.KOHYA_NAMES.pair(path, shape) == pair, path
+        assert pair in mk.KOHYA_NAMES.pairs(pair.original.replace(".", "_"), shape)
+    assert mk.KOHYA_NAMES.pair("pos_embed.proj", (32, 16, 2, 2)).original == "x_embedder.proj"  # kohya's emb_dims
+    assert mk.KOHYA_NAMES.pair("transformer_blocks.0.attn.norm_q", (8,)) is None  # a QK-norm: no kohya name
+    assert [p.diffusers for p in mk.KOHYA_NAMES.pairs("joint_blocks_0_context_block_attn_qkv", (96, 32))] == \
+        ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"]
+    assert mk.KOHYA_NAMES.pairs("down_blocks_0_attentions_0_proj_in", (32, 32)) == []
 
 
 def _delta(down, up, alpha):
-    return alpha / down.shape[0] * up @ down
+    """alpha / rank · up @ down in the weight's shape (a conv LoRA: down (r, in, kh, kw), up (out, r, 1, 1))."""
+    return (alpha / down.shape[0] * up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
 
-def _random_loras(model, paths, rank=2, seed=0):
+def _random_adapter(model, paths, rank=2, seed=0):
+    """LoRA records (every scale in up) on `paths`; the ranks differ (rank, rank + 1), so a fused qkv mixes them."""
+    from sdlora.adapter.records import ModuleDelta
+    from sdlora.adapter.weights import AdapterWeights
+
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i, path in enumerate(paths):
         w = model.get_submodule(path).weight
-        out[path] = (torch.randn(rank, w.shape[1], generator=gen), torch.randn(w.shape[0], rank, generator=gen),
-                     float(rank if i % 2 else 2 * rank))  # scales 1 and 2: q/k/v parts of unequal scale too
-    return out
+        r = rank + i % 2
+        out[f"transformer.{path}"] = ModuleDelta(down=torch.randn(r, *w.shape[1:], generator=gen),  # conv: x_embedder
+                                                 up=torch.randn(w.shape[0], r, *([1] * (w.dim() - 2)), generator=gen))
+    return AdapterWeights(out, {"ss_base_model_version": mk.kohya_model_type(model.config)})
 
 
-def test_kohya_lora_applied_in_the_original_layout_equals_the_diffusers_lora_applied():
+def test_kohya_file_applied_in_the_original_layout_by_kohyas_formula_equals_the_diffusers_lora_applied():
+    """Every kohya module applied as kohya and ComfyUI apply it (W += alpha / rank · up @ down, rank = down's rows) on
+    the original-layout weights equals the diffusers-layout adapter applied and then converted: q/k/v fused with
+    the file's one alpha (rank 3 + 2 + 3 or 2 + 3 + 2 against alpha 2: the factors carry the rest), adaLN halves swapped."""
+    from sdlora.adapter.kohya import to_kohya_state_dict
+
     model = _model("sd35m")
     sd = model.state_dict()
-    loras = _random_loras(model, list(mk.kohya_targets(model.config)))
-    kohya = mk.lora_to_kohya(loras, model.config)
-    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in kohya and "lora_unet_joint_blocks_0_x_block_attn2_qkv" in kohya
+    adapter = _random_adapter(model, list(mk.kohya_targets(model.config)))
+    kohya = to_kohya_state_dict(adapter)
+    ranks = [adapter.modules[f"transformer.transformer_blocks.0.attn.to_{x}"].rank for x in "qkv"]
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == sum(ranks) > 6
+    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.alpha" in kohya
     adapted = dict(sd)
-    for path, lora in loras.items():
-        adapted[f"{path}.weight"] = sd[f"{path}.weight"] + _delta(*lora)
+    for name, m in adapter.modules.items():
+        path = name.removeprefix("transformer.")
+        adapted[f"{path}.weight"] = sd[f"{path}.weight"] + m.delta_weight()
     expected = mk.to_original(adapted, model.config)
     original = mk.to_original(sd, model.config)
-    for name, lora in kohya.items():
-        key = name[len(mk.KOHYA_PREFIX):]
-        key = next(k for k in original if k.replace(".", "_") == f"{key}_weight")
-        original[key] = original[key] + _delta(*lora)
-    # float32 products of N(0, 1) factors summed over ranks 2-6, values ~10: 1e-4 absolute is rounding
+    flat = {k.removesuffix(".weight").replace(".", "_"): k for k in original if k.endswith(".weight")}
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    for stem in stems:
+        key = flat[stem.removeprefix(mk.KOHYA_PREFIX)]
+        down, up = kohya[f"{stem}.lora_down.weight"], kohya[f"{stem}.lora_up.weight"]
+        original[key] = original[key] + _delta(down, up, float(kohya[f"{stem}.alpha"]))
+    # float32 products of N(0, 1) factors summed over ranks 2-8, values ~10: 1e-4 absolute is rounding
     assert all(torch.allclose(original[k], expected[k], atol=1e-4) for k in expected)
 
 
-def test_kohya_lora_reads_back_with_each_parts_rank_and_only_the_adapted_thirds():
+def test_kohya_file_reads_back_with_each_parts_rank_and_only_the_adapted_thirds():
+    from sdlora.adapter.kohya import from_kohya_state_dict, to_kohya_state_dict
+    from sdlora.errors import UserError
+
     model = _model("sd3")
     paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.norm1_context.linear",
              "norm_out.linear", "transformer_blocks.0.ff_context.net.2"]
-    loras = _random_loras(model, paths, rank=3)
-    back = mk.lora_from_kohya(mk.lora_to_kohya(loras, model.config), model.config)
-    assert set(back) == set(paths)  # to_k was not adapted and does not come back
-    for path in paths:
-        assert back[path][0].shape[0] == 3  # the block-diagonal fused qkv gives back each part's own rank
-        assert torch.allclose(_delta(*back[path]), _delta(*loras[path]), atol=1e-5)
-    with pytest.raises(ValueError, match="lora_unet_joint_blocks_9_x_block_attn_qkv: not a kohya SD3 LoRA name"):
-        mk.lora_from_kohya({"lora_unet_joint_blocks_9_x_block_attn_qkv": back[paths[0]]}, model.config)
-    with pytest.raises(ValueError, match="pos_embed.proj: no kohya SD3 LoRA name"):
-        mk.lora_to_kohya({"pos_embed.proj": back[paths[0]]}, model.config)
+    adapter = _random_adapter(model, paths, rank=3)
+    back = from_kohya_state_dict(to_kohya_state_dict(adapter), {})  # no label: the names say SD3
+    assert set(back.modules) == set(adapter.modules)  # to_k was not adapted and does not come back
+    for name, m in adapter.modules.items():
+        assert back.modules[name].rank == m.rank  # the block-diagonal fused qkv gives back each part's own rank
+        assert torch.allclose(back.modules[name].delta_weight(), m.delta_weight(), atol=1e-5)
+    bad = {"lora_unet_joint_blocks_0_x_block_attn_qkv_extra.lora_down.weight": torch.zeros(1, 32),
+           "lora_unet_joint_blocks_0_x_block_attn_qkv_extra.lora_up.weight": torch.zeros(96, 1)}
+    with pytest.raises(UserError, match="not a kohya name of SD3 Medium transformer module"):
+        from_kohya_state_dict(bad, {"ss_base_model_version": "medium"})
+    from sdlora.adapter.records import ModuleDelta
+    from sdlora.adapter.weights import AdapterWeights
+
+    norm = AdapterWeights({"transformer.transformer_blocks.0.attn.norm_q": ModuleDelta(down=torch.zeros(1, 8),
+                                                                                      up=torch.zeros(8, 1))}, {})
+    with pytest.raises(UserError, match="transformer.transformer_blocks.0.attn.norm_q has no kohya SD3 Medium name"):
+        to_kohya_state_dict(norm)
 
 
 def test_kohya_model_type_of_each_variant():

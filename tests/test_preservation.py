@@ -155,12 +155,11 @@ def test_trigger_words_are_removed_as_whole_words():
 
 def test_captions_source_is_the_datasets_captions_without_triggers(make_config):
     from sdlora.data.pipeline import scan
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.sources import discover
 
     cfg = make_config(data={"prefix": "zkz "}, reg={"preservation": {"weight": 1.0, "source": "captions",
                                                                       "trigger_words": ["zkz", "photo"]}})
-    samples, _ = scan(discover(cfg.data_subsets(), 1.0), cfg.data, bucket_sizes(cfg.data))
+    samples, _ = scan(discover(cfg.data_subsets(), 1.0), cfg.data)
     prompts = preservation_prompts(cfg, samples)
     assert prompts and len(prompts) == len(set(prompts)) <= len(samples)
     assert all(p.startswith("a of a ") for p in prompts)  # the prefix's trigger and "photo" are gone

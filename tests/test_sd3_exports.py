@@ -90,15 +90,136 @@ def test_the_merged_diffusers_folder_through_diffusers_equals_the_trained_model(
         assert close(theirs[key], ours[key]), key
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "merged-single-file"])
-def test_formats_not_written_for_sd3_yet_are_refused_by_name(trained_sd35m, tmp_path, fmt):
+def test_the_diffusers_export_loaded_by_the_pipeline_equals_the_merged_folder(trained_sd35m, tiny_sd35m, tmp_path):
+    """StableDiffusion3Pipeline.load_lora_weights(the run's adapter) on the base against the merged folder, both
+    through diffusers (peft's base(x) + B(A(x)) against the merged W0 + BA, fp32: 1e-5 of the quantity's scale)."""
+    from diffusers import StableDiffusion3Pipeline
+
     from sdlora.commands.export import run_export
-    from sdlora.errors import UserError
 
     cfg, result = trained_sd35m
-    with pytest.raises(UserError, match=rf"^export --format {fmt}: not written for SD3.5 Medium adapters yet"):
-        run_export(result.adapter_path, fmt, tmp_path / "x", base=cfg.model.path, report=quiet)
-    assert not (tmp_path / "x").exists()
+    merged = StableDiffusion3Pipeline.from_pretrained(
+        run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=cfg.model.path, report=quiet))
+    loaded = StableDiffusion3Pipeline.from_pretrained(tiny_sd35m)
+    loaded.load_lora_weights(str(result.adapter_path))
+    got = []
+    for pipe in (loaded, merged):
+        pipe.tokenizer_3.model_max_length = T5_LEN
+        got.append(outputs(pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+                           [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], result.components.family))
+    for key in got[0]:
+        assert close(got[0][key], got[1][key]), key
+
+
+@pytest.fixture(scope="module")
+def kohya_file(trained_sd35m, tmp_path_factory):
+    from sdlora.commands.export import run_export
+
+    _, result = trained_sd35m
+    return run_export(result.adapter_path, "kohya", tmp_path_factory.mktemp("kohya") / "a.safetensors", report=quiet)
+
+
+def test_the_kohya_export_has_kohyas_sd3_names_and_labels(kohya_file, trained_sd35m):
+    from safetensors import safe_open
+
+    _, result = trained_sd35m
+    with safe_open(str(kohya_file), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    stems = {k.split(".")[0] for k in keys}
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv",
+            "lora_unet_joint_blocks_0_x_block_attn2_qkv", "lora_unet_joint_blocks_0_x_block_attn_proj",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"} <= stems
+    assert all(s.startswith(("lora_unet_joint_blocks_", "lora_te1_text_model_", "lora_te2_text_model_")) for s in stems)
+    assert meta["ss_base_model_version"] == "5-medium"  # kohya's sd3_utils model type; sai_model_spec's architecture
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_network_module"] == "networks.lora_sd3"  # what kohya's sd3_train_network runs write
+    assert (result.out_dir / "adapter_kohya.safetensors").is_file()  # the run writes it too
+
+
+def _same_updates(a, b):
+    """Equal per-module updates: the kohya writer rescales a fused module's factors for the file's one alpha (by
+    r_q + r_k + r_v over it) in fp32, so 1e-6 of each update's scale is rounding. A module `a` lacks must have no
+    update: a fused qkv's third whose update is zero reads back as no module (the last block's add_q_proj: that
+    block drops the text stream's output, so the text queries get no gradient and B stays at its zero init)."""
+    assert set(a.modules) <= set(b.modules)
+    for name, m in b.modules.items():
+        want = m.delta_weight().double()
+        if name not in a.modules:
+            assert ".add_q_proj" in name and not bool(want.any()), name
+            continue
+        got = a.modules[name].delta_weight().double()
+        assert a.modules[name].rank == m.rank, name
+        assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max())), name
+
+
+def test_the_kohya_export_read_back_and_exported_again_equals_the_diffusers_export(kohya_file, trained_sd35m, tmp_path):
+    from sdlora.adapter.io import load_adapter
+    from sdlora.analysis.inspect import inspect_adapter
+    from sdlora.commands.export import run_export
+
+    _, result = trained_sd35m
+    ours = load_adapter(result.adapter_path)
+    _same_updates(load_adapter(kohya_file), ours)
+    again = run_export(kohya_file, "diffusers", tmp_path / "again.safetensors", report=quiet)
+    _same_updates(load_adapter(again), ours)
+    theirs, mine = inspect_adapter(kohya_file), inspect_adapter(result.adapter_path)
+    assert theirs["layout"] == "kohya"
+    theirs, mine = ({e["name"]: e for e in r["modules"]} for r in (theirs, mine))
+    assert set(theirs) == {n for n, e in mine.items() if e["dw_norm"] > 0}
+    for name, t in theirs.items():
+        m = mine[name]
+        assert (t["rank"], t["alpha"]) == (m["rank"], m["alpha"]) and t["dw_norm"] == pytest.approx(m["dw_norm"], rel=1e-5)
+
+
+def test_lora_init_from_the_kohya_export_starts_from_the_trained_updates(kohya_file, trained_sd35m):
+    from sdlora.adapter.io import load_adapter
+    from sdlora.config import validate
+    from sdlora.training.export import adapter_from_layers
+    from sdlora.training.setup import build_model
+
+    cfg, result = trained_sd35m
+    raw = deep_update(cfg.to_dict(), {"lora": {"init_from": str(kohya_file)}, "text_encoder": {"train": True}})
+    _, layers, _ = build_model(validate(raw), quiet)
+    _same_updates(adapter_from_layers(layers), load_adapter(result.adapter_path))
+
+
+def test_the_kohya_export_applied_by_kohyas_formula_on_the_original_weights_equals_the_merged_folder(
+        kohya_file, trained_sd35m, tiny_sd35m, tmp_path):
+    """Independent of sdlora's reader: every key of the file applied as kohya and ComfyUI apply it
+    (W += alpha / rank · up @ down, rank = lora_down's rows) on the base model's weights, the transformer's in the
+    original MMDiT layout (mmdit_keys.to_original, checked against diffusers' single-file converter), equals the
+    merged diffusers folder's weights in that layout (the run's diffusers-layout export merged; a fused qkv read with alpha / rank of its parts only, as kohya's
+    split_qkv files are, would put 2/3 of each update off)."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModelWithProjection
+
+    from sdlora.commands.export import run_export
+    from sdlora.model.mmdit_keys import to_original
+
+    cfg, result = trained_sd35m  # the run's diffusers-layout adapter merged: nothing here reads the kohya file but the test
+    merged = run_export(result.adapter_path, "merged-diffusers", tmp_path / "merged", base=cfg.model.path, report=quiet)
+    sd = load_file(str(kohya_file))
+    models = {}
+    for part, prefix in (("transformer", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        cls = SD3Transformer2DModel if part == "transformer" else CLIPTextModelWithProjection
+        base, done = (cls.from_pretrained(str(folder / part)) for folder in (tiny_sd35m, merged))
+        w0, want = base.state_dict(), done.state_dict()
+        if part == "transformer":
+            w0, want = to_original(w0, base.config), to_original(want, base.config)
+        flat = {k.removesuffix(".weight").replace(".", "_"): k for k in w0 if k.endswith(".weight")}
+        got = {k: v.double() for k, v in w0.items()}
+        stems = {k.split(".")[0] for k in sd if k.startswith(prefix)}
+        for stem in stems:
+            down, up = sd[f"{stem}.lora_down.weight"].double(), sd[f"{stem}.lora_up.weight"].double()
+            got[flat[stem.removeprefix(prefix)]] += float(sd[f"{stem}.alpha"]) / down.shape[0] * up @ down
+        moved = max(float((want[k] - w0[k]).abs().max()) for k in want)
+        for k in want:  # fp32 merge W0 + ΔW, rounded once: 1e-6 of the weights' scale (~1)
+            assert torch.allclose(got[k], want[k].double(), rtol=0, atol=1e-6 * float(w0[k].abs().max().clamp(min=1))), k
+        assert moved > 1e-3, part  # the merge moved the part far beyond the tolerance
+        models[part] = len(stems)
+    assert all(models.values())
 
 
 def test_a_model_without_t5_exports_a_merged_folder_without_t5(tiny_sd3_no_t5, make_config, tmp_path):

@@ -44,8 +44,9 @@ def test_every_sd3_variant_trains_and_exports_with_t5_frozen(request, sd3_config
         parts = {k.split(".")[0] for k in f.keys()}
         meta = f.metadata()
     assert parts == {"transformer", "text_encoder", "text_encoder_2"}  # T5 frozen by default: no text_encoder_3
-    # no kohya-layout copy with diffusers' MMDiT names, which kohya and ComfyUI would not map (not written yet)
-    assert not (result.out_dir / "adapter_kohya.safetensors").exists()
+    with safe_open(str(result.out_dir / "adapter_kohya.safetensors"), "pt") as f:  # the run's file for ComfyUI
+        assert {k.split("_")[0] + "_" + k.split("_")[1] for k in f.keys()} == {"lora_unet", "lora_te1", "lora_te2"}
+        assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv.") for k in f.keys())
     assert meta["sdlora.base_model_version"] == result.components.base_model_version
     if "no_t5" not in fixture:  # T5's weights are those of the folder
         fresh = load_components(str(model)).text_encoders["text_encoder_3"].state_dict()

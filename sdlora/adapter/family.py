@@ -11,8 +11,10 @@ blocks there (`lora_unet_input_blocks_4_1_...`), SD 1.x/2.x's by diffusers' path
 - SD 1.x/2.x: attention in the first down block, a fourth down or up block; cross-attention from 768 / 1024.
 - SD 2.x rather than 1.x: Linear `proj_in` / `proj_out` (SD 1.x's are 1x1 convolutions), cross-attention or a
   text-encoder layer 1024 wide. Nothing in the weights tells v-prediction; the metadata may.
-The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`) and
-`ss_v_parameterization`, ModelSpec's `modelspec.architecture` and `modelspec.prediction_type`.
+- SD3: a `transformer.` module (kohya's `lora_unet_joint_blocks_...` names read as such); SD3.5 Medium: `attn2`.
+The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`; SD3's `medium`,
+`5-medium`, `5-large`) and `ss_v_parameterization`, ModelSpec's `modelspec.architecture` and
+`modelspec.prediction_type`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 
 from sdlora.adapter.run_record import RunRecord
-from sdlora.model.families import FAMILIES, SD1, SD2, SDXL, ModelFamily, family_of_version
+from sdlora.model.families import FAMILIES, SD1, SD2, SD3, SD35L, SD35M, SDXL, ModelFamily, family_of_version
 
 _SDXL_NAMES = re.compile(r"^(text_encoder_2\.|unet\.up_blocks\.0\.attentions\.|unet\.add_embedding\.|"
                          r"unet\..*\.transformer_blocks\.[1-9])")
@@ -31,7 +33,12 @@ _TE_LAYER = re.compile(r"^text_encoder\.encoder\.layers\.\d+\.self_attn\.q_proj$
 
 
 def family_from_modules(modules: dict) -> str | None:
-    """'sdxl', 'sd1', 'sd2', 'sd1or2' (SD 1.x or 2.x, nothing shows which), or None (nothing shows the family)."""
+    """'sdxl', 'sd1', 'sd2', 'sd1or2' (SD 1.x or 2.x, nothing shows which), 'sd3' / 'sd35m' (an MMDiT `transformer.`
+    module: an SD3-family adapter; a second image attention, `attn2`, is SD3.5 Medium's), or None (nothing shows
+    the family)."""
+    mmdit = [n for n in modules if n.startswith(f"{SD3.denoiser.name}.")]
+    if mmdit:
+        return "sd35m" if any(".attn2." in n for n in mmdit) else "sd3"
     sdxl = sd12 = sd1 = sd2 = linear_proj = False
     for name, m in modules.items():
         shape = m.weight_shape
@@ -66,6 +73,9 @@ def family_from_metadata(meta: dict[str, str]) -> tuple[ModelFamily, str] | None
     if version.startswith("sd_v1"):
         return SD1, "v_prediction" if v else "epsilon"
     arch = meta.get("modelspec.architecture", "")
+    for family in (SD3, SD35M, SD35L):  # kohya's SD3 model types and ModelSpec architectures (families.py)
+        if version == family.kohya_version or arch.removesuffix("/lora") == family.modelspec_architecture:
+            return family, "epsilon"
     if arch.startswith("stable-diffusion-xl"):
         return SDXL, "v_prediction" if v else "epsilon"
     if arch.startswith("stable-diffusion-v2"):
@@ -89,7 +99,7 @@ def adapter_family(adapter, base_model_version: str | None = None) -> tuple[Mode
     seen = family_from_modules(adapter.modules)
     if seen is None:
         return stated[0] if stated else (SD1, "epsilon")
-    allowed = ("sd1", "sd2") if seen == "sd1or2" else (seen,)
+    allowed = {"sd1or2": ("sd1", "sd2"), "sd3": ("sd3", "sd35l", "sd35m")}.get(seen, (seen,))
     for family, prediction in stated:
         if family.name in allowed:
             return family, prediction

@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sdlora.adapter.kohya import addnet_hashes, from_kohya_state_dict, save_kohya, to_kohya_state_dict
+from sdlora.adapter.kohya import PREFIXES, addnet_hashes, from_kohya_state_dict, save_kohya, to_kohya_state_dict
 from sdlora.adapter.weights import AdapterWeights, from_native_keys, save_native
 from sdlora.errors import UserError
 from sdlora.util.atomic import save_safetensors
 
 LAYOUTS = ("diffusers", "kohya")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = tuple(PREFIXES)  # lora_unet_, lora_te_, lora_te1_ / lora_te2_ (SDXL, SD3), lora_te3_ (SD3's T5)
 
 
 def detect_layout(keys) -> str:
-    """`kohya` when every key is lora_unet_* / lora_te_* (SDXL: lora_te1_* / lora_te2_*), else `diffusers` (the native layout)."""
+    """`kohya` when every key starts with a kohya prefix (`KOHYA_PREFIXES`), else `diffusers` (the native layout)."""
     keys = list(keys)
     return "kohya" if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) else "diffusers"
 
@@ -68,9 +68,8 @@ def reader_notes(adapter: AdapterWeights, layout: str) -> list[str]:
     from sdlora.adapter.run_record import RunRecord
 
     record = RunRecord.from_metadata(adapter.metadata)
-    if record is not None and "kohya" in record.family.formats_missing:  # SD3: kohya's MMDiT names not written yet
-        return [f"sdlora does not write the kohya layout for {record.family.title} adapters yet (ComfyUI reads "
-                "adapter.safetensors' diffusers layout)"]
+    if record is not None and "kohya" in record.family.formats_missing:  # a family whose kohya names are not written
+        return [f"sdlora does not write the kohya layout for {record.family.title} adapters yet"]
     return sorted({m.KOHYA_NOTE for m in adapter.modules.values() if m.KOHYA_NOTE})
 
 

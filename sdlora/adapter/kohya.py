@@ -5,6 +5,9 @@ and `lora_te_text_model_<path>` for the CLIP text encoder (kohya names it as tra
 SDXL: `lora_unet_<original (LDM) module path>` (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`: kohya's SDXL
 scripts train the original UNet; the table is model/ldm_keys.py's, the one diffusers' converter inverts),
 `lora_te1_text_model_<path>` (CLIP-L) and `lora_te2_text_model_<path>` (OpenCLIP bigG).
+SD3 / SD3.5 (kohya's networks/lora_sd3.py): `lora_unet_<original MMDiT path>` (`joint_blocks_0_x_block_attn_qkv`:
+q, k and v one module, their updates stacked exactly; `kohya_modules`, the family's `kohya_names`),
+`lora_te1_` / `lora_te2_` (the CLIPs, as SDXL) and `lora_te3_<path>` (T5).
 
 Writing: every scale is already folded into the tensors (see weights.py). Every module gets the same `.alpha`, the
 file's network dim (`ss_network_dim`, its most common rank), and each module's r / alpha is folded into its tensors,
@@ -54,17 +57,17 @@ def _prefix_table(families) -> dict[str, tuple[str, ...]]:
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
-# The families whose kohya names this module writes and reads (SD3's, in the original MMDiT names with q/k/v fused,
-# are model/mmdit_keys.py's and not wired in yet: ModelFamily.formats_missing).
+# The families whose kohya names this module writes and reads.
 KOHYA_FAMILIES = tuple(f for f in FAMILIES.values() if "kohya" not in f.formats_missing)
 PREFIXES = _prefix_table(KOHYA_FAMILIES)
 # The family whose kohya files name its UNet by original (LDM) block names (SDXL), for files read without a record.
 LDM_FAMILY = next(f for f in FAMILIES.values() if f.kohya_unet_layout is not None)
+# The denoiser namings that are not one kohya name per diffusers module (SD3's original MMDiT names, q/k/v fused:
+# `ModelFamily.kohya_names`), for files read without a record or label.
+FUSED_NAMES = {f.kohya_names: f.denoiser.name for f in KOHYA_FAMILIES if f.kohya_names is not None}
 
-# Module identifiers of every family's parts (model/parts.py `words`); digits between them are list indices.
-IDENTIFIERS = frozenset().union(*(part.words for f in KOHYA_FAMILIES for part in f.parts))
-# The original UNet's (SDXL's kohya names), on top of the above.
-LDM_IDENTIFIERS = IDENTIFIERS | frozenset("""
+# The original UNet's module identifiers (SDXL's kohya names; model/parts.py `words` for diffusers' names).
+LDM_IDENTIFIERS = LDM_FAMILY.denoiser.words | frozenset("""
 input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb out
 """.split())
 LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
@@ -108,11 +111,6 @@ def kohya_name(name: str, family: ModelFamily, layout: dict | None = None) -> st
                             "an adapter without sdlora's run record is numbered as SDXL base")
         path = ldm
     return part.kohya_prefix + part.kohya_level + path.replace(".", "_")
-
-
-def _split_identifiers(flat: str, ldm: bool = False) -> tuple[str, ...] | None:
-    """Split `attn1_to_out_0` into ('attn1', 'to_out', '0'): the fewest known identifiers and indices."""
-    return _split_words(flat, LDM_IDENTIFIERS if ldm else IDENTIFIERS)
 
 
 @lru_cache(maxsize=None)
@@ -172,7 +170,7 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, 
     flat = stem[len(prefix):].removeprefix(PARTS[component].kohya_level)
     if PARTS[component].role == DENOISER and _is_ldm(flat):
         # SDXL's original block names: split them, then the LDM table gives diffusers' path
-        parts = _split_identifiers(flat, True)
+        parts = _split_words(flat, LDM_IDENTIFIERS)
         path = _rename(".".join(parts), _ldm_pairs(layout or LDM_FAMILY.kohya_unet_layout), forward=False) \
             if parts is not None else None
         if path is None:
@@ -182,9 +180,9 @@ def canonical_from_kohya(stem: str, module_names: frozenset[str] | None = None, 
         for name in module_names:
             if name.startswith(component + ".") and name[len(component) + 1:].replace(".", "_") == flat:
                 return name
-    parts = _split_identifiers(flat)
+    parts = _split_words(flat, PARTS[component].words)  # `attn1_to_out_0` -> ('attn1', 'to_out', '0')
     if parts is None:
-        raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of an SD UNet or CLIP text encoder")
+        raise UserError(f"kohya key {stem!r}: {flat!r} is not a module path of {component} sdlora knows")
     return f"{component}." + ".".join(parts)
 
 
@@ -203,6 +201,55 @@ def network_dim(adapter: AdapterWeights) -> int:
     return ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else 1)
 
 
+def kohya_modules(adapter: AdapterWeights, family: ModelFamily, layout: dict | None = None) -> dict:
+    """kohya module name (the key stem) -> the record written under it. One per module (`kohya_name`), except where
+    the family's denoiser has fused kohya names (`ModelFamily.kohya_names`, SD3): q, k and v of one attention are
+    one `qkv` record whose ΔW is theirs stacked on rows (`stack_rows`: for LoRA, downs stacked and ups
+    block-diagonal, rank r_q + r_k + r_v; a part not adapted is zero rows), and an adaLN projection whose output
+    halves the original orders the other way gets them swapped. A UserError naming a module kohya has no name for,
+    or parts a kind cannot stack (LoKr)."""
+    out, fused = {}, {}
+    names, denoiser = family.kohya_names, family.denoiser
+    for name, m in adapter.modules.items():
+        component, path = split_name(name)
+        if names is None or component != denoiser.name:
+            out[kohya_name(name, family, layout)] = m
+            continue
+        pair = names.pair(path, m.weight_shape)
+        if pair is None:
+            raise UserError(f"kohya layout: {name} has no kohya {family.title} name (kohya names the transformer's "
+                            "Linear modules); export the diffusers layout")
+        stem = denoiser.kohya_prefix + pair.original.replace(".", "_")
+        if pair.third is not None:
+            fused.setdefault(stem, {})[pair.third] = (name, m)
+        else:
+            out[stem] = m.swapped_halves(name) if pair.swap_halves else m
+    for stem, thirds in fused.items():
+        parts = [thirds.get(i, (None, None))[1] for i in range(3)]
+        rows = next(m for m in parts if m is not None).weight_shape[0]
+        where = " / ".join(n for n, _ in thirds.values()) + f" ({stem})"
+        out[stem] = type(next(m for m in parts if m is not None)).stack_rows(parts, [rows] * 3, where)
+    return out
+
+
+def split_kohya_module(stem: str, record, names) -> list[tuple[str, object]] | None:
+    """The inverse of `kohya_modules` for one module of a denoiser named by `names` (a family's `kohya_names`):
+    [(module path, record)] (a fused qkv cut into its thirds by `row_blocks`, a third with no update left out;
+    swapped adaLN halves swapped back); None when `stem` is no name of that naming."""
+    flat = stem.removeprefix(names.prefix)
+    pairs = names.pairs(flat, record.weight_shape) if stem.startswith(names.prefix) else []
+    if not pairs:
+        return None
+    if pairs[0].third is None:
+        pair = pairs[0]
+        return [(pair.diffusers, record.swapped_halves(stem) if pair.swap_halves else record)]
+    rows = record.weight_shape[0]
+    if rows % 3:
+        raise UserError(f"kohya key {stem}: a qkv module of {rows} rows is not three equal parts")
+    blocks = record.row_blocks([rows // 3] * 3, stem)
+    return [(pair.diffusers, block) for pair, block in zip(pairs, blocks) if block is not None]
+
+
 def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None = None) -> dict[str, torch.Tensor]:
     """Kohya/LyCORIS keys (each kind's KOHYA_KEYS). Every module's `.alpha` is the file's `network_dim` and its
     r / alpha is folded into its tensors (`scaled`), so kohya's forward (alpha / r, r = the module's `alpha_rank`)
@@ -212,13 +259,12 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
     alpha (LoKr with both factors full) is never rescaled. Names follow the adapter's family (`adapter_family`)."""
     sd = {}
     family = adapter_family(adapter, base_model_version)
-    if "kohya" in family.formats_missing:  # kohya_name would write diffusers' MMDiT names, which kohya does not read
+    if "kohya" in family.formats_missing:
         raise UserError(f"kohya layout: not written for {family.title} adapters yet; use the diffusers layout")
     record = RunRecord.from_metadata(adapter.metadata)
     layout = record.unet_layout if record is not None else None
     alpha = float(network_dim(adapter))
-    for name, m in adapter.modules.items():
-        k = kohya_name(name, family, layout)
+    for k, m in kohya_modules(adapter, family, layout).items():
         rank = m.alpha_rank()
         if rank and rank != alpha:
             m = m.scaled(rank / alpha)
@@ -232,6 +278,20 @@ def to_kohya_state_dict(adapter: AdapterWeights, base_model_version: str | None 
 _SUFFIXES = sorted({s for cls in KINDS.values() for s in cls.KOHYA_KEYS.values()} | {"alpha"}, key=len, reverse=True)
 _KOHYA_KEY = re.compile(r"^(?P<stem>(?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(?P<kind>" +
                         "|".join(re.escape(x) for x in _SUFFIXES) + ")$")
+
+
+def _fused_naming(stem: str, family: ModelFamily | None):
+    """(kohya naming, denoiser part name) when `stem` names a module of a denoiser with fused kohya names
+    (`ModelFamily.kohya_names`): the family's, or for a file that says no family, the naming whose names it is
+    (SD3's `lora_unet_joint_blocks_...` are no UNet's); None otherwise."""
+    if family is not None:
+        names = family.kohya_names
+        return (names, family.denoiser.name) if names is not None and stem.startswith(names.prefix) else None
+    for names, denoiser in FUSED_NAMES.items():
+        flat = stem.removeprefix(names.prefix)
+        if stem.startswith(names.prefix) and any(names.pairs(flat, shape) for shape in ((2, 1), (6, 1))):
+            return names, denoiser
+    return None
 
 
 def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | None = None, *,
@@ -262,7 +322,8 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
         if ("lora_down.weight" in p) != ("lora_up.weight" in p):
             raise UserError(f"kohya module {stem} has only one of lora_down / lora_up")
         cls = kind_of(set(p) - {"alpha"}, "kohya", stem)
-        name = canonical_from_kohya(stem, module_names, layout, family)
+        fused = _fused_naming(stem, family)  # (naming, denoiser part) where one kohya module may be several
+        name = None if fused else canonical_from_kohya(stem, module_names, layout, family)
         own = info.get(name, {})
         record = cls.from_file_tensors({role: p.get(suffix) for role, suffix in cls.KOHYA_KEYS.items()}, "kohya", stem,
                                        shape=tuple(own["shape"]) if own.get("shape") else None)
@@ -271,8 +332,19 @@ def from_kohya_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str] | No
         scale = alpha / rank if rank else 1.0
         if scale != 1.0:
             record = record.scaled(scale)
-        modules[name] = replace(record, scale=own.get("scale", scale), alpha=own.get("alpha", alpha),
-                                trained_rank=own.get("rank", rank))
+        split = [(name, record)]
+        if fused:
+            naming, denoiser = fused
+            split = split_kohya_module(stem, record, naming)
+            if split is None:
+                raise UserError(f"kohya key {stem!r}: not a kohya name of {family.title if family else 'an SD3'} "
+                                f"transformer module ({naming.prefix}joint_blocks_N_x_block_attn_qkv, ...)")
+            split = [(f"{denoiser}.{path}", part) for path, part in split]
+        for name, part in split:
+            own, part_rank = info.get(name, {}), part.alpha_rank()
+            part_alpha = alpha if part is record or not part_rank else scale * part_rank  # alpha / rank kept
+            modules[name] = replace(part, scale=own.get("scale", scale), alpha=own.get("alpha", part_alpha),
+                                    trained_rank=own.get("rank", part_rank))
     return AdapterWeights(modules, meta)
 
 
@@ -314,7 +386,7 @@ def kohya_metadata(adapter: AdapterWeights, *, output_name: str, base_model_vers
     network_args.update(lycoris)
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("sdlora.")}
     meta.update({
-        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else family.kohya_network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),  # every module's .alpha; r / alpha is in the factors (to_kohya_state_dict)
         "ss_network_args": json.dumps(network_args) if network_args else "null",

@@ -82,6 +82,43 @@ class LoHaDelta(AdapterDelta):
         (w1a, w1b), (w2a, w2b) = equalise([w1a, w1b], [w2a, w2b])
         return replace(self, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b)
 
+    def row_blocks(self, sizes, where):
+        """w1a's and w2a's rows cut (ΔW's rows are those rows' products, multiplied element by element); each block
+        keeps the rank components either pair uses; None for a block where either product is zero."""
+        out, start = [], 0
+        for n in sizes:
+            w1a, w2a = self.w1a[start:start + n], self.w2a[start:start + n]
+            start += n
+            used1, used2 = w1a.abs().sum(0) != 0, w2a.abs().sum(0) != 0
+            if not (bool(used1.any()) and bool(used2.any())):
+                out.append(None)
+                continue
+            used = used1 | used2
+            out.append(replace(self, w1a=w1a[:, used], w1b=self.w1b[used], w2a=w2a[:, used], w2b=self.w2b[used],
+                               **self._rows_fields(n)))
+        return out
+
+    def swapped_halves(self, where):
+        """w1a's and w2a's row halves exchanged (the rank kept)."""
+        return replace(self, w1a=self._halves_swapped(self.w1a), w2a=self._halves_swapped(self.w2a))
+
+    @classmethod
+    def stack_rows(cls, parts, sizes, where):
+        """Each pair stacked as LoRA stacks (w1a, w2a block-diagonal, w1b, w2b stacked): row block i of both
+        products is part i's, and the element-wise product keeps rows apart, so ΔW is the parts' stacked."""
+        present = [p for p in parts if p is not None]
+        first = present[0]
+        rank = sum(p.rank for p in present)
+        w1a, w2a = (first.w1a.new_zeros((sum(sizes), rank)) for _ in range(2))
+        row = col = 0
+        for p, n in zip(parts, sizes):
+            if p is not None:
+                w1a[row:row + n, col:col + p.rank], w2a[row:row + n, col:col + p.rank] = p.w1a, p.w2a
+                col += p.rank
+            row += n
+        return replace(first, w1a=w1a, w2a=w2a, w1b=torch.cat([p.w1b for p in present]),
+                       w2b=torch.cat([p.w2b for p in present]), **first._rows_fields(sum(sizes)))
+
     @classmethod
     def from_file_tensors(cls, tensors, layout, where, **info):
         t = tensors
@@ -168,6 +205,40 @@ class LoKrDelta(AdapterDelta):
         names1 = ("w1",) if m.w1 is not None else ("w1a", "w1b")
         names2 = ("w2",) if m.w2 is not None else ("w2a", "w2b")
         return replace(m, **dict(zip(names1 + names2, g1 + g2)))
+
+    def _second_rows(self) -> int:
+        return (self.w2 if self.w2 is not None else self.w2a).shape[0]
+
+    def row_blocks(self, sizes, where):
+        """ΔW's rows i·b .. i·b + b - 1 are w1's row i ⊗ w2 (b = w2's rows): a block of whole multiples of b is w1's
+        (or w1a's) rows cut with w2 kept; a UserError naming `where` for any other cut."""
+        b, out, start = self._second_rows(), [], 0
+        for n in sizes:
+            if n % b or start % b:
+                raise UserError(f"LoKr module {where}: rows {start}-{start + n} do not fall on its Kronecker blocks of "
+                                f"{b} rows, so they are no LoKr of their own")
+            rows = slice(start // b, (start + n) // b)
+            cut = {"w1": self.w1[rows]} if self.w1 is not None else {"w1a": self.w1a[rows]}
+            out.append(replace(self, **cut, **self._rows_fields(n)))
+            start += n
+        return out
+
+    @classmethod
+    def stack_rows(cls, parts, sizes, where):
+        """Parts sharing one second factor (w2, or w2a and w2b, and w1b) stack as w1's rows stacked: [w1_i] ⊗ w2
+        is the stack of w1_i ⊗ w2. Parts with different second factors (SD3's q, k and v always) are no one
+        Kronecker product: a UserError naming `where`."""
+        first = parts[0]
+        shared = ("w2", "w2a", "w2b", "w1b")
+        if any(p is None for p in parts) or any(
+                (getattr(p, k) is None) != (getattr(first, k) is None)
+                or (getattr(p, k) is not None and not torch.equal(getattr(p, k), getattr(first, k)))
+                for p in parts for k in shared):
+            raise UserError(f"LoKr modules {where}: one kohya module holds their updates stacked, and a stack of "
+                            "Kronecker products w1_i ⊗ w2_i is one Kronecker product only when every w2_i is the "
+                            "same; export a merged model, or train LoKr without these modules")
+        key = "w1" if first.w1 is not None else "w1a"
+        return replace(first, **{key: torch.cat([getattr(p, key) for p in parts])}, **first._rows_fields(sum(sizes)))
 
     @classmethod
     def from_file_tensors(cls, tensors, layout, where, **info):

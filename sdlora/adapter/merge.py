@@ -17,7 +17,8 @@ from sdlora.util import atomic
 
 def pipeline_scheduler(model_path: str, version: str, config_dir: str | None):
     """The inference scheduler the base model ships with (its own folder's, else the configs'); `version` names the
-    bundled configs (the family's for epsilon prediction; the caller sets the prediction type)."""
+    bundled configs' folder (`family.bundled_configs().name`: for epsilon prediction; the caller sets the prediction
+    type)."""
     import diffusers
 
     from sdlora.model.single_file import BUNDLED_CONFIGS
@@ -88,12 +89,19 @@ def single_file_carry(model_path: str, allow_pickle: bool) -> dict[str, torch.Te
     folder base. The `v_pred` / `ztsnr` markers are not carried: the merged model's own noise schedule writes them."""
     from sdlora.model.single_file import read_checkpoint
 
+    from sdlora.model import ldm_keys as L
+
     p = Path(model_path)
     if p.is_dir():
         return {}
-    sd, _ = read_checkpoint(p, allow_pickle=allow_pickle)
-    from sdlora.model import ldm_keys as L
+    # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead;
+    # SD3's text encoders (text_encoders.*) are written from the loaded ones.
+    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.", "text_encoders.")
+    kept = lambda k: not k.startswith(skip) and k not in (L.V_PRED_KEY, L.ZTSNR_KEY)  # noqa: E731
+    if p.suffix.lower() == ".safetensors":  # only the carried tensors (an SD3.5 Large file is 16 GB)
+        from safetensors import safe_open
 
-    # Mapped models are written from the merged weights; an unmerged EMA copy or an old-layout CLIP-L would mislead.
-    skip = (L.UNET, L.VAE, "cond_stage_model.transformer.", L.SDXL_CLIP_L, "model_ema.")
-    return {k: v for k, v in sd.items() if not k.startswith(skip) and k not in (L.V_PRED_KEY, L.ZTSNR_KEY)}
+        with safe_open(str(p), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if kept(k)}
+    sd, _ = read_checkpoint(p, allow_pickle=allow_pickle)
+    return {k: v for k, v in sd.items() if kept(k)}

@@ -73,6 +73,35 @@ class AdapterDelta:
         """The same ΔW with the magnitude spread evenly over the tensors, for 16-bit files (see `balance_factors`)."""
         return self
 
+    # -- rows of ΔW (kohya's SD3 names: q/k/v fused into one qkv, adaLN halves in the other order) --------------
+    def row_blocks(self, sizes: list[int], where: str) -> list["AdapterDelta | None"]:
+        """Records of consecutive row blocks of ΔW (`sizes` rows each, summing to its output size), each exactly
+        its rows' update; None for a block whose update the factors show to be zero. A UserError naming `where`
+        where the kind cannot be cut there."""
+        raise UserError(f"{self.TITLE} module {where}: its update cannot be cut into row blocks")
+
+    @classmethod
+    def stack_rows(cls, parts: list["AdapterDelta | None"], sizes: list[int], where: str) -> "AdapterDelta":
+        """One record whose ΔW is the parts' updates stacked on rows (a None part: `sizes[i]` zero rows), the
+        inverse of `row_blocks`. A UserError naming `where` where the kind cannot hold them as one record."""
+        raise UserError(f"{cls.TITLE} modules {where}: cannot be stacked into one module")
+
+    def swapped_halves(self, where: str) -> "AdapterDelta":
+        """The record whose ΔW has its two row halves exchanged (an adaLN projection's (shift, scale) <-> (scale,
+        shift), model/mmdit_keys.py)."""
+        half = self.weight_shape[0] // 2
+        first, second = self.row_blocks([half, half], where)
+        return type(self).stack_rows([second, first], [half, half], where)
+
+    @staticmethod
+    def _halves_swapped(t: torch.Tensor) -> torch.Tensor:
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first])
+
+    def _rows_fields(self, rows: int) -> dict:
+        """The report fields of a record cut or stacked to `rows` output rows (its own rank and alpha unknown)."""
+        return {"alpha": None, "trained_rank": None, "shape": (rows, *self.shape[1:]) if self.shape is not None else None}
+
     # -- shared -----------------------------------------------------------------------------------------------
     @property
     def is_conv(self) -> bool:
@@ -176,6 +205,39 @@ class ModuleDelta(AdapterDelta):
         """From the factors: the SVD of up @ down without forming it (QR of both, SVD of the r x r core)."""
         return as_matrix(self.up) @ as_matrix(self.down), factored_singular_values(self.down, self.up)
 
+    def row_blocks(self, sizes, where):
+        """up's rows cut; each block keeps only the rank components its rows use (a block-diagonal up, as
+        `stack_rows` writes, gives back each part's own rank); None for a block of zero rows."""
+        out, start = [], 0
+        for n in sizes:
+            up = self.up[start:start + n]
+            start += n
+            used = up.reshape(n, up.shape[1], -1).abs().sum((0, 2)) != 0
+            out.append(replace(self, down=self.down[used], up=up[:, used], **self._rows_fields(n))
+                       if bool(used.any()) else None)
+        return out
+
+    def swapped_halves(self, where):
+        """up's row halves exchanged (the rank kept)."""
+        return replace(self, up=self._halves_swapped(self.up))
+
+    @classmethod
+    def stack_rows(cls, parts, sizes, where):
+        """down = the parts' downs stacked (rank R = the sum of theirs), up = their ups block-diagonal (out = the sum
+        of `sizes`, R): up @ down = the parts' up_i @ down_i stacked, the zero blocks adding nothing."""
+        present = [p for p in parts if p is not None]
+        if len({type(p) for p in present}) != 1:
+            raise UserError(f"modules {where}: {' and '.join(sorted({p.TITLE for p in present}))} in one fused module")
+        first = present[0]
+        up = first.up.new_zeros((sum(sizes), sum(p.rank for p in present), *first.up.shape[2:]))
+        row = col = 0
+        for p, n in zip(parts, sizes):
+            if p is not None:
+                up[row:row + n, col:col + p.rank] = p.up
+                col += p.rank
+            row += n
+        return replace(first, down=torch.cat([p.down for p in present]), up=up, **first._rows_fields(sum(sizes)))
+
     def truncated(self, rank: int) -> tuple["ModuleDelta", float | None]:
         if self.rank <= rank:
             return self, None
@@ -219,6 +281,33 @@ class DoRADelta(ModuleDelta):
         return dora_weight(w0, self.low_rank_delta().double(), self.magnitude.double()) - w0
 
     spectrum = AdapterDelta.spectrum  # ΔW is dense and depends on W0: no factored shortcut
+
+    def row_blocks(self, sizes, where):
+        """V's update and the magnitude cut by rows (the norm is per row, so each block is that block's DoRA);
+        never None: a block with no update of V still rescales its rows."""
+        out, start = [], 0
+        for n in sizes:
+            up = self.up[start:start + n]
+            used = up.reshape(n, up.shape[1], -1).abs().sum((0, 2)) != 0
+            used = used if bool(used.any()) else torch.ones_like(used)
+            out.append(replace(self, down=self.down[used], up=up[:, used], magnitude=self.magnitude[start:start + n],
+                               **self._rows_fields(n)))
+            start += n
+        return out
+
+    def swapped_halves(self, where):
+        return replace(self, up=self._halves_swapped(self.up), magnitude=self._halves_swapped(self.magnitude))
+
+    @classmethod
+    def stack_rows(cls, parts, sizes, where):
+        """LoRA's stacking of V's updates, magnitudes concatenated: each row's norm is its own, so the stack is
+        exactly the parts' DoRA. Every part must be there (rows without one would need ‖W0‖ as their magnitude)."""
+        if any(p is None for p in parts):
+            raise UserError(f"DoRA modules {where}: only some of the parts of one fused module are adapted; its other "
+                            "rows would need the base weight's norms as their magnitude (adapt all, or export the "
+                            "diffusers layout or a merged model)")
+        m = super().stack_rows(parts, sizes, where)
+        return replace(m, magnitude=torch.cat([p.magnitude for p in parts]))
 
     def native_key(self, role: str, component: str) -> str:
         """A text encoder's magnitude is `lora_magnitude_vector.weight` (the parameter's own name): transformers 5's

@@ -35,7 +35,7 @@ class RunRecord:
     base_model: str  # what was loaded (model.path)
     base_model_version: str  # sd_v1 | sd_v2 | sd_v2_v | sdxl_base_v1-0
     prediction_type: str  # the training target actually used: epsilon | v_prediction
-    resolution: int  # data.resolution (the bucket area budget is resolution²)
+    resolution: int  # data.resolution (the bucket area budget is resolution²); the largest of several
     clip_skip: int  # text_encoder.clip_skip (1 = last layer)
     rank: int
     alpha: float  # initial alpha (learned per-module alphas are in sdlora.modules)
@@ -67,7 +67,7 @@ class RunRecord:
 
         return cls(base_model=str(comps.source), base_model_version=comps.base_model_version,
                    prediction_type=comps.prediction_type, zero_terminal_snr=comps.zero_terminal_snr,
-                   resolution=cfg.data.resolution,
+                   resolution=cfg.top_resolution(),
                    clip_skip=cfg.text_encoder.clip_skip, rank=cfg.lora.rank, alpha=float(cfg.lora.alpha),
                    conv_rank=(cfg.lora.conv_rank or cfg.lora.rank) if cfg.lora.conv else None,
                    conv_alpha=float(cfg.lora.conv_alpha if cfg.lora.conv_alpha is not None else cfg.lora.alpha)

@@ -3,7 +3,7 @@
 SOURCE is an adapter .safetensors file, a run folder (output.dir, holding adapter.safetensors) or a
 checkpoint folder (output.dir/checkpoints/step_NNNNNN/, holding adapter.safetensors; with --ema, the
 adapter_ema.safetensors that train.ema writes beside it). The merged formats need --base MODEL (and, as the
-training config did, --vae / --config-dir / --allow-pickle where the base needs them).
+training config did, --vae / --config-dir / --allow-pickle / --text-encoders where the base needs them).
 
 An adapter file may come from anyone, so its run record (`sdlora.adapter.run_record`) is a description only:
 it says what the adapter predicts and labels the files, but never picks a path to open (base model, VAE,
@@ -43,7 +43,7 @@ def resolve_adapter_file(source: str | Path, ema: bool = False) -> Path:
 
 def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = False, base: str | None = None,
                report=print, ema: bool = False, vae: str | None = None, config_dir: str | None = None,
-               allow_pickle: bool = False) -> Path:
+               allow_pickle: bool = False, text_encoders: str | None = None) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"export --format {fmt!r}: allowed {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -73,13 +73,13 @@ def run_export(source, fmt: str, out, *, dtype: str = "fp32", force: bool = Fals
             said = f" (its run record says it was trained on {record.base_model})" if record and record.base_model else ""
             raise UserError(f"export --format {fmt}: pass --base MODEL, the base model to merge into{said}")
         _export_merged(adapter, record, fmt, out, torch_dtype, str(Path(base).expanduser()),
-                       vae=vae, config_dir=config_dir, allow_pickle=allow_pickle)
+                       vae=vae, config_dir=config_dir, allow_pickle=allow_pickle, text_encoders=text_encoders)
     report(f"export: {fmt} written to {out}")
     return out
 
 
 def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, out: Path, dtype, base: str, *,
-                   vae: str | None, config_dir: str | None, allow_pickle: bool) -> None:
+                   vae: str | None, config_dir: str | None, allow_pickle: bool, text_encoders: str | None) -> None:
     from sdlora.adapter.algebra import merge_adapter
     from sdlora.adapter.merge import pipeline_scheduler, save_merged_diffusers, single_file_carry
     from sdlora.model.loading import load_components
@@ -90,10 +90,11 @@ def _export_merged(adapter: AdapterWeights, record: RunRecord | None, fmt: str, 
     # record describes both), whatever the base's configs say; every path and option is the command line's.
     comps = load_components(base, vae_path=vae, config_dir=config_dir, allow_pickle=allow_pickle,
                             prediction_type=record.prediction_type if record else None,
-                            zero_terminal_snr=record.zero_terminal_snr if record else None)
+                            zero_terminal_snr=record.zero_terminal_snr if record else None,
+                            text_encoders_path=text_encoders)
     merge_adapter(adapter, comps.adaptable())
     if fmt == "merged-diffusers":
-        scheduler = pipeline_scheduler(base, comps.family.base_model_version("epsilon"), config_dir)
+        scheduler = pipeline_scheduler(base, comps.family.bundled_configs().name, config_dir)
         scheduler = inference_schedule(scheduler, comps.prediction_type, comps.zero_terminal_snr)
         save_merged_diffusers(out, comps, scheduler, dtype, record)
     else:

@@ -1,7 +1,8 @@
 """Aspect-ratio buckets: the table of (width, height) sizes, which bucket each image goes to, and how an
 image is resized and cropped to it.
 
-Buckets have sides that are multiples of data.bucket_step, between data.min_side and data.max_side
+There is one table per base resolution (data.resolution, or each of its list; a subset's own resolution):
+buckets have sides that are multiples of data.bucket_step, between data.min_side and data.max_side
 (min_side is lowered to the resolution where it would exclude the square bucket), and an area of at most
 resolution². For each width the tallest height within the area budget is taken, and the transposes,
 so every aspect ratio is represented at the largest area that fits. An image goes to the bucket whose
@@ -30,8 +31,15 @@ class Geometry:
     resized: tuple[int, int]
 
 
-def bucket_sizes(data: DataConfig) -> list[tuple[int, int]]:
-    step, res = data.bucket_step, data.resolution
+def resolution_list(value: int | list[int]) -> list[int]:
+    """data.resolution (or a subset's) as a list of base resolutions, in the order given."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def bucket_sizes(data: DataConfig, res: int) -> list[tuple[int, int]]:
+    """The bucket table of base resolution `res` (pixels; area budget res²) under data's bucket settings, sorted;
+    UserError when no bucket fits."""
+    step = data.bucket_step
     if not data.bucketing:
         side = res // step * step
         if side < step:
@@ -52,7 +60,9 @@ def bucket_sizes(data: DataConfig) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
-def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], data: DataConfig) -> tuple[int, int]:
+def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], data: DataConfig, res: int) -> tuple[int, int]:
+    """The bucket of an image of `size` (w, h) among `buckets` (bucket_sizes(data, res)); ValueError when the image
+    is smaller than the step with data.no_upscale."""
     w, h = size
     candidates = buckets
     if data.no_upscale:
@@ -60,7 +70,7 @@ def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], data: D
         if not candidates:
             # Its own bucket: the image's shape, shrunk (never enlarged) into the area budget and max_side.
             step = data.bucket_step
-            s = min(1.0, math.sqrt(data.resolution ** 2 / (w * h)), data.max_side / max(w, h))
+            s = min(1.0, math.sqrt(res ** 2 / (w * h)), data.max_side / max(w, h))
             own = (int(w * s) // step * step, int(h * s) // step * step)
             if min(own) == 0:
                 raise ValueError(f"{w}x{h} is smaller than data.bucket_step ({step}) with data.no_upscale")
@@ -88,6 +98,11 @@ def crop_offset(geo: Geometry, mode: str, rng) -> tuple[int, int]:
     return (rw - bw) // 2, (rh - bh) // 2
 
 
-def bucket_table(counts: dict[tuple[int, int], int]) -> str:
-    rows = [f"  {w:>4} x {h:<4} {n:>6} images" for (w, h), n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return "sdlora: buckets (width x height, images incl. repeats):\n" + "\n".join(rows)
+def bucket_table(counts: dict[tuple[int, tuple[int, int]], int]) -> str:
+    """The start-up table; `counts`: (base resolution, bucket) -> images with repeats. The base resolution is shown
+    when there are several."""
+    several = len({res for res, _ in counts}) > 1
+    rows = [(f"  {res:>4}: " if several else "  ") + f"{w:>4} x {h:<4} {n:>6} images"
+            for (res, (w, h)), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1]) if several else -kv[1])]
+    head = ("base resolution: " if several else "") + "width x height, images incl. repeats"
+    return f"sdlora: buckets ({head}):\n" + "\n".join(rows)

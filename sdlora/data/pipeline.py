@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry
+from sdlora.data.buckets import assign_bucket, bucket_sizes, bucket_table, crop_offset, geometry, resolution_list
 from sdlora.data.captions import base_caption, count_truncated, pick_variant, transform_caption
 from sdlora.data.images import BadImage, open_checked
 from sdlora.data.masks import check_masks, load_mask
@@ -39,13 +39,17 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     data = cfg.data
     subsets = cfg.data_subsets()
     notes: list[Note] = []
-    samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data, bucket_sizes(data))
+    samples, skipped = scan(discover(subsets, data.prior_loss_weight, notes), data,
+                            [resolution_list(s.resolution) for s in subsets])
     held_out, scanned = [], samples
     if cfg.validation.num_images and samples:  # validation images never train (training/validation.py)
         from sdlora.data.held_out import split_held_out
 
         samples, held_out = split_held_out(samples, cfg.validation.num_images, cfg.validation.seed)
-    say(f"sdlora: {len(samples)} images, {len(skipped)} skipped")
+    images = len({s.item for s in samples})
+    sizes = sorted({s.resolution for s in samples})
+    at = f" at {len(sizes)} base resolutions ({', '.join(map(str, sizes))})" if len(sizes) > 1 else ""
+    say(f"sdlora: {images} images{at}, {len(skipped)} skipped")
     for line in note_lines(notes):
         say(line)
     for path, reason in skipped[:MAX_LISTED]:
@@ -56,11 +60,12 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
         raise UserError(f"no usable images in {', '.join(s.path for s in subsets)}"
                         + (f" ({len(skipped)} skipped; first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     latent_factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    check_bucket_sides(scanned, latent_factor * comps.family.latent_multiple(comps.denoiser), comps.family.title)
     if data.masked_loss:
         check_masks(samples, data, latent_factor, say)
-    counts: dict[tuple[int, int], int] = {}
+    counts: dict[tuple[int, tuple[int, int]], int] = {}
     for s in samples:
-        counts[s.geo.bucket] = counts.get(s.geo.bucket, 0) + s.item.repeats
+        counts[(s.resolution, s.geo.bucket)] = counts.get((s.resolution, s.geo.bucket), 0) + s.item.repeats
     say(bucket_table(counts))
     limit = data.max_token_length
     truncated = count_truncated([base_caption(s.item.caption, subsets[s.item.subset]) for s in samples],
@@ -77,6 +82,17 @@ def build_training_data(cfg, comps, *, num_processes: int = 1, process_index: in
     return result
 
 
+def check_bucket_sides(samples: list[Sample], multiple: int, title: str) -> None:
+    """UserError (before any training) when a bucket side is not a multiple of `multiple` pixels: the VAE's pixels
+    per latent cell times the denoiser's latent multiple (family.latent_multiple; SD3: 8 x 2)."""
+    for s in samples:
+        w, h = s.geo.bucket
+        if w % multiple or h % multiple:
+            raise UserError(f"bucket {w}x{h} (base resolution {s.resolution}, {s.item.path.name}) has a side that is "
+                            f"not a multiple of {multiple} pixels, which {title} needs: set data.bucket_step to a "
+                            f"multiple of {multiple}")
+
+
 def note_lines(notes: list[Note], examples: int = 3) -> list[str]:
     """One line per kind of note: the count, the reason, the first few paths."""
     by_reason: dict[str, list[Path]] = {}
@@ -89,24 +105,30 @@ def note_lines(notes: list[Note], examples: int = 3) -> list[str]:
     return lines
 
 
-def scan(entries: list[Item | Rejected], data, buckets) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Decode every image once (in threads: PIL decodes without the GIL); on_error=fail stops at the
-    first bad entry in discovery order, skip collects them all."""
+def scan(entries: list[Item | Rejected], data, resolutions: list[list[int]] | None = None
+         ) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """Decode every image once (in threads: PIL decodes without the GIL) and make it one Sample per base resolution
+    of its subset (`resolutions[item.subset]`; default: data.resolution's for every subset), image after image, each
+    image's resolutions in the order given; on_error=fail stops at the first bad entry in discovery order, skip
+    collects them all."""
+    own = resolution_list(data.resolution)
+    tables = {r: bucket_sizes(data, r) for r in own + [r for rs in resolutions or [] for r in rs]}
 
     def check(entry):
         if isinstance(entry, Rejected):
             return entry.path, entry.reason
         try:
             size = open_checked(entry.path, min_side=data.min_image_side, max_pixels=data.max_image_pixels).size
-            return Sample(entry, size, geometry(size, assign_bucket(size, buckets, data)))
+            return [Sample(entry, size, geometry(size, assign_bucket(size, tables[r], data, r)), r)
+                    for r in (resolutions[entry.subset] if resolutions else own)]
         except (BadImage, ValueError) as e:
             return entry.path, str(e)
 
     samples, skipped = [], []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for result in pool.map(check, entries):
-            if isinstance(result, Sample):
-                samples.append(result)
+            if isinstance(result, list):
+                samples.extend(result)
             elif data.on_error == "fail":
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise UserError(f"bad data: {result[0]}: {result[1]} (data.on_error=fail; set data.on_error=skip "
@@ -125,7 +147,7 @@ class TrainingData:
         self.samples = samples
         self.held_out: list[Sample] = []  # validation.num_images taken out of training
         self.skipped = skipped
-        self.num_images = len(samples)
+        self.num_images = len({s.item for s in samples})  # images; with several resolutions fewer than samples
         self.num_processes, self.process_index = num_processes, process_index
         self.batch_size = cfg.train.batch_size
         self.subsets = cfg.data_subsets()

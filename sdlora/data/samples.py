@@ -19,11 +19,13 @@ ENCODE_CHUNK = 8  # images per VAE call while filling the cache
 
 @dataclass(frozen=True)
 class Sample:
-    """An image that passed the scan: where it goes and how it is cut."""
+    """An image that passed the scan, at one base resolution: where it goes and how it is cut. An image trained at
+    several base resolutions is one Sample per resolution (same item and size, each its own bucket)."""
 
     item: Item
     size: tuple[int, int]  # upright (after EXIF), in pixels
     geo: Geometry
+    resolution: int  # the base resolution whose bucket table `geo.bucket` comes from
 
 
 def load_pixels(sample: Sample, offset: tuple[int, int], flip: bool, data) -> torch.Tensor:

@@ -4,8 +4,9 @@ docs/config_README-en.md), with kohya's layering: an option set lower (subset < 
 config) is the default of the levels above it.
 
 Each (place, option) of the input is converted once and is one row; its sdlora keys are then layered the same way.
-sdlora has one value of some options for all subsets (flip, crop, buckets, resolution): two places giving them
-different values is a NOT SUPPORTED row for the second. The images are counted (not opened) so that epoch-based
+sdlora has one value of some options for all subsets (flip, crop, buckets): two places giving them different
+values is a NOT SUPPORTED row for the second. The resolution is also a subset key: subsets that differ in it each
+get their own `data.subsets.N.resolution` (kohya's per-dataset resolution). The images are counted (not opened) so that epoch-based
 kohya options can become steps.
 """
 
@@ -104,6 +105,7 @@ NO_EFFECT_HERE = {"cache_info": "speed only", "debug_dataset": "kohya's dataset 
 DATA = set(RULES) | {"train_data_dir", "reg_data_dir", "dataset_config"} - {"image_dir", "is_reg", "class_tokens",
                                                                            "metadata_file", "batch_size"}
 KOHYA_DATA_DEFAULTS = {"caption_extension": ".caption", "enable_bucket": False}
+PER_SUBSET = {"data.resolution": "resolution"}  # data keys a subset may also set for itself
 
 
 def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Row], names: dict | None = None) -> None:
@@ -141,6 +143,7 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
             raise Unmappable("no data: give train_data_dir (or --dataset-config)")
     done: dict[str, tuple] = {}  # place + option -> (subset keys, data keys): each place is converted once
     firsts: dict[str, tuple] = {}  # data key -> (value, where it came from), from the first subset
+    per_subset: dict[str, list[tuple]] = {}  # a PER_SUBSET data key -> [(subset index, value, where it came from)]
     out = []
     for index, (direct, own) in enumerate(subsets):
         keys, data, origin = dict(direct), {}, {}
@@ -157,6 +160,9 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
                         val = "disk"  # kohya: caching to disk is caching
                     data[key], origin[key] = val, where
         for key, val in data.items():  # sdlora has one value for every subset: the first subset's
+            if key in PER_SUBSET:
+                per_subset.setdefault(key, []).append((index, val, origin[key]))
+                continue
             first = firsts.setdefault(key, (val, origin[key]))
             if first[0] != val:
                 row = next(r for r in rows if r.option == origin[key])
@@ -165,6 +171,16 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
         out.append(keys)
     for key, (value, _) in firsts.items():
         b.set(key, value)
+    for key, given in per_subset.items():
+        if len(given) == len(out) and len({v for _, v, _ in given}) == 1:
+            b.set(key, given[0][1])  # one value everywhere: the data-wide key
+            continue
+        for index, value, _ in given:
+            out[index][PER_SUBSET[key]] = value
+        for where in dict.fromkeys(w for _, _, w in given):
+            row = next(r for r in rows if r.option == where)
+            reached = ", ".join(f"data.subsets.{i}.{PER_SUBSET[key]}" for i, _, w in given if w == where)
+            row.detail = row.detail.replace(key, reached)
     b.set("data.subsets", out)
     _count(out, b)
 

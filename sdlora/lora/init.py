@@ -51,6 +51,15 @@ def init_orthogonal(weight: torch.Tensor, rank: int, scale: float, gen: torch.Ge
     return a, b, None
 
 
+def init_orthonormal(weight: torch.Tensor, rank: int, scale: float, gen: torch.Generator):
+    """A with orthonormal rows (every singular value 1), B = 0: the frozen A of LoRA-FA as Shuttleworth et al.
+    2024 ("LoRA vs full fine-tuning: an illusion of equivalence", section 6) set it, where training only B left
+    fewer intruder dimensions. Needs r <= k (at most k orthonormal rows in k dimensions)."""
+    out, k = weight.shape
+    q = torch.linalg.qr(torch.randn(k, rank, generator=gen, dtype=torch.float64)).Q.T  # (r, k), Q Qᵀ = I
+    return q, torch.zeros(out, rank, dtype=torch.float64), None
+
+
 def init_compensated(weight: torch.Tensor, rank: int, scale: float, gen: torch.Generator):
     """A and B random; the base weight is offset by s0·B0·A0 so the sum is unchanged."""
     out, k = weight.shape
@@ -71,13 +80,14 @@ def init_principal(weight: torch.Tensor, rank: int, scale: float, gen: torch.Gen
     return a, b, scale * (b @ a)
 
 
-SCHEMES = {"zero": init_zero, "orthogonal": init_orthogonal, "compensated": init_compensated, "principal": init_principal}
+SCHEMES = {"zero": init_zero, "orthogonal": init_orthogonal, "orthonormal": init_orthonormal, "compensated": init_compensated, "principal": init_principal}
 
 
 def max_rank(scheme: str, out: int, k: int) -> int | None:
     """The largest rank `scheme` can build for an (out x k) weight; None where any rank works.
 
     orthogonal: A = [Q; Q] needs Q's r//2 rows orthonormal in k dimensions, so r//2 <= k.
+    orthonormal: r orthonormal rows exist in k dimensions only for r <= k.
     principal: the top-r singular triplets of W exist only for r <= min(out, k); beyond, the extra rank
     would be zero rows of A and columns of B that never receive a gradient.
     """
@@ -85,6 +95,8 @@ def max_rank(scheme: str, out: int, k: int) -> int | None:
         return 2 * k + 1
     if scheme == "principal":
         return min(out, k)
+    if scheme == "orthonormal":
+        return k
     return None
 
 

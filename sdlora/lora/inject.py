@@ -165,8 +165,8 @@ def check_ranks(model: nn.Module, component: str, specs: dict[str, LayerSpec], i
         out, k = weight.shape[0], weight[0].numel()
         limit = max_rank(init, out, k)
         if limit is not None and spec.rank > limit:
-            shape = f"input width {k}" if init == "orthogonal" else f"weight {out} x {k}"
-            rule = "2 x input width + 1" if init == "orthogonal" else "min(out, in)"
+            shape = f"input width {k}" if init in ("orthogonal", "orthonormal") else f"weight {out} x {k}"
+            rule = {"orthogonal": "2 x input width + 1", "orthonormal": "the input width"}.get(init, "min(out, in)")
             raise UserError(f"{spec.rank_key}: {spec.rank} is too large for lora.init={init} at "
                             f"{canonical_name(component, path)} ({shape}); the largest rank it allows there is "
                             f"{limit} ({rule}); lower the rank or choose another lora.init")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sdlora.errors import UserError
 from sdlora.model import parts as P
 from sdlora.model.family_base import PREDICTION_TYPES, RESOURCES, SUPPORTED, ModelFamily  # noqa: F401 (re-exported)
+from sdlora.model.mmdit_keys import KOHYA_NAMES
 from sdlora.model.sd3 import SD3Family
 from sdlora.model.sdxl import (SDXLConditioning, SDXLFamily, micro_conditioning,  # noqa: F401 (re-exported)
                                sdxl_encoder_output, sdxl_hidden_state)
@@ -78,7 +79,7 @@ def _sd3(name: str, title: str, model_type: str, architecture: str) -> SD3Family
                       ("pooled", "text_encoder_2", False)),  # the pooled vector's halves: CLIP-L's, CLIP-G's
         block_groups=mmdit_block_groups(("text_encoder", "text_encoder_2", "text_encoder_3")),
         single_file_reader="diffusers", pipeline_options={}, model_type=model_type,
-        formats_missing=("kohya", "merged-single-file"),
+        kohya_names=KOHYA_NAMES, kohya_network_module="networks.lora_sd3",
         target_presets={"attention": P.SD3_ATTENTION_TARGETS, "kohya": (r"re:^transformer_blocks\.",)})
 
 

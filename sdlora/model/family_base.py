@@ -53,18 +53,22 @@ class ModelFamily:
     # scripts train the original UNet, so its files say input_blocks.4.1 for diffusers' down_blocks.1.attentions.0.
     # None: kohya uses diffusers' names (SD 1.x/2.x).
     kohya_unet_layout: dict | None = None
+    # kohya's names of the denoiser's modules where they are not one per diffusers module (SD3: the original MMDiT
+    # names with q/k/v fused, model/mmdit_keys.KOHYA_NAMES: `pair(path, shape)`, `pairs(name, shape)`); None: one
+    # kohya name per module (`adapter/kohya.kohya_name`).
+    kohya_names: object | None = None
+    kohya_network_module: str = "networks.lora"  # kohya's LoRA module for the family (ss_network_module)
     # optim.lr_rules named groups -> regular expression over canonical module names (see lora/groups.py)
     block_groups: tuple = ()  # optim.lr_rules named groups -> regular expressions (`block_groups()` below)
     # Whose key mapping reads this family's single files: "sdlora" (model/ldm_keys.py, inverse of the writer) or
     # "diffusers" (its own single-file converters, offline with the bundled configs).
     single_file_reader: str = "sdlora"
     v_marker_keys: bool = False  # a v-prediction single file carries ComfyUI's `v_pred` (and `ztsnr`) marker keys
-    # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
-    # Export formats (commands/export.FORMATS) this family cannot write yet, refused by name (SD3: kohya's MMDiT
-    # names and its single file).
+    # Export formats (commands/export.FORMATS) this family cannot write yet, refused by name (SD3: its single file).
     formats_missing: tuple = ()
     # Named sets of denoiser targets (`lora.unet_targets: [preset:<name>]`), e.g. SD3's diffusers and kohya sets.
     target_presets: dict = field(default_factory=dict)
+    # Keyword arguments of `pipeline_class` besides the models, tokenizers and scheduler.
     pipeline_options: dict = field(default_factory=lambda: {"safety_checker": None, "feature_extractor": None,
                                                            "requires_safety_checker": False})
 
@@ -258,6 +262,11 @@ class ModelFamily:
         return {"encoder_hidden_states": embeddings}
 
     # -- the denoiser call and the noise process ------------------------------------------------------------
+    def latent_multiple(self, denoiser) -> int:
+        """The latent cells a training latent's sides must be a multiple of: 1 for a UNet (diffusers' UNet sizes
+        its upsampling to odd inputs), the patch size for a patchifying transformer (SD3: 2)."""
+        return 1
+
     def predict(self, denoiser, noisy, timesteps, conditioning, batch: dict | None = None) -> torch.Tensor:
         """The denoiser's prediction (B, C, h, w) for `noisy` (B, C, h, w) at `timesteps` (B,) (the objective's
         `Noised.timesteps`), conditioned on `encode`'s result and the batch's fields (`unet_kwargs`: SDXL's

@@ -11,19 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from sdlora.errors import UserError
+from sdlora.errors import LOAD_ERRORS, UserError  # noqa: F401 (LOAD_ERRORS re-exported)
 from sdlora.model.components import Components
 from sdlora.model.families import FAMILIES, SUPPORTED, ModelFamily
 from sdlora.model.schedule import set_noise_schedule
 
-# What from_pretrained raises on a damaged or foreign folder (a truncated safetensors file is a SafetensorError).
-LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AttributeError)
-try:
-    from safetensors import SafetensorError
-
-    LOAD_ERRORS += (SafetensorError,)
-except ImportError:  # older safetensors: its error is a subclass of the above
-    pass
 
 
 def _quiet_loaders():
@@ -44,9 +36,10 @@ def is_diffusers_folder(path: Path) -> bool:
 
 def load_components(model_path: str, *, vae_path: str | None = None, config_dir: str | None = None,
                     allow_pickle: bool = False, prediction_type: str | None = None,
-                    zero_terminal_snr: bool | None = None) -> Components:
+                    zero_terminal_snr: bool | None = None, text_encoders_path: str | None = None) -> Components:
     """Load the family's parts (model/parts.py: denoiser, text encoders, tokenizers, VAE) and its training noise
-    scheduler, offline, in fp32.
+    scheduler, offline, in fp32. `text_encoders_path` (model.text_encoders_path): a diffusers SD3 / SD3.5 folder
+    giving the text encoders an SD3 single file lacks (model/sd3_single_file.py); refused with a folder model.path.
 
     `prediction_type` (model.prediction_type) and `zero_terminal_snr` (model.zero_terminal_snr) override what the
     model's configs or metadata say (None: keep it)."""
@@ -55,11 +48,15 @@ def load_components(model_path: str, *, vae_path: str | None = None, config_dir:
     if not path.exists():
         raise UserError(f"model.path: no such file or folder: {path}")
     if path.is_dir():
+        if text_encoders_path is not None:
+            raise UserError(f"model.text_encoders_path: for an SD3 / SD3.5 single-file model.path only; {path} is a "
+                            "folder, whose text encoders are its own")
         comps = _load_diffusers_folder(path)
     else:
         from sdlora.model.single_file import load_single_file
 
-        comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle)
+        comps = load_single_file(path, config_dir=config_dir, allow_pickle=allow_pickle,
+                                 text_encoders_path=text_encoders_path)
     if vae_path:
         comps.vae = load_vae(vae_path, config_dir=config_dir, allow_pickle=allow_pickle, base_config=comps.vae.config)
         latent = comps.denoiser.config.in_channels

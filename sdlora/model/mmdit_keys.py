@@ -30,12 +30,13 @@ kohya LoRA names (`networks/lora_sd3.py`, prefix `lora_unet`, "make ComfyUI comp
 dots as underscores, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv`; q, k and v are one fused LoRA on `qkv`.
 ComfyUI (`comfy/lora.py`, `model_lora_keys_unet`) maps `lora_unet_<original key with _>` to every weight of the
 model, so it reads these names, and also `transformer.<diffusers module>` (diffusers' LoRA layout).
-`lora_to_kohya` / `lora_from_kohya` convert LoRA factors between the two namings (q/k/v fused block-diagonally and
-split back to each part's rank; adaLN halves swapped on up's rows), exactly in the deltas they apply.
+`KOHYA_NAMES` tells each diffusers module's kohya name from its path and shape and back; the records' row
+operations (adapter/records.py `stack_rows`, `row_blocks`, `swapped_halves`) fuse q/k/v and swap adaLN halves.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -57,47 +58,56 @@ def _qkv(diffusers_prefix: str, names: tuple[str, str, str], original: str) -> l
     return [MMDiTPair(f"{diffusers_prefix}.{n}", original, third=i) for i, n in enumerate(names)]
 
 
+def _block_pairs(n: int, *, last: bool, dual: bool, qk_norm: bool) -> list[MMDiTPair]:
+    """Joint block n's pairs: `last` (its text stream is pre-only: no attention output, no MLP, and the adaLN
+    halves swapped), `dual` (SD3.5 Medium's second image attention), `qk_norm` (SD3.5's QK-norm)."""
+    d, o = f"transformer_blocks.{n}", f"joint_blocks.{n}"
+    pairs = _qkv(f"{d}.attn", ("to_q", "to_k", "to_v"), f"{o}.x_block.attn.qkv")
+    pairs += _qkv(f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), f"{o}.context_block.attn.qkv")
+    pairs.append(MMDiTPair(f"{d}.attn.to_out.0", f"{o}.x_block.attn.proj"))
+    if not last:
+        pairs.append(MMDiTPair(f"{d}.attn.to_add_out", f"{o}.context_block.attn.proj"))
+    if qk_norm:
+        pairs += [MMDiTPair(f"{d}.attn.norm_q", f"{o}.x_block.attn.ln_q"),
+                  MMDiTPair(f"{d}.attn.norm_k", f"{o}.x_block.attn.ln_k"),
+                  MMDiTPair(f"{d}.attn.norm_added_q", f"{o}.context_block.attn.ln_q"),
+                  MMDiTPair(f"{d}.attn.norm_added_k", f"{o}.context_block.attn.ln_k")]
+    if dual:
+        pairs += _qkv(f"{d}.attn2", ("to_q", "to_k", "to_v"), f"{o}.x_block.attn2.qkv")
+        pairs.append(MMDiTPair(f"{d}.attn2.to_out.0", f"{o}.x_block.attn2.proj"))
+        if qk_norm:
+            pairs += [MMDiTPair(f"{d}.attn2.norm_q", f"{o}.x_block.attn2.ln_q"),
+                      MMDiTPair(f"{d}.attn2.norm_k", f"{o}.x_block.attn2.ln_k")]
+    pairs += [MMDiTPair(f"{d}.norm1.linear", f"{o}.x_block.adaLN_modulation.1"),
+              MMDiTPair(f"{d}.norm1_context.linear", f"{o}.context_block.adaLN_modulation.1", swap_halves=last),
+              MMDiTPair(f"{d}.ff.net.0.proj", f"{o}.x_block.mlp.fc1"),
+              MMDiTPair(f"{d}.ff.net.2", f"{o}.x_block.mlp.fc2")]
+    if not last:
+        pairs += [MMDiTPair(f"{d}.ff_context.net.0.proj", f"{o}.context_block.mlp.fc1"),
+                  MMDiTPair(f"{d}.ff_context.net.2", f"{o}.context_block.mlp.fc2")]
+    return pairs
+
+
+_EMBEDDERS = (MMDiTPair("pos_embed.proj", "x_embedder.proj"),
+              MMDiTPair("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+              MMDiTPair("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+              MMDiTPair("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+              MMDiTPair("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+              MMDiTPair("context_embedder", "context_embedder"))
+_FINAL = (MMDiTPair("proj_out", "final_layer.linear"),
+          MMDiTPair("norm_out.linear", "final_layer.adaLN_modulation.1", swap_halves=True))
+
+
 def mmdit_pairs(config) -> list[MMDiTPair]:
     """Every parameterised module of an `SD3Transformer2DModel` with `config` (its config mapping: `num_layers`,
     `dual_attention_layers`, `qk_norm`) and its original MMDiT counterpart (see the module docstring)."""
     layers = config["num_layers"]
     dual = set(config.get("dual_attention_layers") or ())
     qk_norm = config.get("qk_norm") is not None
-    pairs = [MMDiTPair("pos_embed.proj", "x_embedder.proj"),
-             MMDiTPair("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
-             MMDiTPair("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
-             MMDiTPair("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
-             MMDiTPair("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
-             MMDiTPair("context_embedder", "context_embedder")]
+    pairs = list(_EMBEDDERS)
     for n in range(layers):
-        d, o = f"transformer_blocks.{n}", f"joint_blocks.{n}"
-        last = n == layers - 1
-        pairs += _qkv(f"{d}.attn", ("to_q", "to_k", "to_v"), f"{o}.x_block.attn.qkv")
-        pairs += _qkv(f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), f"{o}.context_block.attn.qkv")
-        pairs.append(MMDiTPair(f"{d}.attn.to_out.0", f"{o}.x_block.attn.proj"))
-        if not last:
-            pairs.append(MMDiTPair(f"{d}.attn.to_add_out", f"{o}.context_block.attn.proj"))
-        if qk_norm:
-            pairs += [MMDiTPair(f"{d}.attn.norm_q", f"{o}.x_block.attn.ln_q"),
-                      MMDiTPair(f"{d}.attn.norm_k", f"{o}.x_block.attn.ln_k"),
-                      MMDiTPair(f"{d}.attn.norm_added_q", f"{o}.context_block.attn.ln_q"),
-                      MMDiTPair(f"{d}.attn.norm_added_k", f"{o}.context_block.attn.ln_k")]
-        if n in dual:
-            pairs += _qkv(f"{d}.attn2", ("to_q", "to_k", "to_v"), f"{o}.x_block.attn2.qkv")
-            pairs.append(MMDiTPair(f"{d}.attn2.to_out.0", f"{o}.x_block.attn2.proj"))
-            if qk_norm:
-                pairs += [MMDiTPair(f"{d}.attn2.norm_q", f"{o}.x_block.attn2.ln_q"),
-                          MMDiTPair(f"{d}.attn2.norm_k", f"{o}.x_block.attn2.ln_k")]
-        pairs += [MMDiTPair(f"{d}.norm1.linear", f"{o}.x_block.adaLN_modulation.1"),
-                  MMDiTPair(f"{d}.norm1_context.linear", f"{o}.context_block.adaLN_modulation.1", swap_halves=last),
-                  MMDiTPair(f"{d}.ff.net.0.proj", f"{o}.x_block.mlp.fc1"),
-                  MMDiTPair(f"{d}.ff.net.2", f"{o}.x_block.mlp.fc2")]
-        if not last:
-            pairs += [MMDiTPair(f"{d}.ff_context.net.0.proj", f"{o}.context_block.mlp.fc1"),
-                      MMDiTPair(f"{d}.ff_context.net.2", f"{o}.context_block.mlp.fc2")]
-    pairs += [MMDiTPair("proj_out", "final_layer.linear"),
-              MMDiTPair("norm_out.linear", "final_layer.adaLN_modulation.1", swap_halves=True)]
-    return pairs
+        pairs += _block_pairs(n, last=n == layers - 1, dual=n in dual, qk_norm=qk_norm)
+    return pairs + list(_FINAL)
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -169,11 +179,65 @@ def kohya_name(original_module: str) -> str:
     return KOHYA_PREFIX + original_module.replace(".", "_")
 
 
+def _kohya_nameable(pair: MMDiTPair) -> bool:
+    """Whether kohya's SD3 LoRA can name the pair's module: a Linear, or x_embedder's patch convolution (its
+    `emb_dims` option adapts it); not a QK-norm weight."""
+    return ".ln_" not in pair.original
+
+
 def kohya_targets(config) -> dict[str, MMDiTPair]:
-    """diffusers module path -> its pair, for every Linear a kohya SD3 LoRA can name (not the QK-norm weights nor
-    x_embedder's patch convolution);
+    """diffusers module path -> its pair, for every module a kohya SD3 LoRA can name (`_kohya_nameable`);
     `kohya_name(pair.original)` is the LoRA name, `pair.third` the rows of a fused qkv it takes."""
-    return {p.diffusers: p for p in mmdit_pairs(config) if ".ln_" not in p.original and "x_embedder" not in p.original}
+    return {p.diffusers: p for p in mmdit_pairs(config) if _kohya_nameable(p)}
+
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+_KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_")
+
+
+def _pre_only(weight_shape) -> bool:
+    """Whether a text-stream adaLN projection of this (out, in) shape is the last block's: it makes (shift, scale),
+    2 x width outputs, where every other block's makes six (diffusers' `AdaLayerNormContinuous` against
+    `AdaLayerNormZero`; the original's pre-only `context_block`)."""
+    return len(weight_shape) == 2 and weight_shape[0] == 2 * weight_shape[1]
+
+
+def _pairs_near(block: int | None, weight_shape) -> list[MMDiTPair]:
+    """The kohya-nameable pairs of joint block `block` (None: outside the blocks) with every optional module, the
+    text-stream adaLN's halves swapped when `weight_shape` is the last block's (`_pre_only`)."""
+    if block is None:
+        pairs = list(_EMBEDDERS + _FINAL)
+    else:
+        pairs = _block_pairs(block, last=_pre_only(weight_shape), dual=True, qk_norm=False)
+    return [p for p in pairs if _kohya_nameable(p)]
+
+
+@dataclass(frozen=True)
+class MMDiTKohyaNames:
+    """kohya's names of SD3's transformer modules (`networks/lora_sd3.py`: the original MMDiT path after
+    `lora_unet_`, q/k/v one `qkv` module), told from a module's path and (out, in) shape alone: files carry no
+    transformer config, and the only name that depends on more than the path, the last block's text-stream adaLN
+    (its halves swapped), shows in its shape (`_pre_only`). The SD3 families' `kohya_names` (model/sd3.py); the
+    kohya writer and reader (adapter/kohya.py) fuse and split rows with the adapter records' `stack_rows` /
+    `row_blocks`."""
+
+    prefix: str = KOHYA_PREFIX
+
+    def pair(self, path: str, weight_shape) -> MMDiTPair | None:
+        """The pair of a diffusers module path (`transformer_blocks.3.attn.to_k`), None when kohya has no name
+        for it (a QK-norm, a module SD3 does not have)."""
+        m = _BLOCK.match(path)
+        return next((p for p in _pairs_near(int(m[1]) if m else None, weight_shape) if p.diffusers == path), None)
+
+    def pairs(self, flat: str, weight_shape) -> list[MMDiTPair]:
+        """The pairs a kohya name (after `lora_unet_`, `joint_blocks_3_x_block_attn_qkv`) stands for: three, q, k
+        and v in order, for a fused qkv; [] when it is no kohya SD3 name."""
+        m = _KOHYA_BLOCK.match(flat)
+        found = [p for p in _pairs_near(int(m[1]) if m else None, weight_shape) if p.original.replace(".", "_") == flat]
+        return sorted(found, key=lambda p: p.third or 0)
+
+
+KOHYA_NAMES = MMDiTKohyaNames()
 
 
 def is_kohya_default_target(original_module: str) -> bool:
@@ -181,87 +245,3 @@ def is_kohya_default_target(original_module: str) -> bool:
     block's x_block or context_block (attention qkv and proj, attn2, MLP fc1/fc2, adaLN modulation); the embedders
     and the final layer only with its `emb_dims` option."""
     return original_module.startswith("joint_blocks.") and ".ln_" not in original_module
-
-
-def fuse_qkv_lora(parts: list[tuple[torch.Tensor, torch.Tensor, float] | None]):
-    """Three LoRAs on q, k and v (None for one not adapted), each (down (r_i, in), up (out_i, r_i), alpha_i) with
-    delta_i = alpha_i / r_i * up_i @ down_i, as one LoRA on the fused `qkv` whose delta is the three stacked on rows
-    (zeros for a missing one): down = the downs stacked (R = sum r_i, in), up = block-diagonal (3 out, R). Returns
-    (down, up, alpha) with alpha / R the common scale when all alpha_i / r_i agree (alpha = scale * R), otherwise
-    alpha = R and each scale folded into its up block. (kohya's `split_qkv` save keeps alpha unchanged while the rank
-    triples, `networks/lora_sd3.py` state_dict; a reader computing alpha / rank then applies a third of the trained
-    delta.) Raises ValueError when none is given."""
-    present = [p for p in parts if p is not None]
-    if not present:
-        raise ValueError("fuse_qkv_lora: none of q, k, v has a LoRA")
-    rows, like = present[0][1].shape[0], present[0][1]
-    scales = [a / d.shape[0] for d, _, a in present]
-    rank = sum(d.shape[0] for d, _, _ in present)
-    same = all(abs(s - scales[0]) <= 1e-6 * abs(scales[0]) for s in scales)
-    up = torch.zeros(3 * rows, rank, dtype=like.dtype, device=like.device)
-    col, scale = 0, iter(scales)
-    for third, part in enumerate(parts):
-        if part is None:
-            continue
-        d, u, _ = part
-        s = next(scale)
-        up[third * rows:(third + 1) * rows, col:col + d.shape[0]] = u if same else u * s
-        col += d.shape[0]
-    return torch.cat([d for d, _, _ in present], dim=0), up, (scales[0] * rank if same else float(rank))
-
-
-def split_qkv_lora(down: torch.Tensor, up: torch.Tensor, alpha: float):
-    """A LoRA on the fused `qkv` (down (R, in), up (3 out, R), alpha) as exact LoRAs on q, k and v: each takes its
-    third of up's rows and only the rank columns those rows use (all of them for a dense up; its own block for
-    `fuse_qkv_lora`'s block-diagonal one, which gives back the parts' ranks), alpha scaled to keep alpha / rank.
-    Returns three (down, up_i, alpha_i), None for a third whose rows are all zero."""
-    rank = down.shape[0]
-    out = []
-    for u in up.chunk(3, dim=0):
-        used = u.abs().sum(0) != 0
-        if not bool(used.any()):
-            out.append(None)
-            continue
-        out.append((down[used], u[:, used], alpha * int(used.sum()) / rank))
-    return out
-
-
-def lora_to_kohya(loras: dict, config) -> dict:
-    """LoRAs on diffusers modules ({module path: (down, up, alpha)}) as kohya's ({kohya name: (down, up, alpha)}):
-    q/k/v fused (`fuse_qkv_lora`), up's halves swapped where the layouts order the adaLN output differently.
-    Raises ValueError naming a module kohya has no name for."""
-    targets = kohya_targets(config)
-    fused: dict[str, list] = {}
-    out = {}
-    for path, (down, up, alpha) in loras.items():
-        pair = targets.get(path)
-        if pair is None:
-            raise ValueError(f"{path}: no kohya SD3 LoRA name (kohya names the transformer's Linear modules)")
-        name = kohya_name(pair.original)
-        if pair.third is not None:
-            fused.setdefault(name, [None, None, None])[pair.third] = (down, up, alpha)
-        else:
-            out[name] = (down, swap_halves(up) if pair.swap_halves else up, alpha)
-    for name, parts in fused.items():
-        out[name] = fuse_qkv_lora(parts)
-    return out
-
-
-def lora_from_kohya(loras: dict, config) -> dict:
-    """The inverse of `lora_to_kohya`: kohya LoRAs ({kohya name: (down, up, alpha)}) on diffusers modules, a fused
-    qkv split by `split_qkv_lora`. Raises ValueError naming a kohya name this transformer has no module for."""
-    by_name: dict[str, list[MMDiTPair]] = {}
-    for pair in kohya_targets(config).values():
-        by_name.setdefault(kohya_name(pair.original), []).append(pair)
-    out = {}
-    for name, (down, up, alpha) in loras.items():
-        pairs = by_name.get(name)
-        if pairs is None:
-            raise ValueError(f"{name}: not a kohya SD3 LoRA name of this transformer")
-        if pairs[0].third is not None:
-            for pair, part in zip(sorted(pairs, key=lambda p: p.third), split_qkv_lora(down, up, alpha)):
-                if part is not None:
-                    out[pair.diffusers] = part
-        else:
-            out[pairs[0].diffusers] = (down, swap_halves(up) if pairs[0].swap_halves else up, alpha)
-    return out

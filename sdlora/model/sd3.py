@@ -21,6 +21,8 @@ from sdlora.errors import UserError
 from sdlora.model.family_base import ModelFamily
 
 CLIP_TOKENS = 77  # each CLIP's window: the first 77 of the transformer's text tokens
+# kohya model type -> the bundled configs' folder under sdlora/resources/configs (named as Stability's releases)
+BUNDLED_FOLDERS = {"medium": "sd3_medium", "5-medium": "sd3.5_medium", "5-large": "sd3.5_large"}
 
 
 @dataclass
@@ -98,6 +100,13 @@ class SD3Family(ModelFamily):
         return replace(self, t5_max_length=cfg.text_encoder.t5_max_length,
                        joint_attention_dim=_model(comps.denoiser).config.joint_attention_dim)
 
+    def bundled_configs(self, prediction_type: str = "epsilon"):
+        """The released model's diffusers configs for its single files (transformer, VAE, CLIP-L, CLIP-G, T5,
+        scheduler, the CLIP tokenizers' settings; no T5 tokenizer)."""
+        from sdlora.model.family_base import RESOURCES
+
+        return RESOURCES / "configs" / BUNDLED_FOLDERS[self.model_type]
+
     # -- conditioning -----------------------------------------------------------------------------------------
     def encode(self, text_encoders, input_ids, clip_skip: int = 1) -> SD3Conditioning:
         """`text_encoders` / `input_ids`: CLIP-L's, CLIP-G's and (when the model has it) T5's, in that order; the
@@ -147,6 +156,10 @@ class SD3Family(ModelFamily):
                 "pooled_prompt_embeds": cond.pooled.to(dtype), "negative_pooled_prompt_embeds": uncond.pooled.to(dtype)}
 
     # -- the denoiser call and the noise process ------------------------------------------------------------
+    def latent_multiple(self, denoiser) -> int:
+        """`SD3Transformer2DModel` cuts the latent into patch_size² patches: an odd side loses its last row."""
+        return int(denoiser.config.patch_size)
+
     def predict(self, denoiser, noisy, timesteps, conditioning: SD3Conditioning, batch: dict | None = None):
         """`SD3Transformer2DModel` with keyword arguments (its second positional argument is not the timestep):
         `timestep` is the objective's `Noised.timesteps` (sigma · 1000)."""
@@ -182,7 +195,12 @@ class SD3Family(ModelFamily):
         return "caption_projection_dim" in config and kohya_model_type(config) == self.model_type
 
     def matches_single_file(self, keys) -> bool:
-        return False  # single-file SD3 is refused by name (model/single_file.detect_family)
+        """An SD3 single file of this variant: MMDiT keys under `model.diffusion_model.` whose QK-norm and dual
+        attention give this model type (model/sd3_single_file.mmdit_structure)."""
+        from sdlora.model.mmdit_keys import kohya_model_type
+        from sdlora.model.sd3_single_file import is_sd3_file, mmdit_structure
+
+        return is_sd3_file(keys) and kohya_model_type(mmdit_structure(keys)) == self.model_type
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return self.matches_denoiser(denoiser_config)

@@ -1,4 +1,5 @@
 """Single-file checkpoints (the original LDM / SGM layout) of SD 1.x, 2.x and SDXL: reading them offline, and writing.
+(SD3 / SD3.5 files are recognised here and read and written by model/sd3_single_file.py.)
 
 Reading needs no network: the package carries diffusers-format configs for SD 1.x, SD 2.x-512 (epsilon),
 SD 2.x-768 (v-prediction) and SDXL base 1.0, and the CLIP tokenizer files (`sdlora/resources/`). The family
@@ -66,9 +67,10 @@ def read_checkpoint(path: Path, *, allow_pickle: bool, key: str = "model.path") 
 
 def detect_family(sd: dict, path: str = "checkpoint"):
     """The model family of a single file, from its keys alone (`ModelFamily.matches_single_file`)."""
-    if any(k.startswith(L.UNET + "joint_blocks.") for k in sd):
-        raise UserError(f"model.path: {path} is an SD3 / SD3.5 single file, which sdlora does not read yet: train from "
-                        "its diffusers folder (StableDiffusion3Pipeline.from_single_file(...).save_pretrained(...))")
+    from sdlora.model.sd3_single_file import is_sd3_file
+
+    if is_sd3_file(sd) or any(k.startswith("joint_blocks.") for k in sd):
+        return _sd3_family(sd, path)
     if L.UNET + "input_blocks.0.0.weight" not in sd:
         raise UserError(f"model.path: {path} is not an SD 1.x, 2.x or SDXL checkpoint (no model.diffusion_model.* "
                         "UNet keys)")
@@ -83,6 +85,16 @@ def detect_family(sd: dict, path: str = "checkpoint"):
                         f"{L.SDXL_CLIP_L.removesuffix('text_model.')}*, OpenCLIP bigG under {L.SDXL_OPEN_CLIP}*)")
     raise UserError(f"model.path: {path} has no text encoder (cond_stage_model.* or conditioner.embedders.*); "
                     "sdlora needs one")
+
+
+def _sd3_family(sd: dict, path: str):
+    """The SD3-family instance of an SD3 / SD3.5 file (`SD3Family.matches_single_file`: its keys' QK-norm and dual
+    attention); a bare MMDiT (no `model.diffusion_model.` prefix, no VAE: ComfyUI's diffusion_models files) is refused."""
+    if not any(k.startswith(L.UNET + "joint_blocks.") for k in sd):
+        raise UserError(f"model.path: {path} is a transformer-only SD3 / SD3.5 file (MMDiT keys without "
+                        f"{L.UNET}, no VAE); sdlora reads full SD3 checkpoints (MMDiT under {L.UNET}, VAE under "
+                        f"{L.VAE}) or diffusers folders")
+    return next(f for f in FAMILIES.values() if f.matches_single_file(sd))
 
 
 def detect_architecture(sd: dict, path: str = "checkpoint") -> str:
@@ -217,16 +229,31 @@ def _mapped(fn, path, what):
                         "to a diffusers folder of that architecture)") from None
 
 
-def load_single_file(path, *, config_dir=None, allow_pickle: bool = False):
+def load_single_file(path, *, config_dir=None, allow_pickle: bool = False, text_encoders_path=None):
     """A single-file checkpoint as `Components` (fp32), offline. The noise schedule is the file's: its prediction
-    type (see the module docstring) and, for an SDXL file with the `ztsnr` marker, zero terminal SNR."""
+    type (see the module docstring) and, for an SDXL file with the `ztsnr` marker, zero terminal SNR. SD3 / SD3.5
+    files: model/sd3_single_file.py (`text_encoders_path`: where the text encoders the file lacks come from)."""
     import diffusers
 
     from sdlora.model.components import Components
+    from sdlora.model.sd3 import SD3Family
 
     path = Path(path)
     sd, meta = read_checkpoint(path, allow_pickle=allow_pickle)
     family = detect_family(sd, str(path))
+    if isinstance(family, SD3Family):
+        from sdlora.model.sd3_single_file import read_sd3_single_file
+
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(f"model.path: {path} is an SD3 / SD3.5 checkpoint in a pickle file; sdlora reads SD3 "
+                            "files as .safetensors only (as Stability publishes them)")
+        models, tokenizers, scheduler = read_sd3_single_file(path, sd, family, clip_tokenizer=load_tokenizer,
+                                                             config_dir=config_dir,
+                                                             text_encoders_path=text_encoders_path)
+        return Components(family, models, tokenizers, scheduler, str(path))
+    if text_encoders_path is not None:
+        raise UserError(f"model.text_encoders_path: for an SD3 / SD3.5 single file only; {path} is {family.title}, "
+                        "whose file holds its text encoders")
     arch = family.base_model_version("epsilon")
     root = _configs(arch, config_dir, tuple(p.name for p in family.parts))
     sched_file = root / "scheduler" / "scheduler_config.json"
@@ -322,6 +349,12 @@ def ldm_state_dict(comps) -> dict[str, torch.Tensor]:
     """The original single-file layout of the loaded models (the inverse of the reading mapping): each text encoder
     in its family's layout and prefix, and the family's marker keys (an SDXL v-prediction file's `v_pred`)."""
     family = comps.family
+    from sdlora.model.sd3 import SD3Family
+
+    if isinstance(family, SD3Family):
+        from sdlora.model.sd3_single_file import sd3_state_dict
+
+        return sd3_state_dict(comps)
     sd = L.unet_to_ldm(comps.unet.state_dict(), dict(comps.unet.config))  # the SD families' UNet layout
     sd.update(L.vae_to_ldm(comps.vae.state_dict(), dict(comps.vae.config)))
     for component, layout, prefix in family.ldm_text_encoders:

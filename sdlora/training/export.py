@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sdlora.adapter.run_record import RunRecord
 from sdlora.adapter.weights import AdapterWeights, save_native
+from sdlora.errors import UserError
 from sdlora.lora.layers import AdapterLayer
 from sdlora.util.dtypes import DTYPES
 
@@ -54,6 +55,8 @@ def export_for_uis(adapter_path: Path, out: Path) -> str:
     try:
         record = RunRecord.from_metadata(adapter.metadata)
         save_adapter(adapter, out, "kohya", tag_frequencies=record.tag_frequency if record is not None else None)
+    except UserError as e:  # the layout cannot hold it (SD3's LoKr on q/k/v: kohya_modules)
+        return f"no file for ComfyUI / AUTOMATIC1111: {e}"
     except OSError as e:  # a full disk here loses nothing: adapter.safetensors is written and holds the same
         return (f"{out} could not be written ({e.strerror or e}); write it with: sdlora export {adapter_path} "
                 f"--format kohya --out {out}")

@@ -51,11 +51,10 @@ class Example(NamedTuple):
 def folder_examples(comps, subsets, data_cfg) -> list[Example]:
     """Every usable image of `subsets` as its latent mean (scaled and shifted as the VAE config says), centre-cropped
     to its bucket, unflipped, its caption as written (prefix and suffix, no dropout): what the validation loss sees."""
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
-    samples, _ = scan(discover(subsets, 1.0), data_cfg, bucket_sizes(data_cfg))
+    samples, _ = scan(discover(subsets, 1.0), data_cfg)
     if not samples:
         raise UserError(f"Fisher data: no usable images in {', '.join(s.path for s in subsets)}")
     return sample_examples(comps.vae, samples, subsets, data_cfg)

@@ -295,4 +295,4 @@ def tracker_init_kwargs(cfg: Config, out: Path) -> dict:
 def tracker_hparams(cfg: Config) -> dict:
     return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "lr": cfg.optim.lr, "text_encoder_lr": cfg.text_encoder_lr,
             "batch_size": cfg.train.batch_size, "max_steps": cfg.train.max_steps, "init": cfg.lora.init,
-            "learnable_alpha": cfg.lora.learnable_alpha, "resolution": cfg.data.resolution}
+            "learnable_alpha": cfg.lora.learnable_alpha, "resolution": cfg.top_resolution()}

@@ -45,7 +45,7 @@ def check_config(cfg) -> None:
                         "update is not a sum of pieces its file can hold exactly")
     if cfg.lora.init in ("compensated", "principal"):
         raise UserError(f"lora.merge_every does not apply to lora.init={cfg.lora.init}: each restart would offset the "
-                        "base weight again (allowed: zero, orthogonal)")
+                        "base weight again (allowed: zero, orthogonal, orthonormal)")
     if cfg.model.base_precision != "full":
         raise UserError(f"lora.merge_every does not apply with model.base_precision={cfg.model.base_precision}: a "
                         "piece added into a low-bit weight would be rounded to its grid, far coarser than the update "

@@ -108,7 +108,7 @@ def read_prompts_file(path: str) -> list[PromptLine]:
 
 def sample_prompts(cfg) -> list[SamplePrompt]:
     """Every sample of a sampling step, in order: sample.prompts, sample.entries, then the prompts file's lines; each
-    field a prompt leaves unset takes the sample.* value (sizes: data.resolution)."""
+    field a prompt leaves unset takes the sample.* value (sizes: the largest base resolution, Config.top_resolution)."""
     s = cfg.sample
     lines = [PromptLine(p) for p in s.prompts]
     lines += [PromptLine(**e.model_dump()) for e in s.entries]
@@ -118,8 +118,9 @@ def sample_prompts(cfg) -> list[SamplePrompt]:
     def pick(value, default):
         return default if value is None else value
 
+    side = cfg.top_resolution()
     return [SamplePrompt(prompt=p.prompt, negative_prompt=pick(p.negative_prompt, s.negative_prompt),
-                         width=pick(p.width, s.width or cfg.data.resolution),
-                         height=pick(p.height, s.height or cfg.data.resolution), seed=pick(p.seed, s.seed),
+                         width=pick(p.width, s.width or side),
+                         height=pick(p.height, s.height or side), seed=pick(p.seed, s.seed),
                          guidance_scale=pick(p.guidance_scale, s.guidance_scale),
                          steps=pick(p.num_inference_steps, s.num_inference_steps)) for p in lines]

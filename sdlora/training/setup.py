@@ -68,7 +68,8 @@ def build_model(cfg: Config, say):
     config's keys with no effect on this model reported through `say`."""
     comps = load_components(cfg.model.path, vae_path=cfg.model.vae_path, config_dir=cfg.model.config_dir,
                             allow_pickle=cfg.model.allow_pickle, prediction_type=cfg.model.prediction_type,
-                            zero_terminal_snr=cfg.model.zero_terminal_snr)
+                            zero_terminal_snr=cfg.model.zero_terminal_snr,
+                            text_encoders_path=cfg.model.text_encoders_path)
     preflight.against_model(cfg, comps)
     comps.family = comps.family.for_run(comps, cfg)  # SD3: its transformer's text width and T5's length
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here

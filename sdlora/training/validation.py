@@ -38,13 +38,12 @@ def held_out_samples(cfg, training_data, say) -> list:
     if cfg.validation.path is None:
         return training_data.held_out
     from sdlora.config import SubsetConfig
-    from sdlora.data.buckets import bucket_sizes
     from sdlora.data.pipeline import scan
     from sdlora.data.sources import discover
 
     shared = {k: getattr(cfg.data, k) for k in ("caption_extension", "prefix", "suffix")}
     subsets = [SubsetConfig(path=cfg.validation.path, **shared)]
-    samples, skipped = scan(discover(subsets, 1.0), cfg.data, bucket_sizes(cfg.data))
+    samples, skipped = scan(discover(subsets, 1.0), cfg.data)
     if not samples:
         raise UserError(f"validation.path: no usable images in {cfg.validation.path}")
     if skipped:
@@ -93,8 +92,15 @@ def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss
     if not cfg.validation.every_steps:
         return None
     samples = held_out_samples(cfg, training_data, say)
-    say(f"sdlora: validation: {len(samples)} held-out images x {cfg.validation.timesteps} timesteps every "
-        f"{cfg.validation.every_steps} steps")
+    if cfg.validation.path is not None:  # the training data's were checked when it was built
+        from sdlora.data.pipeline import check_bucket_sides
+
+        check_bucket_sides(samples, training_data.latent_factor * comps.family.latent_multiple(comps.denoiser),
+                           comps.family.title)
+    sizes = len({s.resolution for s in samples})
+    at = f" at {sizes} base resolutions" if sizes > 1 else ""
+    say(f"sdlora: validation: {len({s.item for s in samples})} held-out images{at} x {cfg.validation.timesteps} "
+        f"timesteps every {cfg.validation.every_steps} steps")
     return ValidationLoss(cfg, comps, samples, objective)
 
 
