@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from sdlora.errors import UserError
 from sdlora.lora.layers import adapters_disabled
 from sdlora.model.text import tokenize
+from sdlora.training.offload import encode_anywhere
 from sdlora.training.step import predict
 
 
@@ -102,7 +103,7 @@ class Preservation:
         comps, family = self.comps, self.comps.family
         encoders = list(comps.text_encoders.values())
         with adapters_disabled(comps.denoiser, *encoders):
-            cond = family.encode(encoders, input_ids, self.cfg.text_encoder.clip_skip)
+            cond = encode_anywhere(family, encoders, input_ids, self.cfg.text_encoder.clip_skip)  # offloaded: on the CPU
             pred = predict(family, comps.denoiser, noisy, timesteps, cond, batch, autocast)
         return pred, cond
 

@@ -21,6 +21,7 @@ from sdlora.training.checkpoint import Checkpointer
 from sdlora.training.ema import make_ema
 from sdlora.training.export import Exporter
 from sdlora.training.nonfinite import NonFiniteCounter
+from sdlora.training.offload import text_encoder_device
 from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
 from sdlora.training.periodic_merge import PeriodicMerge
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
@@ -81,7 +82,8 @@ def build_model(cfg: Config, say):
 
 
 def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Components, layers: dict, groups) -> Run:
-    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg)
+    text_device = text_encoder_device(cfg, accelerator.device)  # text_encoder.offload: the CPU, or the device
+    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg, text_device)
     data = make_data(cfg, comps, accelerator, say)
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)

@@ -21,6 +21,7 @@ from sdlora.data.pipeline import conditioning_fields, size_conditioning
 from sdlora.data.samples import center_offset, load_pixels
 from sdlora.errors import UserError
 from sdlora.model.text import tokenize
+from sdlora.training.offload import encode_anywhere
 from sdlora.training.step import step_loss
 
 
@@ -81,7 +82,7 @@ class ValidationLoss:
             noised = self.objective.noised(latents, noise, t)
             captions = [image.caption] * len(t)
             ids = [tokenize(tok, captions, self.cfg.data.max_token_length).to(device) for tok in self.comps.tokenizers]
-            embeddings = family.encode(text_encoders, ids, self.cfg.text_encoder.clip_skip)
+            embeddings = encode_anywhere(family, text_encoders, ids, self.cfg.text_encoder.clip_skip)
             batch = conditioning_fields(captions, [image.sizes] * len(t))
             total += float(step_loss(self.objective, family, denoiser, noised, embeddings, batch, self.cfg.loss,
                                      accelerator.autocast))
