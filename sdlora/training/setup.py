@@ -102,9 +102,9 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
     # reg.preservation: None when its weight is 0; each process draws its slice of the global batch's prompts
-    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes)
+    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes, text_cache)
     probe = make_probe(cfg, comps) if main else None
-    validation = make_validation(cfg, comps, data, objective, say) if main else None  # fixed held-out loss
+    validation = make_validation(cfg, comps, data, objective, say, text_cache) if main else None  # held-out loss
     export = Exporter(layers, cfg, RunRecord.from_training(cfg, comps))  # what every exported file says about this run
     ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
     merges = (PeriodicMerge(layers, cfg.lora.merge_every, cfg.train.max_steps, cfg.train.seed, prepared[-1])
