@@ -131,7 +131,7 @@ ROWS = {
                           {"model": {"base_precision": bits}, **copy.deepcopy(changes)})
        for row, changes in (("a", {}), ("demo", {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
                                                  "reg": {"preservation": dict(DEMO_PRESERVATION)}}))
-       for bits in ("fp8", "int8")},
+       for bits in ("fp8", "int8", "int4")},
     # ---- the loss and noise options (issue 29 item 4)
     "debiased": ("+ debiased estimation (loss.debiased_estimation: each example weighted 1/sqrt(min(SNR, 1000)))",
                  {"loss": {"debiased_estimation": True}}),

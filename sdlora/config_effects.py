@@ -122,10 +122,10 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: bool(c.reg.preservation.weight)),
     # samples, validation, checkpoints, EMA, export
     Rule(("sample.prompts", "sample.entries", "sample.prompts_file", "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_rescale",
-          "sample.seed", "sample.negative_prompt", "sample.width", "sample.height"),
+          "sample.seed", "sample.negative_prompt", "sample.width", "sample.height", "sample.skip_layer_guidance"),
          "sample.every_steps above 0 (or validation.with_samples)", lambda c, f: _samples_on(c)),
     # classifier-free guidance runs only above 1 (diffusers' do_classifier_free_guidance): no negative branch
-    Rule(("sample.negative_prompt", "sample.guidance_rescale"), "sample.guidance_scale above 1 (or a sample's own)",
+    Rule(("sample.negative_prompt", "sample.guidance_rescale", "sample.skip_layer_guidance"), "sample.guidance_scale above 1 (or a sample's own)",
          lambda c, f: c.sample.guidance_scale > 1 or bool(c.sample.prompts_file)
          or any((e.guidance_scale or 0) > 1 for e in c.sample.entries)),
     Rule(("validation.path", "validation.timesteps", "validation.seed", "validation.with_probe",

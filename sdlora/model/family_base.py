@@ -126,6 +126,9 @@ class ModelFamily:
             key = changed[0]
             raise UserError(f"loss.flow.{key}: rectified-flow keys apply to SD3 / SD3.5 models; {self.title} trains "
                             f"with DDPM (its keys: loss.{', '.join(DDPM_ONLY)})")
+        if cfg.sample.skip_layer_guidance is not None:
+            raise UserError(f"sample.skip_layer_guidance: skip-layer guidance is StableDiffusion3Pipeline's (SD3 / "
+                            f"SD3.5); {self.title}'s pipeline has none (remove the key)")
         self.check_train_parts(cfg)
 
     def check_train_parts(self, cfg) -> None:

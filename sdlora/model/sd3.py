@@ -95,6 +95,11 @@ class SD3Family(ModelFamily):
         """This family with the model's `joint_attention_dim` and text_encoder.t5_max_length; T5's tokenizer then
         pads and truncates to that length (the pipeline's max_sequence_length), so every `model.text.tokenize`
         call gives the ids the pipeline gives."""
+        depth = _model(comps.denoiser).config.num_layers
+        slg = getattr(getattr(cfg, "sample", None), "skip_layer_guidance", None)  # a run record's settings have none
+        if slg is not None and max(slg.layers) >= depth:
+            raise UserError(f"sample.skip_layer_guidance.layers: {slg.layers}; this transformer has joint blocks "
+                            f"0 to {depth - 1}")
         t5 = comps.tokenizers_by_part.get("text_encoder_3")
         if t5 is not None:
             t5.model_max_length = cfg.text_encoder.t5_max_length
