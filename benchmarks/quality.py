@@ -103,6 +103,9 @@ ROWS = {
     "te0.01+1": ("text encoder only (UNet not adapted) at rate 0.01, penalty 1.0 (10x the usual start)",
                  {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": 1e-2},
                   "reg": {"embedding_norm": {"weight": 1.0}}}),
+    "te0.01+dir": (f"text encoder only (UNet not adapted) at rate 0.01, penalty ({PENALTY}) and its direction term (1.0)",
+                   {"lora": {"unet_targets": [], "conv": False}, "optim": {"text_encoder_lr": 1e-2},
+                    "reg": {"embedding_norm": {"weight": PENALTY, "direction_weight": 1.0}}}),
     "fa": ("LoRA-FA: A frozen with orthonormal rows (singular values 1), only B trained (Shuttleworth et al. 2024)",
            {"lora": {"init": "orthonormal", "train_a": False}}),
     "b10": (f"+ learnable alpha at optim.alpha_lr {10 * UNET_LR:g} (10x the UNet's rate, 30x the text encoder's)",
@@ -128,7 +131,12 @@ ROWS = {
                           {"model": {"base_precision": bits}, **copy.deepcopy(changes)})
        for row, changes in (("a", {}), ("demo", {"optim": {"text_encoder_lr": DEMO_TEXT_ENCODER_LR},
                                                  "reg": {"preservation": dict(DEMO_PRESERVATION)}}))
-       for bits in ("fp8", "int8")},
+       for bits in ("fp8", "int8", "int4")},
+    # ---- the loss and noise options (issue 29 item 4)
+    "debiased": ("+ debiased estimation (loss.debiased_estimation: each example weighted 1/sqrt(min(SNR, 1000)))",
+                 {"loss": {"debiased_estimation": True}}),
+    "ipnoise": ("+ input perturbation (loss.ip_noise_gamma 0.1: the input noised with noise + 0.1·xi)",
+                {"loss": {"ip_noise_gamma": 0.1}}),
 }
 QUICK = ["a", "b", "c1", "d", "e", "f", "g"]
 DEFAULT_ROWS = ["a", "b", "b'", "c1", "c2", "c3", "d", "e", "f", "g", "dora", "lokr", "loha", "ema", "pres", "dir", "pres+",

@@ -19,7 +19,9 @@ keyword arguments and `timestep = sigma * 1000` under bf16 autocast, the velocit
 clipping, torch AdamW (fp32 moments; bitsandbytes' 8-bit AdamW counted in its place as sdxl_memory.py does),
 zero_grad. Two steps, so the optimiser state is resident in the second. The GPU estimate adds sdxl_memory.py's
 assumptions (0.5 GiB CUDA context, 10 % allocator overhead); the text-encoder output cache is counted apart (per
-caption: 333 x 4096 + 2048 bf16 values, 2.7 MB: it belongs in host memory, not beside the transformer).
+caption: 333 x 4096 + 2048 bf16 values, 2.7 MB; training/text_cache.py keeps it on the training device, up to
+data.text_cache_mb), as are the frozen text encoders, which text_encoder.offload (default auto) keeps on the CPU
+when their outputs are cached (training/offload.py; docs/sd3-memory.md).
 """
 
 from __future__ import annotations

@@ -43,17 +43,21 @@ def table(variants, extra_ref: str | None = None) -> str:
     return "\n".join(rows)
 
 
-def write_doc(path: Path, tbl: str, args, device, steps_s) -> None:
+def write_doc(path: Path, tbl: str, args, device, steps_s, *, model: str | None = None,
+              script: str = "train_speed.py") -> None:
+    """This device's (and family's) table in the page, between its markers; `model` names the model in the heading
+    (default: the family's), `script` the command that made it."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    model = {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family] + (" (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else "")
+    model = model or {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family]
+    model += " (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else ""
     bases = f", base {'/'.join(args.base_precisions)} vs {args.dtype}" if getattr(args, "base_precisions", None) else ""
     section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}{bases}, batch 1\n\n"
-               f"Command: `python3 benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  \n"
+               f"Command: `python3 benchmarks/{script} {' '.join(sys.argv[1:])}`  \n"
                f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
                f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
                f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")

@@ -303,9 +303,12 @@ def timed(variant, batch, device) -> None:
         variant.peak_bytes = max(variant.peak_bytes, torch.cuda.max_memory_allocated() - before)
 
 
-def run_rounds(variants, base, args, device, dtype, say) -> None:
+def run_rounds(variants, base, args, device, dtype, say, batch_of=None) -> None:
+    """Warm-up then timed rounds (module docstring), then on CPU a memory round; `batch_of(base, resolution, device,
+    dtype, i)` makes round i's batch (default `make_batch`; benchmarks/sd3_speed.py passes its own)."""
+    make_batch_ = batch_of or make_batch
     for i in range(args.warmup + args.steps):
-        batch = make_batch(base, args.resolution, device, dtype, i)
+        batch = make_batch_(base, args.resolution, device, dtype, i)
         for v in variants[i % len(variants):] + variants[:i % len(variants)]:  # each round starts elsewhere
             timed(v, batch, device)
             if i < args.warmup:
@@ -313,7 +316,7 @@ def run_rounds(variants, base, args, device, dtype, say) -> None:
                 v.peak_bytes = 0
         say(f"round {i}: " + ", ".join(f"{v.name} {v.seconds[-1]:.2f}s" for v in variants if v.seconds))
     if device.type == "cpu":
-        batch = make_batch(base, args.resolution, device, dtype, args.warmup + args.steps)
+        batch = make_batch_(base, args.resolution, device, dtype, args.warmup + args.steps)
         for v in variants:
             v.peak_bytes = cpu_peak_bytes(v.step, batch)
         say("memory round: " + ", ".join(f"{v.name} {v.peak_bytes / 2**20:.0f} MiB" for v in variants))

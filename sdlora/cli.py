@@ -1,4 +1,5 @@
-"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract | import-kohya | config-help`.
+"""`sdlora train | demo | make-tiny-model | export | inspect | merge | resize | extract | import-kohya |
+import-onetrainer | config-help`.
 
 Bad input (a `UserError`) is one line on stderr and exit code 2; a traceback only with --debug.
 """
@@ -163,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     _common(p)
 
+    p = sub.add_parser("import-onetrainer", help="a OneTrainer training config (JSON) as an sdlora config, with a "
+                                                 "table of every option")
+    p.add_argument("config", help="the training config OneTrainer saved (JSON)")
+    p.add_argument("--concepts", metavar="CONCEPTS", help="the concept file (JSON) the config names in "
+                                                          "concept_file_name, when its concepts are not inline")
+    p.add_argument("--samples", metavar="SAMPLES", help="the sample file (JSON) the config names in "
+                                                        "sample_definition_file_name, when its samples are not inline")
+    p.add_argument("--out", required=True, help="the sdlora config to write (.yaml)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(p)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     _common(p)
     return parser
@@ -272,6 +284,11 @@ def _dispatch(args) -> int:
         from sdlora.commands.import_kohya import run_import_kohya
 
         run_import_kohya(args.config, args.out, dataset_config=args.dataset_config, force=args.force, sdxl=args.sdxl)
+        return 0
+    if args.command == "import-onetrainer":
+        from sdlora.commands.import_onetrainer import run_import_onetrainer
+
+        run_import_onetrainer(args.config, args.out, concepts=args.concepts, samples=args.samples, force=args.force)
         return 0
     if args.command == "config-help":
         from sdlora.config import describe_keys

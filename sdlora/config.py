@@ -18,7 +18,7 @@ from sdlora.config_help import describe_error, describe_model
 from sdlora.config_outputs import (CheckpointConfig, ExportConfig, LogConfig, SampleConfig,  # noqa: F401 (re-exported)
                                    SamplePromptConfig, ValidationConfig)
 from sdlora.config_base import Section, UserPath
-from sdlora.config_flow import FlowConfig
+from sdlora.config_loss import LossConfig
 from sdlora.data.buckets import resolution_list
 from sdlora.config_reg import EmbeddingNormConfig, PreservationConfig, RegConfig  # noqa: F401 (re-exported)
 from sdlora.errors import UserError
@@ -133,6 +133,7 @@ class DataConfig(CaptionOptions):
     cache_latents: Literal["none", "memory", "disk"] = Field("none", description="Cache VAE latents: not at all, in memory, or on disk (safetensors keyed by image content hash, crop and VAE identity). Needs data.crop=center.")
     cache_dir: Optional[UserPath] = Field(None, description="Disk latent cache folder (default: <output.dir>/../.sdlora-cache).")
     cache_text_encoder_outputs: bool = Field(True, description="Cache text-encoder outputs when the text encoder is frozen.")
+    text_cache_mb: float = Field(2048, gt=0, description="The text-encoder output cache's budget in MiB (the cached tensors' bytes; also at most 2048 captions), least recently used captions dropped past it: SD3's conditioning is 5.2 MiB per caption in fp32 (T5 at 256 tokens), SD 1.5's 0.23 MiB.")
     on_error: Literal["skip", "fail"] = Field("skip", description="A broken image or caption: skip it (listed at start) or stop before training naming the first bad file (docs/data.md has the table).")
     min_image_side: int = Field(64, ge=1, description="Images with a side smaller than this are treated as bad data.")
     max_image_pixels: int = Field(178_956_970, ge=1, description="Images larger than this many pixels are refused (decompression-bomb guard).")
@@ -332,24 +333,8 @@ class TextEncoderConfig(Section):
     train: bool = Field(True, description="Train LoRA on the text encoder.")
     clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm (SDXL and SD3: 1 is the penultimate layer without the norm, as their pipelines).")
     train_parts: Optional[list[str]] = Field(None, description="The text encoders trained when text_encoder.train is on, by the family's part names; default: each it trains by default (SD 1.x/2.x text_encoder; SDXL and SD3 text_encoder and text_encoder_2; add SD3's T5, text_encoder_3, to train it).")
+    offload: Union[Literal["auto"], bool] = Field("auto", description="Keep frozen text encoders on the CPU, off the training device, when their outputs are cached (text_encoder.train false, data.cache_text_encoder_outputs true): each caption is encoded once there and its output moved to the device; samples move them to the device for the call. auto: on when frozen, cached and training on a GPU; true: also then; false: never (SD3.5's T5-XXL stays on the device, 8.8 GiB in bf16).")
     t5_max_length: int = Field(256, ge=1, le=512, description="SD3's T5 tokens per caption (the pipeline's max_sequence_length; kohya's t5xxl_max_token_length): padded and truncated to it; without T5, the length of the zeros fed in its place.")
-
-
-# ----------------------------------------------------------------------------------------------- loss
-class LossConfig(Section):
-    type: Literal["mse", "huber"] = Field("mse", description="Diffusion loss.")
-    huber_delta: float = Field(0.1, gt=0.0, description="Huber loss delta.")
-    min_snr_gamma: Optional[float] = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (null = off; 5 is common).")
-    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset strength.")
-    min_timestep: int = Field(0, ge=0, description="Smallest training timestep (inclusive).")
-    max_timestep: Optional[int] = Field(None, ge=1, description="Largest training timestep (exclusive; default: the scheduler's count).")
-    flow: FlowConfig = Field(default_factory=FlowConfig, description="Rectified flow (SD3 / SD3.5): sigma draws, target and weighting.")
-
-    @model_validator(mode="after")
-    def _range(self) -> "LossConfig":
-        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
-            raise ValueError(f"loss.min_timestep ({self.min_timestep}) must be < loss.max_timestep ({self.max_timestep})")
-        return self
 
 
 class Config(Section):

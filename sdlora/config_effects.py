@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from sdlora.config_loss import HUBER_TYPES
 from sdlora.errors import UserError
 
 
@@ -70,6 +71,11 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.cache_dir",), "data.cache_latents: disk", lambda c, f: c.data.cache_latents == "disk"),
     Rule(("data.cache_text_encoder_outputs",), "text_encoder.train: false (a trained encoder is never cached)",
          lambda c, f: not c.text_encoder.train),
+    Rule(("data.text_cache_mb",), "text_encoder.train: false and data.cache_text_encoder_outputs: true",
+         lambda c, f: not c.text_encoder.train and c.data.cache_text_encoder_outputs),
+    Rule(("text_encoder.offload",), "text_encoder.train: false and data.cache_text_encoder_outputs: true (a trained "
+         "or uncached encoder runs every step, on the training device)",
+         lambda c, f: not c.text_encoder.train and c.data.cache_text_encoder_outputs),
     Rule(("data.keep_tokens",), "data.shuffle_tags or data.tag_dropout (in data or a subset)",
          lambda c, f: any(s.shuffle_tags or s.tag_dropout for s in c.data_subsets())),
     Rule(("data.min_side", "data.max_side"), "data.bucketing: true", lambda c, f: c.data.bucketing),
@@ -88,7 +94,18 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: "text_encoder_2" in f.text_encoders, uses_model=True),
     Rule(("optim.alpha_lr",), "lora.learnable_alpha: true", lambda c, f: c.lora.learnable_alpha),
     # loss
-    Rule(("loss.huber_delta",), "loss.type: huber", lambda c, f: c.loss.type == "huber"),
+    Rule(("loss.huber_delta", "loss.huber_schedule", "loss.huber_scale"), "loss.type: huber, pseudo_huber or smooth_l1",
+         lambda c, f: c.loss.type in HUBER_TYPES),
+    Rule(("loss.huber_scale",), "loss.huber_schedule: constant or exponential (snr has no scale)",
+         lambda c, f: c.loss.huber_schedule != "snr"),
+    Rule(("loss.noise_offset_random_strength", "loss.adaptive_noise_scale"), "loss.noise_offset above 0",
+         lambda c, f: bool(c.loss.noise_offset)),
+    Rule(("loss.multires_noise_discount",), "loss.multires_noise_iterations above 0",
+         lambda c, f: bool(c.loss.multires_noise_iterations)),
+    Rule(("loss.ip_noise_random_strength",), "loss.ip_noise_gamma above 0", lambda c, f: bool(c.loss.ip_noise_gamma)),
+    Rule(("loss.logit_mean", "loss.logit_std"), "loss.timestep_sampling: logit_normal",
+         lambda c, f: c.loss.timestep_sampling == "logit_normal"),
+    Rule(("loss.mode_scale",), "loss.timestep_sampling: mode", lambda c, f: c.loss.timestep_sampling == "mode"),
     # regularisers
     Rule(("reg.embedding_norm.weight", "reg.embedding_norm.direction_weight", "reg.embedding_norm.text_encoder_2_weight",
           "reg.embedding_norm.pooled_weight", "reg.embedding_norm.output_weights"),
@@ -105,10 +122,10 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: bool(c.reg.preservation.weight)),
     # samples, validation, checkpoints, EMA, export
     Rule(("sample.prompts", "sample.entries", "sample.prompts_file", "sample.num_inference_steps", "sample.guidance_scale", "sample.guidance_rescale",
-          "sample.seed", "sample.negative_prompt", "sample.width", "sample.height"),
+          "sample.seed", "sample.negative_prompt", "sample.width", "sample.height", "sample.skip_layer_guidance"),
          "sample.every_steps above 0 (or validation.with_samples)", lambda c, f: _samples_on(c)),
     # classifier-free guidance runs only above 1 (diffusers' do_classifier_free_guidance): no negative branch
-    Rule(("sample.negative_prompt", "sample.guidance_rescale"), "sample.guidance_scale above 1 (or a sample's own)",
+    Rule(("sample.negative_prompt", "sample.guidance_rescale", "sample.skip_layer_guidance"), "sample.guidance_scale above 1 (or a sample's own)",
          lambda c, f: c.sample.guidance_scale > 1 or bool(c.sample.prompts_file)
          or any((e.guidance_scale or 0) > 1 for e in c.sample.entries)),
     Rule(("validation.path", "validation.timesteps", "validation.seed", "validation.with_probe",

@@ -28,6 +28,21 @@ class SamplePromptConfig(Section):
         return self
 
 
+class SkipLayerGuidanceConfig(Section):
+    layers: list[int] = Field(default_factory=lambda: [7, 8, 9], min_length=1, description="Joint blocks skipped in the extra guidance pass (StableDiffusion3Pipeline's skip_guidance_layers; Stability's recommendation for SD3.5 Medium: 7, 8, 9).")
+    scale: float = Field(2.8, ge=0.0, description="Skip-layer guidance scale (the pipeline's skip_layer_guidance_scale).")
+    start: float = Field(0.01, ge=0.0, le=1.0, description="Fraction of the sampling steps where it starts (skip_layer_guidance_start).")
+    stop: float = Field(0.2, ge=0.0, le=1.0, description="Fraction of the sampling steps where it stops (skip_layer_guidance_stop).")
+
+    @model_validator(mode="after")
+    def _window(self) -> "SkipLayerGuidanceConfig":
+        if self.start >= self.stop:
+            raise ValueError(f"sample.skip_layer_guidance: start {self.start} must be below stop {self.stop}")
+        if min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"sample.skip_layer_guidance.layers: {self.layers}; allowed: distinct block indices >= 0")
+        return self
+
+
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts sampled during training, each with the settings below.")
     entries: list[SamplePromptConfig] = Field(default_factory=list, description="Prompts with their own settings: each a mapping with prompt and any of negative_prompt, width, height, seed, guidance_scale, num_inference_steps (unset ones: the sample.* value); sampled after sample.prompts.")
@@ -40,6 +55,7 @@ class SampleConfig(Section):
     negative_prompt: str = Field("", description="Negative prompt.")
     width: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample width (default: the largest base resolution, data.resolution).")
     height: Optional[int] = Field(None, ge=64, multiple_of=8, description="Sample height (default: the largest base resolution, data.resolution).")
+    skip_layer_guidance: Optional[SkipLayerGuidanceConfig] = Field(None, description="SD3 / SD3.5 only: skip-layer guidance in the samples (the pipeline's extra guidance by the prediction with some joint blocks skipped, made for SD3.5 Medium); {} takes Stability's settings. Off when unset.")
 
     def has_prompts(self) -> bool:
         return bool(self.prompts or self.entries or self.prompts_file)

@@ -320,6 +320,54 @@ def test_optimizer_types(tmp_path, lines, optim, status):
     assert {k: got.get(k) for k in optim} == optim and (optim or "optimizer" not in got)
 
 
+@pytest.mark.parametrize("lines, loss, statuses", [
+    ('loss_type = "huber"\nhuber_c = 0.2', {"type": "pseudo_huber", "huber_schedule": "snr", "huber_delta": 0.2},
+     {"loss_type": "mapped", "huber_c": "mapped"}),  # kohya's default schedule, snr, written out
+    ('loss_type = "smooth_l1"\nhuber_schedule = "exponential"\nhuber_scale = 2.0',
+     {"type": "smooth_l1", "huber_schedule": "exponential", "huber_scale": 2.0}, {"huber_schedule": "mapped"}),
+    ('loss_type = "l1"', {"type": "l1"}, {"loss_type": "mapped"}),
+    ('loss_type = "l2"\nhuber_c = 0.3\nhuber_schedule = "snr"', {}, {"loss_type": "off", "huber_c": "off"}),
+    ('debiased_estimation_loss = true\nip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true',
+     {"debiased_estimation": True, "ip_noise_gamma": 0.1, "ip_noise_random_strength": True},
+     {"debiased_estimation_loss": "mapped", "ip_noise_gamma_random_strength": "mapped"}),
+    ('noise_offset = 0.05\nnoise_offset_random_strength = true\nadaptive_noise_scale = 0.01',
+     {"noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.01},
+     {"noise_offset_random_strength": "mapped", "adaptive_noise_scale": "mapped"}),
+    ('adaptive_noise_scale = 0.01\nnoise_offset = 0', {}, {"adaptive_noise_scale": "off"}),
+    ('multires_noise_iterations = 6\nmultires_noise_discount = 0.4',
+     {"multires_noise_iterations": 6, "multires_noise_discount": 0.4}, {"multires_noise_discount": "mapped"}),
+    ('multires_noise_discount = 0.4\nip_noise_gamma_random_strength = true\nip_noise_gamma = 0', {},
+     {"multires_noise_discount": "off", "ip_noise_gamma_random_strength": "off", "ip_noise_gamma": "off"}),
+    ('loss_type = "huber"\nhuber_schedule = "cosine"', {"type": "pseudo_huber"}, {"huber_schedule": "invalid value"}),
+])
+def test_loss_and_noise_options(tmp_path, lines, loss, statuses):
+    from sdlora.config import LossConfig
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\n{lines}\n')
+    data, rows, _ = convert(config)
+    shown = {r.option: r.status for r in rows}
+    assert {k: shown.get(k) for k in statuses} == statuses
+    assert data.get("loss", {}) == loss
+    LossConfig(**data.get("loss", {}))  # what the import writes validates
+
+
+def test_gui_loss_and_noise_fields(tmp_path):
+    """The GUI writes every field; with noise_offset_type Multires it passes multires_* and not noise_offset."""
+    from sdlora.kohya_import.convert import convert
+
+    gui = tmp_path / "g.json"
+    gui.write_text(json.dumps({"LoRA_type": "Standard", "train_data_dir": str(tmp_path), "loss_type": "smooth_l1",
+                               "huber_c": 0.2, "huber_schedule": "snr", "huber_scale": 1, "noise_offset_type": "Multires",
+                               "noise_offset": 0.05, "adaptive_noise_scale": 0, "multires_noise_iterations": 8,
+                               "multires_noise_discount": 0.3, "ip_noise_gamma": 0, "ip_noise_gamma_random_strength": False,
+                               "debiased_estimation_loss": True}))
+    data, rows, _ = convert(gui)
+    assert data["loss"] == {"type": "smooth_l1", "huber_delta": 0.2, "huber_schedule": "snr", "huber_scale": 1.0,
+                            "multires_noise_iterations": 8, "multires_noise_discount": 0.3, "debiased_estimation": True}
+
+
 def test_a_command_line_in_a_script_imports(tmp_path, capsys):
     """The options after train_network.py, `--name value`, `--name=value`, switches, lists, continued lines."""
     from sdlora.kohya_import.convert import convert

@@ -79,7 +79,7 @@ def test_masked_loss_equals_reference_on_a_synthetic_mask():
     weight = torch.tensor([1.0, 0.5, 2.0])
 
     class Mse:
-        type, huber_delta, min_snr_gamma = "mse", 0.1, None
+        type, huber_delta, huber_scale, min_snr_gamma = "mse", 0.1, 1.0, None
 
     got = diffusion_loss(pred, target, torch.zeros(3, dtype=torch.long), None, Mse, weight, mask)
     # Reference in float64: every channel of a latent cell weighted by its mask value, mean over all elements.

@@ -71,6 +71,13 @@ def test_the_family_conditioning_equals_the_pipelines_encode_prompt(request, sd3
 @pytest.mark.parametrize("extra,key", [
     ({"loss": {"min_snr_gamma": 5.0}}, "loss.min_snr_gamma"), ({"loss": {"noise_offset": 0.05}}, "loss.noise_offset"),
     ({"loss": {"min_timestep": 100}}, "loss.min_timestep"), ({"loss": {"max_timestep": 900}}, "loss.max_timestep"),
+    ({"loss": {"debiased_estimation": True}}, "loss.debiased_estimation"),
+    ({"loss": {"ip_noise_gamma": 0.1}}, "loss.ip_noise_gamma"),
+    ({"loss": {"noise_offset_random_strength": True}}, "loss.noise_offset_random_strength"),
+    ({"loss": {"adaptive_noise_scale": 0.01}}, "loss.adaptive_noise_scale"),
+    ({"loss": {"multires_noise_iterations": 6}}, "loss.multires_noise_iterations"),
+    ({"loss": {"timestep_sampling": "logit_normal"}}, "loss.timestep_sampling"),
+    ({"loss": {"type": "pseudo_huber", "huber_schedule": "snr"}}, "loss.huber_schedule"),
     ({"model": {"prediction_type": "v_prediction"}}, "model.prediction_type"),
     ({"model": {"prediction_type": "v_prediction", "zero_terminal_snr": True}}, "model.prediction_type"),
     ({"data": {"max_token_length": 150}}, "data.max_token_length"),

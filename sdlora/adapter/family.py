@@ -11,9 +11,13 @@ blocks there (`lora_unet_input_blocks_4_1_...`), SD 1.x/2.x's by diffusers' path
 - SD 1.x/2.x: attention in the first down block, a fourth down or up block; cross-attention from 768 / 1024.
 - SD 2.x rather than 1.x: Linear `proj_in` / `proj_out` (SD 1.x's are 1x1 convolutions), cross-attention or a
   text-encoder layer 1024 wide. Nothing in the weights tells v-prediction; the metadata may.
-- SD3: a `transformer.` module (kohya's `lora_unet_joint_blocks_...` names read as such); SD3.5 Medium: `attn2`.
-The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`; SD3's `medium`,
-`5-medium`, `5-large`) and `ss_v_parameterization`, ModelSpec's `modelspec.architecture` and
+- SD3 / SD3.5: a `transformer.` (MMDiT; kohya's `lora_unet_joint_blocks_...` names are read as such) or
+  `text_encoder_3.` (T5) module; which one: SD3.5 Medium where a joint
+  block has the second attention `attn2`, SD3.5 Large where a joint block is 2432 wide (38 heads of 64), else SD3
+  Medium (1536 wide). A file with only CLIP modules, `text_encoder_2.` among them, is SDXL's or SD3's: its metadata
+  decides, else SDXL.
+The metadata read: kohya's `ss_base_model_version` (`sd_v1`, `sd_v2`, `sd_v2_v`, `sdxl_base_v1-0`, the SD3 families'
+model types) and `ss_v_parameterization`, ModelSpec's `modelspec.architecture` (SD3: `stable-diffusion-3-...`) and
 `modelspec.prediction_type`.
 """
 
@@ -30,15 +34,30 @@ _SD12_NAMES = re.compile(r"^unet\.(down_blocks\.0\.attentions\.|down_blocks\.3\.
 _CROSS_KV = re.compile(r"^unet\..*\.attn2\.to_[kv]$")
 _PROJ = re.compile(r"^unet\..*\.attentions\.\d+\.proj_(in|out)$")
 _TE_LAYER = re.compile(r"^text_encoder\.encoder\.layers\.\d+\.self_attn\.q_proj$")
+SD3_FAMILIES = (SD3, SD35M, SD35L)
+# The parts only the SD3 families have (the MMDiT transformer, T5), from the families' part tables
+_SD3_ONLY = sorted({p.name for p in SD3.parts if p.adaptable} - {p.name for f in (SD1, SD2, SDXL) for p in f.parts})
+_SD3_NAMES = re.compile(rf"^({'|'.join(map(re.escape, _SD3_ONLY))})\.")
+SD35L_WIDTH = 2432  # SD3.5 Large's joint blocks (38 heads of 64); SD3 and SD3.5 Medium's are 1536
+
+
+def _sd3_from_modules(modules: dict) -> str:
+    """Which SD3 family an adapter with MMDiT or T5 modules belongs to (module docstring)."""
+    mmdit = {n: m for n, m in modules.items() if n.startswith(SD3.denoiser.name + ".")}
+    if any(".attn2." in n for n in mmdit):
+        return SD35M.name
+    widths = {d for m in mmdit.values() for d in m.weight_shape[:2]}
+    return SD35L.name if SD35L_WIDTH in widths else SD3.name
 
 
 def family_from_modules(modules: dict) -> str | None:
-    """'sdxl', 'sd1', 'sd2', 'sd1or2' (SD 1.x or 2.x, nothing shows which), 'sd3' / 'sd35m' (an MMDiT `transformer.`
-    module: an SD3-family adapter; a second image attention, `attn2`, is SD3.5 Medium's), or None (nothing shows
-    the family)."""
-    mmdit = [n for n in modules if n.startswith(f"{SD3.denoiser.name}.")]
-    if mmdit:
-        return "sd35m" if any(".attn2." in n for n in mmdit) else "sd3"
+    """'sdxl', 'sd1', 'sd2', 'sd1or2' (SD 1.x or 2.x, nothing shows which), an SD3 family's name ('sd3', 'sd35m',
+    'sd35l'), 'sdxl_or_sd3' (CLIP modules only, a second encoder among them), or None (nothing shows the family)."""
+    if any(_SD3_NAMES.match(n) for n in modules):
+        return _sd3_from_modules(modules)
+    parts = {n.split(".", 1)[0] for n in modules}  # CLIPs only, the second among them: SDXL's or SD3's
+    if parts and parts <= set(SDXL.text_encoders) and SDXL.text_encoders[1] in parts:
+        return "sdxl_or_sd3"
     sdxl = sd12 = sd1 = sd2 = linear_proj = False
     for name, m in modules.items():
         shape = m.weight_shape
@@ -73,8 +92,8 @@ def family_from_metadata(meta: dict[str, str]) -> tuple[ModelFamily, str] | None
     if version.startswith("sd_v1"):
         return SD1, "v_prediction" if v else "epsilon"
     arch = meta.get("modelspec.architecture", "")
-    for family in (SD3, SD35M, SD35L):  # kohya's SD3 model types and ModelSpec architectures (families.py)
-        if version == family.kohya_version or arch.removesuffix("/lora") == family.modelspec_architecture:
+    for family in SD3_FAMILIES:  # kohya's SD3 version strings are the model types (medium, 5-medium, 5-large)
+        if version == family.kohya_version or arch.split("/")[0] == family.modelspec_architecture:
             return family, "epsilon"
     if arch.startswith("stable-diffusion-xl"):
         return SDXL, "v_prediction" if v else "epsilon"
@@ -99,7 +118,9 @@ def adapter_family(adapter, base_model_version: str | None = None) -> tuple[Mode
     seen = family_from_modules(adapter.modules)
     if seen is None:
         return stated[0] if stated else (SD1, "epsilon")
-    allowed = {"sd1or2": ("sd1", "sd2"), "sd3": ("sd3", "sd35l", "sd35m")}.get(seen, (seen,))
+    sd3 = tuple(f.name for f in SD3_FAMILIES)  # the modules' guess first; the metadata may name another SD3 family
+    allowed = {"sd1or2": ("sd1", "sd2"), "sdxl_or_sd3": ("sdxl", *sd3)}.get(seen) or \
+        ((seen, *(n for n in sd3 if n != seen)) if seen in sd3 else (seen,))
     for family, prediction in stated:
         if family.name in allowed:
             return family, prediction

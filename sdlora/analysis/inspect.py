@@ -61,13 +61,15 @@ _GROUPS = {
                (re.compile(r"^conv_in\b"), lambda m: ".down"),
                (re.compile(r"^mid_block\."), lambda m: ".mid"),
                (re.compile(r"^up_blocks\.(\d+)\."), lambda m: f".up.{m.group(1)}"),
-               (re.compile(r"^conv_out\b"), lambda m: ".up")],
+               (re.compile(r"^conv_out\b"), lambda m: ".up"),
+               # an MMDiT (SD3): its joint blocks, as optim.lr_rules names them (transformer.joint_blocks.N)
+               (re.compile(r"^transformer_blocks\.(\d+)\."), lambda m: f".joint_blocks.{m.group(1)}")],
 }
 
 
 def group_of(name: str) -> str:
     """The block group a module belongs to, in `optim.lr_rules`' naming (text_encoder.layers.N, unet.down.N, ...):
-    its part, and within a text encoder its layer, within a UNet its block."""
+    its part, and within a text encoder its layer, within a UNet its block, within an MMDiT its joint block."""
     component, path = split_name(name)
     for pattern, label in _GROUPS.get(PARTS[component].role, ()):
         m = pattern.match(path)

@@ -1,14 +1,17 @@
 """`sdlora extract --base BASE --tuned TUNED --rank R --out L [--conv] [--conv-rank R]`: a LoRA from two checkpoints.
 
-For every adaptable module of every adaptable part of the family (the UNet's attention Linears and 1x1 projections,
-each text encoder's layer Linears; with --conv the UNet's 3x3 convolutions that sdlora's conv LoRA adapts), ΔW = W_tuned - W_base in float64 and its
-best rank-R factors (`algebra.dense_to_rank`, a randomised SVD where R is small). A module whose weights are
-equal, or whose ‖ΔW‖_F is below --min-diff · ‖W_base‖_F, is left out. The report gives per module the relative
-Frobenius error ‖ΔW - up·down‖_F / ‖ΔW‖_F. Either model may be a diffusers folder or a single file.
+For every adaptable module of every adaptable part of the family (`Part.extract_linears`, model/parts.py: the
+UNet's attention Linears and 1x1 projections, each text encoder's layer Linears, every Linear of an MMDiT's joint
+blocks; with --conv the UNet's 3x3 convolutions that sdlora's conv LoRA adapts, refused on a family without them),
+ΔW = W_tuned - W_base in float64 and its best rank-R factors (`algebra.dense_to_rank`, a randomised SVD where R is
+small). A module whose weights are equal, or whose ‖ΔW‖_F is below --min-diff · ‖W_base‖_F, is left out. The
+report gives per module the relative Frobenius error ‖ΔW - up·down‖_F / ‖ΔW‖_F. Either model may be a diffusers
+folder or a single file.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -20,24 +23,24 @@ from sdlora.adapter.weights import AdapterWeights, ModuleDelta
 from sdlora.commands.adapter_output import check_output, module_table, write_adapter
 from sdlora.config import DEFAULT_CONV_TARGETS
 from sdlora.errors import UserError
-from sdlora.model.parts import TEXT_ENCODER
+from sdlora.model.parts import Part
 
 
 def _is_conv_target(path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in DEFAULT_CONV_TARGETS)
 
 
-def extractable(role: str, model: nn.Module, conv: bool) -> dict[str, nn.Module]:
-    """Module path -> module of what extract considers in a part of `role` (model/parts.py): the modules kohya's
-    LoRA and diffusers' loader map (not conv_in, conv_out or the time embedding, whose kohya keys diffusers cannot
-    load)."""
+def extractable(part: Part, model: nn.Module, conv: bool) -> dict[str, nn.Module]:
+    """Module path -> module of what extract considers in `part` (model/parts.py): the Linears its `extract_linears`
+    names, and in a part with conv LoRA (the UNet) its 1x1 `proj_in` / `proj_out` and, with `conv`, the 3x3
+    convolutions sdlora's conv LoRA adapts (not conv_in, conv_out or the time embedding, whose kohya keys diffusers
+    cannot load)."""
+    linears = re.compile(part.extract_linears) if part.extract_linears else None
     found = {}
     for path, m in model.named_modules():
-        if role == TEXT_ENCODER:
-            keep = isinstance(m, nn.Linear) and ".layers." in f".{path}"
-        elif isinstance(m, nn.Linear):
-            keep = ".attentions." in f".{path}"
-        elif isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Linear):
+            keep = linears is not None and bool(linears.search(f".{path}"))
+        elif isinstance(m, nn.Conv2d) and part.conv_lora:
             one_by_one = m.kernel_size == (1, 1) and path.rsplit(".", 1)[-1] in ("proj_in", "proj_out")
             keep = one_by_one or (conv and _is_conv_target(path) and m.groups == 1)
         else:
@@ -56,7 +59,7 @@ def extract_adapter(base, tuned, rank: int, *, conv: bool = False, conv_rank: in
     tuned_models = tuned.adaptable()
     for component, base_model in base.adaptable().items():
         tuned_model = tuned_models[component]
-        for path, module in extractable(base.family.part(component).role, base_model, conv).items():
+        for path, module in extractable(base.family.part(component), base_model, conv).items():
             name = canonical_name(component, path)
             try:
                 other = tuned_model.get_submodule(path)
@@ -100,6 +103,10 @@ def run_extract(base_path, tuned_path, out, rank: int, *, conv: bool = False, co
     tuned = load_components(str(tuned_path), config_dir=config_dir)
     if base.base_model_version.removesuffix("_v") != tuned.base_model_version.removesuffix("_v"):
         raise UserError(f"extract: --base is {base.base_model_version} and --tuned {tuned.base_model_version}")
+    denoiser = base.family.denoiser
+    if (conv or conv_rank is not None) and not denoiser.conv_lora:
+        raise UserError(f"extract --conv / --conv-rank: {base.family.title}'s {denoiser.name} has no convolutions "
+                        "LoRA adapts (its LoRA modules are Linear layers)")
     adapter, rows = extract_adapter(base, tuned, rank, conv=conv, conv_rank=conv_rank, min_diff=min_diff)
     if not rows:
         raise UserError("extract: no adaptable module differs between --base and --tuned; nothing written")

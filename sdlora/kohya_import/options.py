@@ -16,12 +16,12 @@ from sdlora.kohya_import.dataset import DATA, steps_per_epoch
 from sdlora.kohya_import.optim import (ITEM_5, legacy_optimizer, learning_rate, optimizer, optimizer_args, scheduler,
                                        scheduler_part, text_encoder_lr, warmup)
 from sdlora.kohya_import.rules import (MAPPED, OFF, Builder, Custom, Invalid, NoEffect, To, Unmappable, Unsupported,
-                                       as_bool, as_float, as_int, as_str)
+                                       as_bool, as_float, as_int, as_str, is_unset)
 
 # kohya's argparse defaults that differ from sdlora's (options absent from the input take these).
 KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "optimizer_type": "AdamW", "network_dim": 4,
                   "network_alpha": 1.0, "network_module": "networks.lora", "seed": 0}
-ITEM_4 = "the loss and noise options are left for issue 29 item 4 (they change the training step)"
+LOSS_GAP = "not in sdlora (its loss and noise options: docs/training.md)"
 
 
 def _flag(key: str, value=True):
@@ -158,10 +158,53 @@ def _max_grad_norm(v, b: Builder):
     return MAPPED, b.set("optim.max_grad_norm", norm if norm > 0 else None) + (" (0: no clipping)" if norm <= 0 else "")
 
 
+LOSS_TYPES = {"l1": "l1", "huber": "pseudo_huber", "smooth_l1": "smooth_l1"}  # kohya's name -> sdlora's loss.type
+
+
+def _kohya_loss_type(b: Builder) -> str:
+    value = b.options.get("loss_type")
+    return "l2" if is_unset(value) else as_str(value).lower()
+
+
 def _loss_type(v, b: Builder):
-    if as_str(v).lower() == "l2":
+    kind = _kohya_loss_type(b)
+    if kind == "l2":
         return OFF, "l2 = sdlora's loss.type mse"
-    raise Unmappable(f"{v!r}: {ITEM_4}")
+    if kind not in LOSS_TYPES:
+        raise Invalid(f"{v!r} is not l1, l2, huber or smooth_l1")
+    detail = b.set("loss.type", LOSS_TYPES[kind]) + f" = {LOSS_TYPES[kind]}"
+    if kind != "l1" and is_unset(b.options.get("huber_schedule")):  # kohya's default schedule; sdlora's is constant
+        detail += " and " + b.set("loss.huber_schedule", "snr") + " = snr (kohya's default)"
+    return MAPPED, detail
+
+
+def _huber_option(key: str, read):
+    """huber_c, huber_schedule, huber_scale: read by kohya only with loss_type huber or smooth_l1."""
+    def convert(v, b: Builder):
+        if _kohya_loss_type(b) not in ("huber", "smooth_l1"):
+            return OFF, "read only with loss_type huber / smooth_l1"
+        return MAPPED, b.set(key, read(v))
+    return Custom(convert, key)
+
+
+def _huber_schedule(v) -> str:
+    if as_str(v).lower() not in ("constant", "exponential", "snr"):
+        raise Invalid(f"{v!r} is not constant, exponential or snr")
+    return as_str(v).lower()
+
+
+def _needs(option: str, key: str, read=as_float, zero_is_off: bool = False):
+    """An option kohya reads only when the number `option` is set and not 0 (ip_noise_gamma_random_strength,
+    noise_offset_random_strength, adaptive_noise_scale, multires_noise_discount)."""
+    def convert(v, b: Builder):
+        other = b.options.get(option)
+        if is_unset(other) or as_float(other) == 0:
+            return OFF, f"read only with {option}"
+        value = read(v)
+        if value is False or (zero_is_off and value == 0):
+            return OFF, f"{value!r} is off"
+        return MAPPED, b.set(key, value)
+    return Custom(convert, key)
 
 
 def _v2(v, b: Builder):
@@ -248,19 +291,19 @@ OPTIONS: dict[str, object] = {
     "min_timestep": _nonzero("loss.min_timestep", as_int),
     "max_timestep": _nonzero("loss.max_timestep", as_int),
     "loss_type": Custom(_loss_type, "loss.type"),
-    "huber_schedule": Unsupported(f"only with loss_type huber / smooth_l1; {ITEM_4}", off=("snr",)),
-    "huber_c": Unsupported(f"only with loss_type huber / smooth_l1; {ITEM_4}", off=(0.1, "0.1")),
-    "huber_scale": Unsupported(f"only with loss_type huber / smooth_l1; {ITEM_4}", off=(1, 1.0, "1")),
-    "noise_offset_random_strength": Unsupported(ITEM_4),
-    "adaptive_noise_scale": Unsupported(ITEM_4, off=(0, 0.0, "0")),
-    "multires_noise_iterations": Unsupported(ITEM_4, off=(0, "0")),
-    "multires_noise_discount": Unsupported(f"only with multires_noise_iterations; {ITEM_4}", off=(0.3, "0.3")),
-    "ip_noise_gamma": Unsupported(ITEM_4, off=(0, 0.0, "0")),
-    "ip_noise_gamma_random_strength": Unsupported(ITEM_4),
-    "perlin_noise": Unsupported(ITEM_4, off=(0, "0")),
-    "debiased_estimation_loss": Unsupported(ITEM_4),
-    "scale_v_pred_loss_like_noise_pred": Unsupported(ITEM_4),
-    "v_pred_like_loss": Unsupported(ITEM_4, off=(0, 0.0, "0")),
+    "huber_schedule": _huber_option("loss.huber_schedule", _huber_schedule),
+    "huber_c": _huber_option("loss.huber_delta", as_float),
+    "huber_scale": _huber_option("loss.huber_scale", as_float),
+    "noise_offset_random_strength": _needs("noise_offset", "loss.noise_offset_random_strength", as_bool),
+    "adaptive_noise_scale": _needs("noise_offset", "loss.adaptive_noise_scale", zero_is_off=True),
+    "multires_noise_iterations": _nonzero("loss.multires_noise_iterations", as_int),
+    "multires_noise_discount": _needs("multires_noise_iterations", "loss.multires_noise_discount"),
+    "ip_noise_gamma": _nonzero("loss.ip_noise_gamma"),
+    "ip_noise_gamma_random_strength": _needs("ip_noise_gamma", "loss.ip_noise_random_strength", as_bool),
+    "perlin_noise": Unsupported(LOSS_GAP, off=(0, "0")),
+    "debiased_estimation_loss": _flag("loss.debiased_estimation"),
+    "scale_v_pred_loss_like_noise_pred": Unsupported(LOSS_GAP),
+    "v_pred_like_loss": Unsupported(LOSS_GAP, off=(0, 0.0, "0")),
     "weighted_captions": Unsupported("sdlora reads (word:1.2) as plain text, no prompt weighting"),
     # saving, sampling, logging
     "output_dir": Custom(_output_dir, "output.dir"),

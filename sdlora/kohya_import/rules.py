@@ -4,6 +4,8 @@ A rule turns one kohya option's value into sdlora keys (written into a `Builder`
 says about it. Values come as kohya writes them (TOML numbers and booleans) or as the GUI does (numbers as
 strings, "" for unset), so every reader accepts both and raises `Invalid` (a table row, not a traceback) for
 anything else.
+
+sdlora.onetrainer_import builds its table from the same rules and rows (`who` names the trainer in their texts).
 """
 
 from __future__ import annotations
@@ -131,10 +133,11 @@ class To:
     read: Callable = lambda v: v
     off: tuple = ()
     note: str = ""
+    who: str = "kohya"  # the trainer whose options these are (sdlora.onetrainer_import uses the same rules)
 
     def __call__(self, value, b: Builder) -> tuple[str, str]:
         if self.off and value in self.off:
-            return OFF, f"{value!r} is off in kohya"
+            return OFF, f"{value!r} is off in {self.who}"
         b.set(self.key, self.read(value))
         return MAPPED, self.key + (f" ({self.note})" if self.note else "")
 
@@ -155,10 +158,11 @@ class Unsupported:
 
     why: str
     off: tuple = ()
+    who: str = "kohya"
 
     def __call__(self, value, b: Builder) -> tuple[str, str]:
         if value is False or value in self.off or (isinstance(value, (list, dict)) and not value):
-            return OFF, f"{value!r} is kohya's default or off"
+            return OFF, f"{value!r} is {self.who}'s default or off"
         return UNSUPPORTED, self.why
 
 

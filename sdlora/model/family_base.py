@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.config_loss import DDPM_ONLY
 from sdlora.errors import UserError
 from sdlora.model import ldm_keys as L
 from sdlora.model import parts as P
@@ -124,7 +125,10 @@ class ModelFamily:
         if changed:  # values other than the defaults (a config written out by sdlora holds every key)
             key = changed[0]
             raise UserError(f"loss.flow.{key}: rectified-flow keys apply to SD3 / SD3.5 models; {self.title} trains "
-                            "with DDPM (its keys: loss.min_snr_gamma, noise_offset, min_timestep, max_timestep)")
+                            f"with DDPM (its keys: loss.{', '.join(DDPM_ONLY)})")
+        if cfg.sample.skip_layer_guidance is not None:
+            raise UserError(f"sample.skip_layer_guidance: skip-layer guidance is StableDiffusion3Pipeline's (SD3 / "
+                            f"SD3.5); {self.title}'s pipeline has none (remove the key)")
         self.check_train_parts(cfg)
 
     def check_train_parts(self, cfg) -> None:

@@ -24,7 +24,12 @@ the family's table instead of listing `unet` / `text_encoder_2`:
 - `targets`: the part's default LoRA targets, used when the config does not set `lora.unet_targets` (the denoiser)
   or `lora.text_encoder_targets` (a text encoder); None: the config's defaults (the SD families' CLIP and UNet);
 - `words`: the identifiers of the model's module paths (digits between them are list indices): kohya names lose
-  the dots (`attn1_to_out_0`), and these are what a name is split back into without the model at hand.
+  the dots (`attn1_to_out_0`), and these are what a name is split back into without the model at hand;
+- `extract_linears`: a regular expression searched in a module path (with a leading dot): the Linear layers
+  `sdlora extract` considers in the part (those LoRA files of the family carry: the UNet's attention, a CLIP's or
+  T5's layers, every Linear of an MMDiT joint block);
+- `conv_lora`: the part has the convolutions conv LoRA adapts (the UNet's resnets and 1x1 projections; an MMDiT
+  has none: `sdlora extract --conv` refuses it).
 
 Adding a family's parts is writing its rows here (docs/architecture.md, "Adding a model family").
 """
@@ -53,6 +58,8 @@ class Part:
     words: frozenset = frozenset()
     optional: bool = False
     targets: tuple | None = None
+    extract_linears: str | None = None
+    conv_lora: bool = False
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -94,22 +101,24 @@ encoder layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2 embeddings fi
 layer_norm1 layer_norm2 token_embedding position_embedding
 """.split())  # CLIPTextModel's (and CLIPTextModelWithProjection's)
 
-UNET = Part("unet", DENOISER, "diffusers.UNet2DConditionModel", kohya_prefix="lora_unet_", words=UNET_WORDS)
+CLIP_LAYERS = r"\.encoder\.layers\."  # a CLIP's transformer layers (not its embeddings or projection)
+UNET = Part("unet", DENOISER, "diffusers.UNet2DConditionModel", kohya_prefix="lora_unet_", words=UNET_WORDS,
+            extract_linears=r"\.attentions\.", conv_lora=True)
 SD_VAE = Part("vae", VAE, "diffusers.AutoencoderKL")
 # The one CLIP text encoder of SD 1.x (CLIP-L) and SD 2.x (OpenCLIP-H, read as CLIPTextModel).
 SD1_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
                         model_level="text_model.", kohya_prefix="lora_te_", single_file=("clip_l", L.CLIP_L),
-                        words=CLIP_WORDS)
+                        words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 SD2_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
                         model_level="text_model.", kohya_prefix="lora_te_", single_file=("open_clip", L.OPEN_CLIP),
-                        words=CLIP_WORDS)
+                        words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 # SDXL: CLIP-L and OpenCLIP bigG (with its projection: the pooled embedding); its second tokenizer pads with "!".
 SDXL_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModel", tokenizer="tokenizer",
                          model_level="text_model.", kohya_prefix="lora_te1_", single_file=("clip_l", L.SDXL_CLIP_L),
-                         words=CLIP_WORDS)
+                         words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 SDXL_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
                            tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_",
-                           single_file=("open_clip", L.SDXL_OPEN_CLIP), words=CLIP_WORDS)
+                           single_file=("open_clip", L.SDXL_OPEN_CLIP), words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 
 SD1_PARTS = (UNET, SD1_TEXT_ENCODER, SD_VAE)
 SD2_PARTS = (UNET, SD2_TEXT_ENCODER, SD_VAE)
@@ -127,18 +136,23 @@ T5_WORDS = frozenset("""
 encoder block layer SelfAttention q k v o relative_attention_bias DenseReluDense wi wi_0 wi_1 wo layer_norm
 final_layer_norm shared embed_tokens
 """.split())
-# diffusers' default SD3 LoRA (train_dreambooth_lora_sd3.py, SD3LoraLoaderMixin): both streams' attention.
+# diffusers' default SD3 LoRA (train_dreambooth_lora_sd3.py, SD3LoraLoaderMixin): both streams' attention. Without
+# the script's `attn.` prefix these also adapt SD3.5 Medium's second attention (`attn2`), which the script leaves out.
 SD3_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 SD3_TRANSFORMER = Part("transformer", DENOISER, "diffusers.SD3Transformer2DModel", kohya_prefix="lora_unet_",
-                       words=MMDIT_WORDS, targets=SD3_ATTENTION_TARGETS)
+                       words=MMDIT_WORDS, targets=SD3_ATTENTION_TARGETS,
+                       extract_linears=r"^\.transformer_blocks\.")  # kohya's set: every Linear of each joint block
 # CLIP-L and OpenCLIP bigG, both with their projection (each gives half of the pooled vector); T5-XXL, frozen by
 # default (kohya: opt-in train_t5xxl), absent in a folder saved with text_encoder_3=None.
 SD3_TEXT_ENCODER = Part("text_encoder", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection", tokenizer="tokenizer",
-                        model_level="text_model.", kohya_prefix="lora_te1_", words=CLIP_WORDS)
+                        model_level="text_model.", kohya_prefix="lora_te1_", words=CLIP_WORDS,
+                        extract_linears=CLIP_LAYERS)
 SD3_TEXT_ENCODER_2 = Part("text_encoder_2", TEXT_ENCODER, "transformers.CLIPTextModelWithProjection",
-                          tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_", words=CLIP_WORDS)
+                          tokenizer="tokenizer_2", model_level="text_model.", kohya_prefix="lora_te2_",
+                          words=CLIP_WORDS, extract_linears=CLIP_LAYERS)
 SD3_TEXT_ENCODER_3 = Part("text_encoder_3", TEXT_ENCODER, "transformers.T5EncoderModel", tokenizer="tokenizer_3",
                           tokenizer_class="transformers.T5TokenizerFast", kohya_prefix="lora_te3_", lora=False,
-                          words=T5_WORDS, optional=True, targets=("q", "k", "v", "o"))
+                          words=T5_WORDS, optional=True, targets=("q", "k", "v", "o"),
+                          extract_linears=r"\.block\.\d+\.layer\.")
 SD3_PARTS = (SD3_TRANSFORMER, SD3_TEXT_ENCODER, SD3_TEXT_ENCODER_2, SD3_TEXT_ENCODER_3, SD_VAE)

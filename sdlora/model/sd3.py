@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sdlora.config_loss import ddpm_keys_set
 from sdlora.errors import UserError
 from sdlora.model.family_base import ModelFamily
 
@@ -39,6 +40,10 @@ class SD3Conditioning:
 
     def rows(self, index) -> "SD3Conditioning":
         return SD3Conditioning(self.hidden[index], self.pooled[index], self.widths, self.pooled_widths)
+
+    def to(self, device) -> "SD3Conditioning":
+        """The same conditioning on `device` (an offloaded encoder's output moved to the training device)."""
+        return SD3Conditioning(self.hidden.to(device), self.pooled.to(device), self.widths, self.pooled_widths)
 
     def row(self, i: int) -> "SD3Conditioning":
         """Caption i's conditioning, copied (a cache entry must not keep the whole batch alive)."""
@@ -74,17 +79,13 @@ class SD3Family(ModelFamily):
     def check_config(self, cfg) -> None:
         """Refuse, in one line, the DDPM-only options (they have no meaning for rectified flow) and CLIP chunking
         (the SD3 pipeline reads one 77-token window per CLIP)."""
-        loss = cfg.loss
-        ddpm = {"loss.min_snr_gamma": loss.min_snr_gamma is not None, "loss.noise_offset": bool(loss.noise_offset),
-                "loss.min_timestep": loss.min_timestep != 0,
-                "loss.max_timestep": loss.max_timestep is not None,
-                "model.prediction_type": cfg.model.prediction_type is not None,
-                "model.zero_terminal_snr": bool(cfg.model.zero_terminal_snr)}
-        for key, given in ddpm.items():
-            if given:
-                raise UserError(f"{key}: a DDPM option, and {self.title} trains with rectified flow; use loss.flow.* "
-                                "(timestep_sampling, logit_mean, logit_std, mode_scale, shift, target, weighting, "
-                                "min_sigma, max_sigma)")
+        ddpm = ddpm_keys_set(cfg.loss)
+        ddpm += [k for k, given in (("model.prediction_type", cfg.model.prediction_type is not None),
+                                    ("model.zero_terminal_snr", bool(cfg.model.zero_terminal_snr))) if given]
+        if ddpm:
+            raise UserError(f"{ddpm[0]}: a DDPM option (SD 1.x, 2.x, SDXL), and {self.title} trains with rectified "
+                            "flow; use loss.flow.* (timestep_sampling, logit_mean, logit_std, mode_scale, shift, "
+                            "target, weighting, min_sigma, max_sigma)")
         if cfg.data.max_token_length != 75:
             raise UserError(f"data.max_token_length: {cfg.data.max_token_length}; {self.title}'s pipeline reads one "
                             "77-token window per CLIP (allowed: 75; T5's length is text_encoder.t5_max_length)")
@@ -94,6 +95,11 @@ class SD3Family(ModelFamily):
         """This family with the model's `joint_attention_dim` and text_encoder.t5_max_length; T5's tokenizer then
         pads and truncates to that length (the pipeline's max_sequence_length), so every `model.text.tokenize`
         call gives the ids the pipeline gives."""
+        depth = _model(comps.denoiser).config.num_layers
+        slg = getattr(getattr(cfg, "sample", None), "skip_layer_guidance", None)  # a run record's settings have none
+        if slg is not None and max(slg.layers) >= depth:
+            raise UserError(f"sample.skip_layer_guidance.layers: {slg.layers}; this transformer has joint blocks "
+                            f"0 to {depth - 1}")
         t5 = comps.tokenizers_by_part.get("text_encoder_3")
         if t5 is not None:
             t5.model_max_length = cfg.text_encoder.t5_max_length

@@ -1,6 +1,6 @@
 """The random draws of a training step (latent sampling, noise, timesteps), independent of the process count.
 
-Both classes answer the `Draws` questions of model/objective.py (`normal`, `uniform`, `integers`), so the objective
+Both classes answer the `Draws` questions of model/objective.py (`normal`, `uniform`, `integers`, `batch_uniform`), so the objective
 asks for what it needs without knowing whose generator it is.
 """
 
@@ -43,6 +43,10 @@ class GlobalBatchDraws:
     def integers(self, low: int, high: int) -> torch.Tensor:
         return self._mine(torch.randint(low, high, (self.total,), generator=self.gen, device=self.like.device))
 
+    def batch_uniform(self) -> float:
+        """One uniform in [0, 1) for the whole global batch (every process draws the same)."""
+        return float(torch.rand((), generator=self.gen, device=self.like.device, dtype=torch.float32))
+
 
 class GeneratorDraws:
     """`count` examples' draws from a CPU generator (float32), moved to `device` (the row Fisher estimate: the same
@@ -59,3 +63,6 @@ class GeneratorDraws:
 
     def integers(self, low: int, high: int) -> torch.Tensor:
         return torch.randint(low, high, (self.n,), generator=self.gen).to(self.device)
+
+    def batch_uniform(self) -> float:
+        return float(torch.rand((), generator=self.gen))

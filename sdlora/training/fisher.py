@@ -30,7 +30,7 @@ from sdlora.model.text import tokenize
 from sdlora.training.draws import GeneratorDraws
 from sdlora.training.step import step_loss
 
-PROMPT_SAMPLING_STEPS = 20  # DDIM steps per latent sampled for a prompts file
+PROMPT_SAMPLING_STEPS = 20  # sampler steps per latent sampled for a prompts file (DDIM; SD3: its Euler)
 
 
 class Example(NamedTuple):
@@ -81,8 +81,9 @@ def sample_examples(vae, samples: list, subsets, data_cfg) -> list[Example]:
 
 @torch.no_grad()
 def prompt_examples(comps, prompts: list[str], resolution: int, seed: int) -> list[Example]:
-    """The latent the adapted model samples for each prompt through the family's pipeline: PROMPT_SAMPLING_STEPS DDIM
-    steps, guidance 7.5, at resolution² (SDXL: original = target size, no crop, as the pipeline conditions it). Call
+    """The latent the adapted model samples for each prompt through the family's pipeline: PROMPT_SAMPLING_STEPS steps
+    of `sampling.inference_scheduler` (DDIM; SD3: flow-matching Euler), the pipeline's default guidance (7.5; SD3:
+    7.0), at resolution² (SDXL: original = target size, no crop, as the pipeline conditions it). Call
     after the adapter is merged into `comps`."""
     from sdlora.training.sampling import inference_scheduler
 
@@ -109,8 +110,8 @@ def estimate_row_fisher(comps, adapter, examples: list[Example], objective, *, s
                         loss_cfg=None, clip_skip: int = 1, max_token_length: int | None = None, data: str = "",
                         autocast=contextlib.nullcontext) -> RowFisher:
     """The row Fisher of every module of `adapter` over `samples` single-example gradients (examples taken in turn,
-    each with noise and a time drawn by `objective` (DDPM: a timestep uniform in its range; no noise offset: pass
-    `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
+    each with noise and a time drawn by `objective` (DDPM: a timestep from loss.timestep_sampling in its range; no
+    noise offset, pyramid noise or input perturbation: pass `objective.plain()`) from a generator seeded with `seed`, on the CPU). `comps` must hold the adapter merged into
     its weights (`algebra.merge_adapter`; `fisher_from_data` does it; `merged_into_modules` for training models);
     any family (SDXL: both encoders, its pooled embedding and each example's micro-conditioning). `loss_cfg` is the
     run's loss section (default: plain MSE). Returns (out,) float32 per module."""
@@ -164,6 +165,7 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     for part in (*comps.adaptable().values(), comps.vae):  # fp32 whatever the files hold (sdlora-mini: fp16)
         part.to(torch.float32)
     record = RunRecord.from_metadata(adapter.metadata)
+    comps.family = comps.family.for_run(comps, _run_text_settings(record))  # SD3: the run's T5 length, text width
     res = resolution or (record.resolution if record else comps.family.resolution)
     if path.is_dir():
         data_cfg = DataConfig(path=str(path), resolution=res)
@@ -174,6 +176,22 @@ def fisher_from_data(adapter, base: str, source: str, *, samples: int, seed: int
     objective = comps.family.objective(comps.noise_scheduler, comps.vae.config, loss_cfg or LossConfig()).plain()
     return estimate_row_fisher(comps, adapter, examples, objective, samples=samples, seed=seed, loss_cfg=loss_cfg,
                                clip_skip=clip_skip, data=path.name)
+
+
+def _run_text_settings(record):
+    """What `ModelFamily.for_run` reads of a config (`text_encoder`), from the adapter's run record (SD3: the T5
+    length it trained with); the defaults for a file without one, or whose section this version cannot read."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from sdlora.config import TextEncoderConfig
+
+    section = (record.config.get("text_encoder") if record is not None else None) or {}
+    try:
+        return SimpleNamespace(text_encoder=TextEncoderConfig.model_validate(section))
+    except ValidationError:
+        return SimpleNamespace(text_encoder=TextEncoderConfig())
 
 
 def store_run_fisher(cfg, adapter, adapter_path: Path, comps, layers: dict, data, objective,

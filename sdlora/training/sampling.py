@@ -63,6 +63,10 @@ def generate(cfg, comps, unet, text_encoders, device, autocast=None, prompts=Non
     options = {"guidance_rescale": guidance_rescale(s, comps.zero_terminal_snr)}
     if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:  # SD3's pipeline has none (no DDPM)
         options = {}
+    if s.skip_layer_guidance is not None:  # SD3 only (family.check_config refuses it elsewhere)
+        g = s.skip_layer_guidance
+        options.update(skip_guidance_layers=list(g.layers), skip_layer_guidance_scale=g.scale,
+                       skip_layer_guidance_start=g.start, skip_layer_guidance_stop=g.stop)
     images = []
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):  # entered once: a one-shot manager
         for p, embed in zip(prompts, embeds):

@@ -21,6 +21,7 @@ from sdlora.training.checkpoint import Checkpointer
 from sdlora.training.ema import make_ema
 from sdlora.training.export import Exporter
 from sdlora.training.nonfinite import NonFiniteCounter
+from sdlora.training.offload import text_encoder_device
 from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
 from sdlora.training.periodic_merge import PeriodicMerge
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
@@ -81,7 +82,8 @@ def build_model(cfg: Config, say):
 
 
 def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Components, layers: dict, groups) -> Run:
-    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg)
+    text_device = text_encoder_device(cfg, accelerator.device)  # text_encoder.offload: the CPU, or the device
+    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg, text_device)
     data = make_data(cfg, comps, accelerator, say)
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
@@ -100,9 +102,9 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
     # reg.preservation: None when its weight is 0; each process draws its slice of the global batch's prompts
-    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes)
+    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes, text_cache)
     probe = make_probe(cfg, comps) if main else None
-    validation = make_validation(cfg, comps, data, objective, say) if main else None  # fixed held-out loss
+    validation = make_validation(cfg, comps, data, objective, say, text_cache) if main else None  # held-out loss
     export = Exporter(layers, cfg, RunRecord.from_training(cfg, comps))  # what every exported file says about this run
     ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
     merges = (PeriodicMerge(layers, cfg.lora.merge_every, cfg.train.max_steps, cfg.train.seed, prepared[-1])

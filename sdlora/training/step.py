@@ -35,11 +35,12 @@ def predict(family, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond
 def step_loss(objective, family, denoiser, noised: Noised, conditioning, batch: dict, loss_cfg,
               autocast=contextlib.nullcontext) -> torch.Tensor:
     """The diffusion loss of a batch (a scalar, fp32): `loss.type` of the objective's prediction against its
-    target, times the objective's per-example weight (min-SNR) and the batch's `loss_weight`, under the batch's
-    `loss_mask` (B, 1, h, w) where it has one; the mean over the batch."""
+    target (with the objective's Huber parameter where it schedules one), times the objective's per-example weight
+    (min-SNR, debiased estimation) and the batch's `loss_weight`, under the batch's `loss_mask` (B, 1, h, w) where it
+    has one; the mean over the batch."""
     pred = predict(family, denoiser, noised.noisy, noised.timesteps, conditioning, batch, autocast)
     return weighted_loss(objective.prediction(pred, noised), noised.target, loss_cfg, noised.weight,
-                         batch.get("loss_weight"), mask=batch.get("loss_mask"))
+                         batch.get("loss_weight"), mask=batch.get("loss_mask"), huber_delta=noised.huber_delta)
 
 
 @dataclass
