@@ -75,6 +75,10 @@ def build_model(cfg: Config, say):
     comps.family = comps.family.for_run(comps, cfg)  # SD3: its transformer's text width and T5's length
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
         say(line)
+    if cfg.model.base_precision != "full":  # said before --dry-run's table too: nothing else shows it
+        say(f"sdlora: model.base_precision {cfg.model.base_precision}: the frozen Linear and Conv2d weights of the "
+            f"denoiser and text encoders are stored in {cfg.model.base_precision} and upcast to "
+            f"{cfg.train.mixed_precision} layer by layer; adapters (fp32), norms, embeddings and the VAE keep theirs")
     layers = inject_all(comps.adaptable(), cfg, comps.family)
     groups = build_param_groups(layers, cfg, comps.family)
     check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
@@ -84,6 +88,9 @@ def build_model(cfg: Config, say):
 def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Components, layers: dict, groups) -> Run:
     text_device = text_encoder_device(cfg, accelerator.device)  # text_encoder.offload: the CPU, or the device
     place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg, text_device)
+    if text_device != accelerator.device:
+        say(f"sdlora: the frozen text encoders stay on {text_device} (text_encoder.offload); each new caption is "
+            f"encoded there once and its output cached on {accelerator.device}")
     data = make_data(cfg, comps, accelerator, say)
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
