@@ -2,6 +2,11 @@
 colour/digit combinations, fixed seeds, DDIM 25 steps, CFG 4; and the judge's own accuracy on real renders.
 
     python benchmarks/mini_skill.py [--model DIR] [--seeds-train 2] [--seeds-held-out 6] [--out build/mini_skill]
+                                    [--base-precision full|fp8|int8|int4]
+
+--base-precision stores the UNet's and the text encoder's Linear / Conv2d weights as training's
+model.base_precision does (sdlora/model/low_bits.store_low_bits; upcast to fp32 layer by layer), so the table is
+the skill of the quantised base itself, with no adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sdlora.util.allocator import keep_freed_cpu_memory  # noqa: E402
 from sdlora.mini import MINI_MODEL_DIR  # noqa: E402
 from sdlora.mini.data import DIGIT_WORDS, STROKES  # noqa: E402
 from sdlora.mini.judge import Judge, accuracy_on_real_renders  # noqa: E402
+from sdlora.model.low_bits import BASE_PRECISIONS, library_missing, store_low_bits  # noqa: E402
 from sdlora.mini.skill import GUIDANCE, SAMPLE_STEPS, load_pipeline, sample, skill_table  # noqa: E402
 
 
@@ -29,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds-train", type=int, default=2, help="seeds per training combination (162 combinations)")
     ap.add_argument("--seeds-held-out", type=int, default=6, help="seeds per held-out combination (18 combinations)")
     ap.add_argument("--out", default="build/mini_skill")
+    ap.add_argument("--base-precision", default="full", choices=BASE_PRECISIONS,
+                    help="store the UNet and text encoder weights in this form (model.base_precision)")
     args = ap.parse_args(argv)
     keep_freed_cpu_memory()
     out = Path(args.out)
@@ -39,6 +47,10 @@ def main(argv=None) -> int:
     print(f"judge on renders of unseen scans: digit {own['digit']:.1%} ({own['n_digits']}), star {own['concept']:.1%} "
           f"({own['n_glyphs']}), colours {own['colour']:.1%}")
     pipe = load_pipeline(args.model)
+    if missing := library_missing(args.base_precision):
+        ap.error(missing)
+    stored = sum(store_low_bits(m, args.base_precision) for m in (pipe.unet, pipe.text_encoder))
+    print(f"base precision {args.base_precision}: {stored} Linear / Conv2d weights stored")
     rows = skill_table(pipe, judge, seeds_train=args.seeds_train, seeds_held_out=args.seeds_held_out)
     print("\n| combinations | samples | digit | stroke colour | colours (stroke and background) |\n|---|---|---|---|---|")
     for name, r in rows.items():
@@ -53,7 +65,7 @@ def main(argv=None) -> int:
     record = {"command": " ".join(["python", "benchmarks/mini_skill.py", *(argv or sys.argv[1:])]), "judge": own,
               "sampler": {"scheduler": "DDIM", "steps": SAMPLE_STEPS, "guidance": GUIDANCE},
               "rows": {k: {kk: vv for kk, vv in v.items() if kk != "labels"} for k, v in rows.items()},
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "base_precision": args.base_precision, "seconds": round(time.perf_counter() - t0, 1)}
     (out / "skill.json").write_text(json.dumps(record, indent=1))
     print(f"\n{record['seconds']}s; {out / 'skill.json'}, {out / 'grid.png'}")
     return 0

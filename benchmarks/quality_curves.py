@@ -55,6 +55,8 @@ def picture(rows: dict[str, dict], path: Path) -> None:
             line, = ax.plot(row["steps"], v.mean(0), marker="o", ms=3, label=f"{key} ({len(v)} seeds)")
             ax.fill_between(row["steps"], v.min(0), v.max(0), color=line.get_color(), alpha=0.15)
         ax.set_title(title, fontsize=9)
+        if col != "unrelated_distance":  # percentages on one fixed scale, so rows and pictures compare
+            ax.set_ylim(*((-102, 2) if relative else (-2, 102)))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

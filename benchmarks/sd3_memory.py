@@ -20,7 +20,8 @@ clipping, torch AdamW (fp32 moments; bitsandbytes' 8-bit AdamW counted in its pl
 zero_grad. Two steps, so the optimiser state is resident in the second. The GPU estimate adds sdxl_memory.py's
 assumptions (0.5 GiB CUDA context, 10 % allocator overhead); the text-encoder output cache is counted apart (per
 caption: 333 x 4096 + 2048 bf16 values, 2.7 MB; training/text_cache.py keeps it on the training device, up to
-data.text_cache_mb), as are the frozen text encoders, which stay on the device (docs/sd3-memory.md).
+data.text_cache_mb), as are the frozen text encoders, which text_encoder.offload (default auto) keeps on the CPU
+when their outputs are cached (training/offload.py; docs/sd3-memory.md).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 
-from sdxl_memory import (CARD_GIB, GIB, StepMemTracker, adam8bit_bytes, cuda_fp32_norms,  # noqa: E402
-                         fake_module_conversion, gib, on_gpu)
+from memory_tracer import (CARD_GIB, GIB, StepMemTracker, adam8bit_bytes, cuda_fp32_norms,  # noqa: E402
+                            compute_dtype, fake_module_conversion, gib, on_gpu, with_adam8bit)
 from sdlora.config import validate  # noqa: E402
 from sdlora.lora import build_param_groups  # noqa: E402
 from sdlora.lora.inject import inject, plan_denoiser  # noqa: E402
@@ -61,11 +62,12 @@ DIFFUSERS_SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 T5_TOKENS = 256  # the pipeline's max_sequence_length default
 
 
-def sd3_config(checkpointing: bool = True, rank: int = 16):
-    return validate({"model": {"path": "sd3"}, "data": {"path": "d"}, "output": {"dir": "o"},
+def sd3_config(checkpointing: bool = True, rank: int = 16, base_precision: str = "full", mixed_precision: str = "bf16"):
+    return validate({"model": {"path": "sd3", "base_precision": base_precision}, "data": {"path": "d"},
+                     "output": {"dir": "o"},
                      "lora": {"rank": rank, "alpha": rank, "unet_targets": DIFFUSERS_SD3_TARGETS},
                      "text_encoder": {"train": False}, "optim": {"optimizer": "adamw", "max_grad_norm": 1.0},
-                     "train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing}})
+                     "train": {"mixed_precision": mixed_precision, "gradient_checkpointing": checkpointing}})
 
 
 def build(transformer_config: dict, cfg):
@@ -73,6 +75,7 @@ def build(transformer_config: dict, cfg):
     from diffusers import SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_config(transformer_config)
+    transformer.requires_grad_(False)  # frozen, as inject_all freezes the adaptable parts before injecting
     # no SD3 family yet: the transformer is adapted under the denoiser name "unet" (the trace needs no names)
     layers = inject(transformer, "unet", plan_denoiser(transformer, cfg.lora), cfg.lora, cfg.train.seed)
     comps = types.SimpleNamespace(unet=transformer, denoiser=transformer, vae=torch.nn.Linear(1, 1), text_encoders={})
@@ -81,11 +84,11 @@ def build(transformer_config: dict, cfg):
         if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
             t.constant = None
     with fake_module_conversion(fake):
-        place_models(comps, layers, torch.device("cpu"), torch.bfloat16, cfg)
+        place_models(comps, layers, torch.device("cpu"), compute_dtype(cfg), cfg)
     return transformer, layers
 
 
-def make_train_step(transformer, params, optimizer, max_grad_norm: float | None):
+def make_train_step(transformer, params, optimizer, max_grad_norm: float | None, dtype=torch.bfloat16):
     draw = fm.SigmaDraw(sampling="logit_normal", shift=3.0)
 
     def step(inputs: dict) -> None:
@@ -96,7 +99,7 @@ def make_train_step(transformer, params, optimizer, max_grad_norm: float | None)
         sigma = fm.shift_sigmas(sigma, draw.shift).to(x0.device)
         noisy = fm.noisy_latents(x0, noise, sigma)
         with cuda_fp32_norms():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 pred = transformer(hidden_states=noisy, encoder_hidden_states=inputs["hidden"],
                                    pooled_projections=inputs["pooled"], timestep=fm.transformer_timestep(sigma),
                                    return_dict=False)[0]
@@ -123,11 +126,12 @@ def trace(transformer_config: dict, px: int, cfg, *, fake: bool, steps: int = 2,
         params = [p for g in groups.groups for p in g["params"]]
         optimizer = make_optimizer(groups.groups, cfg)
         lat = px // 8
-        inputs = {"mean": torch.randn(1, 16, lat, lat, dtype=torch.bfloat16),
-                  "std": torch.rand(1, 16, lat, lat, dtype=torch.bfloat16),
-                  "hidden": torch.randn(1, 77 + t5_tokens, joint_dim, dtype=torch.bfloat16),
-                  "pooled": torch.randn(1, pooled, dtype=torch.bfloat16)}
-        step = make_train_step(transformer, params, optimizer, cfg.optim.max_grad_norm)
+        dtype = compute_dtype(cfg)
+        inputs = {"mean": torch.randn(1, 16, lat, lat, dtype=dtype),
+                  "std": torch.rand(1, 16, lat, lat, dtype=dtype),
+                  "hidden": torch.randn(1, 77 + t5_tokens, joint_dim, dtype=dtype),
+                  "pooled": torch.randn(1, pooled, dtype=dtype)}
+        step = make_train_step(transformer, params, optimizer, cfg.optim.max_grad_norm, dtype)
         tracker = StepMemTracker()
         tracker.track_external(transformer, optimizer, *inputs.values())
         built = time.perf_counter()
@@ -144,11 +148,6 @@ def trace(transformer_config: dict, px: int, cfg, *, fake: bool, steps: int = 2,
 
 def text_cache_bytes_per_caption(t5_tokens: int = T5_TOKENS) -> int:
     return ((77 + t5_tokens) * 4096 + 2048) * 2
-
-
-def with_adam8bit(run: dict) -> int:
-    return max(p["total"] - p.get("optimiser state", 0) + adam8bit_bytes(run["trained"])
-               for p in run["phase_peaks"].values())
 
 
 def table(runs: list[dict]) -> str:

@@ -55,7 +55,6 @@ import sys
 import tempfile
 import time
 import types
-from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,13 +64,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from memory_tracer import (CARD_GIB, CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, OpCounter,  # noqa: E402
+                            StepMemTracker, adam8bit_bytes, compute_dtype, cuda_fp32_norms, fake_module_conversion, gib, on_gpu,
+                            with_adam8bit)
 from sdlora.config import validate  # noqa: E402
 from sdlora.config_file import read_config_file  # noqa: E402
 from sdlora.lora import build_param_groups, inject_all  # noqa: E402
-from sdlora.model.families import SDXL, SDXLConditioning  # noqa: E402
+from sdlora.model.families import SD1, SDXL, SDXLConditioning  # noqa: E402
 from sdlora.training.losses import diffusion_loss, diffusion_target, sample_noise  # noqa: E402
 from sdlora.training.optim import make_optimizer  # noqa: E402
 from sdlora.training.placement import place_models  # noqa: E402
@@ -80,155 +80,16 @@ from sdlora.util import atomic  # noqa: E402
 
 SDXL_CONFIGS = ROOT / "sdlora" / "resources" / "configs" / "sdxl_base_v1-0"
 CHARACTER_CONFIG = ROOT / "configs" / "sdxl-character.yaml"
-GIB = 2 ** 30
-CUDA_CONTEXT_GIB = 0.5  # assumption: CUDA context and kernels, outside PyTorch's allocator
-FRAGMENTATION = 0.10  # assumption: the caching allocator's overhead on the allocated peak
-CARD_GIB = 15.6  # a "16 GB" card: 16 GiB of memory, of which nvidia-smi typically reports 15.6-16.0 GiB usable
-BNB_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096  # bitsandbytes' 8-bit optimiser block size and min_8bit_size default
 OLD_PROFILER_PEAK_GIB = 0.176  # benchmarks/sdxl_memory_old.py, 128 px, real SDXL UNet on CPU (229 s)
-CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Activation": "activations",
-              "Temp": "backward temporaries", "Optstate": "optimiser state", "Other": "inputs"}
-
-
-# ---- the tracker and the fake-tensor plumbing
-
-
-class _NoHook:
-    @staticmethod
-    def remove() -> None:
-        pass
-
-
-class StepMemTracker(MemTracker):
-    """MemTracker for a model with frozen parameters, keeping the global peak only.
-
-    MemTracker registers a gradient hook on every parameter of every module it sees run, and torch refuses a hook on
-    a tensor that does not require grad: frozen parameters get a no-op handle instead (they never get a gradient).
-    It also refreshes every active module's own peak at every op (modules x ops: over 20 minutes for SDXL's step on
-    one core); the peak by category over the whole run, the only number read here, is kept exactly as the base
-    class keeps it."""
-
-    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
-        for p in module.parameters():
-            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
-                self._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
-        for m in module.modules():  # a low-bit base's weights (model/low_bits.py): frozen parameters in all but name
-            if (w := getattr(m, "stored_weight", None)) is not None:
-                for t in plain_tensors(w):
-                    self._update_and_maybe_create_winfos(t, _MemRefType.PARAM)
-        return super()._track_module_params_and_buffers(module, install_grad_hooks)
-
-    peak_phase = "none"
-
-    def __init__(self):
-        super().__init__()
-        # forward / backward / optimiser step -> bytes by category at the phase's own peak
-        self.phase_peaks: dict[str, dict[str, int]] = {}
-
-    def _update_peak_stats(self, peak_state) -> None:
-        phase = "optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
-        total = sum(snap["Total"] for snap in self._curr_mem_snap.values())
-        if total > self.phase_peaks.get(phase, {}).get("total", -1):
-            self.phase_peaks[phase] = categories(self._curr_mem_snap)
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap["Total"]:
-                self._peak_mem[dev] = snap["Total"]
-                self._peak_mem_snap[dev] = dict(snap)
-                self.peak_phase = phase
-
-    def total(self, kind: str = "current") -> int:
-        return sum(s["Total"] for s in self.get_tracker_snapshot(kind).values())
-
-    def by_category(self, kind: str = "peak") -> dict[str, int]:
-        return categories(self.get_tracker_snapshot(kind))
-
-
-def plain_tensors(w) -> list[torch.Tensor]:
-    """The plain tensors holding a stored weight (an optimum-quanto tensor: its data, packed for int4, scales and
-    shifts)."""
-    if not hasattr(type(w), "__tensor_flatten__"):
-        return [w]
-    names, _ = w.__tensor_flatten__()
-    return [t for n in names for t in plain_tensors(getattr(w, n))]
-
-
-def categories(snapshot: dict) -> dict[str, int]:
-    """A MemTracker snapshot (device -> category -> bytes) summed over devices, with this script's names."""
-    out = Counter()
-    for snap in snapshot.values():
-        for k, v in snap.items():
-            out[CATEGORIES.get(getattr(k, "value", k), "total")] += v
-    return dict(out)
-
-
-class OpCounter(TorchDispatchMode):
-    """How often each aten op ran (to show which attention kernel the step used)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def cuda_fp32_norms():
-    """CUDA autocast's float32 policy for the normalisations, on CPU. Under CUDA autocast group_norm and layer_norm
-    cast their floating inputs to float32 and return float32 (torch's AMP reference, "CUDA Ops that can autocast to
-    float32"); CPU autocast keeps a bf16 input in bf16. SDXL's GroupNorm and LayerNorm modules call
-    `torch.nn.functional.group_norm` / `layer_norm`, which are wrapped here while autocast is on, so the traced
-    activations get CUDA's dtypes. Wrapping the functions (not a TorchFunctionMode, which the checkpoints'
-    recomputation in backward does not see) keeps forward and recomputation alike. The other ops on CUDA's float32
-    list (softmax, pow, exp, the losses...) run on float32 inputs in this step already or inside the attention
-    kernel."""
-    F = torch.nn.functional
-    originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm")}
-
-    def up(t):
-        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
-
-    def fp32(fn):
-        def run(*args, **kwargs):
-            if torch.is_autocast_enabled("cpu"):
-                args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
-            return fn(*args, **kwargs)
-        return run
-
-    for name, fn in originals.items():
-        setattr(F, name, fp32(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(F, name, fn)
-
-
-@contextlib.contextmanager
-def fake_module_conversion(fake: bool):
-    """Let `Module.to` convert fake parameters. It swaps each fake parameter for its converted copy
-    (torch.utils.swap_tensors), which refuses tensors with weak references, and FakeTensorMode's converter memo keeps
-    one on every fake tensor it makes. The memo is for turning real tensors into fake ones, which this script never
-    asks it to do again, so the check is lifted while the model is placed."""
-    if not fake:
-        yield
-        return
-    original = torch.utils.weakref
-    torch.utils.weakref = types.SimpleNamespace(getweakrefs=lambda t: [])
-    try:
-        yield
-    finally:
-        torch.utils.weakref = original
 
 
 # ---- the models, the config and the step
 
 
-def sdxl_config(checkpointing: bool = True, overrides: dict | None = None):
-    """configs/sdxl-character.yaml with the text encoders frozen (outputs cached) and torch AdamW traced in place of
-    bitsandbytes' (its state is counted apart); `overrides` replace whole sections' keys."""
-    raw = read_config_file(CHARACTER_CONFIG)
+def sdxl_config(checkpointing: bool = True, overrides: dict | None = None, path: Path = CHARACTER_CONFIG):
+    """configs/sdxl-character.yaml (or the config at `path`) with the text encoders frozen (outputs cached) and torch
+    AdamW traced in place of bitsandbytes' (its state is counted apart); `overrides` replace whole sections' keys."""
+    raw = read_config_file(path)
     raw["model"]["path"] = "sdxl"  # never read: the models are built from the bundled configs
     raw["text_encoder"]["train"] = False
     raw["reg"] = {}  # the embedding-norm penalty applies to trained text encoders only
@@ -243,6 +104,12 @@ def read_json(folder: Path, part: str) -> dict:
     return json.loads((folder / part / "config.json").read_text())
 
 
+def family_of(folder: Path):
+    """SDXL where the configs have a second text encoder, else SD 1.x (one CLIP-L encoder, conditioning = its
+    hidden states)."""
+    return SDXL if (folder / "text_encoder_2").is_dir() else SD1
+
+
 def build(folder: Path, cfg, with_frozen: bool = True, device: torch.device = torch.device("cpu")):
     """The family's models from `folder`'s configs (random values), LoRA injected and placed on `device` as training
     does. Returns (components, layers); call inside FakeTensorMode for fake tensors."""
@@ -253,34 +120,43 @@ def build(folder: Path, cfg, with_frozen: bool = True, device: torch.device = to
     text_encoders, vae = {}, torch.nn.Linear(1, 1)
     if with_frozen:
         vae = AutoencoderKL.from_config(read_json(folder, "vae"))
-        text_encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-                         "text_encoder_2": CLIPTextModelWithProjection(
-                             CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))}
+        text_encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if family_of(folder) is SDXL:
+            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     comps = types.SimpleNamespace(unet=unet, denoiser=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler,
                                   scaling_factor=read_json(folder, "vae")["scaling_factor"])
-    layers = inject_all({"unet": unet, **text_encoders}, cfg, SDXL)
+    layers = inject_all({"unet": unet, **text_encoders}, cfg, family_of(folder))
     models = [unet, vae, *text_encoders.values()]
     fake = isinstance(next(unet.parameters()), torch._subclasses.fake_tensor.FakeTensor)
     for t in (t for m in models for t in (*m.parameters(), *m.buffers())):
         if fake:  # a scalar made by torch.tensor() is a fake-mode constant; a trained alpha is no constant
             t.constant = None
     with fake_module_conversion(fake):
-        place_models(comps, layers, device, torch.bfloat16, cfg)
+        place_models(comps, layers, device, compute_dtype(cfg), cfg)
     return comps, layers
 
 
-def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int], device="cpu") -> dict:
-    """One cached sample as the step reads it: the latent distribution (bf16, as `latent_distribution` returns it on
-    a bf16 VAE), the cached conditioning (bf16) and the micro-conditioning sizes (float32 pixels)."""
-    lat, bf16 = px // 8, {"dtype": torch.bfloat16, "device": device}
+def cached_inputs(px: int, hidden_width: int, pooled_width: int, widths: tuple[int, int], device="cpu",
+                  family=SDXL, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One cached sample as the step reads it: the latent distribution (in `dtype`, as `latent_distribution`
+    returns it on a VAE in that dtype), the cached conditioning (`dtype`; SD 1.x: the hidden states alone) and the
+    micro-conditioning sizes (float32 pixels)."""
+    lat, bf16 = px // 8, {"dtype": dtype, "device": device}
     hidden = torch.randn(1, 77, hidden_width, **bf16)
     size = torch.tensor([[float(px), float(px)]], device=device)
     return {"mean": torch.randn(1, 4, lat, lat, **bf16), "std": torch.rand(1, 4, lat, lat, **bf16),
-            "cond": SDXLConditioning(hidden, torch.randn(1, pooled_width, **bf16),
-                                     tuple(hidden.split(list(widths), dim=-1))),
+            "cond": hidden if family is not SDXL else
+            SDXLConditioning(hidden, torch.randn(1, pooled_width, **bf16), tuple(hidden.split(list(widths), dim=-1))),
             "batch": {"original_size": size, "crop_top_left": torch.zeros(1, 2, device=device),
                       "target_size": size.clone()}}
+
+
+def input_tensors(inputs: dict) -> list[torch.Tensor]:
+    """The cached sample's tensors the tracker counts as inputs (latent mean and std, hidden states, SDXL's pooled)."""
+    cond = inputs["cond"]
+    return [inputs["mean"], inputs["std"], *((cond,) if isinstance(cond, torch.Tensor) else (cond.hidden, cond.pooled))]
 
 
 def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True, device=torch.device("cpu")):
@@ -288,6 +164,7 @@ def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True, devi
     autocast region uses CUDA autocast's float32 policy for the normalisations (cuda_fp32_norms), else CPU
     autocast's own. On a CUDA `device` the step runs under CUDA's own autocast (`cuda_lists` is then moot)."""
     unet, scheduler, scaling = comps.unet, comps.noise_scheduler, comps.scaling_factor  # the VAE config's
+    family, dtype = (SDXL if "text_encoder_2" in comps.text_encoders else SD1), compute_dtype(cfg)
 
     def step(inputs: dict) -> None:
         latents = (inputs["mean"] + inputs["std"] * torch.randn_like(inputs["mean"])) * scaling
@@ -296,8 +173,9 @@ def make_train_step(comps, cfg, params, optimizer, cuda_lists: bool = True, devi
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # the lists act inside autocast only, which includes the checkpoints' recomputation during backward
         with cuda_fp32_norms() if cuda_lists and device.type == "cpu" else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=torch.bfloat16):  # accelerator.autocast(), mixed_precision bf16
-                pred = unet(noisy, timesteps, **SDXL.unet_kwargs(inputs["cond"], inputs["batch"])).sample
+            # accelerator.autocast() under mixed_precision bf16; none in float32 training
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                pred = unet(noisy, timesteps, **family.unet_kwargs(inputs["cond"], inputs["batch"])).sample
             target = diffusion_target(scheduler, latents, noise, timesteps)
             loss = diffusion_loss(pred, target, timesteps, scheduler, cfg.loss)
             loss.backward()
@@ -317,14 +195,14 @@ def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: 
     t0 = time.perf_counter()
     with mode:
         comps, layers = build(folder, cfg)
-        groups = build_param_groups(layers, cfg, SDXL)
+        groups = build_param_groups(layers, cfg, family_of(folder))
         params = [p for g in groups.groups for p in g["params"]]
         optimizer = make_optimizer(groups.groups, cfg)
-        inputs = cached_inputs(px, sum(widths), pooled, widths)
+        inputs = cached_inputs(px, sum(widths), pooled, widths, family=family_of(folder), dtype=compute_dtype(cfg))
         step = make_train_step(comps, cfg, params, optimizer, cuda_lists)
         tracker = StepMemTracker()
         tracker.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
-                               inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+                               *input_tensors(inputs))
         ops = OpCounter()
         built = time.perf_counter()
         with tracker, (ops if count_ops else contextlib.nullcontext()):
@@ -343,7 +221,7 @@ def trace(folder: Path, px: int, cfg, *, fake: bool, steps: int = 2, count_ops: 
 
             third = StepMemTracker()
             third.track_external(comps.unet, comps.vae, *comps.text_encoders.values(), optimizer,
-                                 inputs["mean"], inputs["std"], inputs["cond"].hidden, inputs["cond"].pooled)
+                                 *input_tensors(inputs))
             with third:
                 before = third.total()
                 result["profiler_peak_above_start"] = cpu_peak_bytes(step, inputs)
@@ -379,34 +257,9 @@ def old_script_step_peak(px: int = 128) -> int:
 # ---- counted parts and the table
 
 
-def adam8bit_bytes(trained: list[tuple[int, int]]) -> int:
-    """bitsandbytes AdamW8bit's state: per moment 1 byte per value plus a fp32 absmax per 256-value block; tensors
-    under min_8bit_size values keep two fp32 moments."""
-    total = 0
-    for n, _ in trained:
-        total += 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 8 * n
-    return total
-
-
 def text_cache_bytes(capacity: int = DEFAULT_CAPACITY) -> int:
     """The text-encoder output cache full: per caption 77 x 2048 hidden + 1280 pooled values in bf16."""
     return capacity * (77 * 2048 + 1280) * 2
-
-
-def on_gpu(allocated: int) -> float:
-    return allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GIB
-
-
-def gib(x: float) -> str:
-    return f"{x / GIB:.2f}"
-
-
-def with_adam8bit(run: dict) -> int:
-    """The step's peak with bitsandbytes' 8-bit state in place of AdamW's: at each phase's peak, the optimiser
-    category (AdamW's moments, and in the optimiser step its foreach temporaries) is replaced by the counted 8-bit
-    state, and the largest phase wins."""
-    return max(p["total"] - p.get("optimiser state", 0) + adam8bit_bytes(run["trained"])
-               for p in run["phase_peaks"].values())
 
 
 def sdxl_tables(runs: list[dict]) -> str:

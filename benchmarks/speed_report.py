@@ -27,13 +27,15 @@ def paired_ratio(v, ref) -> float:
     return statistics.median(a / b for a, b in zip(v.seconds, ref.seconds))
 
 
-def table(variants) -> str:
+def table(variants, extra_ref: str | None = None) -> str:
+    """The markdown table; `extra_ref` (a variant's name) adds a column of paired ratios to that variant."""
     by = {v.name: v for v in variants}
     mib = {v.name: (v.peak_bytes + v.persistent) / 2**20 for v in variants}
-    rows = ["| variant | s/step median (best) | x floor | x floor+te_bwd | x peer | x peer, best rounds | peak MiB "
-            "| MiB x peer |", "|---|---|---|---|---|---|---|---|"]
+    refs = ("floor", "floor+te_bwd", "peer") + ((extra_ref,) if extra_ref else ())
+    rows = ["| variant | s/step median (best) | " + " | ".join(f"x {r}" for r in refs) + " | x peer, best rounds "
+            "| peak MiB | MiB x peer |", "|---|---|---|---|---|---|---|---|" + "---|" * bool(extra_ref)]
     for name, v in by.items():
-        cells = [f"{paired_ratio(v, by[ref]):.3f}" if ref in by else "-" for ref in ("floor", "floor+te_bwd", "peer")]
+        cells = [f"{paired_ratio(v, by[ref]):.3f}" if ref in by else "-" for ref in refs]
         best = f"{min(v.seconds) / min(by['peer'].seconds):.3f}" if "peer" in by else "-"
         mp = f"{mib[name] / mib['peer']:.3f}" if "peer" in mib else "-"
         rows.append(f"| {name} | {statistics.median(v.seconds):.3f} ({min(v.seconds):.3f}) | {' | '.join(cells)} | {best} "
@@ -53,12 +55,15 @@ def write_doc(path: Path, tbl: str, args, device, steps_s, *, model: str | None 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     model = model or {"sd1": "SD 1.5", "sdxl": "SDXL"}[args.family]
     model += " (tiny: smoke run, numbers meaningless)" if args.arch == "tiny" else ""
-    section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}, batch 1\n\n"
+    bases = f", base {'/'.join(args.base_precisions)} vs {args.dtype}" if getattr(args, "base_precisions", None) else ""
+    section = (f"## {model}, {device.type.upper()}, {args.resolution} px, {args.dtype}{bases}, batch 1\n\n"
                f"Command: `python3 benchmarks/{script} {' '.join(sys.argv[1:])}`  \n"
                f"Machine: {cpu}, {torch.get_num_threads()} threads, GPU: {gpu}; torch {torch.__version__}  \n"
                f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {args.warmup} warm-up + {args.steps}"
                f" timed rounds{' + 1 memory round' if device.type == 'cpu' else ''}; run took {steps_s:.0f} s\n\n{tbl}\n")
     marker = f"<!-- table:{device.type} -->" if args.family == "sd1" else f"<!-- table:{args.family}:{device.type} -->"
+    if getattr(args, "base_precisions", None):  # a low-bit comparison has its own section
+        marker = marker.replace(" -->", ":base-precision -->")
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if marker in old:  # replace this device's table, keep the rest of the page
         head, _, rest = old.partition(marker)

@@ -11,6 +11,13 @@ every frozen tensor to itself), and run interleaved, round by round, so machine 
     python3 benchmarks/train_speed.py --device cuda --resolution 512 --dtype bf16
     python3 benchmarks/train_speed.py --family sdxl --device cuda --resolution 1024 --dtype bf16 --rank 32 --json x.json
     python3 benchmarks/train_speed.py --family sdxl --arch tiny --quick --doc ''   # smoke: tiny SDXL, seconds
+    python3 benchmarks/train_speed.py --only sdlora --base-precisions fp8,int8 --dtype bf16   # a low-bit base
+
+`--base-precisions fp8,int8[,int4]` adds a variant `sdlora+<precision>` per model.base_precision: the same LoRA step
+with the frozen UNet's and text encoder's Linear / Conv2d weights stored in that form (sdlora/model/low_bits.py,
+stored by place_models as in training; the variant's own copy of the modules, sharing the other frozen tensors),
+and a column of each variant's paired ratio to `sdlora` (the base in --dtype). Its table goes to its own section of
+the page (`<!-- table:cpu:base-precision -->`), so it never replaces the main table.
 
 SDXL: the frozen weights are 3.5 B parameters (14 GB in fp32, 7 GB in bf16), shared by every variant; each
 step's activations come on top and grow with the resolution (on CPU, prefer --resolution 256 or below).
@@ -106,8 +113,9 @@ def shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def make_cfg(rank=RANK, **train):
-    return validate({"model": {"path": "-"}, "data": {"path": "-"}, "output": {"dir": "-"},
+def make_cfg(rank=RANK, base_precision="full", **train):
+    return validate({"model": {"path": "-", "base_precision": base_precision}, "data": {"path": "-"},
+                     "output": {"dir": "-"},
                      "lora": {"rank": rank, "alpha": rank}, "train": {"seed": 0, **train},
                      "reg": {"embedding_norm": {"weight": 0.1}}, "log": {"tracker": "none"}})
 
@@ -186,7 +194,7 @@ def floor_step(unet, encoders, family, scheduler, cfg, batch, gen, autocast, *, 
 SD1_ONLY = ("sdlora+penalty",)  # the benchmark's penalty variant measures SD 1.5's one-encoder penalty
 
 
-def build_variants(base: Components, device, dtype, autocast, only, rank: int = RANK):
+def build_variants(base: Components, device, dtype, autocast, only, rank: int = RANK, precisions=()):
     unet0, vae, scheduler, family = base.unet, base.vae, base.noise_scheduler, base.family
     encoders0 = list(base.text_encoders.values())
     # The penalty's content mask reads the EOS of make_batch's ids (SD 1.5's 49407; its text-encoder config says 2)
@@ -228,6 +236,8 @@ def build_variants(base: Components, device, dtype, autocast, only, rank: int = 
         variants.append(sdlora_variant("sdlora+vae", cfg, vae=vae))
     if wanted("sdlora+ckpt"):
         variants.append(sdlora_variant("sdlora+ckpt", make_cfg(rank, gradient_checkpointing=True)))
+    for precision in precisions:  # a low-bit base: place_models stores the copy's weights (model.base_precision)
+        variants.append(sdlora_variant(f"sdlora+{precision}", make_cfg(rank, base_precision=precision)))
     return variants
 
 
@@ -359,12 +369,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    p.add_argument("--base-precisions", default="", help="e.g. fp8,int8: add an sdlora variant per low-bit base "
+                   "(model.base_precision), with ratios to the sdlora variant; int8/int4 need optimum-quanto")
     p.add_argument("--quick", action="store_true", help="smoke run: 128 px, 1 warm-up, 2 timed rounds")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="page to write the table into ('' = none)")
     p.add_argument("--json", default="", help="also write the numbers as JSON here (what summary() returns)")
     args = p.parse_args(argv)
     if args.quick:
         args.resolution, args.warmup, args.steps = 128, 1, 2
+    from sdlora.model.low_bits import BASE_PRECISIONS, library_missing
+
+    args.base_precisions = [x for x in args.base_precisions.split(",") if x]
+    for x in args.base_precisions:
+        if x not in BASE_PRECISIONS[1:]:
+            p.error(f"--base-precisions: {x!r} is not one of {', '.join(BASE_PRECISIONS[1:])}")
+        if missing := library_missing(x):
+            p.error(missing)
+    if args.base_precisions and args.only is not None and "sdlora" not in args.only:
+        p.error("--base-precisions compares against the sdlora variant: keep it in --only")
     return args
 
 
@@ -382,7 +404,7 @@ def measure(args, say=print) -> dict:
         keep_freed_cpu_memory()  # as the trainer does on CPU (sdlora/allocator.py); the same for every variant
     t_start = time.perf_counter()
     base = build_base(args.family, args.arch)
-    variants = build_variants(base, device, dtype, autocast, args.only, args.rank)  # LoRA injected on the CPU, as in
+    variants = build_variants(base, device, dtype, autocast, args.only, args.rank, args.base_precisions)  # LoRA injected on the CPU, as in
     for model in (base.unet, base.vae, *base.text_encoders.values()):  # the trainer; shared weights moved already
         model.to(device, dtype)  # (same Parameter objects); this moves the base's buffers
     built = time.perf_counter() - t_start
@@ -390,12 +412,12 @@ def measure(args, say=print) -> dict:
         f"attention processor: {type(next(iter(base.unet.attn_processors.values()))).__name__}")
     run_rounds(variants, base, args, device, dtype, say=say)
     results = [Result(v.name, list(v.seconds), v.peak_bytes, v.persistent_bytes()) for v in variants]
-    tbl = table(results)
+    tbl = table(results, extra_ref="sdlora" if args.base_precisions else None)
     extra = isolated_costs(variants, base, args, device, dtype)
     if extra:
         tbl += "\n\n" + extra
     settings = {k: getattr(args, k) for k in ("device", "family", "arch", "resolution", "dtype", "rank", "warmup",
-                                              "steps", "only")}
+                                              "steps", "only", "base_precisions")}
     return {"table": tbl, "variants": summary(results), "settings": settings, "build_seconds": built,
             "seconds": time.perf_counter() - t_start,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}

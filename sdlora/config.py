@@ -333,6 +333,7 @@ class TextEncoderConfig(Section):
     train: bool = Field(True, description="Train LoRA on the text encoder.")
     clip_skip: int = Field(1, ge=1, description="Use the output of the N-th last layer (1 = last), then the final layer norm (SDXL and SD3: 1 is the penultimate layer without the norm, as their pipelines).")
     train_parts: Optional[list[str]] = Field(None, description="The text encoders trained when text_encoder.train is on, by the family's part names; default: each it trains by default (SD 1.x/2.x text_encoder; SDXL and SD3 text_encoder and text_encoder_2; add SD3's T5, text_encoder_3, to train it).")
+    offload: Union[Literal["auto"], bool] = Field("auto", description="Keep frozen text encoders on the CPU, off the training device, when their outputs are cached (text_encoder.train false, data.cache_text_encoder_outputs true): each caption is encoded once there and its output moved to the device; samples move them to the device for the call. auto: on when frozen, cached and training on a GPU; true: also then; false: never (SD3.5's T5-XXL stays on the device, 8.8 GiB in bf16).")
     t5_max_length: int = Field(256, ge=1, le=512, description="SD3's T5 tokens per caption (the pipeline's max_sequence_length; kohya's t5xxl_max_token_length): padded and truncated to it; without T5, the length of the zeros fed in its place.")
 
 

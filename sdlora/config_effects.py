@@ -73,6 +73,9 @@ RULES: tuple[Rule, ...] = (
          lambda c, f: not c.text_encoder.train),
     Rule(("data.text_cache_mb",), "text_encoder.train: false and data.cache_text_encoder_outputs: true",
          lambda c, f: not c.text_encoder.train and c.data.cache_text_encoder_outputs),
+    Rule(("text_encoder.offload",), "text_encoder.train: false and data.cache_text_encoder_outputs: true (a trained "
+         "or uncached encoder runs every step, on the training device)",
+         lambda c, f: not c.text_encoder.train and c.data.cache_text_encoder_outputs),
     Rule(("data.keep_tokens",), "data.shuffle_tags or data.tag_dropout (in data or a subset)",
          lambda c, f: any(s.shuffle_tags or s.tag_dropout for s in c.data_subsets())),
     Rule(("data.min_side", "data.max_side"), "data.bucketing: true", lambda c, f: c.data.bucketing),

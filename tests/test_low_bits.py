@@ -180,3 +180,10 @@ def test_offset_inits_and_a_missing_library_are_refused_in_one_line(make_config,
     with pytest.raises(UserError, match=r"int4 needs optimum-quanto.*sdlora\[quant\]"):
         preflight.before_model(make_config(model={"base_precision": "int4"}))
     preflight.before_model(make_config(model={"base_precision": "fp8"}))  # fp8 needs no library
+
+
+def test_the_start_up_lines_say_how_the_base_is_stored(make_config):
+    """A user sees the stored precision before any training (--dry-run included), not only in run/config.yaml."""
+    lines = []
+    train(make_config(model={"base_precision": "fp8"}), dry_run=True, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any(line.startswith("sdlora: model.base_precision fp8: the frozen Linear and Conv2d weights") for line in lines)

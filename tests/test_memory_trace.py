@@ -46,3 +46,23 @@ def test_a_low_bit_base_is_traced_byte_for_byte_and_its_frozen_weights_shrink(ti
     # bf16 -> 1 byte for the Linear / Conv2d weights (most of the frozen bytes); VAE, norms and embeddings stay bf16
     # (and counted: untracked stored weights would leave about 0.1 of the full bytes)
     assert 0.4 * full["peak"]["parameters"] < real["peak"]["parameters"] < 0.8 * full["peak"]["parameters"]
+
+
+@pytest.mark.slow  # about 20 s per case: fake tensors dispatch through Python
+@pytest.mark.parametrize("mixed, precision", [("no", "full"), ("bf16", "fp8"), ("bf16", "int8")])
+def test_the_sd1_step_is_traced_byte_for_byte_in_fp32_and_on_a_low_bit_base(tiny_model, mixed, precision):
+    """benchmarks/memory_grid.py's SD 1.5 rows: one text encoder, the conditioning its hidden states, fp32 training
+    without autocast or a stored base under bf16; fake = real to the byte."""
+    if precision == "int8":
+        pytest.importorskip("optimum.quanto")
+    bench = load_benchmark()
+    cfg = bench.sdxl_config(True, {"lora": {"rank": 4, "alpha": 4}, "train": {"mixed_precision": mixed},
+                                   "model": {"base_precision": precision}},
+                            path=BENCHMARK.parents[1] / "configs" / "sd15-character.yaml")
+    from sdlora.model.loading import load_components
+
+    kw = {"widths": (load_components(str(tiny_model)).text_encoder.config.hidden_size,), "steps": 2}
+    real = bench.trace(tiny_model, 64, cfg, fake=False, **kw)
+    fake = bench.trace(tiny_model, 64, cfg, fake=True, **kw)
+    assert real["peak"]["activations"] > 0 and real["peak"]["optimiser state"] > 0
+    assert fake["peak"] == real["peak"] and fake["phase_peaks"] == real["phase_peaks"]  # tolerance 0 bytes

@@ -183,15 +183,24 @@ class LowBitConv2d(_LowBitMixin, nn.Conv2d):
     _upcast = _UpcastConv2d
 
 
+def kept_in_compute_dtype(model: nn.Module) -> set[str]:
+    """Module names (one part of a dotted path) whose weights stay in the compute dtype: a transformers model's
+    `_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict`."""
+    return {name for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+            for name in (getattr(model, attr, None) or ())}
+
+
 def store_low_bits(model: nn.Module, precision: str) -> int:
     """Store every Linear and Conv2d weight of `model` in `precision` (fp8, int8, int4), in place: each module's
     class becomes LowBitLinear / LowBitConv2d (still an nn.Linear / nn.Conv2d), its weight `stored_weight`.
+    Modules a transformers model names in `_keep_in_fp32_modules` (T5's `wo`, which transformers keeps out of 8-bit
+    quantisation, huggingface/transformers#20287, and whose input T5 casts to `wo.weight.dtype`) keep their weight.
     Returns the number of modules stored. Run it after the model has its device and compute dtype."""
     if precision == "full":
         return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, _LowBitMixin):
+    n, keep = 0, kept_in_compute_dtype(model)
+    for name, module in model.named_modules():
+        if isinstance(module, _LowBitMixin) or keep & set(name.split(".")):
             continue
         if type(module) is nn.Linear or type(module) is nn.Conv2d:  # subclasses (LoRA-compatible ones) are plain
             module.__class__ = LowBitLinear if isinstance(module, nn.Linear) else LowBitConv2d

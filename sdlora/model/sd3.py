@@ -41,6 +41,10 @@ class SD3Conditioning:
     def rows(self, index) -> "SD3Conditioning":
         return SD3Conditioning(self.hidden[index], self.pooled[index], self.widths, self.pooled_widths)
 
+    def to(self, device) -> "SD3Conditioning":
+        """The same conditioning on `device` (an offloaded encoder's output moved to the training device)."""
+        return SD3Conditioning(self.hidden.to(device), self.pooled.to(device), self.widths, self.pooled_widths)
+
     def row(self, i: int) -> "SD3Conditioning":
         """Caption i's conditioning, copied (a cache entry must not keep the whole batch alive)."""
         return SD3Conditioning(self.hidden[i].clone(), self.pooled[i].clone(), self.widths, self.pooled_widths)

@@ -22,6 +22,11 @@ class SDXLConditioning:
     def rows(self, index) -> "SDXLConditioning":
         return SDXLConditioning(self.hidden[index], self.pooled[index], tuple(e[index] for e in self.per_encoder))
 
+    def to(self, device) -> "SDXLConditioning":
+        """The same conditioning on `device`; the per-encoder tokens stay views of the moved hidden states."""
+        hidden = self.hidden.to(device)
+        return SDXLConditioning(hidden, self.pooled.to(device), tuple(hidden.split(self.widths(), dim=-1)))
+
     def row(self, i: int) -> "SDXLConditioning":
         """Caption i's conditioning, copied (a cache entry must not keep the whole batch alive); the per-encoder
         tokens are views of its hidden states, which hold them side by side."""

@@ -18,6 +18,7 @@ from sdlora.training import preflight
 from sdlora.training.checkpoint import find_checkpoint
 from sdlora.training.export import UI_FILE, export_for_uis
 from sdlora.training.fisher import store_run_fisher
+from sdlora.training.offload import encoders_on
 from sdlora.training.nonfinite import agree, all_finite, grads_finite
 from sdlora.training.optim import use_average_weights, use_training_weights
 from sdlora.training.run_folder import (
@@ -149,8 +150,9 @@ def _train(cfg: Config, accelerator, out: Path, main: bool, say, run_start: RunS
     adapter_path = out / "adapter.safetensors"
     if main:
         adapter = write_final_adapter(run.export, adapter_path, step, run.checkpointer.latest_intact(), cfg, report=say)
-        if cfg.export.fisher_samples:  # on the models in memory
-            store_run_fisher(cfg, adapter, adapter_path, comps, layers, run.data, run.objective, accelerator.autocast, say)
+        if cfg.export.fisher_samples:  # on the models in memory (offloaded text encoders on the device for it)
+            with encoders_on(comps.text_encoders, accelerator.device):
+                store_run_fisher(cfg, adapter, adapter_path, comps, layers, run.data, run.objective, accelerator.autocast, say)
         if run.ema is not None:  # the average written in the live tensors' place
             run.export(out / "adapter_ema.safetensors", step, tensors=run.ema.average())
         for_uis = export_for_uis(adapter_path, out / UI_FILE)
@@ -206,8 +208,9 @@ def after_step(run: Run, logs: RunLogs, step: int, verdict, weights_finite, stop
         checkpoint = run.checkpointer.save(step, run.nonfinite.state_dict())
         if main:
             logs.flush()
-    if main and sampling:
-        sample_during_training(cfg, run.comps, acc, run.denoiser, run.encoders, run.out, step)
+    if main and sampling:  # the pipeline runs its text encoders beside the denoiser: offloaded ones come over for it
+        with encoders_on(run.comps.text_encoders, acc.device):
+            sample_during_training(cfg, run.comps, acc, run.denoiser, run.encoders, run.out, step)
     if must_stop:
         stop.uninstall()
         logs.progress.close()

@@ -16,14 +16,19 @@ from sdlora.util.dtypes import torch_dtype
 WEIGHT_DTYPES = {name: torch_dtype(name) for name in ("no", "fp16", "bf16")}  # train.mixed_precision
 
 
-def place_models(comps: Components, layers: dict[str, AdapterLayer], device, weight_dtype, cfg) -> None:
+def place_models(comps: Components, layers: dict[str, AdapterLayer], device, weight_dtype, cfg,
+                 text_device=None) -> None:
     """Frozen weights in the training dtype; every adapter tensor (factors, alphas, the offset factors of the
-    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype."""
+    compensated/principal inits) stays fp32, copied across from its fp32 value, never through the training dtype.
+    The text encoders go to `text_device` (training/offload.text_encoder_device: the CPU when frozen, cached and
+    offloaded), default `device`."""
     comps.vae.requires_grad_(False)
     fp32 = {(name, key): t.detach().clone() for name, layer in layers.items() for key, t in layer.adapter_tensors().items()}
     encoders = list(comps.text_encoders.values())
-    for model in (comps.denoiser, *encoders, comps.vae):
+    for model in (comps.denoiser, comps.vae):
         model.to(device=device, dtype=weight_dtype)
+    for model in encoders:
+        model.to(device=device if text_device is None else text_device, dtype=weight_dtype)
     with torch.no_grad():
         for (name, key), value in fp32.items():
             t = getattr(layers[name], key)

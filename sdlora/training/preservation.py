@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from sdlora.errors import UserError
 from sdlora.lora.layers import adapters_disabled
 from sdlora.model.text import tokenize
+from sdlora.training.offload import encode_anywhere
 from sdlora.training.step import predict
 
 
@@ -77,8 +78,10 @@ class Preservation:
     unweighted term, both predictions through `training.step.predict`; `noisy` and `timesteps` are the step's
     (`Noised.noisy`, `.timesteps`); `autocast` is the accelerator's (mixed precision) or none."""
 
-    def __init__(self, cfg, comps, prompts: list[str], process_index: int = 0, num_processes: int = 1):
+    def __init__(self, cfg, comps, prompts: list[str], process_index: int = 0, num_processes: int = 1,
+                 text_cache=None):
         self.cfg, self.comps, self.prompts = cfg, comps, prompts
+        self.text_cache = text_cache  # frozen encoders (no adapters): the run's cache gives the base conditioning
         self.every = cfg.reg.preservation.every_steps
         self.process_index, self.num_processes = process_index, num_processes
 
@@ -102,7 +105,8 @@ class Preservation:
         comps, family = self.comps, self.comps.family
         encoders = list(comps.text_encoders.values())
         with adapters_disabled(comps.denoiser, *encoders):
-            cond = family.encode(encoders, input_ids, self.cfg.text_encoder.clip_skip)
+            cond = (self.text_cache(input_ids) if self.text_cache is not None  # offloaded encoders: not per step
+                    else encode_anywhere(family, encoders, input_ids, self.cfg.text_encoder.clip_skip))
             pred = predict(family, comps.denoiser, noisy, timesteps, cond, batch, autocast)
         return pred, cond
 
@@ -118,7 +122,8 @@ class Preservation:
         return preservation_loss(adapted, base)
 
 
-def make_preservation(cfg, comps, data, process_index: int = 0, num_processes: int = 1) -> Preservation | None:
+def make_preservation(cfg, comps, data, process_index: int = 0, num_processes: int = 1,
+                      text_cache=None) -> Preservation | None:
     if cfg.reg.preservation.weight == 0:
         return None  # nothing drawn, nothing run: training is what it was without the option
-    return Preservation(cfg, comps, preservation_prompts(cfg, data.samples), process_index, num_processes)
+    return Preservation(cfg, comps, preservation_prompts(cfg, data.samples), process_index, num_processes, text_cache)

@@ -21,6 +21,7 @@ from sdlora.training.checkpoint import Checkpointer
 from sdlora.training.ema import make_ema
 from sdlora.training.export import Exporter
 from sdlora.training.nonfinite import NonFiniteCounter
+from sdlora.training.offload import text_encoder_device
 from sdlora.training.optim import check_rates, make_lr_scheduler, make_optimizer
 from sdlora.training.periodic_merge import PeriodicMerge
 from sdlora.training.placement import WEIGHT_DTYPES, place_models
@@ -74,6 +75,10 @@ def build_model(cfg: Config, say):
     comps.family = comps.family.for_run(comps, cfg)  # SD3: its transformer's text width and T5's length
     for line in config_effects.check(cfg, config_effects.ModelFacts.of(cfg, comps)):  # keys with no effect here
         say(line)
+    if cfg.model.base_precision != "full":  # said before --dry-run's table too: nothing else shows it
+        say(f"sdlora: model.base_precision {cfg.model.base_precision}: the frozen Linear and Conv2d weights of the "
+            f"denoiser and text encoders are stored in {cfg.model.base_precision} and upcast to "
+            f"{cfg.train.mixed_precision} layer by layer; adapters (fp32), norms, embeddings and the VAE keep theirs")
     layers = inject_all(comps.adaptable(), cfg, comps.family)
     groups = build_param_groups(layers, cfg, comps.family)
     check_rates(groups.groups, cfg)  # rates the optimiser cannot take: before --dry-run's table
@@ -81,7 +86,11 @@ def build_model(cfg: Config, say):
 
 
 def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Components, layers: dict, groups) -> Run:
-    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg)
+    text_device = text_encoder_device(cfg, accelerator.device)  # text_encoder.offload: the CPU, or the device
+    place_models(comps, layers, accelerator.device, WEIGHT_DTYPES[cfg.train.mixed_precision], cfg, text_device)
+    if text_device != accelerator.device:
+        say(f"sdlora: the frozen text encoders stay on {text_device} (text_encoder.offload); each new caption is "
+            f"encoded there once and its output cached on {accelerator.device}")
     data = make_data(cfg, comps, accelerator, say)
     optimizer = make_optimizer(groups.groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
@@ -100,9 +109,9 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     regulariser = make_regulariser(cfg, comps, say)
     text_cache = make_text_cache(cfg, encoders, comps.family)  # frozen encoders: each caption encoded once
     # reg.preservation: None when its weight is 0; each process draws its slice of the global batch's prompts
-    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes)
+    preservation = make_preservation(cfg, comps, data, accelerator.process_index, accelerator.num_processes, text_cache)
     probe = make_probe(cfg, comps) if main else None
-    validation = make_validation(cfg, comps, data, objective, say) if main else None  # fixed held-out loss
+    validation = make_validation(cfg, comps, data, objective, say, text_cache) if main else None  # held-out loss
     export = Exporter(layers, cfg, RunRecord.from_training(cfg, comps))  # what every exported file says about this run
     ema = make_ema(cfg, layers, accelerator.device)  # train.ema: an average of the adapter, saved with checkpoints
     merges = (PeriodicMerge(layers, cfg.lora.merge_every, cfg.train.max_steps, cfg.train.seed, prepared[-1])

@@ -1,7 +1,8 @@
 """Cached text-encoder outputs for frozen text encoders.
 
 A frozen encoder's output depends only on the token ids (and clip-skip, fixed per run), so each
-distinct caption is encoded once. Entries are kept per caption, in the encoders' dtype on their device (the
+distinct caption is encoded once, on the encoders' device (the CPU when they are offloaded: training/offload.py).
+Entries are kept per caption, in the encoders' dtype on the token ids' device, the training device (the
 training dtype under mixed precision), least recently used dropped past `capacity` captions or past
 `data.text_cache_mb` MiB, so shuffled or dropped-out captions cannot grow the cache without bound. A family with
 several text encoders (SDXL, SD3) keys each caption by every encoder's token ids and keeps its whole conditioning
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from sdlora.config import DataConfig
+from sdlora.training.offload import encode_anywhere
 from sdlora.util.lru import CaptionLRU
 
 DEFAULT_CAPACITY = 2048  # captions at most (also bounded by bytes: DEFAULT_MAX_MB, data.text_cache_mb)
@@ -44,7 +46,8 @@ class TextEncoderOutputCache:
     @torch.no_grad()
     def __call__(self, input_ids):
         ids = list(input_ids) if isinstance(input_ids, (list, tuple)) else [input_ids]
-        rows = self.lru.rows(ids, lambda subset: self.family.encode(self.text_encoders, subset, self.clip_skip), _row)
+        rows = self.lru.rows(ids, lambda subset: encode_anywhere(self.family, self.text_encoders, subset, self.clip_skip),
+                             _row)
         return torch.stack(rows) if isinstance(rows[0], torch.Tensor) else type(rows[0]).stack(rows)
 
 

@@ -21,6 +21,7 @@ from sdlora.data.pipeline import conditioning_fields, size_conditioning
 from sdlora.data.samples import center_offset, load_pixels
 from sdlora.errors import UserError
 from sdlora.model.text import tokenize
+from sdlora.training.offload import encode_anywhere
 from sdlora.training.step import step_loss
 
 
@@ -52,8 +53,9 @@ def held_out_samples(cfg, training_data, say) -> list:
 
 
 class ValidationLoss:
-    def __init__(self, cfg, comps, samples: list, objective):
+    def __init__(self, cfg, comps, samples: list, objective, text_cache=None):
         self.cfg, self.comps, self.objective = cfg, comps, objective
+        self.text_cache = text_cache  # frozen encoders: the run's cache (each held-out caption encoded once)
         v = cfg.validation
         gen = torch.Generator().manual_seed(v.seed)
         vae = comps.vae
@@ -81,14 +83,15 @@ class ValidationLoss:
             noised = self.objective.noised(latents, noise, t)
             captions = [image.caption] * len(t)
             ids = [tokenize(tok, captions, self.cfg.data.max_token_length).to(device) for tok in self.comps.tokenizers]
-            embeddings = family.encode(text_encoders, ids, self.cfg.text_encoder.clip_skip)
+            embeddings = (self.text_cache(ids) if self.text_cache is not None
+                          else encode_anywhere(family, text_encoders, ids, self.cfg.text_encoder.clip_skip))
             batch = conditioning_fields(captions, [image.sizes] * len(t))
             total += float(step_loss(self.objective, family, denoiser, noised, embeddings, batch, self.cfg.loss,
                                      accelerator.autocast))
         return total / len(self.images)
 
 
-def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss | None:
+def make_validation(cfg, comps, training_data, objective, say, text_cache=None) -> ValidationLoss | None:
     if not cfg.validation.every_steps:
         return None
     samples = held_out_samples(cfg, training_data, say)
@@ -101,7 +104,7 @@ def make_validation(cfg, comps, training_data, objective, say) -> ValidationLoss
     at = f" at {sizes} base resolutions" if sizes > 1 else ""
     say(f"sdlora: validation: {len({s.item for s in samples})} held-out images{at} x {cfg.validation.timesteps} "
         f"timesteps every {cfg.validation.every_steps} steps")
-    return ValidationLoss(cfg, comps, samples, objective)
+    return ValidationLoss(cfg, comps, samples, objective, text_cache)
 
 
 def validation_due(step: int, cfg) -> bool:
