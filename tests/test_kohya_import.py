@@ -425,18 +425,19 @@ def test_an_invalid_value_writes_nothing(tmp_path):
 
 
 def test_a_path_that_is_not_text_is_an_invalid_row(tmp_path):
-    """`image_dir = 5` (a TOML number) is a mistake, not the folder "5": an invalid-value row, nothing written."""
+    """`conditioning_data_dir = 5` (a TOML number) is a mistake, not the folder "5": an invalid-value row, nothing
+    written (an unusable image_dir: the next test)."""
     from sdlora.kohya_import.convert import convert
 
     dataset = tmp_path / "dataset.toml"
-    dataset.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 5\n  [[datasets.subsets]]\n'
-                       f'  image_dir = "{tmp_path}"\n')
+    dataset.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{tmp_path}"\n'
+                       f'  conditioning_data_dir = 5\n')
     config = tmp_path / "k.toml"
     config.write_text(f'dataset_config = "{dataset}"\nvae = 7\n')
     data, rows, _ = convert(config)
     shown = {r.option: r.status for r in rows}
-    assert shown["datasets.0.subsets.0.image_dir"] == shown["vae"] == "invalid value", shown
-    assert "5" not in [s.get("path") for s in data["data"]["subsets"]] and "vae_path" not in data.get("model", {})
+    assert shown["datasets.0.subsets.0.conditioning_data_dir"] == shown["vae"] == "invalid value", shown
+    assert "mask_dir" not in data["data"] and "vae_path" not in data.get("model", {})
 
 
 def test_min_bucket_reso_below_sdloras_minimum_is_clamped(tmp_path):
@@ -465,3 +466,14 @@ def test_a_default_that_conflicts_names_its_dataset(tmp_path):
     _, rows, _ = convert(config)
     row = next(r for r in rows if r.option == "(kohya default) enable_bucket")
     assert row.status == "NOT SUPPORTED" and "datasets.1" in row.detail, row
+
+
+def test_a_subset_without_a_usable_image_dir_is_one_line(tmp_path, capsys):
+    """kohya needs a folder for every subset: with its only image_dir unreadable, the error names it, in kohya's terms."""
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 5\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'pretrained_model_name_or_path = "m"\ndataset_config = "{dataset}"\noutput_dir = "o"\n')
+    code, _, err = _import([config, "--out", tmp_path / "x.yaml"], capsys)
+    assert code == 2 and "datasets.0.subsets.0" in err and "image_dir" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.yaml").exists()

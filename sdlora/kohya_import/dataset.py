@@ -185,6 +185,8 @@ def convert_data(top: dict, dataset_file: dict | None, b: Builder, rows: list[Ro
                 scope = f"{scope} takes {val!r} from here: " if scope and not origin[key].startswith(scope) else ""
                 row.status, row.detail = UNSUPPORTED, (f"{scope}sdlora has one {key} for every subset ({first[0]!r} "
                                                        f"from {first[1]} is used)")
+        if "path" not in keys:  # its image_dir was an invalid value (see its row): kohya needs a folder per subset
+            raise Unmappable(f"{own[-1][0] if own else 'subset '}image_dir: no usable folder (a path, as text)")
         out.append(keys)
     for key, (value, _) in firsts.items():
         b.set(key, value)
