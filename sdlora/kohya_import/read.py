@@ -34,17 +34,22 @@ class Option:
     shown_value: object = None  # the value as the input wrote it, where `value` is a translation (LoRA_type)
 
 
-def read_file(path: str | Path, what: str) -> dict:
-    """A TOML or JSON file as a dict; a missing, unreadable or malformed file is a one-line UserError."""
+def read_text(path: str | Path, what: str) -> tuple[Path, str]:
+    """(path, its UTF-8 text, a BOM dropped); missing, unreadable or not UTF-8: a one-line UserError naming `what`."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
     try:
-        text = p.read_bytes().decode("utf-8-sig")
+        return p, p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {p} is not UTF-8 (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"{what} {p} cannot be read: {e.strerror or type(e).__name__}") from None
+
+
+def read_file(path: str | Path, what: str) -> dict:
+    """A TOML or JSON file as a dict; a missing, unreadable or malformed file is a one-line UserError."""
+    p, text = read_text(path, what)
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from sdlora.errors import UserError
+from sdlora.kohya_import.read import read_text
 
 LISTS = ("concepts", "samples")  # data.py's
 LEAF_OBJECTS = ("optimizer_defaults", "optimizer.muon_adam_config", "secrets")  # objects shown as one row
@@ -21,15 +22,7 @@ LEAF_OBJECTS = ("optimizer_defaults", "optimizer.muon_adam_config", "secrets")  
 
 def read_json(path: str | Path, what: str, kind: type):
     """A JSON file holding a `kind` (dict or list); missing, unreadable, malformed or of another shape: UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {p} is not UTF-8 (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{what} {p} cannot be read: {e.strerror or type(e).__name__}") from None
+    p, text = read_text(path, what)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
