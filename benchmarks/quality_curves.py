@@ -3,6 +3,9 @@ checkpoint, per row (mean over seeds, the band is the seeds' min-max), from the 
 `python benchmarks/quality.py --steps 1500 --check-every 150 --full-curve ...` runs.
 
     python benchmarks/quality_curves.py build/qlong1/quality.json build/qlong2/quality.json --out docs/quality/long.png
+    python benchmarks/quality_curves.py build/ql*/quality.json --rows a te0.01 te0.01+dir --out docs/quality/long-te.png
+
+A row's seeds may come from several files (one file per seed, say): they are pooled.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ PANELS = (("concept", "concept learned (trigger prompts drawn as the star)", Fal
           ("unrelated_distance", "unrelated samples' RMS distance to the base's", False))
 
 
-def curves(parts: list[dict]) -> dict[str, dict[str, np.ndarray]]:
-    """{row: {"steps": (n,), column: (seeds, n)}} from quality.json parts whose runs carry "full_curve"."""
+def curves(parts: list[dict], keep: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{row: {"steps": (n,), column: (seeds, n)}} from quality.json parts whose runs carry "full_curve"; with
+    `keep`, only those rows, in that order."""
     out: dict[str, dict] = {}
     for part in parts:
         for key, runs in part["rows"].items():
+            if keep is not None and key not in keep:
+                continue
             runs = [r for r in runs if r.get("full_curve")]
             if not runs:
                 continue
@@ -38,6 +44,8 @@ def curves(parts: list[dict]) -> dict[str, dict[str, np.ndarray]]:
             for col, _, _ in PANELS:
                 vals = [[j[col] for _, j in r["full_curve"]] for r in runs]
                 row[col] = np.concatenate([row.get(col, np.empty((0, len(steps)))), np.array(vals, float)])
+    if keep is not None:
+        out = {k: out[k] for k in keep if k in out}
     return out
 
 
@@ -71,8 +79,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="+", metavar="QUALITY_JSON")
     ap.add_argument("--out", required=True, help="the PNG to write")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these rows, in this order (default: every row)")
     args = ap.parse_args(argv)
-    rows = curves([json.loads(Path(p).read_text()) for p in args.parts])
+    rows = curves([json.loads(Path(p).read_text()) for p in args.parts], args.rows)
     if not rows:
         raise SystemExit("quality_curves: no run in these files was judged with --full-curve")
     picture(rows, Path(args.out))
