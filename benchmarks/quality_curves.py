@@ -27,6 +27,9 @@ PANELS = (("concept", "concept learned (trigger prompts drawn as the star)", Fal
           ("unrelated_as_concept", "unrelated prompts drawn as the star", False),
           ("unrelated_distance", "unrelated samples' RMS distance to the base's", False))
 
+SHORT = {"concept": "concept", "train_digit": "unrelated digit (points vs base)",
+         "unrelated_as_concept": "unrelated drawn as the star", "unrelated_distance": "distance to the base's samples"}
+
 
 def curves(parts: list[dict], keep: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{row: {"steps": (n,), column: (seeds, n)}} from quality.json parts whose runs carry "full_curve"; with
@@ -75,11 +78,36 @@ def picture(rows: dict[str, dict], path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def summary(rows: dict[str, dict], at: list[int] | None = None) -> str:
+    """A markdown table: each panel's column at the checkpoints `at` (default: the first and the last), mean ± standard
+    deviation over the seeds (numpy's, ddof 0, as benchmarks/quality.py's table), points vs the base where the panel
+    is relative."""
+    any_row = next(iter(rows.values()))
+    at = at or [int(any_row["steps"][0]), int(any_row["steps"][-1])]
+    head = ["row (seeds)"] + [f"{SHORT[col]}, step {' → '.join(map(str, at))}" for col, _, _ in PANELS]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for key, row in rows.items():
+        cells = [f"{key} ({len(row[PANELS[0][0]])})"]
+        for col, _, relative in PANELS:
+            v = row[col] - (row["base"][col] if relative else 0)
+            idx = [list(row["steps"]).index(s) for s in at]
+            if col == "unrelated_distance":
+                cells.append(" → ".join(f"{v[:, i].mean():.3f} ± {v[:, i].std():.3f}" for i in idx))
+            else:
+                sign = "+" if relative else ""
+                cells.append(" → ".join(f"{100 * v[:, i].mean():{sign}.0f}{'' if relative else '%'} ± "
+                                        f"{100 * v[:, i].std():.0f}" for i in idx))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="+", metavar="QUALITY_JSON")
     ap.add_argument("--out", required=True, help="the PNG to write")
     ap.add_argument("--rows", nargs="+", default=None, help="only these rows, in this order (default: every row)")
+    ap.add_argument("--at", nargs="+", type=int, default=None,
+                    help="print a markdown table of every panel's column at these checkpoints (default: first, last)")
     args = ap.parse_args(argv)
     rows = curves([json.loads(Path(p).read_text()) for p in args.parts], args.rows)
     if not rows:
@@ -90,6 +118,8 @@ def main(argv=None) -> int:
         for col, _, rel in PANELS:
             v = row[col] - (row["base"][col] if rel else 0)
             print(f"  {col}: " + " ".join(f"{m:.3g}±{s:.2g}" for m, s in zip(v.mean(0), v.std(0))))
+    print()
+    print(summary(rows, args.at))
     return 0
 
 
