@@ -118,6 +118,8 @@ ROWS = {
     "r4": ("rank 4 (alpha 4) instead of 8", {"lora": {"rank": 4, "alpha": 4}}),
     "merge": ("+ periodic merging every 100 steps (lora.merge_every, ReLoRA), the total update exported",
               {"lora": {"merge_every": 100}}),
+    "merge-r8": ("+ periodic merging as row merge, the total update exported reduced to rank 8 by SVD (export.reduce_rank)",
+                 {"lora": {"merge_every": 100}, "export": {"reduce_rank": True}}),
     "merge+pres": ("+ periodic merging every 100 steps and output preservation (as row pres)",
                    {"lora": {"merge_every": 100},
                     "reg": {"preservation": {"weight": 1.0, "source": "captions", "trigger_words": ["sks"]}}}),
