@@ -133,7 +133,8 @@ RULES: tuple[Rule, ...] = (
     # held out of training for a validation that never runs: the run would lose images for nothing
     Rule(("validation.num_images",), "validation.every_steps above 0", lambda c, f: bool(c.validation.every_steps),
          error=True),
-    Rule(("checkpoint.keep_last",), "checkpoint.every_steps above 0 (otherwise one checkpoint, at the end)",
+    Rule(("checkpoint.keep_last", "checkpoint.keep_adapters"),
+         "checkpoint.every_steps above 0 (otherwise one checkpoint, at the end)",
          lambda c, f: bool(c.checkpoint.every_steps)),
     Rule(("train.ema.decay", "train.ema.start_step", "train.ema.device"), "train.ema.enabled: true",
          lambda c, f: c.train.ema.enabled),

@@ -91,6 +91,7 @@ class ValidationConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are removed.")
+    keep_adapters: bool = Field(False, description="Also keep every checkpoint's adapter, in both layouts, as <output.dir>/adapters/step_NNNNNN.safetensors and step_NNNNNN_kohya.safetensors, when older checkpoints (optimiser state and all) are removed: pick the step where the concept is learned and the rest still kept (docs/quality.md, long runs). Never pruned; --overwrite clears them with the rest of the old run.")
 
 
 class ExportConfig(Section):

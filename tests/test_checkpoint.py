@@ -219,3 +219,27 @@ def test_resume_with_nothing_to_resume_is_a_one_line_error(make_config, tmp_path
         train(cfg, resume="latest", log=quiet)
     with pytest.raises(UserError, match="no such checkpoint folder"):
         train(cfg, resume=str(tmp_path / "nope"), log=quiet)
+
+
+def test_keep_adapters_keeps_every_checkpoint_s_adapter_in_both_layouts_when_checkpoints_are_pruned(make_config,
+                                                                                                    tmp_path):
+    """checkpoint.keep_adapters: with one checkpoint kept, each checkpoint's adapter stays under adapters/ (the same
+    bytes as the checkpoint held; the last one equals the run's adapter.safetensors, same step), each with its
+    kohya-layout twin; --overwrite clears them with the old run."""
+    from sdlora.adapter.io import load_adapter
+
+    out = tmp_path / "run"
+    cfg = run_cfg(make_config, out, checkpoint={"every_steps": 2, "keep_last": 1, "keep_adapters": True})
+    train(cfg, log=quiet)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000006"]  # the older ones were pruned
+    kept = sorted(p.name for p in (out / "adapters").iterdir())
+    assert kept == [f"step_{s:06d}{tail}.safetensors" for s in (2, 4, 6) for tail in ("", "_kohya")]
+    last = out / "adapters" / "step_000006.safetensors"
+    assert last.read_bytes() == (out / "checkpoints" / "step_000006" / "adapter.safetensors").read_bytes()
+    assert max_diff(load_file(last), load_file(out / "adapter.safetensors")) == 0
+    early, late = (load_adapter(out / "adapters" / f"step_{s:06d}_kohya.safetensors") for s in (2, 6))
+    assert early.modules.keys() == late.modules.keys() and early.modules  # a real adapter per step, steps apart
+    assert max_diff(load_file(out / "adapters" / "step_000002.safetensors"), load_file(last)) > 0
+    train(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"keep_adapters": False})}),
+          overwrite=True, log=quiet)
+    assert not (out / "adapters").exists()

@@ -52,6 +52,8 @@ IDLE = [
     ({"reg": {"preservation": {"every_steps": 4}}}, "reg.preservation.every_steps",
      {"reg": {"preservation": {"every_steps": 4, "weight": 0.5}}}),
     ({"checkpoint": {"keep_last": 5}}, "checkpoint.keep_last", {"checkpoint": {"keep_last": 5, "every_steps": 10}}),
+    ({"checkpoint": {"keep_adapters": True}}, "checkpoint.keep_adapters",
+     {"checkpoint": {"keep_adapters": True, "every_steps": 10}}),
     ({"export": {"reduce_rank": True}}, "export.reduce_rank", {"export": {"reduce_rank": True},
                                                                "lora": {"init": "compensated"}}),
     ({"data": {"num_workers": 2, "cache_latents": "memory"}}, "data.num_workers", {"data": {"num_workers": 2}}),

@@ -35,6 +35,7 @@ from sdlora.errors import UserError
 from sdlora.util import atomic
 from sdlora.util.atomic import file_sha256
 
+ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
@@ -47,6 +48,11 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoints_dir(out: str | os.PathLike) -> Path:
     return Path(out) / CHECKPOINTS_DIR
+
+
+def adapters_dir(out: str | os.PathLike) -> Path:
+    """Where checkpoint.keep_adapters keeps each checkpoint's adapter (never pruned)."""
+    return Path(out) / ADAPTERS_DIR
 
 
 def _step_of(folder: Path) -> int | None:
@@ -247,6 +253,7 @@ class Checkpointer:
     noise_gen: torch.Generator | None
     export: object
     keep_last: int = 3
+    keep_adapters: bool = False  # checkpoint.keep_adapters: each checkpoint's adapter also kept under out/adapters
     data: object = None
     ema: object = None  # training/ema.AdapterEMA when train.ema is on
     merges: object = None  # training/periodic_merge.PeriodicMerge when lora.merge_every is on
@@ -278,9 +285,30 @@ class Checkpointer:
             reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"checkpoint at step {step} could not be written to {root}: {reason}; {kept}") from None
         if acc.is_main_process:
+            if self.keep_adapters:
+                self.keep_adapter(final, step)
             self.prune()
         acc.wait_for_everyone()
         return final
+
+    def keep_adapter(self, folder: Path, step: int) -> None:
+        """checkpoint.keep_adapters: checkpoint `folder`'s adapter kept as <out>/adapters/step_NNNNNN.safetensors (the
+        same bytes), with its kohya-layout twin step_NNNNNN_kohya.safetensors (training/export.export_for_uis) and,
+        with train.ema, step_NNNNNN_ema.safetensors. Written atomically; prune() never touches them (--overwrite clears them with the run). A write that
+        fails (a full disk) is a one-line error naming the file: the checkpoint itself is already complete."""
+        from sdlora.training.export import export_for_uis
+
+        kept = adapters_dir(self.out) / f"{checkpoint_name(step)}.safetensors"
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(kept, (folder / "adapter.safetensors").read_bytes())
+            if (folder / "adapter_ema.safetensors").is_file():
+                atomic.write_bytes(kept.with_name(f"{kept.stem}_ema.safetensors"),
+                                   (folder / "adapter_ema.safetensors").read_bytes())
+        except OSError as e:
+            raise UserError(f"checkpoint.keep_adapters: {kept} could not be written ({e.strerror or e}); the "
+                            f"checkpoint {folder} is complete and holds the same adapter") from None
+        export_for_uis(kept, kept.with_name(f"{kept.stem}_kohya.safetensors"))  # a kind the UIs misread: none
 
     def _write_shared(self, folder: Path, step: int, counters: dict) -> None:
         atomic.save_safetensors(folder / "lora_state.safetensors", lora_state(self.layers))

@@ -20,7 +20,7 @@ from sdlora.util import atomic
 
 # What a run writes in output.dir (and --overwrite clears): nothing else there is ever touched.
 RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "probe.jsonl", "adapter.safetensors", "adapter_ema.safetensors")
-RUN_FOLDERS = ("checkpoints", "logs", "samples")
+RUN_FOLDERS = ("checkpoints", "logs", "samples", "adapters")  # adapters: checkpoint.keep_adapters
 STATUSES = ("running", "failed", "interrupted", "finished", "stopped_nonfinite")
 
 

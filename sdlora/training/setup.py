@@ -117,7 +117,8 @@ def prepare_run(cfg: Config, accelerator, out: Path, main: bool, say, comps: Com
     merges = (PeriodicMerge(layers, cfg.lora.merge_every, cfg.train.max_steps, cfg.train.seed, prepared[-1])
               if cfg.lora.merge_every else None)  # lora.merge_every: ReLoRA's merge-and-restart
     checkpointer = Checkpointer(out, accelerator, layers, prepared[-1], lr_scheduler, noise_gen, export,
-                                keep_last=cfg.checkpoint.keep_last, data=data, ema=ema, merges=merges)
+                                keep_last=cfg.checkpoint.keep_last,
+                                keep_adapters=cfg.checkpoint.keep_adapters, data=data, ema=ema, merges=merges)
     return Run(cfg, accelerator, out, main, say, comps, layers, data, prepared[-1], lr_scheduler, prepared[0], encoders,
                trained, [p for g in groups.groups for p in g["params"]], objective, noise_gen, regulariser, text_cache,
                preservation, probe, validation, export, ema, checkpointer, NonFiniteCounter(cfg.train.max_nonfinite_steps),
