@@ -95,6 +95,7 @@ network_alpha = 2
         "keep_tokens": 1, "caption_dropout": 0.1}
     # 4 images x 3 repeats = 12, balanced by as many regularisation images: 24 per epoch / batch 2 = 12 steps
     assert data["train"]["max_steps"] == 24 and data["checkpoint"]["every_steps"] == 12
+    assert data["checkpoint"]["keep_adapters"] is True  # kohya keeps every LoRA file it saves (no save_last_n_*)
     assert data["optim"] == {"optimizer": "adamw", "weight_decay": 0.01, "lr": 1e-3, "text_encoder_lr": 1e-3,
                              "scheduler": "cosine", "warmup_steps": 6}
     assert (data["lora"]["rank"], data["lora"]["alpha"], data["text_encoder"]["clip_skip"]) == (4, 2.0, 2)
@@ -477,3 +478,21 @@ def test_a_subset_without_a_usable_image_dir_is_one_line(tmp_path, capsys):
     code, _, err = _import([config, "--out", tmp_path / "x.yaml"], capsys)
     assert code == 2 and "datasets.0.subsets.0" in err and "image_dir" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.parametrize("lines, checkpoint", [
+    ("save_every_n_steps = 100", {"every_steps": 100, "keep_adapters": True}),  # kohya keeps every file it saves
+    ("save_every_n_steps = 100\nsave_last_n_steps = 300", {"every_steps": 100, "keep_last": 3}),  # the last 300 only
+    ("save_every_n_steps = 100\nsave_last_n_steps_state = 300", {"every_steps": 100, "keep_last": 3,
+                                                                 "keep_adapters": True}),  # states limited, files not
+    ("save_every_n_steps = 0", {}),
+])
+def test_saving_options_keep_what_kohya_keeps(tmp_path, lines, checkpoint):
+    from sdlora.config import CheckpointConfig
+    from sdlora.kohya_import.convert import convert
+
+    config = tmp_path / "k.toml"
+    config.write_text(f'train_data_dir = "{tmp_path}"\n{lines}\n')
+    data, _, _ = convert(config)
+    assert data.get("checkpoint", {}) == checkpoint
+    CheckpointConfig(**data.get("checkpoint", {}))  # what the import writes validates

@@ -82,6 +82,19 @@ def _keep_last(v, b: Builder):
     return MAPPED, b.set("checkpoint.keep_last", keep) + f" = {keep} (the checkpoints of the last {n} steps)"
 
 
+def _keeping_every_file(rule: Custom) -> Custom:
+    """kohya's save_every_n_steps / _epochs: a LoRA file every N steps, every one kept unless save_last_n_steps /
+    _epochs limits them (those set checkpoint.keep_last): checkpoint.every_steps, and checkpoint.keep_adapters (each
+    checkpoint's adapter kept under output.dir/adapters/) where kohya would keep them all."""
+    def convert(v, b: Builder):
+        status, detail = rule(v, b)
+        limited = any(as_float(b.options.get(k) or 0) for k in ("save_last_n_steps", "save_last_n_epochs"))
+        if status == MAPPED and not limited:
+            detail += f"; {b.set('checkpoint.keep_adapters', True)} = true (kohya keeps every file it saves)"
+        return status, detail
+    return Custom(convert, "checkpoint.every_steps, checkpoint.keep_adapters")
+
+
 def _save_precision(v, b: Builder):
     dtype = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(as_str(v).lower())
     if dtype is None:
@@ -311,8 +324,8 @@ OPTIONS: dict[str, object] = {
     "save_model_as": Custom(_save_model_as),
     "use_safetensors": NoEffect("sdlora writes .safetensors"),
     "save_precision": Custom(_save_precision, "export.dtype"),
-    "save_every_n_steps": _nonzero("checkpoint.every_steps", as_int),
-    "save_every_n_epochs": _per_epoch("checkpoint.every_steps"),
+    "save_every_n_steps": _keeping_every_file(_nonzero("checkpoint.every_steps", as_int)),
+    "save_every_n_epochs": _keeping_every_file(_per_epoch("checkpoint.every_steps")),
     "save_n_epoch_ratio": Unsupported("set checkpoint.every_steps"),
     "save_last_n_steps": Custom(_keep_last, "checkpoint.keep_last"),
     "save_last_n_steps_state": Custom(_keep_last, "checkpoint.keep_last"),
