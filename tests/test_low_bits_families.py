@@ -13,11 +13,11 @@ from sdlora.adapter.algebra import merge_adapter
 from sdlora.adapter.io import load_adapter
 from sdlora.model.loading import load_components
 from sdlora.model.low_bits import LowBitLinear, store_low_bits
-from sdlora.model.text import tokenize
 from sdlora.model.tiny import make_tiny_model
 from sdlora.training.loop import train
 from sdlora.training.placement import place_models
 from sdlora.training.setup import build_model
+from test_sd3_exports import outputs  # the SD3 family's conditioning and prediction on fixed inputs
 
 pytest.importorskip("optimum.quanto")
 
@@ -45,16 +45,6 @@ def stored_base(model_dir, precision):
 
 
 # ------------------------------------------------------------------------------------------------------ SD3.5
-def sd3_outputs(transformer, text_encoders: list, tokenizers: list, family):
-    """The conditioning and the transformer's prediction on fixed inputs, through sdlora's SD3 family."""
-    ids = [tokenize(t, ["a red circle", "blue square"], 75) for t in tokenizers]
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        cond = family.encode(text_encoders, ids, 1)
-        pred = family.predict(transformer, torch.randn(2, 16, 8, 8, generator=gen), torch.tensor([300.0, 800.0]), cond)
-    return {"hidden": cond.hidden, "pooled": cond.pooled, "prediction": pred}
-
-
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_sd35_trains_on_a_stored_base_from_the_stored_bases_output_and_exports_for_the_full_base(
         tiny_sd35m, make_config, precision):
@@ -72,8 +62,8 @@ def test_sd35_trains_on_a_stored_base_from_the_stored_bases_output_and_exports_f
         m.eval()
     base = stored_base(tiny_sd35m, precision)
     tok = comps.tokenizers
-    want = sd3_outputs(base.denoiser, list(base.text_encoders.values()), tok, family)
-    assert within(sd3_outputs(comps.denoiser, list(comps.text_encoders.values()), tok, family), want)  # step 0
+    want = outputs(base.denoiser, list(base.text_encoders.values()), tok, family)
+    assert within(outputs(comps.denoiser, list(comps.text_encoders.values()), tok, family), want)  # step 0
 
     result = train(cfg, log=quiet)
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
@@ -81,13 +71,13 @@ def test_sd35_trains_on_a_stored_base_from_the_stored_bases_output_and_exports_f
     with torch.no_grad():
         merge_adapter(load_adapter(result.adapter_path), full.adaptable())
     full_family = full.family.for_run(full, cfg)
-    merged = sd3_outputs(full.denoiser, list(full.text_encoders.values()), tok, full_family)
+    merged = outputs(full.denoiser, list(full.text_encoders.values()), tok, full_family)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35m)
     pipe.tokenizer_3.model_max_length = T5_LEN
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-    before = sd3_outputs(pipe.transformer, encoders, tok, full_family)
+    before = outputs(pipe.transformer, encoders, tok, full_family)
     pipe.load_lora_weights(str(result.adapter_path))
-    assert within(sd3_outputs(pipe.transformer, encoders, tok, full_family), merged)
+    assert within(outputs(pipe.transformer, encoders, tok, full_family), merged)
     assert not within(before, merged, 100 * TOL)  # the adapter moved the outputs
 
 
